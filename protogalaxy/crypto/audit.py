@@ -1,0 +1,190 @@
+"""The audit log: every signed round head, as an append-only RFC 9162 Merkle log.
+
+Leaf ``i`` is ``SignedRoundHead.to_bytes()`` of the ``i``-th round head; rounds are
+strictly increasing. Anyone holding an earlier log head ``(size, root)`` can check
+with a consistency proof that a later head extends it, so history cannot be
+rewritten unseen.
+
+On disk (optional) the log is ``b"PGAL\\x01"`` followed by records
+``u32 length || SignedRoundHead bytes``; each append is flushed and fsynced before it
+returns. A record torn by a crash at the very end is dropped on open (it was never
+acknowledged); anything else that does not parse is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from protogalaxy.crypto.heads import SignedRoundHead
+from protogalaxy.crypto.identity import VerifyKey
+from protogalaxy.crypto.merkle import InclusionProof, MerkleTree, verify_consistency
+
+__all__ = ["AuditLog", "LogHead", "verify_log_extension"]
+
+_log = logging.getLogger(__name__)
+_FILE_MAGIC: Final = b"PGAL\x01"
+_LEN: Final = struct.Struct("<I")
+_MAX_RECORD: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LogHead:
+    """The audit log's size and root at one moment."""
+
+    size: int
+    root: bytes
+
+
+def verify_log_extension(old: LogHead, new: LogHead, proof: Sequence[bytes]) -> None:
+    """Raise a :class:`~protogalaxy.crypto.errors.ProofError` unless ``new`` extends
+    ``old`` (the RFC 9162 consistency check)."""
+    verify_consistency(old.size, new.size, old.root, new.root, proof)
+
+
+class AuditLog:
+    """Append-only Merkle log of signed round heads.
+
+    Parameters
+    ----------
+    path
+        File to persist to; ``None`` keeps the log in memory only.
+    trusted_key
+        When given, every head (loaded or appended) must be signed by this key.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        trusted_key: VerifyKey | None = None,
+    ) -> None:
+        self._path = None if path is None else Path(path)
+        self._key = trusted_key
+        self._entries: list[SignedRoundHead] = []
+        self._tree = MerkleTree()
+        if self._path is not None:
+            self._load()
+
+    # -- persistence -----------------------------------------------------------
+
+    def _load(self) -> None:
+        assert self._path is not None
+        if not self._path.exists() or self._path.stat().st_size == 0:
+            with open(self._path, "wb") as f:
+                f.write(_FILE_MAGIC)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        data = self._path.read_bytes()
+        if not data.startswith(_FILE_MAGIC):
+            raise ValueError(f"{self._path}: not a ProtoGalaxy audit log (bad magic)")
+        pos = len(_FILE_MAGIC)
+        good = pos
+        while pos < len(data):
+            if pos + _LEN.size > len(data):
+                break
+            (length,) = _LEN.unpack_from(data, pos)
+            if length > _MAX_RECORD:
+                raise ValueError(
+                    f"{self._path}: record at byte {pos} claims {length} bytes"
+                )
+            end = pos + _LEN.size + length
+            if end > len(data):
+                break
+            record = data[pos + _LEN.size : end]
+            try:
+                head = SignedRoundHead.from_bytes(record)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{self._path}: corrupt record at byte {pos}: {exc}"
+                ) from None
+            self._check(head)
+            self._add(head)
+            pos = good = end
+        if good < len(data):
+            _log.warning(
+                "audit log %s: dropping a torn record of %d bytes at its end",
+                self._path,
+                len(data) - good,
+            )
+            with open(self._path, "r+b") as f:
+                f.truncate(good)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _check(self, head: SignedRoundHead) -> None:
+        if not isinstance(head, SignedRoundHead):
+            raise TypeError(f"expected SignedRoundHead, got {type(head).__name__}")
+        if self._key is not None:
+            head.verify(self._key)
+        if self._entries and head.head.round <= self._entries[-1].head.round:
+            raise ValueError(
+                f"round {head.head.round} does not follow the last logged round "
+                f"{self._entries[-1].head.round}"
+            )
+
+    def _add(self, head: SignedRoundHead) -> int:
+        self._entries.append(head)
+        return self._tree.append(head.to_bytes())
+
+    def append(self, head: SignedRoundHead) -> int:
+        """Append a signed round head (durably, when persistent); return its index.
+
+        The record is on disk before the in-memory log changes, so a failed write
+        leaves both as they were.
+        """
+        self._check(head)
+        if self._path is not None:
+            record = head.to_bytes()
+            with open(self._path, "ab") as f:
+                f.write(_LEN.pack(len(record)) + record)
+                f.flush()
+                os.fsync(f.fileno())
+        return self._add(head)
+
+    def to_bytes(self) -> bytes:
+        """The log in its file format, for snapshots inside checkpoints."""
+        parts = [_FILE_MAGIC]
+        for head in self._entries:
+            record = head.to_bytes()
+            parts += [_LEN.pack(len(record)), record]
+        return b"".join(parts)
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    @property
+    def root(self) -> bytes:
+        return self._tree.root
+
+    def head(self, size: int | None = None) -> LogHead:
+        """The log head now, or at an earlier ``size``."""
+        if size is None:
+            return LogHead(self.size, self.root)
+        return LogHead(size, self._tree.root_at(size))
+
+    def entry(self, index: int) -> SignedRoundHead:
+        return self._entries[index]
+
+    @property
+    def entries(self) -> tuple[SignedRoundHead, ...]:
+        return tuple(self._entries)
+
+    def inclusion_proof(
+        self, index: int, tree_size: int | None = None
+    ) -> InclusionProof:
+        return self._tree.inclusion_proof(index, tree_size)
+
+    def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> list[bytes]:
+        return self._tree.consistency_proof(old_size, new_size)

@@ -1,0 +1,145 @@
+"""Ed25519 identities (RFC 8032, via pyca/cryptography).
+
+Keys serialize as their raw 32 bytes. Every signed message carries a domain tag
+(``b"protogalaxy/v1/<kind>\\x00"``) so a signature over one kind of object can never
+be replayed as a signature over another.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.errors import SignatureError
+
+__all__ = [
+    "KEY_SIZE",
+    "SIGNATURE_SIZE",
+    "SigningKey",
+    "VerifyKey",
+    "domain_message",
+    "sign_commitment",
+    "verify_commitment_signature",
+]
+
+KEY_SIZE: Final = 32
+SIGNATURE_SIZE: Final = 64
+_DOMAINS: Final = frozenset(
+    {"commitment", "round-head", "reveal", "log-head", "aggregate"}
+)
+
+
+def domain_message(domain: str, message: bytes) -> bytes:
+    """``b"protogalaxy/v1/" + domain + b"\\x00" + message``: what is actually signed."""
+    if domain not in _DOMAINS:
+        raise ValueError(f"domain must be one of {sorted(_DOMAINS)}, got {domain!r}")
+    return b"protogalaxy/v1/" + domain.encode() + b"\x00" + bytes(message)
+
+
+class VerifyKey:
+    """An Ed25519 public key."""
+
+    __slots__ = ("_key", "_raw")
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self._key = key
+        self._raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> VerifyKey:
+        if not isinstance(raw, (bytes, bytearray)):
+            raise TypeError(f"public key must be bytes, got {type(raw).__name__}")
+        if len(raw) != KEY_SIZE:
+            raise ValueError(f"public key must be {KEY_SIZE} bytes, got {len(raw)}")
+        try:
+            return cls(Ed25519PublicKey.from_public_bytes(bytes(raw)))
+        except ValueError as exc:  # pragma: no cover - every 32-byte string parses
+            raise ValueError(f"public key: {exc}") from None
+
+    def to_bytes(self) -> bytes:
+        return self._raw
+
+    def verify(self, domain: str, message: bytes, signature: bytes) -> None:
+        """Verify ``signature`` over ``domain_message(domain, message)``.
+
+        Raises
+        ------
+        SignatureError
+            If the signature is malformed or does not verify.
+        """
+        if (
+            not isinstance(signature, (bytes, bytearray))
+            or len(signature) != SIGNATURE_SIZE
+        ):
+            raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes")
+        try:
+            self._key.verify(bytes(signature), domain_message(domain, message))
+        except InvalidSignature:
+            raise SignatureError(f"{domain} signature does not verify") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VerifyKey) and other._raw == self._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        return f"VerifyKey({self._raw.hex()})"
+
+
+class SigningKey:
+    """An Ed25519 private key."""
+
+    __slots__ = ("_key", "public_key")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key = VerifyKey(key.public_key())
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SigningKey:
+        """A key from its raw 32-byte seed."""
+        if not isinstance(raw, (bytes, bytearray)):
+            raise TypeError(f"private key must be bytes, got {type(raw).__name__}")
+        if len(raw) != KEY_SIZE:
+            raise ValueError(f"private key must be {KEY_SIZE} bytes, got {len(raw)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+
+    def to_bytes(self) -> bytes:
+        """The raw 32-byte seed. Keep it secret."""
+        return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def sign(self, domain: str, message: bytes) -> bytes:
+        """Sign ``domain_message(domain, message)``; return the 64-byte signature."""
+        return self._key.sign(domain_message(domain, message))
+
+    def __repr__(self) -> str:
+        return f"SigningKey(public={self.public_key.to_bytes().hex()})"
+
+
+def sign_commitment(key: SigningKey, commitment: Commitment) -> bytes:
+    """The client's signature over its commitment's leaf data."""
+    return key.sign("commitment", commitment.to_bytes())
+
+
+def verify_commitment_signature(
+    key: VerifyKey, commitment: Commitment, signature: bytes
+) -> None:
+    """Raise :class:`SignatureError` unless ``key`` signed ``commitment``."""
+    key.verify("commitment", commitment.to_bytes(), signature)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Implementation of ./dev: idempotent set-up, then the requested job.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${PROTOGALAXY_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+STAMP="$VENV/.protogalaxy-installed"
+
+log() { printf '[dev] %s\n' "$*" >&2; }
+
+setup() {
+    if [ ! -x "$PY" ]; then
+        log "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    # Reinstall only when the dependency list changed.
+    local want
+    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+        return
+    fi
+    log "installing dependencies (torch==2.13.0 first: the local CPU build)"
+    "$PY" -m pip install -q --upgrade pip >/dev/null
+    "$PY" -m pip install -q "torch==2.13.0"
+    "$PY" -m pip install -q -e "$ROOT[dev]"
+    echo "$want" >"$STAMP"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    test)
+        setup
+        cd "$ROOT"
+        exec "$PY" -m pytest "$@"
+        ;;
+    simulate)
+        setup
+        cd "$ROOT"
+        exec "$VENV/bin/protogalaxy" simulate "$@"
+        ;;
+    bench)
+        setup
+        cd "$ROOT"
+        exec "$PY" -m bench "$@"
+        ;;
+    sh)
+        setup
+        cd "$ROOT"
+        PATH="$VENV/bin:$PATH" exec "$@"
+        ;;
+    *)
+        echo "usage: ./dev {simulate|test|bench|sh} [ARGS...]" >&2
+        exit 2
+        ;;
+esac
