@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto"]
+SUITES = ["crypto", "defense"]
 
 
 def main() -> int:

@@ -1,0 +1,362 @@
+"""Layer 3: Byzantine-robust aggregation rules, as plain functions over a stacked
+``(n, d)`` tensor of updates, on CPU or GPU.
+
+* Krum and Multi-Krum: Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning
+  with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017. The score of
+  update ``i`` is the sum of squared distances to its ``n - f - 2`` nearest
+  neighbours; Multi-Krum averages the ``m`` lowest-scoring updates.
+* Coordinate-wise median and trimmed mean: Yin, Chen, Ramchandran, Bartlett,
+  "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+  ICML 2018.
+* Geometric median by Weiszfeld's algorithm, smoothed: Pillutla, Kakade, Harchaoui,
+  "Robust Aggregation for Federated Learning", IEEE TSP 2022.
+
+Pairwise distances come from one Gram matrix of the *centred* updates.
+``|a|^2 + |b|^2 - 2 a.b`` in float32 cancels catastrophically when the updates share
+a large common component (the distances are tiny against the norms), so the mean is
+subtracted first: distances do not change under translation. The centring is done
+column block by column block into a small buffer, so Multi-Krum allocates only the
+mean, one block and the ``n x n`` Gram on top of its input, and the result is a
+weighted sum (one ``(1, n) x (n, d)`` product), never a gathered copy of the rows.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+import torch
+
+__all__ = [
+    "AggregationResult",
+    "Aggregator",
+    "available_aggregators",
+    "coordinate_median",
+    "geometric_median",
+    "get_aggregator",
+    "krum_scores",
+    "multi_krum",
+    "pairwise_sq_distances",
+    "register_aggregator",
+    "trimmed_mean",
+]
+
+#: Column block for centring and chunked coordinate-wise rules: 64k floats per row.
+BLOCK: Final = 1 << 16
+
+
+def _check_updates(updates: torch.Tensor) -> torch.Tensor:
+    if not isinstance(updates, torch.Tensor):
+        raise TypeError(f"updates must be a torch.Tensor, got {type(updates).__name__}")
+    if updates.dim() != 2 or updates.shape[0] < 1:
+        raise ValueError(
+            f"updates must have shape (n, d) with n >= 1, got {tuple(updates.shape)}"
+        )
+    if not updates.is_floating_point():
+        raise TypeError(f"updates must be floating point, got {updates.dtype}")
+    return updates
+
+
+def pairwise_sq_distances(updates: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``updates``, ``(n, n)``.
+
+    Computed as ``diag(G) + diag(G)^T - 2 G`` from the Gram matrix ``G`` of the
+    centred rows, accumulated block by block; clamped at zero, exact zero diagonal.
+    """
+    x = _check_updates(updates)
+    n, d = x.shape
+    mean = x.mean(dim=0)
+    gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    buf = torch.empty(n, min(block, d), dtype=x.dtype, device=x.device)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        b = buf[:, : stop - start]
+        torch.sub(x[:, start:stop], mean[start:stop], out=b)
+        gram.addmm_(b, b.T)
+    del buf
+    sq = gram.diagonal().clone()
+    dist = sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * gram
+    dist.clamp_(min=0.0)
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum score of every row: the sum of its ``n - f - 2`` smallest distances to
+    the other rows (Blanchard et al. 2017)."""
+    n = dist.shape[0]
+    k = n - f - 2
+    if k < 1:
+        raise ValueError(f"Krum needs n > f + 2 (n={n}, f={f})")
+    others = dist + torch.diag(
+        torch.full((n,), math.inf, dtype=dist.dtype, device=dist.device)
+    )
+    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """The aggregate and, for selection rules, which rows were selected."""
+
+    aggregate: torch.Tensor
+    selected: torch.Tensor | None = None  # bool mask over rows, or None
+    scores: torch.Tensor | None = None
+
+
+def _weighted_sum(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (weights.to(updates.dtype).unsqueeze(0) @ updates).squeeze(0)
+
+
+def multi_krum(
+    updates: torch.Tensor,
+    *,
+    f: int,
+    m: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> AggregationResult:
+    """Multi-Krum: average the ``m`` (default ``n - f``) updates of lowest Krum score.
+
+    ``weights`` (e.g. reputations) turn the plain average of the selected updates
+    into a weighted one.
+    """
+    x = _check_updates(updates)
+    n = x.shape[0]
+    if not isinstance(f, int) or f < 0:
+        raise ValueError(f"f must be a non-negative int, got {f!r}")
+    m = n - f if m is None else m
+    if not 1 <= m <= n:
+        raise ValueError(f"m must be in [1, n={n}], got {m}")
+    if n <= f + 2:
+        raise ValueError(f"Multi-Krum needs n > f + 2 updates (n={n}, f={f})")
+    scores = krum_scores(pairwise_sq_distances(x), f)
+    # Stable order: ties broken by index, so the selection is deterministic.
+    order = torch.sort(scores, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[:m]] = True
+    w = mask.to(x.dtype)
+    if weights is not None:
+        w = w * weights.to(device=x.device, dtype=x.dtype).clamp(min=0)
+    total = w.sum()
+    if total <= 0:
+        w = mask.to(x.dtype)
+        total = w.sum()
+    return AggregationResult(_weighted_sum(x, w / total), mask, scores)
+
+
+def krum(updates: torch.Tensor, *, f: int) -> AggregationResult:
+    """Krum: the single update of lowest score."""
+    return multi_krum(updates, f=f, m=1)
+
+
+def _blockwise(
+    updates: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    block: int = BLOCK,
+) -> torch.Tensor:
+    x = _check_updates(updates)
+    out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], block):
+        out[start : start + block] = fn(x[:, start : start + block])
+    return out
+
+
+def coordinate_median(updates: torch.Tensor) -> AggregationResult:
+    """Coordinate-wise median (the mean of the two middle values for even ``n``)."""
+    return AggregationResult(_blockwise(updates, lambda b: b.quantile(0.5, dim=0)))
+
+
+def trimmed_mean(
+    updates: torch.Tensor, *, beta: float = 0.1, f: int | None = None
+) -> AggregationResult:
+    """Coordinate-wise mean after dropping the ``k`` largest and ``k`` smallest values,
+    ``k = f`` when given, else ``floor(beta * n)``."""
+    n = _check_updates(updates).shape[0]
+    k = f if f is not None else math.floor(beta * n)
+    if not 0 <= 2 * k < n:
+        raise ValueError(f"trimmed mean cannot drop 2*{k} of {n} values")
+
+    def trim(b: torch.Tensor) -> torch.Tensor:
+        s = b.sort(dim=0).values
+        return s[k : n - k].mean(dim=0)
+
+    return AggregationResult(_blockwise(updates, trim))
+
+
+def geometric_median(
+    updates: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    eps: float = 1e-8,
+) -> AggregationResult:
+    """Smoothed Weiszfeld iterations for the geometric median (Pillutla et al.)."""
+    x = _check_updates(updates)
+    n = x.shape[0]
+    alpha = (
+        torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
+        if weights is None
+        else weights.to(device=x.device, dtype=x.dtype) / weights.sum()
+    )
+    z = _weighted_sum(x, alpha)
+    for _ in range(max_iter):
+        dist = torch.cdist(x, z.unsqueeze(0)).squeeze(1).clamp(min=eps)
+        beta = alpha / dist
+        beta = beta / beta.sum()
+        z_new = _weighted_sum(x, beta)
+        moved = torch.linalg.vector_norm(z_new - z)
+        z = z_new
+        if moved <= tol * max(1.0, float(torch.linalg.vector_norm(z))):
+            break
+    return AggregationResult(z)
+
+
+def mean(
+    updates: torch.Tensor, *, weights: torch.Tensor | None = None
+) -> AggregationResult:
+    """Plain (FedAvg) mean, optionally weighted: no robustness at all."""
+    x = _check_updates(updates)
+    n = x.shape[0]
+    w = (
+        torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
+        if weights is None
+        else weights.to(device=x.device, dtype=x.dtype) / weights.sum()
+    )
+    return AggregationResult(_weighted_sum(x, w))
+
+
+# -- registry ------------------------------------------------------------------
+
+
+class Aggregator(ABC):
+    """A named aggregation rule: a thin wrapper around one of the functions above.
+
+    ``f`` is the number of Byzantine updates tolerated, derived per call from
+    ``byzantine_fraction`` as ``floor(fraction * n)``.
+    """
+
+    name: ClassVar[str]
+    #: True for rules that select whole updates (their result has a mask).
+    selects: ClassVar[bool] = False
+
+    def __init__(self, *, byzantine_fraction: float = 0.3, **options: Any) -> None:
+        if not 0.0 <= byzantine_fraction < 0.5:
+            raise ValueError(
+                f"byzantine_fraction must be in [0, 0.5), got {byzantine_fraction}"
+            )
+        self.byzantine_fraction = byzantine_fraction
+        self.options = options
+
+    def f_for(self, n: int) -> int:
+        return math.floor(self.byzantine_fraction * n)
+
+    @abstractmethod
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        """Aggregate the rows of ``updates``."""
+
+    def min_clients(self, f: int) -> int:
+        """Fewest updates this rule needs to tolerate ``f`` Byzantine ones."""
+        return 2 * f + 1
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register_aggregator(cls: type[Aggregator]) -> type[Aggregator]:
+    """Class decorator: register ``cls`` under ``cls.name``; duplicates are rejected."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"aggregator {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
+    """An aggregator by name, e.g. ``get_aggregator("multikrum")``."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregator {name!r}; "
+            f"available: {', '.join(available_aggregators())}"
+        ) from None
+    return cls(**kwargs)
+
+
+def available_aggregators() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_aggregator
+class MultiKrum(Aggregator):
+    name = "multikrum"
+    selects = True
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return multi_krum(updates, f=self.f_for(updates.shape[0]), weights=weights)
+
+    def min_clients(self, f: int) -> int:
+        return 2 * f + 3
+
+
+@register_aggregator
+class Krum(Aggregator):
+    name = "krum"
+    selects = True
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return krum(updates, f=self.f_for(updates.shape[0]))
+
+    def min_clients(self, f: int) -> int:
+        return 2 * f + 3
+
+
+@register_aggregator
+class Median(Aggregator):
+    name = "median"
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return coordinate_median(updates)
+
+
+@register_aggregator
+class TrimmedMean(Aggregator):
+    name = "trimmed_mean"
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return trimmed_mean(updates, f=self.f_for(updates.shape[0]))
+
+
+@register_aggregator
+class GeometricMedian(Aggregator):
+    name = "geometric_median"
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return geometric_median(updates, weights=weights)
+
+
+@register_aggregator
+class FedAvg(Aggregator):
+    name = "fedavg"
+
+    def __call__(
+        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+    ) -> AggregationResult:
+        return mean(updates, weights=weights)
+
+    def min_clients(self, f: int) -> int:
+        return 1

@@ -1,0 +1,1 @@
+"""Models, datasets, partitions, batched local training and attacks."""
