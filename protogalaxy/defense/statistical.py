@@ -1,0 +1,164 @@
+"""Layer 2: statistical screening of a galaxy's updates.
+
+Four tests per update; an update is *flagged* when at least ``min_failures`` (2) fail:
+
+1. Norm deviation: robust z-score of its L2 norm against the galaxy's norms,
+   ``|norm - median| / (1.4826 MAD)``; fails above ``norm_k`` (3). Catches scaling
+   and free-riding (near-zero updates).
+2. Direction: cosine similarity with the running mean of accepted aggregates; fails
+   below ``cosine_threshold`` (0.5). Skipped while there is no history yet.
+3. Coordinate-wise MAD outliers: the fraction of its coordinates further than
+   ``mad_k`` robust standard deviations from the coordinate-wise median; fails when
+   that fraction's robust z-score exceeds ``norm_k``.
+4. Distribution shift: KL divergence of the histogram of its values from the
+   galaxy's pooled histogram (shared bin edges); fails when the divergence's robust
+   z-score exceeds ``norm_k``.
+
+Robust z-scores (median and MAD, Hampel 1974) keep a Byzantine minority from hiding
+itself by inflating the spread it is judged against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["StatisticsConfig", "StatisticsReport", "robust_z", "screen"]
+
+_MAD_SCALE = 1.4826  # MAD of a normal distribution is 0.6745 sigma
+_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class StatisticsConfig:
+    norm_k: float = 3.0
+    cosine_threshold: float = 0.5
+    mad_k: float = 3.0
+    bins: int = 64
+    min_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.norm_k <= 0 or self.mad_k <= 0:
+            raise ValueError("norm_k and mad_k must be > 0")
+        if not -1.0 <= self.cosine_threshold <= 1.0:
+            raise ValueError(
+                f"cosine_threshold must be in [-1, 1], got {self.cosine_threshold}"
+            )
+        if not 1 <= self.min_failures <= 4:
+            raise ValueError(f"min_failures must be in [1, 4], got {self.min_failures}")
+        if self.bins < 4:
+            raise ValueError(f"bins must be >= 4, got {self.bins}")
+
+
+@dataclass
+class StatisticsReport:
+    """Per-update metrics and test outcomes (tensors of length n)."""
+
+    norm: torch.Tensor
+    norm_z: torch.Tensor
+    cosine: torch.Tensor | None
+    outlier_fraction: torch.Tensor
+    kl: torch.Tensor
+    failed: dict[str, torch.Tensor] = field(default_factory=dict)
+    flagged: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.bool)
+    )
+
+    def reasons(self, i: int) -> list[str]:
+        """Names of the tests update ``i`` failed."""
+        return [name for name, mask in self.failed.items() if bool(mask[i])]
+
+    def metrics(self, i: int) -> dict[str, float | None]:
+        return {
+            "norm": float(self.norm[i]),
+            "norm_z": float(self.norm_z[i]),
+            "cosine": None if self.cosine is None else float(self.cosine[i]),
+            "outlier_fraction": float(self.outlier_fraction[i]),
+            "kl": float(self.kl[i]),
+        }
+
+
+def robust_z(values: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
+    """``(v - median) / (1.4826 * MAD)``; a zero MAD falls back to the mean absolute
+    deviation so identical honest values do not make every difference infinite."""
+    v = values.double()
+    med = v.median()
+    dev = (v - med).abs()
+    scale = _MAD_SCALE * dev.median()
+    if scale <= eps:
+        scale = dev.mean() + eps
+    return ((v - med) / scale).to(values.dtype)
+
+
+def _outlier_fractions(x: torch.Tensor, mad_k: float) -> torch.Tensor:
+    n, d = x.shape
+    counts = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for start in range(0, d, _BLOCK):
+        b = x[:, start : start + _BLOCK]
+        med = b.median(dim=0).values
+        dev = (b - med).abs()
+        mad = _MAD_SCALE * dev.median(dim=0).values
+        counts += (dev > mad_k * mad.clamp(min=1e-12)).sum(dim=1).double()
+    return (counts / d).to(x.dtype)
+
+
+def _kl_to_pooled(x: torch.Tensor, bins: int) -> torch.Tensor:
+    n = x.shape[0]
+    flat = x.reshape(-1)
+    sample = flat[
+        torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1 << 18)).long()
+    ]
+    lo, hi = torch.quantile(
+        sample.double(), torch.tensor([0.001, 0.999], dtype=torch.float64)
+    )
+    if hi <= lo:
+        hi = lo + 1.0
+    # Values outside [lo, hi] land in the two edge bins, so heavy tails count.
+    idx = ((x.double() - lo) / (hi - lo) * (bins - 2)).floor().clamp(
+        -1, bins - 2
+    ).long() + 1
+    hist = torch.zeros(n, bins, dtype=torch.float64, device=x.device)
+    hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    p = (hist + 0.5) / (hist + 0.5).sum(dim=1, keepdim=True)
+    q = hist.sum(dim=0) + 0.5
+    q = q / q.sum()
+    return (p * (p / q).log()).sum(dim=1).to(x.dtype)
+
+
+def screen(
+    updates: torch.Tensor,
+    *,
+    reference_direction: torch.Tensor | None = None,
+    config: StatisticsConfig | None = None,
+) -> StatisticsReport:
+    """Run the four tests on the rows of ``updates`` (``(n, d)``, n >= 3)."""
+    cfg = config or StatisticsConfig()
+    if updates.dim() != 2 or updates.shape[0] < 3:
+        raise ValueError(
+            f"need updates of shape (n, d) with n >= 3, got {tuple(updates.shape)}"
+        )
+    x = updates.float()
+    norm = torch.linalg.vector_norm(x, dim=1)
+    norm_z = robust_z(norm)
+    cosine = None
+    if reference_direction is not None and float(reference_direction.norm()) > 0:
+        ref = reference_direction.to(device=x.device, dtype=x.dtype)
+        cosine = (x @ ref) / (norm.clamp(min=1e-12) * torch.linalg.vector_norm(ref))
+    fractions = _outlier_fractions(x, cfg.mad_k)
+    kl = _kl_to_pooled(x, cfg.bins)
+    failed = {
+        "norm": norm_z.abs() > cfg.norm_k,
+        "direction": (
+            cosine < cfg.cosine_threshold
+            if cosine is not None
+            else torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        ),
+        "coordinate_outliers": robust_z(fractions) > cfg.norm_k,
+        "distribution_shift": robust_z(kl) > cfg.norm_k,
+    }
+    count = sum(mask.int() for mask in failed.values())
+    assert isinstance(count, torch.Tensor)
+    return StatisticsReport(
+        norm, norm_z, cosine, fractions, kl, failed, count >= cfg.min_failures
+    )
