@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense"]
+SUITES = ["crypto", "defense", "learning"]
 
 
 def main() -> int:

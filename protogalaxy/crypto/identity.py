@@ -7,6 +7,7 @@ be replayed as a signature over another.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
@@ -30,8 +31,11 @@ __all__ = [
     "SigningKey",
     "VerifyKey",
     "domain_message",
+    "reveal_message",
     "sign_commitment",
+    "sign_reveal",
     "verify_commitment_signature",
+    "verify_reveal_signature",
 ]
 
 KEY_SIZE: Final = 32
@@ -143,3 +147,25 @@ def verify_commitment_signature(
 ) -> None:
     """Raise :class:`SignatureError` unless ``key`` signed ``commitment``."""
     key.verify("commitment", commitment.to_bytes(), signature)
+
+
+def reveal_message(commitment: Commitment, body: bytes, nonce: bytes) -> bytes:
+    """``commitment || nonce || SHA-256(body)``: what a client signs when it reveals.
+
+    Signing the body's hash makes a rejected reveal attributable: nobody but the
+    client can make a reveal count against the client's reputation.
+    """
+    return commitment.to_bytes() + bytes(nonce) + hashlib.sha256(body).digest()
+
+
+def sign_reveal(
+    key: SigningKey, commitment: Commitment, body: bytes, nonce: bytes
+) -> bytes:
+    return key.sign("reveal", reveal_message(commitment, body, nonce))
+
+
+def verify_reveal_signature(
+    key: VerifyKey, commitment: Commitment, body: bytes, nonce: bytes, signature: bytes
+) -> None:
+    """Raise :class:`SignatureError` unless ``key`` signed this reveal."""
+    key.verify("reveal", reveal_message(commitment, body, nonce), signature)

@@ -255,9 +255,17 @@ class Aggregator(ABC):
 
     @abstractmethod
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
-        """Aggregate the rows of ``updates``."""
+        """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows
+        (default ``f_for(n)``)."""
+
+    def _f(self, updates: torch.Tensor, f: int | None) -> int:
+        return self.f_for(updates.shape[0]) if f is None else f
 
     def min_clients(self, f: int) -> int:
         """Fewest updates this rule needs to tolerate ``f`` Byzantine ones."""
@@ -297,9 +305,13 @@ class MultiKrum(Aggregator):
     selects = True
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
-        return multi_krum(updates, f=self.f_for(updates.shape[0]), weights=weights)
+        return multi_krum(updates, f=self._f(updates, f), weights=weights)
 
     def min_clients(self, f: int) -> int:
         return 2 * f + 3
@@ -311,9 +323,13 @@ class Krum(Aggregator):
     selects = True
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
-        return krum(updates, f=self.f_for(updates.shape[0]))
+        return krum(updates, f=self._f(updates, f))
 
     def min_clients(self, f: int) -> int:
         return 2 * f + 3
@@ -324,7 +340,11 @@ class Median(Aggregator):
     name = "median"
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
         return coordinate_median(updates)
 
@@ -334,9 +354,13 @@ class TrimmedMean(Aggregator):
     name = "trimmed_mean"
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
-        return trimmed_mean(updates, f=self.f_for(updates.shape[0]))
+        return trimmed_mean(updates, f=self._f(updates, f))
 
 
 @register_aggregator
@@ -344,7 +368,11 @@ class GeometricMedian(Aggregator):
     name = "geometric_median"
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
         return geometric_median(updates, weights=weights)
 
@@ -354,7 +382,11 @@ class FedAvg(Aggregator):
     name = "fedavg"
 
     def __call__(
-        self, updates: torch.Tensor, *, weights: torch.Tensor | None = None
+        self,
+        updates: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        f: int | None = None,
     ) -> AggregationResult:
         return mean(updates, weights=weights)
 

@@ -1,0 +1,283 @@
+"""Run configuration: YAML, validated on load.
+
+Unknown keys and impossible values are errors that name the key, e.g.
+``byzantine.fraction: 0.4 puts 4 Byzantine clients in galaxy 0 ...``. The built-in
+default is the seed MVP: MNIST, 30 clients in 3 galaxies (galaxy = client_id mod 3),
+9 Byzantine label flippers, IID 2,000 samples each, 10 rounds of 1 local epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protogalaxy.defense.galaxy import GalaxyScreenConfig
+from protogalaxy.defense.pipeline import DefenseConfig
+from protogalaxy.defense.reputation import ReputationConfig
+from protogalaxy.defense.robust import available_aggregators, get_aggregator
+from protogalaxy.defense.statistical import StatisticsConfig
+from protogalaxy.learning.attacks import ATTACKS, AttackConfig
+
+__all__ = ["ConfigError", "SimulationConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSection(_Section):
+    name: Literal["mnist", "fashion-mnist", "cifar10"] = "mnist"
+    #: An IDX directory (MNIST, Fashion-MNIST) or a torchvision root (CIFAR-10).
+    root: str | None = None
+
+
+class ClientsSection(_Section):
+    count: int = Field(30, ge=1, le=100_000)
+    samples_per_client: int = Field(2000, ge=32)
+    partition: Literal["iid", "dirichlet", "powerlaw"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    powerlaw_exponent: float = Field(1.5, gt=0)
+
+
+class GalaxiesSection(_Section):
+    count: int = Field(3, ge=1)
+
+
+class ByzantineSection(_Section):
+    fraction: float = Field(0.3, ge=0.0, lt=0.5)
+    attack: str = "label_flip"
+    #: Fraction of rounds the attack is active in (intermittent attacks), seeded.
+    rounds_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    scale: float = 10.0
+    sign_flip_scale: float = Field(4.0, gt=0)
+    noise_std: float = Field(0.1, gt=0)
+    ipm_epsilon: float = Field(0.5, gt=0)
+    alie_z: float | None = None
+    backdoor_target: int = Field(0, ge=0)
+    backdoor_fraction: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _attack_known(self) -> ByzantineSection:
+        if self.attack not in ATTACKS:
+            raise ValueError(
+                f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}"
+            )
+        return self
+
+
+class TrainingSection(_Section):
+    rounds: int = Field(10, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    server_lr: float = Field(1.3, gt=0)
+    server_momentum: float = Field(0.5, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class StatisticsSection(_Section):
+    norm_k: float = Field(3.0, gt=0)
+    cosine_threshold: float = Field(0.5, ge=-1, le=1)
+    mad_k: float = Field(3.0, gt=0)
+    bins: int = Field(64, ge=4)
+    min_failures: int = Field(2, ge=1, le=4)
+
+
+class ReputationSection(_Section):
+    initial: float = Field(0.5, ge=0, le=1)
+    lam: float = Field(0.1, gt=0, le=1)
+    w_integrity: float = Field(0.1, ge=0)
+    w_statistics: float = Field(0.3, ge=0)
+    w_selected: float = Field(0.4, ge=0)
+    w_history: float = Field(0.2, ge=0)
+    quarantine_below: float = Field(0.3, ge=0, le=1)
+    ban_below: float = Field(0.1, ge=0, le=1)
+
+
+class GalaxyScreenSection(_Section):
+    norm_k: float = Field(3.0, gt=0)
+    cosine_threshold: float = Field(0.0, ge=-1, le=1)
+    agreement_threshold: float = Field(0.0, ge=-1, le=1)
+    min_failures: int = Field(2, ge=1, le=3)
+    lam: float = Field(0.2, gt=0, le=1)
+    exclude_below: float = Field(0.3, ge=0, le=1)
+
+
+class DefenseSection(_Section):
+    #: Layers that run: 1 integrity, 2 statistics, 3 robust aggregation,
+    #: 4 reputation, 5 galaxy screening. [1] with aggregator fedavg is plain FedAvg.
+    layers: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    aggregator: str = "multikrum"
+    #: Fraction of Byzantine updates per galaxy the robust rule is tuned for (f).
+    byzantine_fraction: float = Field(0.3, ge=0, lt=0.5)
+    trust_weighted: bool = False
+    statistics: StatisticsSection = StatisticsSection()
+    reputation: ReputationSection = ReputationSection()
+    galaxy: GalaxyScreenSection = GalaxyScreenSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> DefenseSection:
+        if 1 not in self.layers or not set(self.layers) <= {1, 2, 3, 4, 5}:
+            raise ValueError(
+                f"layers must include 1 and lie within 1..5, got {self.layers}"
+            )
+        if self.aggregator not in available_aggregators():
+            raise ValueError(
+                f"aggregator must be one of {', '.join(available_aggregators())}; "
+                f"got {self.aggregator!r}"
+            )
+        w = self.reputation
+        total = w.w_integrity + w.w_statistics + w.w_selected + w.w_history
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"reputation weights must sum to 1, got {total}")
+        if w.ban_below > w.quarantine_below:
+            raise ValueError("reputation.ban_below must not exceed quarantine_below")
+        return self
+
+    def build(self) -> DefenseConfig:
+        return DefenseConfig(
+            layers=frozenset(self.layers),
+            aggregator=self.aggregator,
+            byzantine_fraction=self.byzantine_fraction,
+            trust_weighted=self.trust_weighted,
+            statistics=StatisticsConfig(**self.statistics.model_dump()),
+            reputation=ReputationConfig(**self.reputation.model_dump()),
+            galaxy=GalaxyScreenConfig(**self.galaxy.model_dump()),
+        )
+
+
+class EarlyStopSection(_Section):
+    enabled: bool = False
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    #: Stop when the metric improved by less than min_delta over this many rounds.
+    window: int = Field(3, ge=1)
+    min_delta: float = Field(0.002, ge=0)
+
+
+class SimulationConfig(_Section):
+    seed: int = 0
+    dataset: DatasetSection = DatasetSection()
+    model: Literal["mnist_cnn", "resnet18"] = "mnist_cnn"
+    clients: ClientsSection = ClientsSection()
+    galaxies: GalaxiesSection = GalaxiesSection()
+    byzantine: ByzantineSection = ByzantineSection()
+    training: TrainingSection = TrainingSection()
+    defense: DefenseSection = DefenseSection()
+    early_stop: EarlyStopSection = EarlyStopSection()
+    #: Largest accepted update body in bytes.
+    max_update_bytes: int = Field(64 << 20, ge=1024)
+
+    def galaxy_of(self, client: int) -> int:
+        return client % self.galaxies.count
+
+    def galaxy_members(self) -> dict[int, list[int]]:
+        members: dict[int, list[int]] = {g: [] for g in range(self.galaxies.count)}
+        for c in range(self.clients.count):
+            members[self.galaxy_of(c)].append(c)
+        return members
+
+    def byzantine_per_galaxy(self) -> dict[int, int]:
+        """Byzantine clients in each galaxy: ``round(fraction * galaxy size)``."""
+        return {
+            g: round(self.byzantine.fraction * len(m))
+            for g, m in self.galaxy_members().items()
+        }
+
+    def attack(self) -> AttackConfig:
+        b = self.byzantine
+        return AttackConfig(
+            name=b.attack,
+            scale=b.scale,
+            sign_flip_scale=b.sign_flip_scale,
+            noise_std=b.noise_std,
+            ipm_epsilon=b.ipm_epsilon,
+            alie_z=b.alie_z,
+            backdoor_target=b.backdoor_target,
+            backdoor_fraction=b.backdoor_fraction,
+            rounds_fraction=b.rounds_fraction,
+        )
+
+    @model_validator(mode="after")
+    def _feasible(self) -> SimulationConfig:
+        if self.clients.count < self.galaxies.count:
+            raise ValueError(
+                f"clients.count ({self.clients.count}) is smaller than galaxies.count "
+                f"({self.galaxies.count}): every galaxy needs clients"
+            )
+        if self.model == "mnist_cnn" and self.dataset.name == "cifar10":
+            raise ValueError(
+                "model mnist_cnn takes 28x28 grey images; use resnet18 for cifar10"
+            )
+        agg = get_aggregator(
+            self.defense.aggregator, byzantine_fraction=self.defense.byzantine_fraction
+        )
+        if self.defense.aggregator == "fedavg" or 3 not in self.defense.layers:
+            return self
+        members = self.galaxy_members()
+        for g, b in self.byzantine_per_galaxy().items():
+            n = len(members[g])
+            f = agg.f_for(n)
+            if b > f or n < agg.min_clients(f):
+                raise ValueError(
+                    f"byzantine.fraction {self.byzantine.fraction} puts {b} Byzantine "
+                    f"clients in galaxy {g} of {n} clients, but "
+                    f"{self.defense.aggregator} tolerates "
+                    f"f = {f} there (defense.byzantine_fraction "
+                    f"{self.defense.byzantine_fraction}; it needs at least "
+                    f"{agg.min_clients(max(b, f))} clients)"
+                )
+        return self
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None) -> SimulationConfig:
+    try:
+        return SimulationConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+
+
+def load_config(
+    path: str | Path | None = None, *, overrides: dict[str, Any] | None = None
+) -> SimulationConfig:
+    """The default config, or ``path`` (YAML) on top of it; ``overrides`` last."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_config(data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value

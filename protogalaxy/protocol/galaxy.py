@@ -1,0 +1,357 @@
+"""The galaxy aggregator's round state machine.
+
+``commit`` -> (quorum or deadline) ``committed`` -> (signed head arrives) ``reveal``
+-> (quorum or deadline) ``aggregating`` -> ``done``.
+
+Errors are typed so that a transport maps them to status codes in one place:
+:class:`WrongPhase` (409), :class:`UnknownClient` (404/403), :class:`Rejected`
+(400/401/413/422 by ``reason``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from protogalaxy.codec import decode_update
+from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.errors import SignatureError
+from protogalaxy.crypto.heads import SignedRoundHead
+from protogalaxy.crypto.identity import (
+    VerifyKey,
+    verify_commitment_signature,
+    verify_reveal_signature,
+)
+from protogalaxy.crypto.merkle import InclusionProof, verify_inclusion
+from protogalaxy.crypto.receipts import Receipt
+from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
+from protogalaxy.defense.integrity import IntegrityError, check_reveal
+from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
+from protogalaxy.protocol.stores import GalaxyStore, Phase
+from protogalaxy.spec import UpdateSpec
+
+__all__ = [
+    "GalaxyAggregator",
+    "ProtocolError",
+    "Rejected",
+    "UnknownClient",
+    "WrongPhase",
+]
+
+_log = logging.getLogger("protogalaxy.galaxy")
+
+
+class ProtocolError(Exception):
+    """Base of the galaxy protocol's errors."""
+
+
+class WrongPhase(ProtocolError):
+    """The request is for another round or phase than the current one."""
+
+
+class UnknownClient(ProtocolError):
+    """The client is not registered, or has no commitment this round."""
+
+
+class Rejected(ProtocolError):
+    """A layer-1 rejection; ``reason`` is an :data:`IntegrityError` reason code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass
+class GalaxyRoundResult:
+    round: int
+    galaxy: int
+    root: bytes
+    aggregate: torch.Tensor | None
+    weight: int
+    report: GalaxyDefenseReport
+
+
+class GalaxyAggregator:
+    """One galaxy's protocol logic, over a :class:`GalaxyStore`."""
+
+    def __init__(
+        self,
+        galaxy: int,
+        *,
+        store: GalaxyStore,
+        spec: UpdateSpec,
+        defense: GalaxyDefense,
+        global_key: VerifyKey,
+        max_update_bytes: int = 64 << 20,
+        quorum: float = 1.0,
+    ) -> None:
+        if not 0 < quorum <= 1:
+            raise ValueError(f"quorum must be in (0, 1], got {quorum}")
+        self.galaxy = galaxy
+        self.store = store
+        self.spec = spec
+        self.defense = defense
+        self.global_key = global_key
+        self.max_update_bytes = max_update_bytes
+        self.quorum = quorum
+        saved = store.load_reputation()
+        if saved is not None:
+            defense.tracker.load_state_dict(saved)
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def state(self) -> tuple[int, str] | None:
+        return self.store.get_state()
+
+    def _require(self, round: int, phase: str) -> None:
+        state = self.store.get_state()
+        if state != (round, phase):
+            raise WrongPhase(
+                f"galaxy {self.galaxy} is at {state}, not round {round} {phase}"
+            )
+
+    def open_round(self, round: int) -> None:
+        """Start ``round`` (idempotent once it is open)."""
+        state = self.store.get_state()
+        if state is not None and state[0] >= round:
+            if state[0] == round:
+                return
+            raise WrongPhase(f"galaxy {self.galaxy} is already at round {state[0]}")
+        if state is not None and state[1] != Phase.DONE:
+            raise WrongPhase(f"round {state[0]} is not done ({state[1]})")
+        if not self.store.compare_and_set_state(state, (round, Phase.COMMIT)):
+            raise WrongPhase("another aggregator moved the round on")
+
+    # -- clients ---------------------------------------------------------------
+
+    def register(self, client: int, public_key: bytes) -> None:
+        VerifyKey.from_bytes(public_key)  # ValueError for a malformed key
+        if not self.store.register_client(client, public_key):
+            raise Rejected(
+                "bad_signature", f"client {client} is registered with another key"
+            )
+
+    def active_clients(self) -> int:
+        """Registered clients that are not banned (the quorum's base)."""
+        return sum(1 for c in self.store.clients() if not self.defense.banned(c))
+
+    def submit_commitment(self, commitment: Commitment, signature: bytes) -> None:
+        """Accept a signed commitment for the current round (layer 1, first half)."""
+        c = commitment
+        state = self.store.get_state()
+        if state is None or state[1] != Phase.COMMIT or c.round != state[0]:
+            raise WrongPhase(
+                f"commitment for round {c.round}; galaxy {self.galaxy} is at {state}"
+            )
+        if c.galaxy_id != self.galaxy:
+            raise Rejected("wrong_round", f"commitment is for galaxy {c.galaxy_id}")
+        key = self.store.client_key(c.client_id)
+        if key is None:
+            raise UnknownClient(f"client {c.client_id} is not registered")
+        if self.defense.banned(c.client_id):
+            raise Rejected("bad_signature", f"client {c.client_id} is banned")
+        try:
+            verify_commitment_signature(VerifyKey.from_bytes(key), c, signature)
+        except SignatureError as exc:
+            raise Rejected("bad_signature", str(exc)) from None
+        if not self.store.add_commitment(
+            c.round, c.client_id, c.to_bytes(), bytes(signature)
+        ):
+            existing = self.store.commitments(c.round).get(c.client_id)
+            if existing is None or existing[0] != c.to_bytes():
+                raise Rejected("duplicate", f"client {c.client_id} already committed")
+
+    def commit_quorum_reached(self, round: int) -> bool:
+        n = len(self.store.commitments(round))
+        return n > 0 and n >= self.quorum * max(1, self.active_clients())
+
+    def close_commit(self, round: int, *, force: bool = False) -> GalaxyLeaf | None:
+        """Close the commit phase at quorum (or ``force``: the deadline); build the
+        galaxy tree and return the leaf to send to the global aggregator."""
+        state = self.store.get_state()
+        if state == (round, Phase.COMMITTED) or state == (round, Phase.REVEAL):
+            blob = self.store.get_blob(round, "leaf")
+            return None if blob is None else GalaxyLeaf.from_bytes(blob)
+        self._require(round, Phase.COMMIT)
+        if not force and not self.commit_quorum_reached(round):
+            raise WrongPhase(f"round {round}: commit quorum not reached")
+        records = self.store.commitments(round)
+        if not records:
+            self.store.compare_and_set_state((round, Phase.COMMIT), (round, Phase.DONE))
+            return None
+        tree = GalaxyTree(
+            (Commitment.from_bytes(r[0]) for r in records.values()),
+            galaxy_id=self.galaxy,
+            round=round,
+        )
+        leaf = tree.leaf()
+        self.store.put_blob(round, "leaf", leaf.to_bytes())
+        if not self.store.compare_and_set_state(
+            (round, Phase.COMMIT), (round, Phase.COMMITTED)
+        ):
+            raise WrongPhase("another aggregator closed the commit phase")
+        return leaf
+
+    def accept_head(
+        self, round: int, head: SignedRoundHead, proof: InclusionProof
+    ) -> None:
+        """Take the global aggregator's signed head and this galaxy's proof in it."""
+        state = self.store.get_state()
+        if state == (round, Phase.REVEAL):
+            return
+        self._require(round, Phase.COMMITTED)
+        head.verify(self.global_key)
+        leaf_blob = self.store.get_blob(round, "leaf")
+        assert leaf_blob is not None
+        if head.head.round != round:
+            raise WrongPhase(f"head is for round {head.head.round}")
+        verify_inclusion(
+            leaf_blob, proof, head.head.root, tree_size=head.head.tree_size
+        )
+        self.store.put_blob(round, "head", head.to_bytes())
+        self.store.put_blob(round, "galaxy_proof", proof.to_bytes())
+        self.store.compare_and_set_state(
+            (round, Phase.COMMITTED), (round, Phase.REVEAL)
+        )
+
+    def _tree(self, round: int) -> GalaxyTree:
+        records = self.store.commitments(round)
+        return GalaxyTree(
+            (Commitment.from_bytes(r[0]) for r in records.values()),
+            galaxy_id=self.galaxy,
+            round=round,
+        )
+
+    def receipt(self, round: int, client: int) -> Receipt:
+        """The two-level receipt of ``client``'s commitment (after the head arrived)."""
+        state = self.store.get_state()
+        if (
+            state is None
+            or state[0] != round
+            or state[1] not in (Phase.REVEAL, Phase.DONE)
+        ):
+            raise WrongPhase(f"no signed head for round {round} yet (state {state})")
+        tree = self._tree(round)
+        if client not in tree.client_ids:
+            raise UnknownClient(f"client {client} has no commitment in round {round}")
+        head_blob = self.store.get_blob(round, "head")
+        proof_blob = self.store.get_blob(round, "galaxy_proof")
+        assert head_blob is not None and proof_blob is not None
+        return Receipt(
+            tree.commitment_of(client),
+            tree.proof_for(client),
+            tree.leaf(),
+            InclusionProof.from_bytes(proof_blob),
+            SignedRoundHead.from_bytes(head_blob),
+        )
+
+    def submit_reveal(
+        self, round: int, client: int, body: bytes, nonce: bytes, signature: bytes
+    ) -> None:
+        """Accept a signed reveal after layer 1.
+
+        Order matters: a resent or second reveal and a bad signature are refused
+        before layer 1 runs, so only an authenticated reveal can be recorded as a
+        layer-1 rejection against the client (and lower its reputation).
+        """
+        self._require(round, Phase.REVEAL)
+        record = self.store.commitments(round).get(client)
+        if record is None:
+            raise UnknownClient(f"client {client} has no commitment in round {round}")
+        existing = self.store.reveals(round).get(client)
+        if existing is not None:
+            if existing == (bytes(body), bytes(nonce)):
+                return
+            raise Rejected("duplicate", f"client {client} already revealed")
+        if client in self.store.rejections(round):
+            raise Rejected(
+                "duplicate", f"client {client}'s reveal was already rejected"
+            )
+        commitment = Commitment.from_bytes(record[0])
+        key = self.store.client_key(client)
+        assert key is not None  # a commitment is only accepted from a registered key
+        if len(body) > self.max_update_bytes:
+            raise Rejected(
+                "too_large",
+                f"{len(body)} bytes exceeds the limit of {self.max_update_bytes}",
+            )
+        try:
+            verify_reveal_signature(
+                VerifyKey.from_bytes(key), commitment, body, nonce, signature
+            )
+        except SignatureError as exc:
+            raise Rejected("bad_signature", str(exc)) from None
+        try:
+            check_reveal(
+                commitment, body, nonce, spec=self.spec, max_bytes=self.max_update_bytes
+            )
+        except IntegrityError as exc:
+            self.store.add_rejection(round, client, exc.reason)
+            raise Rejected(exc.reason, exc.detail) from None
+        if not self.store.add_reveal(round, client, body, nonce):
+            raise Rejected("duplicate", f"client {client} already revealed")
+
+    def reveal_quorum_reached(self, round: int) -> bool:
+        committed = len(self.store.commitments(round))
+        done = len(self.store.reveals(round)) + len(self.store.rejections(round))
+        return committed > 0 and done >= self.quorum * committed
+
+    def close_reveal(
+        self,
+        round: int,
+        *,
+        reference_direction: torch.Tensor | None = None,
+        force: bool = False,
+    ) -> GalaxyRoundResult:
+        """Close the reveal phase; run layers 2-4; store reputations and evidence."""
+        self._require(round, Phase.REVEAL)
+        if not force and not self.reveal_quorum_reached(round):
+            raise WrongPhase(f"round {round}: reveal quorum not reached")
+        if not self.store.compare_and_set_state(
+            (round, Phase.REVEAL), (round, Phase.AGGREGATING)
+        ):
+            raise WrongPhase("another aggregator is aggregating this round")
+        tree = self._tree(round)
+        reveals = self.store.reveals(round)
+        clients = sorted(reveals)
+        rows = [
+            self.spec.flatten(
+                decode_update(reveals[c][0], max_bytes=self.max_update_bytes)
+            )
+            for c in clients
+        ]
+        updates = torch.stack(rows) if rows else torch.zeros(0, self.spec.numel)
+        rejected = self.store.rejections(round)
+
+        def evidence_for(client: int) -> dict[str, Any]:
+            out: dict[str, Any] = {"round": round, "galaxy_root": tree.root.hex()}
+            if client in tree.client_ids:
+                out["leaf"] = tree.commitment_of(client).to_bytes().hex()
+                out["inclusion_proof"] = tree.proof_for(client).to_dict()
+            return out
+
+        report = self.defense.run(
+            round=round,
+            clients=clients,
+            updates=updates,
+            rejected=rejected,
+            reference_direction=reference_direction,
+            evidence_for=evidence_for,
+        )
+        self.store.save_reputation(self.defense.tracker.state_dict())
+        for event in report.events:
+            record = {"galaxy": self.galaxy, **event.to_dict()}
+            self.store.append_evidence(record)
+            _log.warning("%s", event.event, extra={"event_record": record})
+        if report.aggregate is not None:
+            self.store.put_blob(round, "aggregate", report.aggregate.numpy().tobytes())
+        self.store.compare_and_set_state(
+            (round, Phase.AGGREGATING), (round, Phase.DONE)
+        )
+        return GalaxyRoundResult(
+            round, self.galaxy, tree.root, report.aggregate, report.weight, report
+        )

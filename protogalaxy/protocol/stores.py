@@ -1,0 +1,192 @@
+"""Store interfaces of the protocol, and their in-process implementations.
+
+The round state machines in :mod:`protogalaxy.protocol` only talk to these small
+interfaces. The simulation uses the in-memory stores below; the services put the same
+interfaces on Redis (galaxy) and on a volume (global). Every phase transition is a
+compare-and-set, and every write of a client's commitment or reveal is set-if-absent,
+so a duplicated or restarted aggregator can neither aggregate a round twice nor
+overwrite an accepted update.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+__all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase"]
+
+
+class Phase:
+    COMMIT = "commit"
+    COMMITTED = "committed"  # root sent, waiting for the signed round head
+    REVEAL = "reveal"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+
+
+State = tuple[int, str]
+
+
+class GalaxyStore(ABC):
+    """Everything a galaxy aggregator keeps, per galaxy."""
+
+    @abstractmethod
+    def get_state(self) -> State | None:
+        """The current ``(round, phase)``, or None before the first round."""
+
+    @abstractmethod
+    def compare_and_set_state(self, expected: State | None, new: State) -> bool:
+        """Atomically move from ``expected`` to ``new``; False if the state differs."""
+
+    @abstractmethod
+    def register_client(self, client: int, public_key: bytes) -> bool:
+        """Register a key; True if new or identical to the registered one."""
+
+    @abstractmethod
+    def client_key(self, client: int) -> bytes | None: ...
+
+    @abstractmethod
+    def clients(self) -> list[int]:
+        """Every registered client id."""
+
+    @abstractmethod
+    def add_commitment(
+        self, round: int, client: int, commitment: bytes, signature: bytes
+    ) -> bool:
+        """Set-if-absent; False when the client already committed this round."""
+
+    @abstractmethod
+    def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
+
+    @abstractmethod
+    def add_reveal(self, round: int, client: int, body: bytes, nonce: bytes) -> bool:
+        """Set-if-absent; False when the client already revealed this round."""
+
+    @abstractmethod
+    def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
+
+    @abstractmethod
+    def add_rejection(self, round: int, client: int, reason: str) -> bool:
+        """Record a layer-1 rejection (first one per client and round wins)."""
+
+    @abstractmethod
+    def rejections(self, round: int) -> dict[int, str]: ...
+
+    @abstractmethod
+    def put_blob(self, round: int, key: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    def get_blob(self, round: int, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def save_reputation(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def load_reputation(self) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def append_evidence(self, record: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def evidence(self, client: int | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def drop_round(self, round: int) -> None:
+        """Forget a finished round's commitments, reveals and blobs."""
+
+
+class MemoryGalaxyStore(GalaxyStore):
+    """In-process store (thread-safe) for the simulation and the contract tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: State | None = None
+        self._keys: dict[int, bytes] = {}
+        self._commitments: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        self._reveals: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        self._rejections: dict[int, dict[int, str]] = {}
+        self._blobs: dict[tuple[int, str], bytes] = {}
+        self._reputation: dict[str, Any] | None = None
+        self._evidence: list[dict[str, Any]] = []
+
+    def get_state(self) -> State | None:
+        return self._state
+
+    def compare_and_set_state(self, expected: State | None, new: State) -> bool:
+        with self._lock:
+            if self._state != expected:
+                return False
+            self._state = new
+            return True
+
+    def register_client(self, client: int, public_key: bytes) -> bool:
+        with self._lock:
+            known = self._keys.setdefault(client, bytes(public_key))
+            return known == bytes(public_key)
+
+    def client_key(self, client: int) -> bytes | None:
+        return self._keys.get(client)
+
+    def clients(self) -> list[int]:
+        return sorted(self._keys)
+
+    def _set_if_absent(
+        self, table: dict[int, dict[int, Any]], round: int, client: int, value: Any
+    ) -> bool:
+        with self._lock:
+            per_round = table.setdefault(round, {})
+            if client in per_round:
+                return False
+            per_round[client] = value
+            return True
+
+    def add_commitment(
+        self, round: int, client: int, commitment: bytes, signature: bytes
+    ) -> bool:
+        return self._set_if_absent(
+            self._commitments, round, client, (commitment, signature)
+        )
+
+    def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
+        return dict(self._commitments.get(round, {}))
+
+    def add_reveal(self, round: int, client: int, body: bytes, nonce: bytes) -> bool:
+        return self._set_if_absent(self._reveals, round, client, (body, nonce))
+
+    def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
+        return dict(self._reveals.get(round, {}))
+
+    def add_rejection(self, round: int, client: int, reason: str) -> bool:
+        return self._set_if_absent(self._rejections, round, client, reason)
+
+    def rejections(self, round: int) -> dict[int, str]:
+        return dict(self._rejections.get(round, {}))
+
+    def put_blob(self, round: int, key: str, value: bytes) -> None:
+        self._blobs[(round, key)] = bytes(value)
+
+    def get_blob(self, round: int, key: str) -> bytes | None:
+        return self._blobs.get((round, key))
+
+    def save_reputation(self, state: dict[str, Any]) -> None:
+        self._reputation = state
+
+    def load_reputation(self) -> dict[str, Any] | None:
+        return self._reputation
+
+    def append_evidence(self, record: dict[str, Any]) -> None:
+        self._evidence.append(record)
+
+    def evidence(self, client: int | None = None) -> list[dict[str, Any]]:
+        return [
+            e for e in self._evidence if client is None or e.get("client") == client
+        ]
+
+    def drop_round(self, round: int) -> None:
+        with self._lock:
+            self._commitments.pop(round, None)
+            self._reveals.pop(round, None)
+            self._rejections.pop(round, None)
+            for key in [k for k in self._blobs if k[0] == round]:
+                del self._blobs[key]

@@ -1,0 +1,385 @@
+"""The whole ProtoGalaxy round in one process.
+
+The galaxies and the global aggregator are the protocol classes the services use,
+over in-memory stores; the clients train together in one vectorized call and then
+each commits, verifies its receipt and reveals exactly as a client runner does. Only
+the transport (function calls instead of HTTP) and the stores differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from protogalaxy.codec import encode_update
+from protogalaxy.config import SimulationConfig
+from protogalaxy.crypto.commitment import commit
+from protogalaxy.crypto.errors import VerificationError
+from protogalaxy.crypto.identity import SigningKey, sign_commitment, sign_reveal
+from protogalaxy.crypto.receipts import verify_receipt
+from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
+from protogalaxy.learning.attacks import (
+    add_trigger,
+    data_transform,
+    is_active,
+    poison_updates,
+)
+from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.models import build_model
+from protogalaxy.learning.partition import partition
+from protogalaxy.learning.training import BatchedTrainer, ClientTask, evaluate
+from protogalaxy.protocol.galaxy import GalaxyAggregator, Rejected
+from protogalaxy.protocol.global_aggregator import GlobalAggregator
+from protogalaxy.protocol.stores import MemoryGalaxyStore
+from protogalaxy.spec import UpdateSpec
+
+__all__ = ["RoundMetrics", "Simulation", "SimulationResult"]
+
+_log = logging.getLogger("protogalaxy.simulation")
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    accuracy: float
+    loss: float
+    flagged: int
+    quarantined: int
+    banned: int
+    flags_integrity: int
+    flags_statistics: int
+    flags_robust: int
+    galaxies_excluded: int
+    aggregation_seconds: float
+    round_seconds: float
+    eval_seconds: float
+    attack_success_rate: float | None = None
+
+
+@dataclass
+class SimulationResult:
+    config: SimulationConfig
+    rounds: list[RoundMetrics]
+    byzantine: list[int]
+    quarantined_ever: list[int]
+    removed_at_end: list[int]
+    events: list[dict[str, Any]]
+    reputation_history: dict[int, list[float]]
+    wall_seconds: float
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        byz = set(self.byzantine)
+        honest = set(range(self.config.clients.count)) - byz
+        detected = byz & set(self.removed_at_end)
+        false_pos = honest & set(self.quarantined_ever)
+        last = self.rounds[-1]
+        out: dict[str, Any] = {
+            "final_accuracy": last.accuracy,
+            "final_loss": last.loss,
+            "detection_rate": len(detected) / len(byz) if byz else None,
+            "false_positive_rate": len(false_pos) / len(honest) if honest else None,
+            "rounds": len(self.rounds),
+            "wall_seconds": self.wall_seconds,
+            "byzantine_clients": sorted(byz),
+            "quarantined_clients": sorted(self.removed_at_end),
+            "honest_ever_quarantined": sorted(false_pos),
+            "attack": self.config.byzantine.attack,
+            "aggregator": self.config.defense.aggregator,
+            "layers": self.config.defense.layers,
+            "seed": self.config.seed,
+            "stopped_early": self.stopped_early,
+            "mean_round_seconds": sum(r.round_seconds for r in self.rounds)
+            / len(self.rounds),
+            "mean_aggregation_seconds": sum(r.aggregation_seconds for r in self.rounds)
+            / len(self.rounds),
+        }
+        if self.config.byzantine.attack == "backdoor":
+            out["attack_success_rate"] = last.attack_success_rate
+        return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def choose_byzantine(config: SimulationConfig) -> list[int]:
+    """``round(fraction * size)`` Byzantine clients in every galaxy, chosen by seed."""
+    g = torch.Generator().manual_seed(config.seed + 7919)
+    chosen: list[int] = []
+    per = config.byzantine_per_galaxy()
+    for gid, members in config.galaxy_members().items():
+        order = torch.randperm(len(members), generator=g)[: per[gid]]
+        chosen += [members[i] for i in order.tolist()]
+    return sorted(chosen)
+
+
+class Simulation:
+    """Build once, then :meth:`run`."""
+
+    def __init__(
+        self, config: SimulationConfig, *, dataset: Dataset | None = None
+    ) -> None:
+        self.config = config
+        self.device = _device(config.training.device)
+        self.data = dataset or load_dataset(
+            config.dataset.name, root=config.dataset.root
+        )
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.model = build_model(
+            config.model, num_classes=self.data.num_classes, seed=config.seed
+        ).to(self.device)
+        params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
+        self.spec = UpdateSpec.from_params(params)
+        self.parts = partition(
+            self.data.y_train,
+            num_clients=config.clients.count,
+            samples_per_client=config.clients.samples_per_client,
+            scheme=config.clients.partition,
+            alpha=config.clients.dirichlet_alpha,
+            power=config.clients.powerlaw_exponent,
+            generator=self.generator,
+        )
+        self.byzantine = choose_byzantine(config)
+        self.attack = config.attack()
+        self.trainer = BatchedTrainer(
+            self.model,
+            lr=config.training.lr,
+            momentum=config.training.momentum,
+            batch_size=config.training.batch_size,
+            epochs=config.training.local_epochs,
+            device=self.device,
+        )
+        defense = config.defense.build()
+        self.global_key = SigningKey.generate()
+        self.client_keys = {
+            c: SigningKey.generate() for c in range(config.clients.count)
+        }
+        self.galaxies: dict[int, GalaxyAggregator] = {}
+        for gid, members in config.galaxy_members().items():
+            agg = GalaxyAggregator(
+                gid,
+                store=MemoryGalaxyStore(),
+                spec=self.spec,
+                defense=GalaxyDefense(gid, defense),
+                global_key=self.global_key.public_key,
+                max_update_bytes=config.max_update_bytes,
+            )
+            for c in members:
+                agg.register(c, self.client_keys[c].public_key.to_bytes())
+            self.galaxies[gid] = agg
+        self.global_agg = GlobalAggregator(
+            key=self.global_key,
+            galaxies=list(self.galaxies),
+            params=self.spec.flatten(params),
+            defense=GlobalDefense(defense),
+            server_lr=config.training.server_lr,
+            server_momentum=config.training.server_momentum,
+        )
+        self.receipt_failures = 0
+
+    # -- one round -------------------------------------------------------------
+
+    def _train(self, round: int, clients: list[int]) -> torch.Tensor:
+        active = is_active(self.attack, round, self.config.seed)
+        transform = data_transform(self.attack) if active else None
+        byz = set(self.byzantine)
+        tasks = [
+            ClientTask(self.parts[c], transform if c in byz else None) for c in clients
+        ]
+        params = self.spec.unflatten(self.global_agg.params)
+        updates = self.trainer.train(
+            params,
+            tasks,
+            self.data.x_train,
+            self.data.y_train,
+            generator=self.generator,
+        ).cpu()
+        if active:
+            for gid in self.galaxies:
+                rows = [
+                    i for i, c in enumerate(clients) if self.config.galaxy_of(c) == gid
+                ]
+                if not rows:
+                    continue
+                mask = torch.tensor([clients[i] in byz for i in rows])
+                updates[rows] = poison_updates(
+                    self.attack, updates[rows], mask, generator=self.generator
+                )
+        return updates
+
+    def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:
+        t0 = time.perf_counter()
+        for g in self.galaxies.values():
+            g.open_round(round)
+        clients = [
+            c
+            for c in range(self.config.clients.count)
+            if not self.galaxies[self.config.galaxy_of(c)].defense.banned(c)
+        ]
+        updates = self._train(round, clients) if clients else torch.zeros(0)
+        # Commit: only the hash travels.
+        secrets: dict[int, tuple[bytes, bytes, Any]] = {}
+        for i, c in enumerate(clients):
+            tensors = self.spec.unflatten(updates[i])
+            body = encode_update(tensors)
+            gid = self.config.galaxy_of(c)
+            commitment, nonce = commit(tensors, client_id=c, galaxy_id=gid, round=round)
+            self.galaxies[gid].submit_commitment(
+                commitment, sign_commitment(self.client_keys[c], commitment)
+            )
+            secrets[c] = (body, nonce, commitment)
+        # Galaxy roots -> signed global head -> receipts.
+        for g in self.galaxies.values():
+            leaf = g.close_commit(round, force=True)
+            if leaf is not None:
+                self.global_agg.submit_leaf(leaf)
+        head = self.global_agg.close_leaves(round)
+        for gid, g in self.galaxies.items():
+            if g.state == (round, "committed"):
+                g.accept_head(round, head, self.global_agg.proof_for(gid))
+        # Each client verifies its receipt before revealing.
+        for c, (body, nonce, commitment) in secrets.items():
+            gid = self.config.galaxy_of(c)
+            receipt = self.galaxies[gid].receipt(round, c)
+            try:
+                verify_receipt(
+                    receipt,
+                    global_key=self.global_key.public_key,
+                    commitment=commitment,
+                    round=round,
+                )
+            except VerificationError:
+                self.receipt_failures += 1
+                continue
+            try:
+                signature = sign_reveal(self.client_keys[c], commitment, body, nonce)
+                self.galaxies[gid].submit_reveal(round, c, body, nonce, signature)
+            except Rejected as exc:
+                _log.info("client %d reveal rejected: %s", c, exc)
+        # Galaxy defense and aggregation, then the global step.
+        agg_seconds = 0.0
+        reference = self.global_agg.reference_direction
+        reports = {}
+        events: list[dict[str, Any]] = []
+        for gid, g in self.galaxies.items():
+            if g.state != (round, "reveal"):
+                continue
+            result = g.close_reveal(round, reference_direction=reference, force=True)
+            reports[gid] = result.report
+            agg_seconds += result.report.seconds
+            events += [{"galaxy": gid, **e.to_dict()} for e in result.report.events]
+            if result.aggregate is not None:
+                self.global_agg.submit_aggregate(
+                    round, gid, result.root, result.aggregate, result.weight
+                )
+        t_global = time.perf_counter()
+        global_result = self.global_agg.finish_round(round)
+        agg_seconds += time.perf_counter() - t_global
+        round_seconds = time.perf_counter() - t0
+        # Evaluate the new global model.
+        t_eval = time.perf_counter()
+        accuracy, loss, asr = self._evaluate()
+        eval_seconds = time.perf_counter() - t_eval
+        statuses = [
+            self.galaxies[self.config.galaxy_of(c)].defense.tracker.status(c)
+            for c in range(self.config.clients.count)
+        ]
+        metrics = RoundMetrics(
+            round=round,
+            accuracy=accuracy,
+            loss=loss,
+            flagged=sum(
+                1
+                for r in reports.values()
+                for o in r.outcomes.values()
+                if not o.integrity or o.flagged
+            ),
+            quarantined=statuses.count("quarantined"),
+            banned=statuses.count("banned"),
+            flags_integrity=sum(r.layer_flags["integrity"] for r in reports.values()),
+            flags_statistics=sum(r.layer_flags["statistics"] for r in reports.values()),
+            flags_robust=sum(r.layer_flags["robust"] for r in reports.values()),
+            galaxies_excluded=len(global_result.report.excluded),
+            aggregation_seconds=agg_seconds,
+            round_seconds=round_seconds,
+            eval_seconds=eval_seconds,
+            attack_success_rate=asr,
+        )
+        info = {"events": events, "excluded_galaxies": global_result.report.excluded}
+        return metrics, info
+
+    def _evaluate(self) -> tuple[float, float, float | None]:
+        params = self.spec.unflatten(self.global_agg.params.to(self.device))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(params[name])
+        acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test)
+        asr = None
+        if self.attack.name == "backdoor":
+            target = self.attack.backdoor_target
+            keep = self.data.y_test != target
+            x = add_trigger(self.data.x_test[keep])
+            y = torch.full((int(keep.sum()),), target, dtype=torch.int64)
+            asr, _ = evaluate(self.model, x, y)
+        return acc, loss, asr
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(
+        self, progress: Callable[[RoundMetrics], None] | None = None
+    ) -> SimulationResult:
+        t0 = time.perf_counter()
+        rounds: list[RoundMetrics] = []
+        events: list[dict[str, Any]] = []
+        history: dict[int, list[float]] = {
+            c: [] for c in range(self.config.clients.count)
+        }
+        quarantined_ever: set[int] = set()
+        stopped = False
+        es = self.config.early_stop
+        for r in range(self.config.training.rounds):
+            metrics, info = self.run_round(r)
+            rounds.append(metrics)
+            events += info["events"]
+            for c in history:
+                tracker = self.galaxies[self.config.galaxy_of(c)].defense.tracker
+                history[c].append(tracker.reputation(c))
+                if tracker.status(c) != "active":
+                    quarantined_ever.add(c)
+            if progress is not None:
+                progress(metrics)
+            if es.enabled and len(rounds) > es.window:
+                now = getattr(rounds[-1], es.metric)
+                then = getattr(rounds[-1 - es.window], es.metric)
+                gain = now - then if es.metric == "accuracy" else then - now
+                if gain < es.min_delta:
+                    stopped = True
+                    break
+        removed = [
+            c
+            for c in range(self.config.clients.count)
+            if self.galaxies[self.config.galaxy_of(c)].defense.tracker.status(c)
+            != "active"
+        ]
+        return SimulationResult(
+            self.config,
+            rounds,
+            self.byzantine,
+            sorted(quarantined_ever),
+            removed,
+            events,
+            history,
+            time.perf_counter() - t0,
+            stopped,
+            {"receipt_failures": self.receipt_failures},
+        )

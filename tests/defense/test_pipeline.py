@@ -1,0 +1,108 @@
+"""The pipeline: layer selection, fallback on a failing layer, layer 5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protogalaxy.defense.galaxy import GalaxyScreen
+from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense, GlobalDefense
+from protogalaxy.defense.robust import (
+    Aggregator,
+    register_aggregator,
+)
+
+
+@register_aggregator
+class _Exploding(Aggregator):
+    name = "test_exploding"
+
+    def __call__(self, updates, *, weights=None, f=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+
+def galaxy_updates(n: int = 10, byz: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(500, generator=g)
+    x = base + 0.1 * torch.randn(n, 500, generator=g)
+    x[n - byz :] = -5 * x[n - byz :]
+    return x
+
+
+def test_full_pipeline_excludes_attackers() -> None:
+    x = galaxy_updates()
+    d = GalaxyDefense(0, DefenseConfig())
+    report = d.run(
+        round=0, clients=list(range(10)), updates=x, reference_direction=x[0]
+    )
+    assert report.fallback is None
+    assert [c for c, o in report.outcomes.items() if o.selected] == list(range(7))
+    assert all(report.outcomes[c].flagged for c in (7, 8, 9))
+    assert report.layer_flags["statistics"] == 3
+    assert torch.allclose(report.aggregate, x[:7].mean(0), atol=1e-5)
+
+
+def test_lite_and_fedavg_configurations() -> None:
+    x = galaxy_updates()
+    lite = GalaxyDefense(0, DefenseConfig(layers=frozenset({1, 3})))
+    r = lite.run(round=0, clients=list(range(10)), updates=x)
+    assert not any(o.flagged for o in r.outcomes.values())  # no layer 2
+    assert r.outcomes[9].reputation is None  # no layer 4
+    assert not r.outcomes[9].selected and r.outcomes[0].selected
+    plain = GalaxyDefense(0, DefenseConfig(layers=frozenset({1}), aggregator="fedavg"))
+    p = plain.run(round=0, clients=list(range(10)), updates=x)
+    assert torch.allclose(p.aggregate, x.mean(0), atol=1e-5)
+
+
+def test_a_failing_layer_falls_back_to_the_median() -> None:
+    x = galaxy_updates()
+    d = GalaxyDefense(0, DefenseConfig(aggregator="test_exploding"))
+    report = d.run(round=0, clients=list(range(10)), updates=x)
+    assert report.fallback == "RuntimeError: boom"
+    # the mean of the two middle values (n = 10)
+    assert torch.allclose(report.aggregate, x.quantile(0.5, dim=0), atol=1e-6)
+    assert report.events == []  # reputations are not touched by a failed round
+
+
+def test_integrity_rejections_count_against_reputation() -> None:
+    x = galaxy_updates(byz=0)
+    d = GalaxyDefense(0, DefenseConfig())
+    report = d.run(
+        round=0, clients=list(range(9)), updates=x[:9], rejected={9: "non_finite"}
+    )
+    assert not report.outcomes[9].integrity and report.layer_flags["integrity"] == 1
+    assert d.tracker.reputation(9) == pytest.approx(0.45)  # B = 0
+
+
+def test_layer5_excludes_a_compromised_galaxy() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, generator=g)
+    aggs = {i: (base + 0.05 * torch.randn(300, generator=g), 10) for i in range(4)}
+    aggs[2] = (-8 * aggs[2][0], 10)  # a galaxy aggregator that tampers
+    gd = GlobalDefense(DefenseConfig())
+    report = gd.run(aggs, reference_direction=base)
+    assert report.accepted == [0, 1, 3]
+    assert set(report.excluded[2]) >= {"norm", "direction", "agreement"}
+    expected = torch.stack([aggs[i][0] for i in (0, 1, 3)]).mean(0)
+    assert torch.allclose(report.aggregate, expected, atol=1e-6)
+    # Without layer 5 the tampered galaxy drags the global update backwards.
+    off = GlobalDefense(DefenseConfig(layers=frozenset({1, 2, 3, 4})))
+    assert float(off.run(aggs).aggregate @ base) < 0
+
+
+def test_galaxy_reputation_keeps_a_repeat_offender_out() -> None:
+    screen = GalaxyScreen()
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(100, generator=g)
+    for _ in range(8):  # R = 0.5 * 0.8**8 = 0.08; one clean round brings it to 0.27
+        x = base + 0.05 * torch.randn(4, 100, generator=g)
+        x[3] = -10 * x[3]
+        screen.screen([0, 1, 2, 3], x, reference_direction=base)
+    assert screen.reputation[3] < 0.3 < screen.reputation[0]
+    # Now galaxy 3 behaves, but its reputation still keeps it out for a while.
+    clean = base + 0.05 * torch.randn(4, 100, generator=g)
+    rep = screen.screen([0, 1, 2, 3], clean, reference_direction=base)
+    assert rep.excluded == {3: ["low_reputation"]}
+    restored = GalaxyScreen()
+    restored.load_state_dict(screen.state_dict())
+    assert restored.reputation == screen.reputation

@@ -1,0 +1,74 @@
+"""Attacks: each does what its paper says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protogalaxy.learning.attacks import (
+    AttackConfig,
+    add_trigger,
+    alie_z,
+    data_transform,
+    is_active,
+    poison_updates,
+)
+
+
+def updates() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = 1.0 + torch.randn(10, 50, generator=g)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[7:] = True
+    return x, mask
+
+
+def test_alie_z_matches_the_paper() -> None:
+    # n = 10, f = 3: s = floor(10/2 + 1) - 3 = 3, z = Phi^-1(7/10) = 0.5244
+    assert alie_z(10, 3) == pytest.approx(0.5244, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sign_flip", "scaling", "gaussian", "alie", "ipm"])
+def test_model_attacks_touch_only_byzantine_rows(name: str) -> None:
+    x, mask = updates()
+    out = poison_updates(AttackConfig(name=name), x, mask, generator=torch.Generator())
+    assert torch.equal(out[:7], x[:7])
+    assert not torch.equal(out[7:], x[7:])
+    benign = x[:7]
+    if name == "sign_flip":
+        assert torch.allclose(out[7:], -4 * x[7:])
+    elif name == "scaling":
+        assert torch.allclose(out[7:], 10 * x[7:])
+    elif name == "alie":
+        expected = benign.mean(0) - alie_z(10, 3) * benign.std(0)
+        assert torch.allclose(out[7], expected)
+    elif name == "ipm":
+        assert torch.allclose(out[8], -0.5 * benign.mean(0))
+
+
+def test_data_attacks() -> None:
+    x = torch.zeros(8, 1, 28, 28)
+    y = torch.arange(8)
+    flip = data_transform(AttackConfig(name="label_flip"))
+    assert flip(x, y)[1].tolist() == [9 - i for i in range(8)]
+    bd = data_transform(
+        AttackConfig(name="backdoor", backdoor_target=3, backdoor_fraction=0.5)
+    )
+    xb, yb = bd(x, y)
+    assert yb.tolist() == [3, 3, 3, 3, 4, 5, 6, 7]
+    assert (
+        xb[:4, 0, -5:-1, -5:-1].eq(0).all()
+    )  # the brightest value of an all-zero batch
+    lit = add_trigger(torch.rand(2, 1, 28, 28))
+    assert lit[:, 0, -5:-1, -5:-1].min() == lit.max()
+    assert data_transform(AttackConfig(name="ipm")) is None
+
+
+def test_intermittent_attacks_are_seeded() -> None:
+    cfg = AttackConfig(name="sign_flip", rounds_fraction=0.5)
+    active = [is_active(cfg, r, seed=1) for r in range(200)]
+    assert 60 < sum(active) < 140
+    assert active == [is_active(cfg, r, seed=1) for r in range(200)]
+    assert not is_active(AttackConfig(name="none"), 0, seed=0)
+    with pytest.raises(ValueError, match="attack must be one of"):
+        AttackConfig(name="meteor")
