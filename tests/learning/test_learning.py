@@ -176,3 +176,32 @@ def test_training_learns_and_poisoning_transform_applies() -> None:
     assert acc > 0.9
     model.load_state_dict(unflatten_into(flatten_params(params) + up[1], params))
     assert evaluate(model, x, y)[0] < 0.2
+
+
+def test_batched_forward_gives_the_vmap_gradients() -> None:
+    from torch.func import functional_call, grad, vmap
+
+    model = build_model("mnist_cnn", seed=1).eval()  # no dropout: deterministic
+    k, b = 4, 6
+    g = torch.Generator().manual_seed(0)
+    params = {
+        n: p.detach().unsqueeze(0).repeat(k, *([1] * p.dim()))
+        + 0.01 * torch.randn(k, *p.shape, generator=g)
+        for n, p in model.named_parameters()
+    }
+    x = torch.randn(k, b, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (k, b), generator=g)
+
+    def loss(p, xx, yy):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xx,)), yy)
+
+    expected = vmap(grad(loss))(params, x, y)
+    trainer = BatchedTrainer(model)
+    trainer.model.eval()
+    got = trainer._grads(params, x, y)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    logits = model.batched_forward(params, x)
+    for i in range(k):
+        single = functional_call(model, {n: p[i] for n, p in params.items()}, (x[i],))
+        assert torch.allclose(logits[i], single, atol=1e-5)
