@@ -69,3 +69,26 @@ def test_yaml_files_and_overrides(tmp_path: Path) -> None:
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def _keys(model: object, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    out = []
+    for name, value in model:  # type: ignore[attr-defined]
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out += _keys(value, key + ".")
+        else:
+            out.append(key)
+    return out
+
+
+def test_every_key_is_documented_and_every_documented_key_exists() -> None:
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", doc, flags=re.M))
+    keys = set(_keys(load_config()))
+    assert keys - documented == set(), "undocumented keys"
+    assert documented - keys == set(), "documented keys that do not exist"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from protogalaxy.codec import iter_encoded_chunks
+from protogalaxy.crypto._checks import check_bytes, check_u64
 from protogalaxy.crypto.errors import CommitmentMismatchError
 from protogalaxy.crypto.merkle import HASH_SIZE, hash_leaf
 
@@ -47,23 +48,6 @@ _DIGEST_MAGIC: Final = b"PGD1"
 _LEAF_MAGIC: Final = b"PGC1"
 _META: Final = struct.Struct("<QQQQ")
 COMMITMENT_SIZE: Final = len(_LEAF_MAGIC) + _META.size + HASH_SIZE
-_U64: Final = 1 << 64
-
-
-def _u64(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < _U64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value
-
-
-def _bytes32(name: str, value: object) -> bytes:
-    if not isinstance(value, (bytes, bytearray)):
-        raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
-    if len(value) != 32:
-        raise ValueError(f"{name} must be 32 bytes, got {len(value)}")
-    return bytes(value)
 
 
 def update_digest(
@@ -84,12 +68,12 @@ def update_digest(
     h = hashlib.sha256(
         _DIGEST_MAGIC
         + _META.pack(
-            _u64("client_id", client_id),
-            _u64("galaxy_id", galaxy_id),
-            _u64("round", round),
-            _u64("timestamp_ms", timestamp_ms),
+            check_u64("client_id", client_id),
+            check_u64("galaxy_id", galaxy_id),
+            check_u64("round", round),
+            check_u64("timestamp_ms", timestamp_ms),
         )
-        + _bytes32("nonce", nonce)
+        + check_bytes("nonce", nonce, NONCE_SIZE)
     )
     chunks = iter_encoded_chunks(update) if isinstance(update, Mapping) else update
     for chunk in chunks:
@@ -109,11 +93,13 @@ class Commitment:
     digest: bytes
 
     def __post_init__(self) -> None:
-        _u64("client_id", self.client_id)
-        _u64("galaxy_id", self.galaxy_id)
-        _u64("round", self.round)
-        _u64("timestamp_ms", self.timestamp_ms)
-        object.__setattr__(self, "digest", _bytes32("digest", self.digest))
+        check_u64("client_id", self.client_id)
+        check_u64("galaxy_id", self.galaxy_id)
+        check_u64("round", self.round)
+        check_u64("timestamp_ms", self.timestamp_ms)
+        object.__setattr__(
+            self, "digest", check_bytes("digest", self.digest, HASH_SIZE)
+        )
 
     def to_bytes(self) -> bytes:
         """The canonical 68-byte leaf data."""

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from protogalaxy.crypto._checks import check_bytes, check_u64
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.identity import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey
 
@@ -18,14 +19,6 @@ __all__ = ["RoundHead", "SignedRoundHead", "sign_round_head"]
 _MAGIC: Final = b"PGH1"
 _LAYOUT: Final = struct.Struct("<4sQQ32sQQ")
 HEAD_SIZE: Final = _LAYOUT.size
-
-
-def _u64(name: str, value: object, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not minimum <= value < 1 << 64:
-        raise ValueError(f"{name} must be in [{minimum}, 2**64), got {value}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +31,10 @@ class RoundHead:
     timestamp_ms: int
 
     def __post_init__(self) -> None:
-        _u64("round", self.round)
-        _u64("tree_size", self.tree_size, minimum=1)
-        _u64("timestamp_ms", self.timestamp_ms)
-        if not isinstance(self.root, (bytes, bytearray)) or len(self.root) != 32:
-            raise ValueError("root must be 32 bytes")
-        object.__setattr__(self, "root", bytes(self.root))
+        check_u64("round", self.round)
+        check_u64("tree_size", self.tree_size, minimum=1)
+        check_u64("timestamp_ms", self.timestamp_ms)
+        object.__setattr__(self, "root", check_bytes("root", self.root, 32))
 
     def to_bytes(self) -> bytes:
         return _LAYOUT.pack(

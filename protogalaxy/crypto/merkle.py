@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from protogalaxy.crypto._checks import check_bytes, check_u64
 from protogalaxy.crypto.errors import MalformedProofError, RootMismatchError
 
 __all__ = [
@@ -70,20 +71,11 @@ def hash_children(left: bytes, right: bytes) -> bytes:
 
 
 def _check_size(name: str, value: object, *, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum or value >= 1 << 64:
-        raise ValueError(f"{name} must be in [{minimum}, 2**64), got {value}")
-    return value
+    return check_u64(name, value, minimum=minimum)
 
 
 def _check_hash(name: str, value: object) -> bytes:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
-    value = bytes(value)
-    if len(value) != HASH_SIZE:
-        raise ValueError(f"{name} must be {HASH_SIZE} bytes, got {len(value)}")
-    return value
+    return check_bytes(name, value, HASH_SIZE)
 
 
 def _split(n: int) -> int:

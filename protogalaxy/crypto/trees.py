@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Final
 
+from protogalaxy.crypto._checks import check_bytes, check_u64
 from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.heads import RoundHead
 from protogalaxy.crypto.merkle import InclusionProof, MerkleTree
@@ -36,19 +37,11 @@ class GalaxyLeaf:
     root: bytes
 
     def __post_init__(self) -> None:
-        for name in ("round", "galaxy_id", "tree_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if not 0 <= value < 1 << 64:
-                raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-        if self.tree_size < 1:
-            raise ValueError(
-                "tree_size must be at least 1: a galaxy without commitments has no leaf"
-            )
-        if not isinstance(self.root, (bytes, bytearray)) or len(self.root) != 32:
-            raise ValueError("root must be 32 bytes")
-        object.__setattr__(self, "root", bytes(self.root))
+        check_u64("round", self.round)
+        check_u64("galaxy_id", self.galaxy_id)
+        # a galaxy without commitments has no leaf
+        check_u64("tree_size", self.tree_size, minimum=1)
+        object.__setattr__(self, "root", check_bytes("root", self.root, 32))
 
     def to_bytes(self) -> bytes:
         return _LEAF.pack(_MAGIC, self.round, self.galaxy_id, self.tree_size, self.root)

@@ -234,26 +234,22 @@ def mean(
 class Aggregator(ABC):
     """A named aggregation rule: a thin wrapper around one of the functions above.
 
-    ``f`` is the number of Byzantine updates tolerated, derived per call from
-    ``byzantine_fraction`` as ``floor(fraction * n)``.
+    ``f``, the number of Byzantine updates tolerated, defaults per call to
+    ``floor(byzantine_fraction * n)``; callers that know better pass it.
     """
 
     name: ClassVar[str]
-    #: True for rules that select whole updates (their result has a mask).
-    selects: ClassVar[bool] = False
 
-    def __init__(self, *, byzantine_fraction: float = 0.3, **options: Any) -> None:
+    def __init__(self, *, byzantine_fraction: float = 0.3) -> None:
         if not 0.0 <= byzantine_fraction < 0.5:
             raise ValueError(
                 f"byzantine_fraction must be in [0, 0.5), got {byzantine_fraction}"
             )
         self.byzantine_fraction = byzantine_fraction
-        self.options = options
 
     def f_for(self, n: int) -> int:
         return math.floor(self.byzantine_fraction * n)
 
-    @abstractmethod
     def __call__(
         self,
         updates: torch.Tensor,
@@ -261,11 +257,15 @@ class Aggregator(ABC):
         weights: torch.Tensor | None = None,
         f: int | None = None,
     ) -> AggregationResult:
-        """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows
-        (default ``f_for(n)``)."""
+        """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows."""
+        return self._aggregate(
+            updates, self.f_for(updates.shape[0]) if f is None else f, weights
+        )
 
-    def _f(self, updates: torch.Tensor, f: int | None) -> int:
-        return self.f_for(updates.shape[0]) if f is None else f
+    @abstractmethod
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: torch.Tensor | None
+    ) -> AggregationResult: ...
 
     def min_clients(self, f: int) -> int:
         """Fewest updates this rule needs to tolerate ``f`` Byzantine ones."""
@@ -299,19 +299,17 @@ def available_aggregators() -> list[str]:
     return sorted(_REGISTRY)
 
 
+Weights = torch.Tensor | None
+
+
 @register_aggregator
 class MultiKrum(Aggregator):
     name = "multikrum"
-    selects = True
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
-        return multi_krum(updates, f=self._f(updates, f), weights=weights)
+        return multi_krum(updates, f=f, weights=weights)
 
     def min_clients(self, f: int) -> int:
         return 2 * f + 3
@@ -320,16 +318,11 @@ class MultiKrum(Aggregator):
 @register_aggregator
 class Krum(Aggregator):
     name = "krum"
-    selects = True
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
-        return krum(updates, f=self._f(updates, f))
+        return krum(updates, f=f)
 
     def min_clients(self, f: int) -> int:
         return 2 * f + 3
@@ -339,12 +332,8 @@ class Krum(Aggregator):
 class Median(Aggregator):
     name = "median"
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
         return coordinate_median(updates)
 
@@ -353,26 +342,18 @@ class Median(Aggregator):
 class TrimmedMean(Aggregator):
     name = "trimmed_mean"
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
-        return trimmed_mean(updates, f=self._f(updates, f))
+        return trimmed_mean(updates, f=f)
 
 
 @register_aggregator
 class GeometricMedian(Aggregator):
     name = "geometric_median"
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
         return geometric_median(updates, weights=weights)
 
@@ -381,12 +362,8 @@ class GeometricMedian(Aggregator):
 class FedAvg(Aggregator):
     name = "fedavg"
 
-    def __call__(
-        self,
-        updates: torch.Tensor,
-        *,
-        weights: torch.Tensor | None = None,
-        f: int | None = None,
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
         return mean(updates, weights=weights)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 __all__ = [
     "BatchedTrainer",
@@ -82,6 +82,10 @@ class BatchedTrainer:
             raise ValueError(
                 "need lr > 0, batch_size >= 1, epochs >= 1, 0 <= momentum < 1"
             )
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            # Running statistics are updated in place, which vmap cannot batch; the
+            # clients normalize with batch statistics instead (torch.func's remedy).
+            replace_all_batch_norm_modules_(model)
         self.model = model.to(device)
         self.lr = lr
         self.momentum = momentum

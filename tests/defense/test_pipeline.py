@@ -17,7 +17,7 @@ from protogalaxy.defense.robust import (
 class _Exploding(Aggregator):
     name = "test_exploding"
 
-    def __call__(self, updates, *, weights=None, f=None):  # type: ignore[no-untyped-def]
+    def _aggregate(self, updates, f, weights):  # type: ignore[no-untyped-def]
         raise RuntimeError("boom")
 
 

@@ -131,7 +131,7 @@ def test_registry() -> None:
         class Dup(Aggregator):
             name = "median"
 
-            def __call__(self, updates, *, weights=None):  # type: ignore[no-untyped-def]
+            def _aggregate(self, updates, f, weights):  # type: ignore[no-untyped-def]
                 raise NotImplementedError
 
     with pytest.raises(ValueError, match="byzantine_fraction"):

@@ -205,3 +205,15 @@ def test_batched_forward_gives_the_vmap_gradients() -> None:
     for i in range(k):
         single = functional_call(model, {n: p[i] for n, p in params.items()}, (x[i],))
         assert torch.allclose(logits[i], single, atol=1e-5)
+
+
+def test_resnet18_trains_through_the_vmap_path() -> None:
+    model = build_model("resnet18")
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    trainer = BatchedTrainer(model, lr=0.05, batch_size=2, epochs=1)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tasks = [ClientTask(torch.arange(0, 4)), ClientTask(torch.arange(4, 8))]
+    up = trainer.train(params, tasks, x, y, generator=torch.Generator().manual_seed(0))
+    assert up.shape == (2, num_parameters(model))
+    assert torch.isfinite(up).all() and not torch.equal(up[0], up[1])
