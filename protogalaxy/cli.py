@@ -91,7 +91,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _bench_robustness(args: argparse.Namespace) -> int:
+    from protogalaxy.logs import setup_logging
     from protogalaxy.robustness import ATTACKS, DEFENSES, run_grid, write_tables
+
+    setup_logging("error")  # 98 runs' quarantine events would drown the table
 
     attacks = args.attacks.split(",") if args.attacks else ATTACKS
     defenses = args.defenses.split(",") if args.defenses else list(DEFENSES)

@@ -8,7 +8,22 @@ STAMP="$VENV/.protogalaxy-installed"
 
 log() { printf '[dev] %s\n' "$*" >&2; }
 
+system_packages() {
+    # redis-server backs the galaxy stores; the tests start their own instance.
+    if ! command -v redis-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "installing redis-server (apt-get)"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        else
+            log "redis-server is missing: install it (e.g. apt-get install redis-server)"
+            exit 1
+        fi
+    fi
+}
+
 setup() {
+    system_packages
     if [ ! -x "$PY" ]; then
         log "creating $VENV"
         python3 -m venv "$VENV"

@@ -26,5 +26,5 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     if _run(sys.executable, "-m", "mypy", "--version").returncode:
         pytest.skip("mypy is not installed (it comes with the dev extra)")
-    out = _run(sys.executable, "-m", "mypy", "protogalaxy")
+    out = _run(sys.executable, "-m", "mypy", "protogalaxy", "services")
     assert out.returncode == 0, out.stdout + out.stderr

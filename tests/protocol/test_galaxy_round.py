@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,11 +25,27 @@ from protogalaxy.protocol.galaxy import (
     WrongPhase,
 )
 from protogalaxy.protocol.global_aggregator import GlobalAggregator
-from protogalaxy.protocol.stores import MemoryGalaxyStore
+from protogalaxy.protocol.stores import GalaxyStore, MemoryGalaxyStore
 from protogalaxy.spec import UpdateSpec
 
 SPEC = UpdateSpec(("b", "w"), ((3,), (2, 4)))
 D = SPEC.numel
+
+
+STORE_FACTORY: Callable[[], GalaxyStore] = MemoryGalaxyStore
+
+
+@pytest.fixture(params=["memory", "redis"], autouse=True)
+def galaxy_store(request: pytest.FixtureRequest) -> None:
+    """Every protocol test runs over both stores (World picks up the choice)."""
+    global STORE_FACTORY
+    if request.param == "memory":
+        STORE_FACTORY = MemoryGalaxyStore
+    else:
+        from services.redis_store import RedisGalaxyStore
+
+        url = request.getfixturevalue("redis_url")
+        STORE_FACTORY = lambda: RedisGalaxyStore.from_url(url, galaxy=0)  # noqa: E731
 
 
 class World:
@@ -45,7 +62,7 @@ class World:
         cfg = DefenseConfig(
             layers=frozenset(layers), aggregator=agg, byzantine_fraction=0.2
         )
-        self.store = MemoryGalaxyStore()
+        self.store = STORE_FACTORY()
         self.galaxy = GalaxyAggregator(
             0,
             store=self.store,

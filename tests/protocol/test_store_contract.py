@@ -1,0 +1,88 @@
+"""One contract, two stores: the in-memory store and the Redis store behave alike."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from protogalaxy.protocol.stores import GalaxyStore, MemoryGalaxyStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> GalaxyStore:
+    if request.param == "memory":
+        return MemoryGalaxyStore()
+    from services.redis_store import RedisGalaxyStore
+
+    return RedisGalaxyStore.from_url(request.getfixturevalue("redis_url"), galaxy=3)
+
+
+def test_state_is_compare_and_set(store: GalaxyStore) -> None:
+    assert store.get_state() is None
+    assert not store.compare_and_set_state((0, "commit"), (0, "reveal"))
+    assert store.compare_and_set_state(None, (0, "commit"))
+    assert not store.compare_and_set_state(None, (0, "commit"))
+    assert store.compare_and_set_state((0, "commit"), (0, "committed"))
+    assert store.get_state() == (0, "committed")
+
+
+def test_exactly_one_of_many_racing_transitions_wins(store: GalaxyStore) -> None:
+    store.compare_and_set_state(None, (5, "reveal"))
+    wins: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def attempt() -> None:
+        barrier.wait()
+        wins.append(store.compare_and_set_state((5, "reveal"), (5, "aggregating")))
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_client_keys(store: GalaxyStore) -> None:
+    assert store.register_client(7, b"k" * 32)
+    assert store.register_client(7, b"k" * 32)  # idempotent
+    assert not store.register_client(7, b"x" * 32)  # never replaced
+    assert store.client_key(7) == b"k" * 32 and store.client_key(8) is None
+    store.register_client(2, b"j" * 32)
+    assert store.clients() == [2, 7]
+
+
+def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
+    c, sig = bytes(range(68)), b"s" * 64
+    assert store.add_commitment(1, 4, c, sig)
+    assert not store.add_commitment(1, 4, b"\x00" * 68, b"t" * 64)
+    assert store.commitments(1) == {4: (c, sig)} and store.commitments(2) == {}
+    body, nonce = b"\x00\x01body\xff" * 100, bytes(range(32))
+    assert store.add_reveal(1, 4, body, nonce)
+    assert not store.add_reveal(1, 4, b"other", nonce)
+    assert store.reveals(1) == {4: (body, nonce)}
+    assert store.add_rejection(1, 5, "non_finite")
+    assert not store.add_rejection(1, 5, "shape")
+    assert store.rejections(1) == {5: "non_finite"}
+
+
+def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
+    store.put_blob(1, "leaf", b"\x00leaf")
+    assert (
+        store.get_blob(1, "leaf") == b"\x00leaf" and store.get_blob(2, "leaf") is None
+    )
+    state = {"galaxy": 3, "clients": {"4": {"reputation": 0.42}}, "events": []}
+    store.save_reputation(state)
+    assert store.load_reputation() == state
+    store.append_evidence({"event": "client_quarantined", "client": 4, "round": 1})
+    store.append_evidence({"event": "client_banned", "client": 5, "round": 2})
+    assert [e["client"] for e in store.evidence()] == [4, 5]
+    assert store.evidence(client=5)[0]["event"] == "client_banned"
+    store.register_client(4, b"k" * 32)
+    store.add_commitment(1, 4, bytes(68), bytes(64))
+    store.add_commitment(2, 4, bytes(68), bytes(64))
+    store.drop_round(1)
+    assert store.commitments(1) == {} and store.get_blob(1, "leaf") is None
+    assert store.commitments(2) != {}
+    assert store.load_reputation() == state and store.client_key(4) == b"k" * 32
