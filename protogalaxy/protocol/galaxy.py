@@ -10,6 +10,7 @@ Errors are typed so that a transport maps them to status codes in one place:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,7 @@ class GalaxyAggregator:
         self.global_key = global_key
         self.max_update_bytes = max_update_bytes
         self.quorum = quorum
+        self._tree_cache: GalaxyTree | None = None
         saved = store.load_reputation()
         if saved is not None:
             defense.tracker.load_state_dict(saved)
@@ -164,6 +166,9 @@ class GalaxyAggregator:
             existing = self.store.commitments(c.round).get(c.client_id)
             if existing is None or existing[0] != c.to_bytes():
                 raise Rejected("duplicate", f"client {c.client_id} already committed")
+        if self.store.get_state() != (c.round, Phase.COMMIT):
+            # The close raced this write: the snapshot may or may not hold it.
+            raise WrongPhase(f"round {c.round}: the commit phase closed meanwhile")
 
     def commit_quorum_reached(self, round: int) -> bool:
         n = len(self.store.commitments(round))
@@ -171,29 +176,43 @@ class GalaxyAggregator:
 
     def close_commit(self, round: int, *, force: bool = False) -> GalaxyLeaf | None:
         """Close the commit phase at quorum (or ``force``: the deadline); build the
-        galaxy tree and return the leaf to send to the global aggregator."""
+        galaxy tree and return the leaf to send to the global aggregator.
+
+        The close is claimed first (``commit`` -> ``closing``, compare-and-set), then
+        the members are snapshotted into the store, and every later tree of the round
+        (leaf, receipts, aggregation) is built from the snapshot alone, so they always
+        agree. A commitment racing the close is answered ``WrongPhase``; it may still
+        be in the snapshot, and then its client, told it was late, does not reveal and
+        counts as a straggler. A close interrupted after the claim is finished by the
+        next call.
+        """
         state = self.store.get_state()
-        if state == (round, Phase.COMMITTED) or state == (round, Phase.REVEAL):
+        if state in ((round, Phase.COMMITTED), (round, Phase.REVEAL)):
             blob = self.store.get_blob(round, "leaf")
             return None if blob is None else GalaxyLeaf.from_bytes(blob)
-        self._require(round, Phase.COMMIT)
-        if not force and not self.commit_quorum_reached(round):
-            raise WrongPhase(f"round {round}: commit quorum not reached")
-        records = self.store.commitments(round)
-        if not records:
-            self.store.compare_and_set_state((round, Phase.COMMIT), (round, Phase.DONE))
+        if state != (round, Phase.CLOSING):
+            self._require(round, Phase.COMMIT)
+            if not force and not self.commit_quorum_reached(round):
+                raise WrongPhase(f"round {round}: commit quorum not reached")
+            if not self.store.compare_and_set_state(
+                (round, Phase.COMMIT), (round, Phase.CLOSING)
+            ):
+                raise WrongPhase("another aggregator is closing the commit phase")
+        if self.store.get_blob(round, "members") is None:
+            members = sorted(self.store.commitments(round))
+            self.store.put_blob(round, "members", json.dumps(members).encode())
+        tree = self._tree(round)
+        if tree is None:
+            self.store.compare_and_set_state(
+                (round, Phase.CLOSING), (round, Phase.DONE)
+            )
             return None
-        tree = GalaxyTree(
-            (Commitment.from_bytes(r[0]) for r in records.values()),
-            galaxy_id=self.galaxy,
-            round=round,
-        )
         leaf = tree.leaf()
         self.store.put_blob(round, "leaf", leaf.to_bytes())
         if not self.store.compare_and_set_state(
-            (round, Phase.COMMIT), (round, Phase.COMMITTED)
+            (round, Phase.CLOSING), (round, Phase.COMMITTED)
         ):
-            raise WrongPhase("another aggregator closed the commit phase")
+            raise WrongPhase("another aggregator finished closing the commit phase")
         return leaf
 
     def accept_head(
@@ -218,13 +237,27 @@ class GalaxyAggregator:
             (round, Phase.COMMITTED), (round, Phase.REVEAL)
         )
 
-    def _tree(self, round: int) -> GalaxyTree:
+    def _tree(self, round: int) -> GalaxyTree | None:
+        """The round's galaxy tree over the snapshotted members (None: no members).
+
+        Built once per round and cached: the snapshot never changes.
+        """
+        if self._tree_cache is not None and self._tree_cache.round == round:
+            return self._tree_cache
+        blob = self.store.get_blob(round, "members")
+        if blob is None:
+            raise WrongPhase(f"round {round}: the commit phase has not closed")
+        members: list[int] = json.loads(blob)
+        if not members:
+            return None
         records = self.store.commitments(round)
-        return GalaxyTree(
-            (Commitment.from_bytes(r[0]) for r in records.values()),
+        tree = GalaxyTree(
+            (Commitment.from_bytes(records[c][0]) for c in members),
             galaxy_id=self.galaxy,
             round=round,
         )
+        self._tree_cache = tree
+        return tree
 
     def receipt(self, round: int, client: int) -> Receipt:
         """The two-level receipt of ``client``'s commitment (after the head arrived)."""
@@ -236,7 +269,7 @@ class GalaxyAggregator:
         ):
             raise WrongPhase(f"no signed head for round {round} yet (state {state})")
         tree = self._tree(round)
-        if client not in tree.client_ids:
+        if tree is None or client not in tree.client_ids:
             raise UnknownClient(f"client {client} has no commitment in round {round}")
         head_blob = self.store.get_blob(round, "head")
         proof_blob = self.store.get_blob(round, "galaxy_proof")
@@ -259,9 +292,10 @@ class GalaxyAggregator:
         layer-1 rejection against the client (and lower its reputation).
         """
         self._require(round, Phase.REVEAL)
-        record = self.store.commitments(round).get(client)
-        if record is None:
+        tree = self._tree(round)
+        if tree is None or client not in tree.client_ids:
             raise UnknownClient(f"client {client} has no commitment in round {round}")
+        record = self.store.commitments(round)[client]
         existing = self.store.reveals(round).get(client)
         if existing is not None:
             if existing == (bytes(body), bytes(nonce)):
@@ -296,7 +330,8 @@ class GalaxyAggregator:
             raise Rejected("duplicate", f"client {client} already revealed")
 
     def reveal_quorum_reached(self, round: int) -> bool:
-        committed = len(self.store.commitments(round))
+        tree = self._tree(round)
+        committed = 0 if tree is None else tree.size
         done = len(self.store.reveals(round)) + len(self.store.rejections(round))
         return committed > 0 and done >= self.quorum * committed
 
@@ -316,6 +351,7 @@ class GalaxyAggregator:
         ):
             raise WrongPhase("another aggregator is aggregating this round")
         tree = self._tree(round)
+        assert tree is not None  # an empty snapshot ends the round at close_commit
         reveals = self.store.reveals(round)
         clients = sorted(reveals)
         rows = [

@@ -19,6 +19,7 @@ __all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase"]
 
 class Phase:
     COMMIT = "commit"
+    CLOSING = "closing"  # close claimed; the members snapshot is being taken
     COMMITTED = "committed"  # root sent, waiting for the signed round head
     REVEAL = "reveal"
     AGGREGATING = "aggregating"

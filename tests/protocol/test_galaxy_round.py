@@ -309,3 +309,33 @@ def test_global_aggregate_binding_and_tampering() -> None:
     w.glob.finish_round(0)
     with pytest.raises(WrongPhase):
         w.glob.finish_round(0)  # no round is applied twice
+
+
+def test_a_commitment_racing_the_close_keeps_trees_and_receipts_consistent() -> None:
+    w = World(4)
+    w.commit_all(0, {c: v for c, v in honest(4).items() if c < 3})
+    # Simulate the race: the close is claimed, then client 3's commitment lands.
+    assert w.store.compare_and_set_state((0, "commit"), (0, "closing"))
+    late, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=3, galaxy_id=0, round=0)
+    w.store.add_commitment(0, 3, late.to_bytes(), sign_commitment(w.keys[3], late))
+    with pytest.raises(WrongPhase):
+        w.galaxy.submit_commitment(late, sign_commitment(w.keys[3], late))
+    leaf = w.galaxy.close_commit(0, force=True)  # finishes the interrupted close
+    assert leaf is not None and leaf.tree_size == 4  # the snapshot is taken now
+    # Whatever the snapshot holds is what every receipt and the aggregate use.
+    w.glob.submit_leaf(leaf)
+    head = w.glob.close_leaves(0)
+    w.galaxy.accept_head(0, head, w.glob.proof_for(0))
+    for c in range(4):
+        r = w.galaxy.receipt(0, c)
+        verify_receipt(r, global_key=w.global_key.public_key, round=0)
+        assert r.galaxy_leaf.tree_size == 4
+
+
+def test_an_empty_round_ends_without_a_leaf() -> None:
+    w = World(3)
+    w.galaxy.open_round(0)
+    assert w.galaxy.close_commit(0, force=True) is None
+    assert w.galaxy.state == (0, "done")
+    w.galaxy.open_round(1)
+    assert w.galaxy.state == (1, "commit")
