@@ -82,31 +82,7 @@ class AuditLog:
                 os.fsync(f.fileno())
             return
         data = self._path.read_bytes()
-        if not data.startswith(_FILE_MAGIC):
-            raise ValueError(f"{self._path}: not a ProtoGalaxy audit log (bad magic)")
-        pos = len(_FILE_MAGIC)
-        good = pos
-        while pos < len(data):
-            if pos + _LEN.size > len(data):
-                break
-            (length,) = _LEN.unpack_from(data, pos)
-            if length > _MAX_RECORD:
-                raise ValueError(
-                    f"{self._path}: record at byte {pos} claims {length} bytes"
-                )
-            end = pos + _LEN.size + length
-            if end > len(data):
-                break
-            record = data[pos + _LEN.size : end]
-            try:
-                head = SignedRoundHead.from_bytes(record)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{self._path}: corrupt record at byte {pos}: {exc}"
-                ) from None
-            self._check(head)
-            self._add(head)
-            pos = good = end
+        good = self._parse(data, str(self._path))
         if good < len(data):
             _log.warning(
                 "audit log %s: dropping a torn record of %d bytes at its end",
@@ -117,6 +93,39 @@ class AuditLog:
                 f.truncate(good)
                 f.flush()
                 os.fsync(f.fileno())
+
+    def _parse(self, data: bytes, where: str) -> int:
+        """Add every complete record of ``data``; return where the last one ends."""
+        if not data.startswith(_FILE_MAGIC):
+            raise ValueError(f"{where}: not a ProtoGalaxy audit log (bad magic)")
+        pos = good = len(_FILE_MAGIC)
+        while pos + _LEN.size <= len(data):
+            (length,) = _LEN.unpack_from(data, pos)
+            if length > _MAX_RECORD:
+                raise ValueError(f"{where}: record at byte {pos} claims {length} bytes")
+            end = pos + _LEN.size + length
+            if end > len(data):
+                break
+            try:
+                head = SignedRoundHead.from_bytes(data[pos + _LEN.size : end])
+            except ValueError as exc:
+                raise ValueError(
+                    f"{where}: corrupt record at byte {pos}: {exc}"
+                ) from None
+            self._check(head)
+            self._add(head)
+            pos = good = end
+        return good
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, trusted_key: VerifyKey | None = None
+    ) -> AuditLog:
+        """An in-memory log from :meth:`to_bytes` output; it must be complete."""
+        log = cls(trusted_key=trusted_key)
+        if log._parse(bytes(data), "audit log bytes") != len(data):
+            raise ValueError("audit log bytes: truncated record at the end")
+        return log
 
     def _check(self, head: SignedRoundHead) -> None:
         if not isinstance(head, SignedRoundHead):

@@ -15,7 +15,6 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -25,6 +24,7 @@ from protogalaxy.crypto.identity import SigningKey
 from protogalaxy.crypto.merkle import InclusionProof
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
 from protogalaxy.defense.pipeline import GlobalDefense, GlobalDefenseReport
+from protogalaxy.protocol.checkpoint import Checkpoint
 from protogalaxy.protocol.galaxy import Rejected, WrongPhase
 
 __all__ = ["GlobalAggregator", "GlobalRoundResult"]
@@ -196,20 +196,51 @@ class GlobalAggregator:
         self._state = _RoundState(round + 1)
         return GlobalRoundResult(round, head, report, applied, norm)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "round": self._state.round,
-            "params": self.params.clone(),
-            "velocity": self.velocity.clone(),
-            "direction_sum": self.direction_sum.clone(),
-            "direction_count": self.direction_count,
-            "galaxy_screen": self.defense.screen.state_dict(),
-        }
+    def checkpoint(self) -> Checkpoint:
+        """Everything needed to resume at :attr:`round`: model, server optimizer,
+        reference direction, galaxy reputations and the audit log."""
+        log = torch.frombuffer(bytearray(self.audit_log.to_bytes()), dtype=torch.uint8)
+        return Checkpoint(
+            self._state.round,
+            {
+                "direction_count": self.direction_count,
+                "galaxy_screen": self.defense.screen.state_dict(),
+                "galaxies": self.galaxies,
+                "signer": self.key.public_key.to_bytes().hex(),
+            },
+            {
+                "params": self.params.clone(),
+                "velocity": self.velocity.clone(),
+                "direction_sum": self.direction_sum.clone(),
+                "audit_log": log,
+            },
+        )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = _RoundState(int(state["round"]))
-        self.params = state["params"].clone()
-        self.velocity = state["velocity"].clone()
-        self.direction_sum = state["direction_sum"].clone()
-        self.direction_count = int(state["direction_count"])
-        self.defense.screen.load_state_dict(state["galaxy_screen"])
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Resume from ``checkpoint``; the round it was taken at starts afresh."""
+        meta = checkpoint.meta
+        if meta["signer"] != self.key.public_key.to_bytes().hex():
+            raise ValueError("checkpoint was written by another global aggregator key")
+        if meta["galaxies"] != self.galaxies:
+            raise ValueError(
+                f"checkpoint is for galaxies {meta['galaxies']}, not {self.galaxies}"
+            )
+        t = checkpoint.tensors
+        if t["params"].shape != self.params.shape:
+            raise ValueError("checkpoint model has another shape")
+        self.params = t["params"].clone()
+        self.velocity = t["velocity"].clone()
+        self.direction_sum = t["direction_sum"].clone()
+        self.direction_count = int(meta["direction_count"])
+        self.defense.screen.load_state_dict(meta["galaxy_screen"])
+        self.audit_log = AuditLog.from_bytes(
+            t["audit_log"].numpy().tobytes(), trusted_key=self.key.public_key
+        )
+        if (
+            self.audit_log.size
+            and self.audit_log.entry(-1).head.round != checkpoint.round - 1
+        ):
+            raise ValueError(
+                "checkpoint's audit log does not end at the round before it"
+            )
+        self._state = _RoundState(checkpoint.round)
