@@ -328,6 +328,10 @@ class GalaxyAggregator:
             raise Rejected(exc.reason, exc.detail) from None
         if not self.store.add_reveal(round, client, body, nonce):
             raise Rejected("duplicate", f"client {client} already revealed")
+        if self.store.get_state() != (round, Phase.REVEAL):
+            # The close raced this write; only a reveal written before the close
+            # claimed the phase is sure to be aggregated, so no 2xx for this one.
+            raise WrongPhase(f"round {round}: the reveal phase closed meanwhile")
 
     def reveal_quorum_reached(self, round: int) -> bool:
         tree = self._tree(round)
@@ -385,6 +389,7 @@ class GalaxyAggregator:
             _log.warning("%s", event.event, extra={"event_record": record})
         if report.aggregate is not None:
             self.store.put_blob(round, "aggregate", report.aggregate.numpy().tobytes())
+            self.store.put_blob(round, "weight", str(report.weight).encode())
         self.store.compare_and_set_state(
             (round, Phase.AGGREGATING), (round, Phase.DONE)
         )

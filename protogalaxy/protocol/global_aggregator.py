@@ -88,6 +88,21 @@ class GlobalAggregator:
         return self._state.phase
 
     @property
+    def leaves(self) -> dict[int, GalaxyLeaf]:
+        """The galaxy leaves received this round."""
+        return dict(self._state.leaves)
+
+    @property
+    def aggregates(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """The galaxy aggregates received this round."""
+        return dict(self._state.aggregates)
+
+    @property
+    def head(self) -> SignedRoundHead | None:
+        """This round's signed head, once the leaves are closed."""
+        return self._state.head
+
+    @property
     def reference_direction(self) -> torch.Tensor | None:
         """Running mean of the accepted global aggregates (None before the first)."""
         if self.direction_count == 0:
@@ -130,6 +145,14 @@ class GlobalAggregator:
         self._state.head = head
         self._state.phase = "aggregates"
         return head
+
+    def skip_round(self, round: int) -> None:
+        """End a round that no galaxy sent a root for: nothing is applied or logged."""
+        self._require(round, "leaves")
+        if self._state.leaves:
+            raise WrongPhase(f"round {round} has roots; close it with close_leaves")
+        _log.warning("round %d skipped: no galaxy had commitments", round)
+        self._state = _RoundState(round + 1)
 
     def proof_for(self, galaxy: int) -> InclusionProof:
         if self._state.tree is None:
@@ -238,9 +261,8 @@ class GlobalAggregator:
         )
         if (
             self.audit_log.size
-            and self.audit_log.entry(-1).head.round != checkpoint.round - 1
+            and self.audit_log.entry(-1).head.round >= checkpoint.round
         ):
-            raise ValueError(
-                "checkpoint's audit log does not end at the round before it"
-            )
+            # skipped rounds (no roots) leave gaps; a log past the checkpoint is wrong
+            raise ValueError("checkpoint's audit log runs past the checkpoint's round")
         self._state = _RoundState(checkpoint.round)

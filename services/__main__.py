@@ -1,0 +1,54 @@
+"""The container's entry point: ``python -m services {galaxy|global|client}``.
+
+Galaxy and global run under uvicorn on ``PG_HOST:PG_PORT`` (default 0.0.0.0:8000);
+configuration comes from ``PG_*`` environment variables (see each service's
+``Settings.from_env``). Logs are one JSON object per line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from protogalaxy.logs import setup_logging
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("galaxy", "global", "client"):
+        print("usage: python -m services {galaxy|global|client}", file=sys.stderr)
+        return 2
+    setup_logging(os.environ.get("PG_LOG_LEVEL", "warning"))
+    role = argv[0]
+    if role == "client":
+        from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected
+
+        try:
+            rounds = ClientRunner(ClientSettings.from_env()).run()
+        except ReceiptRejected as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        print(f"client runner done: took part in rounds {rounds}", file=sys.stderr)
+        return 0
+    import uvicorn
+
+    if role == "galaxy":
+        from services import galaxy_app
+
+        app = galaxy_app.create_app(galaxy_app.GalaxySettings.from_env())
+    else:
+        from services import global_app
+
+        app = global_app.create_app(global_app.GlobalSettings.from_env())
+    uvicorn.run(
+        app,
+        host=os.environ.get("PG_HOST", "0.0.0.0"),
+        port=int(os.environ.get("PG_PORT", "8000")),
+        log_config=None,
+        access_log=False,
+        limit_concurrency=256,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

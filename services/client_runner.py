@@ -1,0 +1,330 @@
+"""Client runner: one or many federated clients in one process, over HTTP.
+
+The clients use the simulation's learning and attack code (same partition, same
+seeded choice of Byzantine clients, one batched training call for all of them).
+Each client registers its Ed25519 key with the enrollment token, commits, fetches
+its receipt and verifies it against the pinned global key, and only then reveals; a
+receipt that fails verification stops the runner with an error. Requests time out
+after 30 s and are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import torch
+
+from protogalaxy.codec import decode_update, encode_update
+from protogalaxy.config import SimulationConfig, load_config
+from protogalaxy.crypto.commitment import Commitment, commit
+from protogalaxy.crypto.errors import VerificationError
+from protogalaxy.crypto.identity import (
+    SigningKey,
+    VerifyKey,
+    sign_commitment,
+    sign_reveal,
+)
+from protogalaxy.crypto.receipts import Receipt, verify_receipt
+from protogalaxy.learning.attacks import data_transform, is_active, poison_updates
+from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.models import build_model
+from protogalaxy.learning.partition import partition
+from protogalaxy.learning.training import BatchedTrainer, ClientTask
+from protogalaxy.simulation import choose_byzantine
+from protogalaxy.spec import UpdateSpec
+from services.common import env
+
+__all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "parse_ids"]
+
+_log = logging.getLogger("protogalaxy.client")
+
+
+class ReceiptRejected(RuntimeError):
+    """A galaxy handed out a receipt that does not verify: stop, do not reveal."""
+
+
+def parse_ids(spec: str) -> list[int]:
+    """``"0-29"``, ``"1,4,7"`` or a mix, as a sorted list of client ids."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    client_ids: list[int]
+    #: "http://protogalaxy-galaxy-{galaxy}:8000" (Kubernetes), or ...
+    galaxy_url_template: str | None
+    enrollment_token: str
+    global_public_key: str
+    #: ... an explicit URL per galaxy id (``protogalaxy up``).
+    galaxy_urls: tuple[str, ...] = ()
+    config_path: str | None = None
+    timeout_s: float = 30.0
+    retries: int = 8
+    poll_s: float = 0.05
+
+    @classmethod
+    def from_env(cls) -> ClientSettings:
+        ids = env("PG_CLIENT_IDS", "")
+        if not ids:  # an Indexed Job: this pod's slice from its completion index
+            index = int(env("JOB_COMPLETION_INDEX"))
+            per_pod = int(env("PG_CLIENTS_PER_POD", "1"))
+            ids = f"{index * per_pod}-{index * per_pod + per_pod - 1}"
+        urls = env("PG_GALAXY_URLS", "")
+        return cls(
+            client_ids=parse_ids(ids),
+            galaxy_url_template=env("PG_GALAXY_URL_TEMPLATE", "") or None,
+            galaxy_urls=tuple(u for u in urls.split(",") if u),
+            enrollment_token=env("PG_ENROLLMENT_TOKEN"),
+            global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
+            config_path=env("PG_CONFIG", "") or None,
+        )
+
+
+class ClientRunner:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        config: SimulationConfig | None = None,
+        dataset: Dataset | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = cfg = config or load_config(settings.config_path)
+        self.data = dataset or load_dataset(cfg.dataset.name, root=cfg.dataset.root)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.model = build_model(
+            cfg.model, num_classes=self.data.num_classes, seed=cfg.seed
+        )
+        self.spec = UpdateSpec.from_params(dict(self.model.named_parameters()))
+        parts = partition(
+            self.data.y_train,
+            num_clients=cfg.clients.count,
+            samples_per_client=cfg.clients.samples_per_client,
+            scheme=cfg.clients.partition,
+            alpha=cfg.clients.dirichlet_alpha,
+            power=cfg.clients.powerlaw_exponent,
+            generator=self.generator,
+        )
+        self.parts = {c: parts[c] for c in settings.client_ids}
+        self.byzantine = set(choose_byzantine(cfg)) & set(settings.client_ids)
+        self.attack = cfg.attack()
+        self.trainer = BatchedTrainer(
+            self.model,
+            lr=cfg.training.lr,
+            momentum=cfg.training.momentum,
+            batch_size=cfg.training.batch_size,
+            epochs=cfg.training.local_epochs,
+        )
+        self.keys = {c: SigningKey.generate() for c in settings.client_ids}
+        self.global_key = VerifyKey.from_bytes(
+            bytes.fromhex(settings.global_public_key)
+        )
+        self.galaxies = sorted({cfg.galaxy_of(c) for c in settings.client_ids})
+        self.http = httpx.Client(timeout=settings.timeout_s)
+        self.rounds_done: list[int] = []
+
+    def url(self, galaxy: int, path: str) -> str:
+        if self.settings.galaxy_urls:
+            return self.settings.galaxy_urls[galaxy] + path
+        if self.settings.galaxy_url_template is None:
+            raise RuntimeError("set PG_GALAXY_URL_TEMPLATE or PG_GALAXY_URLS")
+        return self.settings.galaxy_url_template.format(galaxy=galaxy) + path
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request with retries on connection errors and 5xx, backing off."""
+        delay = 0.1
+        for attempt in range(self.settings.retries + 1):
+            try:
+                resp = self.http.request(method, url, **kwargs)
+                if resp.status_code < 500:
+                    return resp
+                _log.info("%s %s: %d, retrying", method, url, resp.status_code)
+            except httpx.TransportError as exc:
+                if attempt == self.settings.retries:
+                    raise
+                _log.info("%s %s: %s, retrying", method, url, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        return resp
+
+    def register(self) -> None:
+        headers = {"authorization": f"Bearer {self.settings.enrollment_token}"}
+        for c, key in self.keys.items():
+            g = self.config.galaxy_of(c)
+            body = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
+            resp = self.request(
+                "POST", self.url(g, "/v1/register"), json=body, headers=headers
+            )
+            if resp.status_code != 201:
+                raise RuntimeError(f"client {c}: registration refused: {resp.text}")
+
+    def states(self) -> dict[int, dict[str, Any]]:
+        return {
+            g: self.request("GET", self.url(g, "/v1/round")).json()
+            for g in self.galaxies
+        }
+
+    def wait(
+        self, until: Callable[[dict[int, dict[str, Any]]], bool]
+    ) -> dict[int, dict[str, Any]]:
+        while True:
+            states = self.states()
+            if until(states):
+                return states
+            time.sleep(self.settings.poll_s)
+
+    def run(self, max_rounds: int | None = None) -> list[int]:
+        """Take part in rounds until the run is finished; return the rounds joined."""
+        self.register()
+        next_round = 0
+
+        def opened(x: dict[str, Any], n: int) -> bool:
+            return (
+                x["round"] is not None
+                and x["round"] >= n
+                and x["phase"] == "commit"
+                and x["model_version"] == x["round"]
+            )
+
+        def finished(s: dict[int, dict[str, Any]]) -> bool:
+            return all(x["finished"] for x in s.values())
+
+        def some_opened(s: dict[int, dict[str, Any]], n: int) -> bool:
+            return finished(s) or any(opened(x, n) for x in s.values())
+
+        def each_ready(s: dict[int, dict[str, Any]], r: int) -> bool:
+            # The galaxies follow one global round: each has opened round r (or
+            # moved past it); those still taking commitments are played.
+            return all(
+                x["finished"]
+                or (x["round"] is not None and x["round"] > r)
+                or (x["round"] == r and (x["phase"] != "commit" or opened(x, r)))
+                for x in s.values()
+            )
+
+        while max_rounds is None or len(self.rounds_done) < max_rounds:
+            states = self.wait(functools.partial(some_opened, n=next_round))
+            if finished(states):
+                break
+            rnd = min(x["round"] for x in states.values() if opened(x, next_round))
+            states = self.wait(functools.partial(each_ready, r=rnd))
+            playing = [
+                g for g, x in states.items() if x["round"] == rnd and opened(x, rnd)
+            ]
+            if playing:
+                self.play_round(rnd, playing)
+                self.rounds_done.append(rnd)
+            next_round = rnd + 1
+        return self.rounds_done
+
+    def play_round(self, rnd: int, galaxies: list[int]) -> None:
+        clients = [
+            c for c in self.settings.client_ids if self.config.galaxy_of(c) in galaxies
+        ]
+        resp = self.request("GET", self.url(galaxies[0], "/v1/model"))
+        resp.raise_for_status()
+        if int(resp.headers["x-pg-model-version"]) != rnd:
+            return  # the galaxy moved on while we looked
+        params = decode_update(resp.content)
+        updates = self.train(rnd, clients, params)
+        made: dict[int, tuple[Commitment, bytes, bytes]] = {}
+        for i, c in enumerate(clients):
+            tensors = self.spec.unflatten(updates[i])
+            body = encode_update(tensors)
+            g = self.config.galaxy_of(c)
+            commitment, nonce = commit(tensors, client_id=c, galaxy_id=g, round=rnd)
+            sig = sign_commitment(self.keys[c], commitment)
+            out = self.request(
+                "POST",
+                self.url(g, "/v1/commitments"),
+                json={"commitment": commitment.to_dict(), "signature": sig.hex()},
+            )
+            if out.status_code == 202:
+                made[c] = (commitment, nonce, body)
+            else:
+                _log.info(
+                    "client %d round %d: commitment refused: %s", c, rnd, out.text
+                )
+        self.wait(
+            lambda s: all(
+                s[g]["finished"]
+                or (s[g]["round"] or -1) > rnd
+                or (
+                    s[g]["round"] == rnd
+                    and s[g]["phase"] not in ("commit", "closing", "committed")
+                )
+                for g in galaxies
+            )
+        )
+        for c, (commitment, nonce, body) in made.items():
+            g = self.config.galaxy_of(c)
+            got = self.request("GET", self.url(g, f"/v1/rounds/{rnd}/receipts/{c}"))
+            if got.status_code != 200:
+                _log.info(
+                    "client %d round %d: no receipt (%d)", c, rnd, got.status_code
+                )
+                continue
+            receipt = Receipt.from_dict(got.json())
+            try:
+                verify_receipt(
+                    receipt,
+                    global_key=self.global_key,
+                    commitment=commitment,
+                    round=rnd,
+                )
+            except VerificationError as exc:
+                raise ReceiptRejected(
+                    f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
+                    f"verification ({type(exc).__name__}: {exc}); not revealing"
+                ) from exc
+            sig = sign_reveal(self.keys[c], commitment, body, nonce)
+            self.request(
+                "PUT",
+                self.url(g, f"/v1/rounds/{rnd}/reveals/{c}"),
+                content=body,
+                headers={
+                    "content-type": "application/octet-stream",
+                    "x-pg-nonce": nonce.hex(),
+                    "x-pg-signature": sig.hex(),
+                },
+            )
+
+    def train(
+        self, rnd: int, clients: list[int], params: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        active = is_active(self.attack, rnd, self.config.seed)
+        transform = data_transform(self.attack) if active else None
+        tasks = [
+            ClientTask(self.parts[c], transform if c in self.byzantine else None)
+            for c in clients
+        ]
+        updates = self.trainer.train(
+            params,
+            tasks,
+            self.data.x_train,
+            self.data.y_train,
+            generator=self.generator,
+        ).cpu()
+        if active:
+            for g in {self.config.galaxy_of(c) for c in clients}:
+                rows = [
+                    i for i, c in enumerate(clients) if self.config.galaxy_of(c) == g
+                ]
+                mask = torch.tensor([clients[i] in self.byzantine for i in rows])
+                updates[rows] = poison_updates(
+                    self.attack, updates[rows], mask, generator=self.generator
+                )
+        return updates

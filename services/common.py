@@ -1,0 +1,147 @@
+"""What every ProtoGalaxy service shares: settings from the environment, bounded
+body reading, one mapping of domain errors to status codes, metrics, bearer tokens.
+
+Domain errors map to status codes in one place (:func:`install_error_handlers`):
+wrong round or phase 409, unknown client 404, bad signature 401, too large 413,
+any other layer-1 rejection 422, malformed input 400/422, not ready 503. Every
+rejection is logged as one JSON line and counted in
+``protogalaxy_<service>_rejected_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter
+
+from protogalaxy.crypto.errors import VerificationError
+from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
+
+__all__ = [
+    "NotReady",
+    "env",
+    "install_error_handlers",
+    "read_body",
+    "require_token",
+]
+
+_log = logging.getLogger("protogalaxy.http")
+
+_STATUS = {
+    "bad_signature": 401,
+    "unknown_client": 404,
+    "duplicate": 409,
+    "wrong_round": 409,
+    "too_large": 413,
+}
+
+
+class NotReady(Exception):
+    """The service cannot answer yet (store unreachable, no model)."""
+
+
+def env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise RuntimeError(f"environment variable {name} is required")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes
+    (by Content-Length before reading, or while streaming without one)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise HTTPException(400, "Content-Length is not an integer") from None
+        if n > limit:
+            raise Rejected(
+                "too_large", f"body of {n} bytes exceeds the limit of {limit}"
+            )
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise Rejected("too_large", f"body exceeds the limit of {limit} bytes")
+    return bytes(chunks)
+
+
+def require_token(request: Request, expected: str, *, what: str) -> None:
+    """Bearer-token check in constant time; 401 when missing or wrong."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.encode(), expected.encode()
+    ):
+        raise Rejected("bad_signature", f"a valid {what} bearer token is required")
+
+
+def install_error_handlers(
+    app: FastAPI, *, service: str, registry: CollectorRegistry, context: dict[str, Any]
+) -> Counter:
+    """Map domain errors to status codes; log and count each rejection."""
+    rejected = Counter(
+        f"protogalaxy_{service}_rejected_total",
+        "Requests refused, by reason",
+        ["reason"],
+        registry=registry,
+    )
+
+    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
+        rejected.labels(reason=reason).inc()
+        _log.warning(
+            "request_rejected",
+            extra={
+                "event_record": {
+                    "event": "request_rejected",
+                    "reason": reason,
+                    "status": status,
+                    "path": request.url.path,
+                    "detail": detail,
+                    **context,
+                }
+            },
+        )
+        return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+    @app.exception_handler(Rejected)
+    async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
+        return refuse(request, _STATUS.get(exc.reason, 422), exc.reason, str(exc))
+
+    @app.exception_handler(WrongPhase)
+    async def _phase(request: Request, exc: WrongPhase) -> JSONResponse:
+        return refuse(request, 409, "wrong_phase", str(exc))
+
+    @app.exception_handler(UnknownClient)
+    async def _unknown(request: Request, exc: UnknownClient) -> JSONResponse:
+        return refuse(request, 404, "unknown_client", str(exc))
+
+    @app.exception_handler(VerificationError)
+    async def _verification(request: Request, exc: VerificationError) -> JSONResponse:
+        return refuse(request, 401, "verification_failed", str(exc))
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        return refuse(request, 400, "malformed", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return refuse(request, 422, "malformed", str(exc.errors())[:500])
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return refuse(request, exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        return refuse(request, 503, "not_ready", str(exc))
+
+    return rejected

@@ -1,0 +1,469 @@
+"""The galaxy aggregator service: the protocol's galaxy on HTTP, its state on Redis.
+
+The process is stateless: everything lives in Redis under the galaxy's prefix, so a
+killed pod picks up where it was. A background driver moves the round on: it opens
+a round when the global aggregator has one, closes the commit phase at quorum or
+deadline and sends the root, takes the signed head, closes the reveal phase at
+quorum or deadline and sends the aggregate bound to the root.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import torch
+from fastapi import Depends, FastAPI, Header, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from pydantic import BaseModel
+
+from protogalaxy.codec import decode_update, encode_update
+from protogalaxy.config import SimulationConfig, load_config
+from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.heads import SignedRoundHead
+from protogalaxy.crypto.identity import VerifyKey
+from protogalaxy.crypto.merkle import InclusionProof
+from protogalaxy.crypto.trees import GalaxyLeaf
+from protogalaxy.defense.pipeline import GalaxyDefense
+from protogalaxy.learning.models import build_model
+from protogalaxy.protocol.galaxy import GalaxyAggregator, Rejected, WrongPhase
+from protogalaxy.protocol.stores import Phase
+from protogalaxy.spec import UpdateSpec
+from services.common import (
+    NotReady,
+    env,
+    install_error_handlers,
+    read_body,
+    require_token,
+)
+from services.redis_store import RedisGalaxyStore
+
+__all__ = ["GalaxySettings", "create_app"]
+
+_log = logging.getLogger("protogalaxy.galaxy")
+
+
+@dataclass(frozen=True)
+class GalaxySettings:
+    galaxy_id: int
+    redis_url: str
+    global_url: str
+    service_token: str
+    enrollment_token: str
+    config_path: str | None = None
+    max_update_bytes: int = 64 << 20
+    quorum: float = 1.0
+    commit_deadline_s: float = 60.0
+    reveal_deadline_s: float = 60.0
+    poll_s: float = 0.05
+    keep_rounds: int = 3
+
+    @classmethod
+    def from_env(cls) -> "GalaxySettings":
+        return cls(
+            galaxy_id=int(env("PG_GALAXY_ID")),
+            redis_url=env("PG_REDIS_URL"),
+            global_url=env("PG_GLOBAL_URL"),
+            service_token=env("PG_SERVICE_TOKEN"),
+            enrollment_token=env("PG_ENROLLMENT_TOKEN"),
+            config_path=env("PG_CONFIG", "") or None,
+            max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
+            quorum=float(env("PG_QUORUM", "1.0")),
+            commit_deadline_s=float(env("PG_COMMIT_DEADLINE_S", "60")),
+            reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
+            poll_s=float(env("PG_POLL_S", "0.05")),
+            keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
+        )
+
+
+class Registration(BaseModel):
+    client_id: int
+    public_key: str
+
+
+class CommitmentIn(BaseModel):
+    commitment: dict[str, Any]
+    signature: str
+
+
+class _Runtime:
+    """What the lifespan opens: store, protocol object, HTTP client, model."""
+
+    def __init__(self, settings: GalaxySettings, config: SimulationConfig) -> None:
+        self.settings = settings
+        self.config = config
+        model = build_model(config.model, seed=config.seed)
+        self.spec = UpdateSpec.from_params(dict(model.named_parameters()))
+        self.store = RedisGalaxyStore.from_url(
+            settings.redis_url, galaxy=settings.galaxy_id
+        )
+        self.http = httpx.AsyncClient(
+            base_url=settings.global_url,
+            timeout=30.0,
+            headers={"authorization": f"Bearer {settings.service_token}"},
+        )
+        self.galaxy: GalaxyAggregator | None = None
+        self.model_version = -1
+        self.model_body: bytes | None = None
+        self.reference: torch.Tensor | None = None
+        self.finished = False
+
+
+def create_app(
+    settings: GalaxySettings, *, config: SimulationConfig | None = None
+) -> FastAPI:
+    """The galaxy service for ``settings`` (``config``: model and defense)."""
+    cfg = config or load_config(settings.config_path)
+    gid = settings.galaxy_id
+    registry = CollectorRegistry()
+    m_accepted = Counter(
+        "protogalaxy_galaxy_updates_accepted_total",
+        "Reveals accepted",
+        registry=registry,
+    )
+    m_rounds = Counter(
+        "protogalaxy_galaxy_rounds_completed_total",
+        "Rounds aggregated",
+        registry=registry,
+    )
+    m_flags = Counter(
+        "protogalaxy_galaxy_flags_total",
+        "Clients flagged, by layer",
+        ["layer"],
+        registry=registry,
+    )
+    m_phase = Gauge(
+        "protogalaxy_galaxy_phase_duration_seconds",
+        "Duration of the last phase",
+        ["phase"],
+        registry=registry,
+    )
+    m_status = Gauge(
+        "protogalaxy_galaxy_clients", "Clients by status", ["status"], registry=registry
+    )
+    m_rep = Gauge(
+        "protogalaxy_galaxy_reputation_ratio",
+        "Reputation quantiles of the galaxy's clients",
+        ["quantile"],
+        registry=registry,
+    )
+
+    rt: _Runtime | None = None
+
+    def runtime() -> _Runtime:
+        if rt is None or rt.galaxy is None:
+            raise NotReady("galaxy is starting")
+        return rt
+
+    Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
+
+    async def fetch_global_key(r: _Runtime) -> VerifyKey:
+        delay = 0.2
+        while True:
+            try:
+                resp = await r.http.get("/v1/identity")
+                resp.raise_for_status()
+                return VerifyKey.from_bytes(bytes.fromhex(resp.json()["public_key"]))
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                _log.info("waiting for the global aggregator: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def refresh_model(r: _Runtime, version: int) -> None:
+        if r.model_version == version:
+            return
+        resp = await r.http.get("/v1/model")
+        resp.raise_for_status()
+        got = int(resp.headers["x-pg-model-version"])
+        r.model_body = resp.content
+        r.model_version = got
+        ref = await r.http.get("/v1/reference")
+        r.reference = (
+            decode_update(ref.content)["direction"] if ref.status_code == 200 else None
+        )
+
+    def deadline_passed(r: _Runtime, rnd: int, key: str, seconds: float) -> bool:
+        blob = r.store.get_blob(rnd, key)
+        if blob is None:
+            r.store.put_blob(rnd, key, str(time.time()).encode())
+            return False
+        return time.time() - float(blob.decode()) >= seconds
+
+    def update_gauges(r: _Runtime) -> None:
+        assert r.galaxy is not None
+        tracker = r.galaxy.defense.tracker
+        counts = {"active": 0, "quarantined": 0, "banned": 0}
+        reps = []
+        for c in r.store.clients():
+            counts[tracker.status(c)] += 1
+            reps.append(tracker.reputation(c))
+        for status, n in counts.items():
+            m_status.labels(status=status).set(n)
+        if reps:
+            q = torch.tensor(reps).quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()
+            for name, v in zip(("0.1", "0.5", "0.9"), q, strict=True):
+                m_rep.labels(quantile=name).set(v)
+
+    async def step(r: _Runtime) -> None:
+        galaxy = r.galaxy
+        assert galaxy is not None
+        status = (await r.http.get("/v1/status")).json()
+        r.finished = bool(status["finished"])
+        rnd = int(status["round"])
+        state = galaxy.state
+        s = r.settings
+        if r.finished:
+            return
+        if state is not None and state[0] < rnd and state[1] != Phase.DONE:
+            # The global aggregator closed that round without us (its deadline):
+            # the round is over here too, and its updates are not aggregated.
+            _log.warning(
+                "round %d ended globally while this galaxy was at %s", state[0], state
+            )
+            r.store.compare_and_set_state(state, (state[0], Phase.DONE))
+            return
+        if state is None or (state[1] == Phase.DONE and state[0] < rnd):
+            await refresh_model(r, rnd)
+            galaxy.open_round(rnd)
+            deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
+            if state is not None and state[0] - s.keep_rounds >= 0:
+                r.store.drop_round(state[0] - s.keep_rounds)
+            return
+        if state is None or state[0] != rnd:
+            return
+        phase = state[1]
+        if phase in (Phase.COMMIT, Phase.CLOSING):
+            late = deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
+            if phase == Phase.CLOSING or galaxy.commit_quorum_reached(rnd) or late:
+                t0 = time.perf_counter()
+                leaf = galaxy.close_commit(rnd, force=True)
+                m_phase.labels(phase="commit").set(time.perf_counter() - t0)
+                if leaf is not None:
+                    resp = await r.http.post(
+                        f"/v1/rounds/{rnd}/leaves", json=leaf.to_dict()
+                    )
+                    resp.raise_for_status()
+                else:
+                    await abstain(r, rnd)
+        elif phase == Phase.COMMITTED:
+            leaf_blob = r.store.get_blob(rnd, "leaf")
+            assert leaf_blob is not None
+            await r.http.post(
+                f"/v1/rounds/{rnd}/leaves",
+                json=GalaxyLeaf.from_bytes(leaf_blob).to_dict(),
+            )
+            resp = await r.http.get(f"/v1/rounds/{rnd}/head", params={"galaxy": gid})
+            if resp.status_code == 200:
+                body = resp.json()
+                galaxy.accept_head(
+                    rnd,
+                    SignedRoundHead.from_dict(body["head"]),
+                    InclusionProof.from_dict(body["proof"]),
+                )
+                deadline_passed(r, rnd, "reveal_opened_at", s.reveal_deadline_s)
+        elif phase == Phase.REVEAL:
+            late = deadline_passed(r, rnd, "reveal_opened_at", s.reveal_deadline_s)
+            if galaxy.reveal_quorum_reached(rnd) or late:
+                t0 = time.perf_counter()
+                result = galaxy.close_reveal(
+                    rnd, reference_direction=r.reference, force=True
+                )
+                m_phase.labels(phase="aggregate").set(time.perf_counter() - t0)
+                m_rounds.inc()
+                for layer, n in result.report.layer_flags.items():
+                    m_flags.labels(layer=layer).inc(n)
+                update_gauges(r)
+                for event in result.report.events:
+                    _log.warning(
+                        event.event,
+                        extra={"event_record": {"galaxy": gid, **event.to_dict()}},
+                    )
+                await send_aggregate(r, rnd)
+        elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
+            if r.store.get_blob(rnd, "abstained") is None:
+                await abstain(r, rnd)
+        elif phase == Phase.DONE and r.store.get_blob(rnd, "aggregate_sent") is None:
+            await send_aggregate(r, rnd)
+
+    async def abstain(r: _Runtime, rnd: int) -> None:
+        resp = await r.http.post(f"/v1/rounds/{rnd}/abstentions/{gid}")
+        resp.raise_for_status()
+        r.store.put_blob(rnd, "abstained", b"yes")
+
+    async def send_aggregate(r: _Runtime, rnd: int) -> None:
+        blob = r.store.get_blob(rnd, "aggregate")
+        leaf_blob = r.store.get_blob(rnd, "leaf")
+        weight = r.store.get_blob(rnd, "weight")
+        if blob is None or leaf_blob is None or weight is None:
+            r.store.put_blob(rnd, "aggregate_sent", b"none")
+            return
+        root = GalaxyLeaf.from_bytes(leaf_blob).root
+        vector = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+        resp = await r.http.post(
+            f"/v1/rounds/{rnd}/aggregates/{gid}",
+            content=encode_update({"aggregate": vector}),
+            headers={"x-pg-root": root.hex(), "x-pg-weight": weight.decode()},
+        )
+        if resp.status_code in (200, 202):
+            r.store.put_blob(rnd, "aggregate_sent", b"yes")
+        else:
+            _log.error("global refused the aggregate of round %d: %s", rnd, resp.text)
+
+    async def drive(r: _Runtime) -> None:
+        while True:
+            try:
+                await step(r)
+            except (httpx.HTTPError, WrongPhase) as exc:
+                _log.info("driver: %s", exc)
+            except Exception:
+                _log.exception("driver step failed")
+            await asyncio.sleep(r.settings.poll_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal rt
+        r = _Runtime(settings, cfg)
+        rt = r
+        global_key = await fetch_global_key(r)
+        r.galaxy = GalaxyAggregator(
+            gid,
+            store=r.store,
+            spec=r.spec,
+            defense=GalaxyDefense(gid, cfg.defense.build()),
+            global_key=global_key,
+            max_update_bytes=settings.max_update_bytes,
+            quorum=settings.quorum,
+        )
+        task = asyncio.create_task(drive(r))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await r.http.aclose()
+
+    app = FastAPI(title=f"ProtoGalaxy galaxy {gid}", lifespan=lifespan)
+    install_error_handlers(
+        app, service="galaxy", registry=registry, context={"galaxy": gid}
+    )
+
+    @app.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz(r: Rt) -> dict[str, Any]:
+        if not r.store.ping() or r.model_body is None:
+            raise NotReady("Redis unreachable or no model yet")
+        return {
+            "status": "ready",
+            "galaxy": gid,
+            "round": r.galaxy.state if r.galaxy else None,
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/register", status_code=201)
+    def register(body: Registration, request: Request, r: Rt) -> dict[str, Any]:
+        require_token(request, r.settings.enrollment_token, what="enrollment")
+        assert r.galaxy is not None
+        r.galaxy.register(body.client_id, bytes.fromhex(body.public_key))
+        return {"client_id": body.client_id, "galaxy": gid}
+
+    @app.get("/v1/round")
+    def current_round(r: Rt) -> dict[str, Any]:
+        assert r.galaxy is not None
+        state = r.galaxy.state
+        return {
+            "galaxy": gid,
+            "round": None if state is None else state[0],
+            "phase": None if state is None else state[1],
+            "model_version": r.model_version,
+            "finished": r.finished,
+        }
+
+    @app.get("/v1/model")
+    def model(r: Rt) -> Response:
+        if r.model_body is None:
+            raise NotReady("no model yet")
+        return Response(
+            r.model_body,
+            media_type="application/octet-stream",
+            headers={"x-pg-model-version": str(r.model_version)},
+        )
+
+    @app.post("/v1/commitments", status_code=202)
+    def commit(body: CommitmentIn, r: Rt) -> dict[str, Any]:
+        assert r.galaxy is not None
+        c = Commitment.from_dict(body.commitment)
+        r.galaxy.submit_commitment(c, bytes.fromhex(body.signature))
+        return {"accepted": True, "round": c.round, "client_id": c.client_id}
+
+    @app.get("/v1/rounds/{rnd}/receipts/{client}")
+    def receipt(rnd: int, client: int, r: Rt) -> dict[str, Any]:
+        assert r.galaxy is not None
+        return r.galaxy.receipt(rnd, client).to_dict()
+
+    @app.put("/v1/rounds/{rnd}/reveals/{client}", status_code=202)
+    async def reveal(
+        rnd: int,
+        client: int,
+        request: Request,
+        r: Rt,
+        x_pg_nonce: Annotated[str, Header()],
+        x_pg_signature: Annotated[str, Header()],
+    ) -> dict[str, Any]:
+        assert r.galaxy is not None
+        body = await read_body(request, r.settings.max_update_bytes)
+        try:
+            nonce, signature = bytes.fromhex(x_pg_nonce), bytes.fromhex(x_pg_signature)
+        except ValueError:
+            raise Rejected(
+                "malformed", "X-PG-Nonce and X-PG-Signature must be hex"
+            ) from None
+        r.galaxy.submit_reveal(rnd, client, body, nonce, signature)
+        m_accepted.inc()
+        return {"accepted": True, "round": rnd, "client_id": client}
+
+    @app.get("/v1/clients/{client}")
+    def client_state(client: int, r: Rt) -> dict[str, Any]:
+        assert r.galaxy is not None
+        if r.store.client_key(client) is None:
+            raise Rejected("unknown_client", f"client {client} is not registered here")
+        tracker = r.galaxy.defense.tracker
+        return {
+            "client_id": client,
+            "galaxy": gid,
+            "reputation": tracker.reputation(client),
+            "status": tracker.status(client),
+        }
+
+    @app.get("/v1/clients/{client}/evidence")
+    def client_evidence(client: int, r: Rt) -> list[dict[str, Any]]:
+        return r.store.evidence(client)
+
+    @app.get("/v1/quarantine")
+    def quarantine(r: Rt) -> dict[str, Any]:
+        assert r.galaxy is not None
+        tracker = r.galaxy.defense.tracker
+        out = {"quarantined": [], "banned": []}  # type: dict[str, list[int]]
+        for c in r.store.clients():
+            status = tracker.status(c)
+            if status in out:
+                out[status].append(c)
+        return out
+
+    return app

@@ -1,0 +1,379 @@
+"""The global aggregator service: the protocol's global aggregator on HTTP, its
+state on a volume (the StatefulSet's PVC).
+
+The data directory holds the Ed25519 signing key (created on first start, mode
+0600) and the checkpoints (model, server optimizer, galaxy reputations, audit log).
+On start the service resumes from the newest checkpoint that verifies. A background
+driver signs the round head once every galaxy sent its root (or at the deadline) and
+finishes the round once every galaxy with a root sent its aggregate (or at the
+deadline), then evaluates the model and checkpoints every ``checkpoint_every`` rounds.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Header, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+from protogalaxy.codec import decode_update, encode_update
+from protogalaxy.config import SimulationConfig, load_config
+from protogalaxy.crypto.identity import SigningKey
+from protogalaxy.crypto.trees import GalaxyLeaf
+from protogalaxy.defense.pipeline import GlobalDefense
+from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.models import build_model
+from protogalaxy.learning.training import evaluate
+from protogalaxy.protocol.checkpoint import CheckpointDir
+from protogalaxy.protocol.galaxy import Rejected, WrongPhase
+from protogalaxy.protocol.global_aggregator import GlobalAggregator
+from protogalaxy.spec import UpdateSpec
+from services.common import (
+    NotReady,
+    env,
+    install_error_handlers,
+    read_body,
+    require_token,
+)
+
+__all__ = ["GlobalSettings", "create_app"]
+
+_log = logging.getLogger("protogalaxy.global")
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    data_dir: str
+    galaxies: int
+    service_token: str
+    config_path: str | None = None
+    rounds: int | None = None
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    leaf_deadline_s: float = 120.0
+    aggregate_deadline_s: float = 120.0
+    max_update_bytes: int = 64 << 20
+    evaluate: bool = True
+    poll_s: float = 0.05
+
+    @classmethod
+    def from_env(cls) -> "GlobalSettings":
+        rounds = env("PG_ROUNDS", "")
+        return cls(
+            data_dir=env("PG_DATA_DIR"),
+            galaxies=int(env("PG_GALAXIES")),
+            service_token=env("PG_SERVICE_TOKEN"),
+            config_path=env("PG_CONFIG", "") or None,
+            rounds=int(rounds) if rounds else None,
+            checkpoint_every=int(env("PG_CHECKPOINT_EVERY", "1")),
+            keep_checkpoints=int(env("PG_KEEP_CHECKPOINTS", "3")),
+            leaf_deadline_s=float(env("PG_LEAF_DEADLINE_S", "120")),
+            aggregate_deadline_s=float(env("PG_AGGREGATE_DEADLINE_S", "120")),
+            max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
+            evaluate=env("PG_EVALUATE", "1") == "1",
+            poll_s=float(env("PG_POLL_S", "0.05")),
+        )
+
+
+def _signing_key(path: Path) -> SigningKey:
+    if path.exists():
+        return SigningKey.from_bytes(path.read_bytes())
+    key = SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.to_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+class _Runtime:
+    def __init__(self, settings: GlobalSettings, config: SimulationConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.rounds = settings.rounds or config.training.rounds
+        data = Path(settings.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.key = _signing_key(data / "signing.key")
+        self.checkpoints = CheckpointDir(
+            data / "checkpoints", keep=settings.keep_checkpoints
+        )
+        self.model = build_model(config.model, seed=config.seed)
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self.spec = UpdateSpec.from_params(params)
+        self.agg = GlobalAggregator(
+            key=self.key,
+            galaxies=list(range(settings.galaxies)),
+            params=self.spec.flatten(params),
+            defense=GlobalDefense(config.defense.build()),
+            server_lr=config.training.server_lr,
+            server_momentum=config.training.server_momentum,
+        )
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.agg.restore(latest)
+            _log.warning(
+                "resumed",
+                extra={"event_record": {"event": "resumed", "round": latest.round}},
+            )
+        self.phase_since = time.monotonic()
+        self.history: list[dict[str, Any]] = []
+        #: galaxies that had no commitments, per round
+        self.abstained: dict[int, set[int]] = {}
+        self.data: Dataset | None = None
+        # The driver (a worker thread) and the request handlers (the thread pool)
+        # share the aggregator: every use of it holds this lock.
+        self.lock = threading.Lock()
+
+    @property
+    def finished(self) -> bool:
+        return self.agg.round >= self.rounds
+
+
+def create_app(
+    settings: GlobalSettings, *, config: SimulationConfig | None = None
+) -> FastAPI:
+    cfg = config or load_config(settings.config_path)
+    registry = CollectorRegistry()
+    m_rounds = Counter(
+        "protogalaxy_global_rounds_completed_total", "Rounds applied", registry=registry
+    )
+    m_round_s = Gauge(
+        "protogalaxy_global_round_duration_seconds",
+        "Last round's duration",
+        registry=registry,
+    )
+    m_accuracy = Gauge(
+        "protogalaxy_global_accuracy_ratio",
+        "Test accuracy of the model",
+        registry=registry,
+    )
+    m_excluded = Counter(
+        "protogalaxy_global_galaxies_excluded_total",
+        "Galaxy aggregates excluded by layer 5",
+        registry=registry,
+    )
+    rt: _Runtime | None = None
+
+    def runtime() -> _Runtime:
+        if rt is None:
+            raise NotReady("global aggregator is starting")
+        return rt
+
+    Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
+
+    def model_body(r: _Runtime) -> bytes:
+        return encode_update(r.spec.unflatten(r.agg.params))
+
+    def step(r: _Runtime) -> None:
+        with r.lock:
+            _step(r)
+
+    def _step(r: _Runtime) -> None:
+        if r.finished:
+            return
+        agg = r.agg
+        rnd = agg.round
+        waited = time.monotonic() - r.phase_since
+        if agg.phase == "leaves":
+            n = len(agg.leaves)
+            answered = n + len(r.abstained.get(rnd, set()) - set(agg.leaves))
+            if answered >= r.settings.galaxies or waited > r.settings.leaf_deadline_s:
+                if n:
+                    agg.close_leaves(rnd)
+                else:
+                    agg.skip_round(rnd)
+                    r.history.append(
+                        {"round": rnd, "galaxies": [], "excluded": {}, "skipped": True}
+                    )
+                r.phase_since = time.monotonic()
+        elif agg.phase == "aggregates":
+            expected = set(agg.leaves)
+            have = set(agg.aggregates)
+            if have >= expected or waited > r.settings.aggregate_deadline_s:
+                t0 = time.perf_counter()
+                result = agg.finish_round(rnd)
+                m_rounds.inc()
+                m_excluded.inc(len(result.report.excluded))
+                record: dict[str, Any] = {
+                    "round": rnd,
+                    "galaxies": sorted(have),
+                    "excluded": result.report.excluded,
+                }
+                if r.settings.evaluate:
+                    record.update(evaluate_model(r))
+                    m_accuracy.set(record["accuracy"])
+                r.history.append(record)
+                if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
+                    r.checkpoints.save(agg.checkpoint())
+                m_round_s.set(time.perf_counter() - t0 + waited)
+                _log.warning(
+                    "round_completed",
+                    extra={"event_record": {"event": "round_completed", **record}},
+                )
+                r.phase_since = time.monotonic()
+
+    def evaluate_model(r: _Runtime) -> dict[str, float]:
+        if r.data is None:
+            r.data = load_dataset(r.config.dataset.name, root=r.config.dataset.root)
+        params = r.spec.unflatten(r.agg.params)
+        with torch.no_grad():
+            for name, p in r.model.named_parameters():
+                p.copy_(params[name])
+        acc, loss = evaluate(r.model, r.data.x_test, r.data.y_test)
+        return {"accuracy": acc, "loss": loss}
+
+    async def drive(r: _Runtime) -> None:
+        while not r.finished:
+            try:
+                await asyncio.to_thread(step, r)
+            except Exception:
+                _log.exception("driver step failed")
+            await asyncio.sleep(r.settings.poll_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal rt
+        rt = _Runtime(settings, cfg)
+        task = asyncio.create_task(drive(rt))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="ProtoGalaxy global aggregator", lifespan=lifespan)
+    install_error_handlers(app, service="global", registry=registry, context={})
+
+    @app.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz(r: Rt) -> dict[str, Any]:
+        return {"status": "ready", "round": r.agg.round}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/identity")
+    def identity(r: Rt) -> dict[str, str]:
+        return {"public_key": r.key.public_key.to_bytes().hex()}
+
+    @app.get("/v1/status")
+    def status(r: Rt) -> dict[str, Any]:
+        with r.lock:  # a finished round and its history record appear together
+            return _status(r)
+
+    def _status(r: _Runtime) -> dict[str, Any]:
+        return {
+            "round": r.agg.round,
+            "phase": r.agg.phase,
+            "model_version": r.agg.round,
+            "rounds": r.rounds,
+            "finished": r.finished,
+            "history": r.history,
+            "audit_log": {
+                "size": r.agg.audit_log.size,
+                "root": r.agg.audit_log.root.hex(),
+            },
+        }
+
+    @app.get("/v1/model")
+    def model(r: Rt) -> Response:
+        with r.lock:
+            body, version = model_body(r), r.agg.round
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"x-pg-model-version": str(version)},
+        )
+
+    @app.get("/v1/reference")
+    def reference(r: Rt) -> Response:
+        ref = r.agg.reference_direction
+        if ref is None:
+            return Response(status_code=204)
+        return Response(
+            encode_update({"direction": ref}), media_type="application/octet-stream"
+        )
+
+    @app.post("/v1/rounds/{rnd}/leaves", status_code=202)
+    def leaf(rnd: int, body: dict[str, Any], request: Request, r: Rt) -> dict[str, Any]:
+        require_token(request, r.settings.service_token, what="service")
+        galaxy_leaf = GalaxyLeaf.from_dict(body)
+        if galaxy_leaf.round != rnd:
+            raise WrongPhase(
+                f"leaf for round {galaxy_leaf.round} posted to round {rnd}"
+            )
+        with r.lock:
+            resent = r.agg.leaves.get(galaxy_leaf.galaxy_id) == galaxy_leaf
+            if r.agg.round == rnd and r.agg.phase != "leaves" and resent:
+                return {"accepted": True, "duplicate": True}
+            r.agg.submit_leaf(galaxy_leaf)
+        return {"accepted": True}
+
+    @app.post("/v1/rounds/{rnd}/abstentions/{galaxy}", status_code=202)
+    def abstain(rnd: int, galaxy: int, request: Request, r: Rt) -> dict[str, Any]:
+        """A galaxy had no commitments this round: the round need not wait for it."""
+        require_token(request, r.settings.service_token, what="service")
+        if galaxy not in range(r.settings.galaxies):
+            raise Rejected("unknown_client", f"galaxy {galaxy} is not configured")
+        with r.lock:
+            r.abstained.setdefault(rnd, set()).add(galaxy)
+        return {"accepted": True}
+
+    @app.get("/v1/rounds/{rnd}/head")
+    def head(rnd: int, galaxy: int, r: Rt) -> dict[str, Any]:
+        with r.lock:
+            signed = r.agg.head if r.agg.round == rnd else None
+            if signed is None:
+                raise WrongPhase(f"round {rnd} has no signed head yet")
+            return {
+                "head": signed.to_dict(),
+                "proof": r.agg.proof_for(galaxy).to_dict(),
+            }
+
+    @app.post("/v1/rounds/{rnd}/aggregates/{galaxy}")
+    async def aggregate(
+        rnd: int,
+        galaxy: int,
+        request: Request,
+        response: Response,
+        r: Rt,
+        x_pg_root: Annotated[str, Header()],
+        x_pg_weight: Annotated[int, Header()],
+    ) -> dict[str, Any]:
+        require_token(request, r.settings.service_token, what="service")
+        body = await read_body(request, r.settings.max_update_bytes)
+        vector = decode_update(body, max_bytes=r.settings.max_update_bytes).get(
+            "aggregate"
+        )
+        if vector is None:
+            raise Rejected("shape", "the body must hold one tensor named 'aggregate'")
+        try:
+            root = bytes.fromhex(x_pg_root)
+        except ValueError:
+            raise Rejected("malformed", "X-PG-Root must be hex") from None
+        with r.lock:
+            fresh = r.agg.submit_aggregate(rnd, galaxy, root, vector, x_pg_weight)
+        response.status_code = 202 if fresh else 200
+        return {"accepted": True, "duplicate": not fresh}
+
+    return app

@@ -1,0 +1,312 @@
+"""``protogalaxy up``: the real services as local processes.
+
+Starts ``redis-server`` (append-only file on), the global aggregator, one galaxy
+aggregator per galaxy and a client runner, each with exactly the command
+(``python -m services <role>``) and ``PG_*`` environment the containers use, all on
+loopback. Logs go to ``<out>/logs/<name>.log``. :class:`LocalCluster` is also the
+harness of the service tests (it can kill and restart any process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from protogalaxy.config import SimulationConfig
+from protogalaxy.simulation import choose_byzantine
+
+__all__ = ["LocalCluster"]
+
+
+def _port_block(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no block of {n} free ports")
+
+
+@dataclass
+class _Proc:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child process
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, stdout=handle, stderr=subprocess.STDOUT
+        )
+        handle.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass
+class LocalCluster:
+    config: SimulationConfig
+    out: Path
+    commit_deadline_s: float = 60.0
+    reveal_deadline_s: float = 60.0
+    max_update_bytes: int = 64 << 20
+    log_level: str = "warning"
+    procs: dict[str, _Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.out / "config.yaml"
+        self.config_path.write_text(
+            yaml.safe_dump(self.config.model_dump(), sort_keys=False)
+        )
+        g = self.config.galaxies.count
+        base = _port_block(g + 2)
+        self.redis_port, self.global_port = base, base + 1
+        self.galaxy_ports = {i: base + 2 + i for i in range(g)}
+        self.service_token = secrets.token_hex(16)
+        self.enrollment_token = secrets.token_hex(16)
+        self.global_url = f"http://127.0.0.1:{self.global_port}"
+
+    # -- processes ---------------------------------------------------------------
+
+    def _env(self, **extra: Any) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "PG_CONFIG": str(self.config_path),
+                "PG_HOST": "127.0.0.1",
+                "PG_LOG_LEVEL": self.log_level,
+                "PG_SERVICE_TOKEN": self.service_token,
+                "PG_ENROLLMENT_TOKEN": self.enrollment_token,
+                "PG_MAX_UPDATE_BYTES": str(self.max_update_bytes),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def _service(self, name: str, role: str, **env: Any) -> _Proc:
+        proc = _Proc(
+            name,
+            [sys.executable, "-m", "services", role],
+            self._env(**env),
+            self.out / "logs" / f"{name}.log",
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_redis(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError(
+                "redis-server is not installed (apt-get install redis-server)"
+            )
+        data = self.out / "redis"
+        data.mkdir(exist_ok=True)
+        proc = _Proc(
+            "redis",
+            [
+                exe,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            dict(os.environ),
+            self.out / "logs" / "redis.log",
+        )
+        self.procs["redis"] = proc
+        proc.start()
+        self._wait_redis()
+
+    def _wait_redis(self, timeout: float = 15.0) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def start(self, *, clients: bool = True) -> None:
+        """Redis, then the global aggregator, then the galaxies, then the clients
+        (``clients=False``: the caller plays the clients, as the tests do)."""
+        self.start_redis()
+        self._service(
+            "global",
+            "global",
+            PG_PORT=self.global_port,
+            PG_DATA_DIR=self.out / "global",
+            PG_GALAXIES=self.config.galaxies.count,
+        ).start()
+        key = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
+        for g, port in self.galaxy_ports.items():
+            self._service(
+                f"galaxy-{g}",
+                "galaxy",
+                PG_PORT=port,
+                PG_GALAXY_ID=g,
+                PG_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                PG_GLOBAL_URL=self.global_url,
+                PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
+                PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
+            ).start()
+        for g in self.galaxy_ports:
+            self.wait_ready(self.galaxy_url(g), "/readyz")
+        self.global_public_key = key
+        if not clients:
+            return
+        self._service(
+            "clients",
+            "client",
+            PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
+            PG_GALAXY_URLS=",".join(
+                self.galaxy_url(g) for g in sorted(self.galaxy_ports)
+            ),
+            PG_GLOBAL_PUBLIC_KEY=key,
+        ).start()
+
+    def galaxy_url(self, g: int) -> str:
+        return f"http://127.0.0.1:{self.galaxy_ports[g]}"
+
+    def wait_ready(self, url: str, path: str, timeout: float = 120.0) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = httpx.get(url + path, timeout=5)
+                if resp.status_code == 200:
+                    return resp
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}{path} did not become ready")
+            time.sleep(0.1)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(
+            self.global_url + "/v1/status", timeout=10
+        ).json()
+        return result
+
+    def wait_finished(self, timeout: float, progress: Any = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for name, proc in self.procs.items():
+                if name != "clients" and proc.popen is not None and not proc.alive():
+                    raise RuntimeError(
+                        f"{name} exited with {proc.popen.returncode}; see {proc.log}"
+                    )
+            try:
+                status = self.status()
+            except httpx.HTTPError:
+                status = None
+            if status is not None:
+                for record in status["history"][seen:]:
+                    if progress:
+                        progress(record)
+                seen = len(status["history"])
+                if status["finished"]:
+                    return status
+            if time.monotonic() > deadline:
+                raise TimeoutError("the run did not finish in time")
+            time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].stop(signal.SIGKILL)
+
+    def restart(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.stop()
+        proc.start()
+        if name == "redis":
+            self._wait_redis()
+
+    def stop(self) -> None:
+        for name in [
+            "clients",
+            *[n for n in self.procs if n.startswith("galaxy")],
+            "global",
+            "redis",
+        ]:
+            if name in self.procs:
+                self.procs[name].stop()
+
+    # -- results -----------------------------------------------------------------
+
+    def summary(self, status: dict[str, Any], wall: float) -> dict[str, Any]:
+        removed: set[int] = set()
+        for g in self.galaxy_ports:
+            q = httpx.get(self.galaxy_url(g) + "/v1/quarantine", timeout=10).json()
+            removed |= set(q["quarantined"]) | set(q["banned"])
+        byz = set(choose_byzantine(self.config))
+        honest = set(range(self.config.clients.count)) - byz
+        last = status["history"][-1] if status["history"] else {}
+        out = {
+            "final_accuracy": last.get("accuracy"),
+            "final_loss": last.get("loss"),
+            "detection_rate": len(byz & removed) / len(byz) if byz else None,
+            "false_positive_rate": len(honest & removed) / len(honest)
+            if honest
+            else None,
+            "rounds": len(status["history"]),
+            "wall_seconds": wall,
+            "byzantine_clients": sorted(byz),
+            "quarantined_clients": sorted(removed),
+            "audit_log": status["audit_log"],
+        }
+        (self.out / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out

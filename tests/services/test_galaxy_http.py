@@ -1,0 +1,289 @@
+"""The galaxy service over real HTTP: a real redis-server, real uvicorn processes for
+the global aggregator and a galaxy; the test plays the clients.
+
+Bad input is answered 4xx with a reason, counted in /metrics, and leaves the stores
+as they were; the service keeps serving and the round completes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from protogalaxy.codec import encode_update
+from protogalaxy.config import load_config
+from protogalaxy.crypto import SigningKey, VerifyKey, commit, verify_receipt
+from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.crypto.receipts import Receipt
+from protogalaxy.learning.models import build_model
+from protogalaxy.spec import UpdateSpec
+from services.up import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    config = load_config(
+        overrides={
+            "clients.count": CLIENTS,
+            "galaxies.count": 1,
+            "byzantine.fraction": 0.0,
+            "defense.byzantine_fraction": 0.0,
+            "training.rounds": 3,
+        }
+    )
+    c = LocalCluster(
+        config,
+        Path(tmp_path_factory.mktemp("galaxy-http")),
+        commit_deadline_s=600,
+        reveal_deadline_s=600,
+        max_update_bytes=200_000,
+    )
+    try:
+        c.start(clients=False)
+        yield c
+    finally:
+        c.stop()
+
+
+SPEC = UpdateSpec.from_params(dict(build_model("mnist_cnn").named_parameters()))
+KEYS = {c: SigningKey.generate() for c in range(CLIENTS)}
+
+
+def url(c: LocalCluster, path: str) -> str:
+    return c.galaxy_url(0) + path
+
+
+def metric(c: LocalCluster, name: str, **labels: str) -> float:
+    text = httpx.get(url(c, "/metrics")).text
+    want = name + (
+        "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    )
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_phase(c: LocalCluster, rnd: int, phase: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = httpx.get(url(c, "/v1/round")).json()
+        if s["round"] == rnd and s["phase"] == phase:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"galaxy never reached round {rnd} {phase}; it is at {s}")
+
+
+def refused(resp: httpx.Response, status: int, reason: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"] == reason, resp.text
+
+
+def committed(
+    c: LocalCluster, rnd: int, client: int, tensors: dict[str, torch.Tensor]
+) -> tuple[Any, bytes, bytes]:
+    com, nonce = commit(tensors, client_id=client, galaxy_id=0, round=rnd)
+    sig = sign_commitment(KEYS[client], com)
+    resp = httpx.post(
+        url(c, "/v1/commitments"),
+        json={"commitment": com.to_dict(), "signature": sig.hex()},
+    )
+    assert resp.status_code == 202, resp.text
+    return com, nonce, encode_update(tensors)
+
+
+def reveal(
+    c: LocalCluster, rnd: int, client: int, com: Any, nonce: bytes, body: bytes
+) -> httpx.Response:
+    sig = sign_reveal(KEYS[client], com, body, nonce)
+    return httpx.put(
+        url(c, f"/v1/rounds/{rnd}/reveals/{client}"),
+        content=body,
+        headers={
+            "x-pg-nonce": nonce.hex(),
+            "x-pg-signature": sig.hex(),
+            "content-type": "application/octet-stream",
+        },
+    )
+
+
+def update(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return SPEC.unflatten(0.01 * torch.randn(SPEC.numel, generator=g))
+
+
+def test_enrollment_needs_the_token(cluster: LocalCluster) -> None:
+    body = {"client_id": 0, "public_key": KEYS[0].public_key.to_bytes().hex()}
+    refused(httpx.post(url(cluster, "/v1/register"), json=body), 401, "bad_signature")
+    wrong = {"authorization": "Bearer not-the-token"}
+    refused(
+        httpx.post(url(cluster, "/v1/register"), json=body, headers=wrong),
+        401,
+        "bad_signature",
+    )
+    ok = {"authorization": f"Bearer {cluster.enrollment_token}"}
+    for c, key in KEYS.items():
+        b = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
+        assert (
+            httpx.post(url(cluster, "/v1/register"), json=b, headers=ok).status_code
+            == 201
+        )
+    assert (
+        metric(cluster, "protogalaxy_galaxy_rejected_total", reason="bad_signature")
+        >= 2
+    )
+
+
+def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
+    wait_phase(cluster, 0, "commit")
+    # -- commit phase --
+    stranger = SigningKey.generate()
+    com, _ = commit(update(9), client_id=99, galaxy_id=0, round=0)
+    refused(
+        httpx.post(
+            url(cluster, "/v1/commitments"),
+            json={
+                "commitment": com.to_dict(),
+                "signature": sign_commitment(stranger, com).hex(),
+            },
+        ),
+        404,
+        "unknown_client",
+    )
+    com1, _ = commit(update(1), client_id=1, galaxy_id=0, round=0)
+    refused(
+        httpx.post(
+            url(cluster, "/v1/commitments"),
+            json={
+                "commitment": com1.to_dict(),
+                "signature": sign_commitment(KEYS[2], com1).hex(),
+            },
+        ),
+        401,
+        "bad_signature",
+    )
+    refused(
+        httpx.post(url(cluster, "/v1/commitments"), content=b"{not json"),
+        422,
+        "malformed",
+    )
+    future, _ = commit(update(1), client_id=1, galaxy_id=0, round=5)
+    refused(
+        httpx.post(
+            url(cluster, "/v1/commitments"),
+            json={
+                "commitment": future.to_dict(),
+                "signature": sign_commitment(KEYS[1], future).hex(),
+            },
+        ),
+        409,
+        "wrong_phase",
+    )
+    # Client 2 commits honestly to a NaN update; client 3 to a wrong-shape update.
+    nan = update(2)
+    nan["fc2.bias"] = torch.full((10,), math.nan)
+    wrong_shape = {k: v for k, v in update(3).items()}
+    wrong_shape["fc2.bias"] = torch.zeros(11)
+    made = {
+        0: committed(cluster, 0, 0, update(0)),
+        1: committed(cluster, 0, 1, update(1)),
+        2: committed(cluster, 0, 2, nan),
+        3: committed(cluster, 0, 3, wrong_shape),
+    }
+    wait_phase(cluster, 0, "reveal")
+    # -- reveal phase: receipts verify against the pinned global key --
+    global_key = VerifyKey.from_bytes(bytes.fromhex(cluster.global_public_key))
+    for c, (com_c, _, _) in made.items():
+        r = Receipt.from_dict(
+            httpx.get(url(cluster, f"/v1/rounds/0/receipts/{c}")).json()
+        )
+        verify_receipt(r, global_key=global_key, commitment=com_c, round=0)
+    accepted_before = metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
+    com0, nonce0, body0 = made[0]
+    assert reveal(cluster, 0, 0, com0, nonce0, body0).status_code == 202
+    # a body over the limit: 413 before it is read whole
+    big = httpx.put(
+        url(cluster, "/v1/rounds/0/reveals/1"),
+        content=b"\x00" * 300_000,
+        headers={"x-pg-nonce": "00" * 32, "x-pg-signature": "00" * 64},
+    )
+    refused(big, 413, "too_large")
+    com1, nonce1, _ = made[1]
+    refused(
+        reveal(cluster, 0, 1, com1, nonce1, encode_update(update(7))),
+        422,
+        "commitment_mismatch",
+    )
+    refused(reveal(cluster, 0, 2, *made[2]), 422, "non_finite")
+    refused(reveal(cluster, 0, 3, *made[3]), 422, "shape")
+    refused(
+        reveal(cluster, 0, 0, com0, nonce0, encode_update(update(8))), 409, "duplicate"
+    )
+    refused(reveal(cluster, 1, 0, com0, nonce0, body0), 409, "wrong_phase")
+    refused(
+        httpx.put(
+            url(cluster, "/v1/rounds/0/reveals/0"),
+            content=body0,
+            headers={"x-pg-nonce": "zz", "x-pg-signature": "00"},
+        ),
+        422,
+        "malformed",
+    )
+    assert (
+        metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
+        == accepted_before + 1
+    )
+    for reason in (
+        "too_large",
+        "commitment_mismatch",
+        "non_finite",
+        "shape",
+        "duplicate",
+    ):
+        assert (
+            metric(cluster, "protogalaxy_galaxy_rejected_total", reason=reason) >= 1
+        ), reason
+    # The service still serves, and the round completes at quorum (every commitment
+    # answered: one accepted, three rejected).
+    assert httpx.get(url(cluster, "/readyz")).status_code == 200
+    deadline = time.monotonic() + 60
+    while httpx.get(cluster.global_url + "/v1/status").json()["round"] < 1:
+        assert time.monotonic() < deadline, "round 0 did not complete"
+        time.sleep(0.1)
+    # The mismatching reveal cost client 1 reputation, with evidence kept per client.
+    state = httpx.get(url(cluster, "/v1/clients/1")).json()
+    assert (
+        state["reputation"]
+        < 0.5
+        < httpx.get(url(cluster, "/v1/clients/0")).json()["reputation"]
+    )
+    refused(httpx.get(url(cluster, "/v1/clients/77")), 404, "unknown_client")
+
+
+def test_an_old_commitment_replayed_in_a_later_round(cluster: LocalCluster) -> None:
+    wait_phase(cluster, 1, "commit")
+    old, _ = commit(update(0), client_id=0, galaxy_id=0, round=0)
+    refused(
+        httpx.post(
+            url(cluster, "/v1/commitments"),
+            json={
+                "commitment": old.to_dict(),
+                "signature": sign_commitment(KEYS[0], old).hex(),
+            },
+        ),
+        409,
+        "wrong_phase",
+    )
+    text = httpx.get(url(cluster, "/metrics")).text
+    assert "protogalaxy_galaxy_rounds_completed_total 1.0" in text
