@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -47,36 +48,46 @@ def _plain_epoch(sim: Simulation) -> float:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     print("learning benchmarks (default config)")
     data = load_dataset("mnist")
-    rounds = 2 if quick else 4
+    rounds = 3 if quick else 6
     full = Simulation(load_config(), dataset=data)
     off = Simulation(
         load_config(overrides={"defense.layers": [1], "defense.aggregator": "fedavg"}),
         dataset=data,
     )
-    floor, full_t, off_t, defense_t, fedavg_t = [], [], [], [], []
-    for r in range(rounds):  # interleaved, so all three see the same machine state
-        floor.append(_plain_epoch(full))
-        m, _ = full.run_round(r)
-        full_t.append(m.round_seconds)
-        defense_t.append(m.aggregation_seconds)
-        m, _ = off.run_round(r)
-        off_t.append(m.round_seconds)
-        fedavg_t.append(m.aggregation_seconds)
-    f, s, o = min(floor), min(full_t), min(off_t)
+    # Each round is measured back to back with its own floor and its FedAvg twin, and
+    # the per-round ratios are summarized by their median: this VM's speed drifts by
+    # 15-25% over minutes, which a ratio of separately taken minima would absorb.
+    vs_floor, vs_off, defense_ms, fedavg_ms = [], [], [], []
+    for r in range(rounds):
+        floor = _plain_epoch(full)
+        m_full, _ = full.run_round(r)
+        m_off, _ = off.run_round(r)
+        vs_floor.append(m_full.round_seconds / floor)
+        vs_off.append(m_full.round_seconds / m_off.round_seconds)
+        defense_ms.append(m_full.aggregation_seconds * 1e3)
+        fedavg_ms.append(m_off.aggregation_seconds * 1e3)
+        print(
+            f"  round {r}: plain epoch {floor:.2f} s, "
+            f"Full {m_full.round_seconds:.2f} s, FedAvg {m_off.round_seconds:.2f} s"
+        )
+    a, b = statistics.median(vs_floor), statistics.median(vs_off)
     return [
         report(
             "round vs one plain SGD epoch (same batch)",
-            s / f,
+            a,
             "<= 1.25",
-            s / f <= 1.25,
-            f"epoch {f:.2f} s, round {s:.2f} s (30 clients x 32 = batch 960)",
+            a <= 1.25,
+            f"median of {rounds} paired rounds (range {min(vs_floor):.2f}-"
+            f"{max(vs_floor):.2f}); 30 clients x 32 = batch 960",
         ),
         report(
             "ProtoGalaxy-Full round vs FedAvg round",
-            s / o,
+            b,
             "<= 1.10",
-            s / o <= 1.10,
-            f"FedAvg {o:.2f} s, Full {s:.2f} s; aggregation "
-            f"{min(fedavg_t) * 1e3:.0f} ms vs {min(defense_t) * 1e3:.0f} ms",
+            b <= 1.10,
+            f"median of {rounds} paired rounds "
+            f"(range {min(vs_off):.2f}-{max(vs_off):.2f}); "
+            f"defense {statistics.median(defense_ms):.0f} ms vs FedAvg "
+            f"{statistics.median(fedavg_ms):.1f} ms per round",
         ),
     ]

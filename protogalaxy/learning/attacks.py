@@ -104,11 +104,12 @@ def data_transform(config: AttackConfig):  # type: ignore[no-untyped-def]
         def backdoor(
             x: torch.Tensor, y: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            k = max(1, round(fraction * len(y)))
+            # the first k samples of each client's batch (batch is the last dim of y)
+            k = max(1, round(fraction * y.shape[-1]))
             x = x.clone()
             y = y.clone()
-            x[:k] = add_trigger(x[:k])
-            y[:k] = target
+            x[..., :k, :, :, :] = add_trigger(x[..., :k, :, :, :])
+            y[..., :k] = target
             return x, y
 
         return backdoor

@@ -39,13 +39,17 @@ class MnistCNN(nn.Module):
         ``(K, B, 1, 28, 28)``, logits ``(K, B, classes)``.
 
         The K models become one grouped convolution per conv layer (``groups=K``)
-        and one batched matmul per linear layer, so a single autograd pass yields
+        and one batched matmul per linear layer (channels-last layout), so a single
+        autograd pass yields
         every client's gradient (the parameter blocks are disjoint). Same
         arithmetic as ``vmap`` over :meth:`forward`, without its batching overhead.
         """
         k, b = x.shape[0], x.shape[1]
         c1 = x.shape[2]  # input channels
         h = x.transpose(0, 1).reshape(b, k * c1, *x.shape[-2:])
+        # oneDNN runs grouped convolutions about twice as fast in channels-last
+        # layout; reshape below flattens in logical (C, H, W) order either way.
+        h = h.contiguous(memory_format=torch.channels_last)
         w1 = params["conv1.weight"]
         h = F.conv2d(
             h, w1.reshape(-1, *w1.shape[2:]), params["conv1.bias"].reshape(-1), groups=k

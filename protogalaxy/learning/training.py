@@ -32,7 +32,9 @@ __all__ = [
     "unflatten_into",
 ]
 
-#: A transform applied to a client's batch (images, labels) before the step.
+#: A transform applied to batches (images, labels) before the step. It must work on
+#: a leading client dimension too, ``(clients, batch, ...)``: the trainer applies each
+#: distinct transform once per step to all the clients that share it.
 BatchTransform = Callable[
     [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
@@ -144,6 +146,11 @@ class BatchedTrainer:
             else None
         )
         steps_per_epoch = [len(t.indices) // b for t in tasks]
+        by_transform: dict[int, tuple[BatchTransform, list[int]]] = {}
+        for i, t in enumerate(tasks):
+            if t.transform is not None:
+                by_transform.setdefault(id(t.transform), (t.transform, []))[1].append(i)
+        groups = [(fn, torch.tensor(rows)) for fn, rows in by_transform.values()]
         max_steps = max(steps_per_epoch)
         if max_steps == 0:
             raise ValueError(f"every client has fewer than batch_size={b} samples")
@@ -165,9 +172,8 @@ class BatchedTrainer:
                 idx = order[:, s]
                 xb = x[idx.reshape(-1)].view(k, b, *x.shape[1:])
                 yb = y[idx.reshape(-1)].view(k, b)
-                for i, t in enumerate(tasks):
-                    if t.transform is not None:
-                        xb[i], yb[i] = t.transform(xb[i], yb[i])
+                for transform, rows in groups:
+                    xb[rows], yb[rows] = transform(xb[rows], yb[rows])
                 grads = self._grads(params, xb.to(self.device), yb.to(self.device))
                 active = torch.tensor(
                     [s < steps for steps in steps_per_epoch],

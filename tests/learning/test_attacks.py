@@ -56,9 +56,15 @@ def test_data_attacks() -> None:
     )
     xb, yb = bd(x, y)
     assert yb.tolist() == [3, 3, 3, 3, 4, 5, 6, 7]
-    assert (
-        xb[:4, 0, -5:-1, -5:-1].eq(0).all()
-    )  # the brightest value of an all-zero batch
+    assert xb[:4, 0, -5:-1, -5:-1].eq(0).all()  # brightest value of an all-zero batch
+    # Stacked (clients, batch, ...): each client's first half is triggered.
+    xs = torch.rand(3, 8, 1, 28, 28)
+    ys = torch.arange(8).repeat(3, 1)
+    xt, yt = bd(xs, ys)
+    assert (yt[:, :4] == 3).all() and torch.equal(yt[:, 4:], ys[:, 4:])
+    assert (xt[:, :4, 0, -5:-1, -5:-1] == xs.max()).all()
+    assert torch.equal(xt[:, 4:], xs[:, 4:])
+    assert torch.equal(flip(xs, ys)[1], 9 - ys)
     lit = add_trigger(torch.rand(2, 1, 28, 28))
     assert lit[:, 0, -5:-1, -5:-1].min() == lit.max()
     assert data_transform(AttackConfig(name="ipm")) is None
