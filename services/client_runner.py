@@ -238,7 +238,11 @@ class ClientRunner:
         resp.raise_for_status()
         if int(resp.headers["x-pg-model-version"]) != rnd:
             return  # the galaxy moved on while we looked
-        params = decode_update(resp.content)
+        decoded = decode_update(resp.content)
+        self.spec.check(decoded)
+        # PGT1 holds tensors in canonical (sorted) order; training flattens in the
+        # order it is given, so hand it the model's order that unflatten expects.
+        params = {name: decoded[name] for name in self.spec.names}
         updates = self.train(rnd, clients, params)
         made: dict[int, tuple[Commitment, bytes, bytes]] = {}
         for i, c in enumerate(clients):

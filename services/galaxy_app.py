@@ -282,12 +282,7 @@ def create_app(
                 m_rounds.inc()
                 for layer, n in result.report.layer_flags.items():
                     m_flags.labels(layer=layer).inc(n)
-                update_gauges(r)
-                for event in result.report.events:
-                    _log.warning(
-                        event.event,
-                        extra={"event_record": {"galaxy": gid, **event.to_dict()}},
-                    )
+                update_gauges(r)  # the protocol logs each quarantine or ban event
                 await send_aggregate(r, rnd)
         elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
             if r.store.get_blob(rnd, "abstained") is None:

@@ -133,7 +133,8 @@ class BatchedTrainer:
         *,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Run local training for every task; return ``new - global`` per client."""
+        """Run local training for every task; return ``new - global`` per client,
+        each row flattened in the order of ``global_params``' keys."""
         k = len(tasks)
         b = self.batch_size
         params = {

@@ -217,3 +217,33 @@ def test_resnet18_trains_through_the_vmap_path() -> None:
     up = trainer.train(params, tasks, x, y, generator=torch.Generator().manual_seed(0))
     assert up.shape == (2, num_parameters(model))
     assert torch.isfinite(up).all() and not torch.equal(up[0], up[1])
+
+
+def test_updates_are_flattened_in_the_order_of_the_given_params() -> None:
+    # Guards the client runner's contract: a model decoded from PGT1 arrives in
+    # sorted-name order, and the update rows follow whatever order was given.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(16, 1, 2, 2)
+    y = torch.randint(0, 3, (16,))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reordered = dict(reversed(list(params.items())))
+    trainer = BatchedTrainer(model, lr=0.1, batch_size=4)
+    a = trainer.train(
+        params,
+        [ClientTask(torch.arange(16))],
+        x,
+        y,
+        generator=torch.Generator().manual_seed(1),
+    )
+    b = trainer.train(
+        reordered,
+        [ClientTask(torch.arange(16))],
+        x,
+        y,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert torch.allclose(
+        unflatten_into(a[0], params)["1.weight"],
+        unflatten_into(b[0], reordered)["1.weight"],
+    )
+    assert not torch.allclose(a[0], b[0])
