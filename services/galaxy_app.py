@@ -241,7 +241,24 @@ def create_app(
             return
         if state is None or state[0] != rnd:
             return
+        if r.model_body is None:  # a restarted galaxy, mid-round
+            await refresh_model(r, rnd)
         phase = state[1]
+        leaf_blob = r.store.get_blob(rnd, "leaf")
+        if (
+            status["phase"] == "leaves"
+            and phase in (Phase.REVEAL, Phase.AGGREGATING, Phase.DONE)
+            and leaf_blob is not None
+        ):
+            # The global aggregator restarted from its checkpoint and lost this
+            # round's roots: send ours again, and the aggregate again after the head.
+            resp = await r.http.post(
+                f"/v1/rounds/{rnd}/leaves",
+                json=GalaxyLeaf.from_bytes(leaf_blob).to_dict(),
+            )
+            if resp.status_code == 202 and r.store.get_blob(rnd, "aggregate_sent"):
+                r.store.put_blob(rnd, "aggregate_sent", b"")
+            return
         if phase in (Phase.COMMIT, Phase.CLOSING):
             late = deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
             if phase == Phase.CLOSING or galaxy.commit_quorum_reached(rnd) or late:
@@ -287,7 +304,11 @@ def create_app(
         elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
             if r.store.get_blob(rnd, "abstained") is None:
                 await abstain(r, rnd)
-        elif phase == Phase.DONE and r.store.get_blob(rnd, "aggregate_sent") is None:
+        elif (
+            phase == Phase.DONE
+            and not r.store.get_blob(rnd, "aggregate_sent")
+            and status["phase"] == "aggregates"
+        ):
             await send_aggregate(r, rnd)
 
     async def abstain(r: _Runtime, rnd: int) -> None:

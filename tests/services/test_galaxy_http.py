@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,11 +19,10 @@ import torch
 from protogalaxy.codec import encode_update
 from protogalaxy.config import load_config
 from protogalaxy.crypto import SigningKey, VerifyKey, commit, verify_receipt
-from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.crypto.identity import sign_commitment
 from protogalaxy.crypto.receipts import Receipt
-from protogalaxy.learning.models import build_model
-from protogalaxy.spec import UpdateSpec
 from services.up import LocalCluster
+from tests.services.players import Players, update
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +54,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         c.stop()
 
 
-SPEC = UpdateSpec.from_params(dict(build_model("mnist_cnn").named_parameters()))
-KEYS = {c: SigningKey.generate() for c in range(CLIENTS)}
+@pytest.fixture(scope="module")
+def players(cluster: LocalCluster) -> Players:
+    return Players(cluster, CLIENTS)
 
 
 def url(c: LocalCluster, path: str) -> str:
@@ -75,56 +74,13 @@ def metric(c: LocalCluster, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_phase(c: LocalCluster, rnd: int, phase: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = httpx.get(url(c, "/v1/round")).json()
-        if s["round"] == rnd and s["phase"] == phase:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"galaxy never reached round {rnd} {phase}; it is at {s}")
-
-
 def refused(resp: httpx.Response, status: int, reason: str) -> None:
     assert resp.status_code == status, resp.text
     assert resp.json()["error"] == reason, resp.text
 
 
-def committed(
-    c: LocalCluster, rnd: int, client: int, tensors: dict[str, torch.Tensor]
-) -> tuple[Any, bytes, bytes]:
-    com, nonce = commit(tensors, client_id=client, galaxy_id=0, round=rnd)
-    sig = sign_commitment(KEYS[client], com)
-    resp = httpx.post(
-        url(c, "/v1/commitments"),
-        json={"commitment": com.to_dict(), "signature": sig.hex()},
-    )
-    assert resp.status_code == 202, resp.text
-    return com, nonce, encode_update(tensors)
-
-
-def reveal(
-    c: LocalCluster, rnd: int, client: int, com: Any, nonce: bytes, body: bytes
-) -> httpx.Response:
-    sig = sign_reveal(KEYS[client], com, body, nonce)
-    return httpx.put(
-        url(c, f"/v1/rounds/{rnd}/reveals/{client}"),
-        content=body,
-        headers={
-            "x-pg-nonce": nonce.hex(),
-            "x-pg-signature": sig.hex(),
-            "content-type": "application/octet-stream",
-        },
-    )
-
-
-def update(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return SPEC.unflatten(0.01 * torch.randn(SPEC.numel, generator=g))
-
-
-def test_enrollment_needs_the_token(cluster: LocalCluster) -> None:
-    body = {"client_id": 0, "public_key": KEYS[0].public_key.to_bytes().hex()}
+def test_enrollment_needs_the_token(cluster: LocalCluster, players: Players) -> None:
+    body = {"client_id": 0, "public_key": players.keys[0].public_key.to_bytes().hex()}
     refused(httpx.post(url(cluster, "/v1/register"), json=body), 401, "bad_signature")
     wrong = {"authorization": "Bearer not-the-token"}
     refused(
@@ -133,7 +89,7 @@ def test_enrollment_needs_the_token(cluster: LocalCluster) -> None:
         "bad_signature",
     )
     ok = {"authorization": f"Bearer {cluster.enrollment_token}"}
-    for c, key in KEYS.items():
+    for c, key in players.keys.items():
         b = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
         assert (
             httpx.post(url(cluster, "/v1/register"), json=b, headers=ok).status_code
@@ -145,8 +101,10 @@ def test_enrollment_needs_the_token(cluster: LocalCluster) -> None:
     )
 
 
-def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
-    wait_phase(cluster, 0, "commit")
+def test_a_round_with_every_kind_of_bad_input(
+    cluster: LocalCluster, players: Players
+) -> None:
+    players.wait_phase(0, "commit")
     # -- commit phase --
     stranger = SigningKey.generate()
     com, _ = commit(update(9), client_id=99, galaxy_id=0, round=0)
@@ -167,7 +125,7 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": com1.to_dict(),
-                "signature": sign_commitment(KEYS[2], com1).hex(),
+                "signature": sign_commitment(players.keys[2], com1).hex(),
             },
         ),
         401,
@@ -184,7 +142,7 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": future.to_dict(),
-                "signature": sign_commitment(KEYS[1], future).hex(),
+                "signature": sign_commitment(players.keys[1], future).hex(),
             },
         ),
         409,
@@ -195,13 +153,10 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
     nan["fc2.bias"] = torch.full((10,), math.nan)
     wrong_shape = {k: v for k, v in update(3).items()}
     wrong_shape["fc2.bias"] = torch.zeros(11)
-    made = {
-        0: committed(cluster, 0, 0, update(0)),
-        1: committed(cluster, 0, 1, update(1)),
-        2: committed(cluster, 0, 2, nan),
-        3: committed(cluster, 0, 3, wrong_shape),
-    }
-    wait_phase(cluster, 0, "reveal")
+    for c, tensors in enumerate([update(0), update(1), nan, wrong_shape]):
+        players.commit(0, c, tensors)
+    made = players.made
+    players.wait_phase(0, "reveal")
     # -- reveal phase: receipts verify against the pinned global key --
     global_key = VerifyKey.from_bytes(bytes.fromhex(cluster.global_public_key))
     for c, (com_c, _, _) in made.items():
@@ -210,8 +165,21 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
         )
         verify_receipt(r, global_key=global_key, commitment=com_c, round=0)
     accepted_before = metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
-    com0, nonce0, body0 = made[0]
-    assert reveal(cluster, 0, 0, com0, nonce0, body0).status_code == 202
+    body0 = made[0][2]
+    assert players.reveal(0, 0).status_code == 202
+    # Same-round refusals first: the fourth answered reveal completes the quorum,
+    # and the galaxy then closes the round at once.
+    refused(players.reveal(0, 0, body=encode_update(update(8))), 409, "duplicate")
+    refused(
+        httpx.put(
+            url(cluster, "/v1/rounds/0/reveals/1"),
+            content=body0,
+            headers={"x-pg-nonce": "zz", "x-pg-signature": "00"},
+        ),
+        422,
+        "malformed",
+    )
+    refused(players.reveal(1, 0), 409, "wrong_phase")
     # a body over the limit: 413 before it is read whole
     big = httpx.put(
         url(cluster, "/v1/rounds/0/reveals/1"),
@@ -219,27 +187,11 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
         headers={"x-pg-nonce": "00" * 32, "x-pg-signature": "00" * 64},
     )
     refused(big, 413, "too_large")
-    com1, nonce1, _ = made[1]
     refused(
-        reveal(cluster, 0, 1, com1, nonce1, encode_update(update(7))),
-        422,
-        "commitment_mismatch",
+        players.reveal(0, 1, body=encode_update(update(7))), 422, "commitment_mismatch"
     )
-    refused(reveal(cluster, 0, 2, *made[2]), 422, "non_finite")
-    refused(reveal(cluster, 0, 3, *made[3]), 422, "shape")
-    refused(
-        reveal(cluster, 0, 0, com0, nonce0, encode_update(update(8))), 409, "duplicate"
-    )
-    refused(reveal(cluster, 1, 0, com0, nonce0, body0), 409, "wrong_phase")
-    refused(
-        httpx.put(
-            url(cluster, "/v1/rounds/0/reveals/0"),
-            content=body0,
-            headers={"x-pg-nonce": "zz", "x-pg-signature": "00"},
-        ),
-        422,
-        "malformed",
-    )
+    refused(players.reveal(0, 2), 422, "non_finite")
+    refused(players.reveal(0, 3), 422, "shape")
     assert (
         metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
         == accepted_before + 1
@@ -271,15 +223,17 @@ def test_a_round_with_every_kind_of_bad_input(cluster: LocalCluster) -> None:
     refused(httpx.get(url(cluster, "/v1/clients/77")), 404, "unknown_client")
 
 
-def test_an_old_commitment_replayed_in_a_later_round(cluster: LocalCluster) -> None:
-    wait_phase(cluster, 1, "commit")
+def test_an_old_commitment_replayed_in_a_later_round(
+    cluster: LocalCluster, players: Players
+) -> None:
+    players.wait_phase(1, "commit")
     old, _ = commit(update(0), client_id=0, galaxy_id=0, round=0)
     refused(
         httpx.post(
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": old.to_dict(),
-                "signature": sign_commitment(KEYS[0], old).hex(),
+                "signature": sign_commitment(players.keys[0], old).hex(),
             },
         ),
         409,

@@ -1,0 +1,100 @@
+"""The test playing a galaxy's clients over HTTP (register, commit, reveal)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import torch
+
+from protogalaxy.codec import encode_update
+from protogalaxy.crypto import SigningKey, commit
+from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.learning.models import build_model
+from protogalaxy.spec import UpdateSpec
+from services.up import LocalCluster
+
+SPEC = UpdateSpec.from_params(dict(build_model("mnist_cnn").named_parameters()))
+
+
+def update(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return SPEC.unflatten(0.01 * torch.randn(SPEC.numel, generator=g))
+
+
+class Players:
+    """Clients ``0..n-1`` of galaxy 0 of ``cluster``, played by the test."""
+
+    def __init__(self, cluster: LocalCluster, n: int) -> None:
+        self.cluster = cluster
+        self.keys = {c: SigningKey.generate() for c in range(n)}
+        self.made: dict[int, tuple[Any, bytes, bytes]] = {}
+
+    def url(self, path: str) -> str:
+        return self.cluster.galaxy_url(0) + path
+
+    def register(self) -> None:
+        ok = {"authorization": f"Bearer {self.cluster.enrollment_token}"}
+        for c, key in self.keys.items():
+            body = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
+            resp = httpx.post(self.url("/v1/register"), json=body, headers=ok)
+            assert resp.status_code == 201, resp.text
+
+    def commit(self, rnd: int, client: int, tensors: dict[str, torch.Tensor]) -> None:
+        com, nonce = commit(tensors, client_id=client, galaxy_id=0, round=rnd)
+        sig = sign_commitment(self.keys[client], com)
+        resp = httpx.post(
+            self.url("/v1/commitments"),
+            json={"commitment": com.to_dict(), "signature": sig.hex()},
+        )
+        assert resp.status_code == 202, resp.text
+        self.made[client] = (com, nonce, encode_update(tensors))
+
+    def reveal(
+        self,
+        rnd: int,
+        client: int,
+        body: bytes | None = None,
+        nonce: bytes | None = None,
+    ) -> httpx.Response:
+        com, nonce0, body0 = self.made[client]
+        body = body0 if body is None else body
+        nonce = nonce0 if nonce is None else nonce
+        sig = sign_reveal(self.keys[client], com, body, nonce)
+        return httpx.put(
+            self.url(f"/v1/rounds/{rnd}/reveals/{client}"),
+            content=body,
+            headers={
+                "x-pg-nonce": nonce.hex(),
+                "x-pg-signature": sig.hex(),
+                "content-type": "application/octet-stream",
+            },
+        )
+
+    def wait_phase(self, rnd: int, phase: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        s: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                s = httpx.get(self.url("/v1/round")).json()
+            except httpx.HTTPError:
+                s = {}
+            if s.get("round") == rnd and s.get("phase") == phase:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"galaxy never reached round {rnd} {phase}; it is at {s}")
+
+    def wait_global_round(self, rnd: int, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status: dict[str, Any] = self.cluster.status()
+                if status["round"] >= rnd:
+                    return status
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"the global aggregator never reached {rnd}"
+            )
+            time.sleep(0.1)

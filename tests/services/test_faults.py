@@ -1,0 +1,174 @@
+"""Faults, on real processes: SIGKILL a galaxy mid-reveal, SIGKILL the global
+aggregator mid-round, restart Redis, clients that never reveal.
+
+With FedAvg and known updates the global model after each round is known exactly:
+``w1 = w0 + lr * g0`` and, with server momentum ``beta``,
+``w2 = w1 + lr * (beta * g0 + g1)``; comparing it with what the service serves shows
+that every update answered 2xx was aggregated and that no round was applied twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from protogalaxy.codec import decode_update
+from protogalaxy.config import load_config
+from protogalaxy.learning.models import build_model
+from services.redis_store import RedisGalaxyStore
+from services.up import LocalCluster
+from tests.services.players import SPEC, Players, update
+
+pytestmark = pytest.mark.slow
+
+N = 4
+
+
+def make_cluster(tmp_path: Path, **overrides: Any) -> Iterator[LocalCluster]:
+    reveal_deadline = overrides.pop("reveal_deadline_s", 600)
+    config = load_config(
+        overrides={
+            "clients.count": N,
+            "galaxies.count": 1,
+            "byzantine.fraction": 0.0,
+            "defense.byzantine_fraction": 0.0,
+            "defense.layers": [1],
+            "defense.aggregator": "fedavg",
+            "training.rounds": 2,
+            **overrides,
+        }
+    )
+    cluster = LocalCluster(
+        config, tmp_path, commit_deadline_s=600, reveal_deadline_s=reveal_deadline
+    )
+    try:
+        cluster.start(clients=False)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def served_model(cluster: LocalCluster) -> torch.Tensor:
+    body = httpx.get(cluster.global_url + "/v1/model").content
+    return SPEC.flatten(decode_update(body))
+
+
+def initial_model() -> torch.Tensor:
+    return SPEC.flatten(
+        dict(build_model("mnist_cnn", seed=0).named_parameters())
+    ).detach()
+
+
+def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return SPEC.flatten(tensors)
+
+
+def play_round(p: Players, rnd: int, ups: dict[int, dict[str, torch.Tensor]]) -> None:
+    p.wait_phase(rnd, "commit")
+    for c, u in ups.items():
+        p.commit(rnd, c, u)
+    p.wait_phase(rnd, "reveal")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    yield from make_cluster(tmp_path)
+
+
+def test_galaxy_killed_during_the_reveal_phase(cluster: LocalCluster) -> None:
+    p = Players(cluster, N)
+    p.register()
+    ups = {c: update(c) for c in range(N)}
+    play_round(p, 0, ups)
+    assert p.reveal(0, 0).status_code == 202
+    assert p.reveal(0, 1).status_code == 202
+    cluster.kill("galaxy-0")  # SIGKILL: nothing flushed, nothing said goodbye
+    cluster.procs["galaxy-0"].start()
+    cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
+    assert p.reveal(0, 1).status_code == 202  # a resend after the restart is a no-op
+    assert p.reveal(0, 2).status_code == 202
+    assert p.reveal(0, 3).status_code == 202
+    p.wait_global_round(1)
+    g0 = torch.stack([flat(u) for u in ups.values()]).mean(0)
+    expected = initial_model() + 1.3 * g0
+    assert torch.allclose(served_model(cluster), expected, atol=1e-5)
+
+
+def test_global_killed_mid_round_resumes_without_applying_twice(
+    cluster: LocalCluster,
+) -> None:
+    p = Players(cluster, N)
+    p.register()
+    ups0 = {c: update(c) for c in range(N)}
+    play_round(p, 0, ups0)
+    for c in range(N):
+        assert p.reveal(0, c).status_code == 202
+    p.wait_global_round(1)
+    ups1 = {c: update(10 + c) for c in range(N)}
+    play_round(p, 1, ups1)  # the round-1 head is signed: the galaxy is revealing
+    cluster.kill("global")
+    cluster.procs["global"].start()
+    cluster.wait_ready(cluster.global_url, "/readyz")
+    for c in range(N):
+        assert p.reveal(1, c).status_code == 202
+    status = p.wait_global_round(2)
+    assert status["finished"] and status["audit_log"]["size"] == 2
+    g0 = torch.stack([flat(u) for u in ups0.values()]).mean(0)
+    g1 = torch.stack([flat(u) for u in ups1.values()]).mean(0)
+    w1 = initial_model() + 1.3 * g0
+    expected = w1 + 1.3 * (0.5 * g0 + g1)  # server momentum survived the restart
+    assert torch.allclose(served_model(cluster), expected, atol=1e-5)
+
+
+def test_clients_that_never_reveal(tmp_path: Path) -> None:
+    for cluster in make_cluster(tmp_path, reveal_deadline_s=3):
+        p = Players(cluster, N)
+        p.register()
+        ups = {c: update(c) for c in range(N)}
+        play_round(p, 0, ups)
+        assert p.reveal(0, 0).status_code == 202
+        assert p.reveal(0, 2).status_code == 202  # 1 and 3 never reveal
+        p.wait_global_round(1, timeout=60)
+        g0 = (flat(ups[0]) + flat(ups[2])) / 2
+        assert torch.allclose(
+            served_model(cluster), initial_model() + 1.3 * g0, atol=1e-5
+        )
+
+
+def test_redis_restart_keeps_reputations_quarantine_and_evidence(
+    tmp_path: Path,
+) -> None:
+    for cluster in make_cluster(
+        tmp_path,
+        **{"defense.layers": [1, 4], "defense.reputation.quarantine_below": 0.47},
+    ):
+        p = Players(cluster, N)
+        p.register()
+        ups = {c: update(c) for c in range(N)}
+        play_round(p, 0, ups)
+        for c in range(3):
+            assert p.reveal(0, c).status_code == 202
+        # client 3 reveals something else than it committed to: quarantined (R = 0.45)
+        bad = p.reveal(0, 3, body=p.made[0][2])
+        assert bad.status_code == 422
+        p.wait_global_round(1)
+        url = f"redis://127.0.0.1:{cluster.redis_port}/0"
+        before = RedisGalaxyStore.from_url(url, galaxy=0)
+        reputation, evidence = before.load_reputation(), before.evidence()
+        assert evidence and evidence[0]["event"] == "client_quarantined"
+        assert evidence[0]["client"] == 3 and evidence[0]["evidence"]["leaf"]
+        cluster.restart("redis")  # SIGTERM, then the same data directory (AOF on)
+        after = RedisGalaxyStore.from_url(url, galaxy=0)
+        assert after.load_reputation() == reputation
+        assert after.evidence() == evidence
+        cluster.restart("galaxy-0")  # and the galaxy reads them back from Redis
+        cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
+        state = httpx.get(cluster.galaxy_url(0) + "/v1/clients/3").json()
+        assert state["status"] == "quarantined" and state[
+            "reputation"
+        ] == pytest.approx(0.45)
