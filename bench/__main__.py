@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense", "learning"]
+SUITES = ["crypto", "defense", "learning", "ingest"]
 
 
 def main() -> int:

@@ -139,6 +139,13 @@ class RedisGalaxyStore(GalaxyStore):
         raw = self.r.hgetall(self._k("r", round, "reveals"))
         return {int(c): (bytes(v[_NONCE:]), bytes(v[:_NONCE])) for c, v in raw.items()}
 
+    def get_reveal(self, round: int, client: int) -> tuple[bytes, bytes] | None:
+        v = self.r.hget(self._k("r", round, "reveals"), str(client))
+        return None if v is None else (bytes(v[_NONCE:]), bytes(v[:_NONCE]))
+
+    def reveal_count(self, round: int) -> int:
+        return int(self.r.hlen(self._k("r", round, "reveals")))
+
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
         return bool(
             self.r.hsetnx(self._k("r", round, "rejections"), str(client), reason)

@@ -63,8 +63,8 @@ def check_reveal(
     *,
     spec: UpdateSpec,
     max_bytes: int,
-) -> torch.Tensor:
-    """Check a reveal against its commitment and the model; return the flat update."""
+) -> dict[str, torch.Tensor]:
+    """Check a reveal against its commitment and the model; return its tensors."""
     if len(body) > max_bytes:
         raise IntegrityError(
             "too_large", f"{len(body)} bytes exceeds the limit of {max_bytes}"
@@ -82,4 +82,4 @@ def check_reveal(
     except ValueError as exc:
         reason, _, detail = str(exc).partition(": ")
         raise IntegrityError(reason, detail) from None
-    return spec.flatten(tensors)
+    return tensors

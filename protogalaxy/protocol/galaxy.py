@@ -296,7 +296,7 @@ class GalaxyAggregator:
         if tree is None or client not in tree.client_ids:
             raise UnknownClient(f"client {client} has no commitment in round {round}")
         record = self.store.commitments(round)[client]
-        existing = self.store.reveals(round).get(client)
+        existing = self.store.get_reveal(round, client)
         if existing is not None:
             if existing == (bytes(body), bytes(nonce)):
                 return
@@ -336,7 +336,7 @@ class GalaxyAggregator:
     def reveal_quorum_reached(self, round: int) -> bool:
         tree = self._tree(round)
         committed = 0 if tree is None else tree.size
-        done = len(self.store.reveals(round)) + len(self.store.rejections(round))
+        done = self.store.reveal_count(round) + len(self.store.rejections(round))
         return committed > 0 and done >= self.quorum * committed
 
     def close_reveal(

@@ -68,6 +68,13 @@ class GalaxyStore(ABC):
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
 
     @abstractmethod
+    def get_reveal(self, round: int, client: int) -> tuple[bytes, bytes] | None:
+        """One client's reveal, without fetching the others' (they can be large)."""
+
+    @abstractmethod
+    def reveal_count(self, round: int) -> int: ...
+
+    @abstractmethod
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
         """Record a layer-1 rejection (first one per client and round wins)."""
 
@@ -157,6 +164,12 @@ class MemoryGalaxyStore(GalaxyStore):
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._reveals.get(round, {}))
+
+    def get_reveal(self, round: int, client: int) -> tuple[bytes, bytes] | None:
+        return self._reveals.get(round, {}).get(client)
+
+    def reveal_count(self, round: int) -> int:
+        return len(self._reveals.get(round, {}))
 
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
         return self._set_if_absent(self._rejections, round, client, reason)

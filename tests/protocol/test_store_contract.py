@@ -62,6 +62,8 @@ def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
     assert store.add_reveal(1, 4, body, nonce)
     assert not store.add_reveal(1, 4, b"other", nonce)
     assert store.reveals(1) == {4: (body, nonce)}
+    assert store.get_reveal(1, 4) == (body, nonce) and store.get_reveal(1, 5) is None
+    assert store.reveal_count(1) == 1 and store.reveal_count(2) == 0
     assert store.add_rejection(1, 5, "non_finite")
     assert not store.add_rejection(1, 5, "shape")
     assert store.rejections(1) == {5: "non_finite"}
