@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,7 @@ class ClientRunner:
         self.settings = settings
         self.config = cfg = config or load_config(settings.config_path)
         self.data = dataset or load_dataset(cfg.dataset.name, root=cfg.dataset.root)
+        torch.manual_seed(cfg.seed)  # dropout draws from the global RNG, as in simulate
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(
             cfg.model, num_classes=self.data.num_classes, seed=cfg.seed
@@ -133,7 +135,10 @@ class ClientRunner:
             bytes.fromhex(settings.global_public_key)
         )
         self.galaxies = sorted({cfg.galaxy_of(c) for c in settings.client_ids})
-        self.http = httpx.Client(timeout=settings.timeout_s)
+        self.http = httpx.Client(
+            timeout=settings.timeout_s, limits=httpx.Limits(max_connections=16)
+        )
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="client")
         self.rounds_done: list[int] = []
 
     def url(self, galaxy: int, path: str) -> str:
@@ -244,8 +249,9 @@ class ClientRunner:
         # order it is given, so hand it the model's order that unflatten expects.
         params = {name: decoded[name] for name in self.spec.names}
         updates = self.train(rnd, clients, params)
-        made: dict[int, tuple[Commitment, bytes, bytes]] = {}
-        for i, c in enumerate(clients):
+
+        def commit_one(i: int) -> tuple[int, tuple[Commitment, bytes, bytes] | None]:
+            c = clients[i]
             tensors = self.spec.unflatten(updates[i])
             body = encode_update(tensors)
             g = self.config.galaxy_of(c)
@@ -256,12 +262,19 @@ class ClientRunner:
                 self.url(g, "/v1/commitments"),
                 json={"commitment": commitment.to_dict(), "signature": sig.hex()},
             )
-            if out.status_code == 202:
-                made[c] = (commitment, nonce, body)
-            else:
+            if out.status_code != 202:
                 _log.info(
                     "client %d round %d: commitment refused: %s", c, rnd, out.text
                 )
+                return c, None
+            return c, (commitment, nonce, body)
+
+        # Clients are independent: their requests go out concurrently.
+        made = {
+            c: m
+            for c, m in self.pool.map(commit_one, range(len(clients)))
+            if m is not None
+        }
         self.wait(
             lambda s: all(
                 s[g]["finished"]
@@ -273,38 +286,39 @@ class ClientRunner:
                 for g in galaxies
             )
         )
-        for c, (commitment, nonce, body) in made.items():
-            g = self.config.galaxy_of(c)
-            got = self.request("GET", self.url(g, f"/v1/rounds/{rnd}/receipts/{c}"))
-            if got.status_code != 200:
-                _log.info(
-                    "client %d round %d: no receipt (%d)", c, rnd, got.status_code
-                )
-                continue
-            receipt = Receipt.from_dict(got.json())
-            try:
-                verify_receipt(
-                    receipt,
-                    global_key=self.global_key,
-                    commitment=commitment,
-                    round=rnd,
-                )
-            except VerificationError as exc:
-                raise ReceiptRejected(
-                    f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
-                    f"verification ({type(exc).__name__}: {exc}); not revealing"
-                ) from exc
-            sig = sign_reveal(self.keys[c], commitment, body, nonce)
-            self.request(
-                "PUT",
-                self.url(g, f"/v1/rounds/{rnd}/reveals/{c}"),
-                content=body,
-                headers={
-                    "content-type": "application/octet-stream",
-                    "x-pg-nonce": nonce.hex(),
-                    "x-pg-signature": sig.hex(),
-                },
+        list(self.pool.map(lambda item: self.reveal_one(rnd, *item), made.items()))
+
+    def reveal_one(
+        self, rnd: int, c: int, made: tuple[Commitment, bytes, bytes]
+    ) -> None:
+        """Fetch and verify the receipt, then reveal; a bad receipt stops the run."""
+        commitment, nonce, body = made
+        g = self.config.galaxy_of(c)
+        got = self.request("GET", self.url(g, f"/v1/rounds/{rnd}/receipts/{c}"))
+        if got.status_code != 200:
+            _log.info("client %d round %d: no receipt (%d)", c, rnd, got.status_code)
+            return
+        receipt = Receipt.from_dict(got.json())
+        try:
+            verify_receipt(
+                receipt, global_key=self.global_key, commitment=commitment, round=rnd
             )
+        except VerificationError as exc:
+            raise ReceiptRejected(
+                f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
+                f"verification ({type(exc).__name__}: {exc}); not revealing"
+            ) from exc
+        sig = sign_reveal(self.keys[c], commitment, body, nonce)
+        self.request(
+            "PUT",
+            self.url(g, f"/v1/rounds/{rnd}/reveals/{c}"),
+            content=body,
+            headers={
+                "content-type": "application/octet-stream",
+                "x-pg-nonce": nonce.hex(),
+                "x-pg-signature": sig.hex(),
+            },
+        )
 
     def train(
         self, rnd: int, clients: list[int], params: dict[str, torch.Tensor]
