@@ -80,14 +80,19 @@ def _simulate(args: argparse.Namespace) -> int:
 
     result = sim.run(progress=progress)
     summary = write_outputs(result, out)
+    _print_summary(summary, f"{out}/")
+    return 0
+
+
+def _print_summary(summary: dict[str, object], wrote: str) -> None:
+    """The closing line of simulate and up: the same figures, the same words."""
     print(
         f"final accuracy {summary['final_accuracy']:.4f}, detection rate "
         f"{summary['detection_rate']}, false-positive rate "
         f"{summary['false_positive_rate']}, {summary['wall_seconds']:.1f} s; "
-        f"wrote {out}/",
+        f"wrote {wrote}",
         flush=True,
     )
-    return 0
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -135,13 +140,7 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     finally:
         cluster.stop()
-    print(
-        f"final accuracy {summary['final_accuracy']:.4f}, detection rate "
-        f"{summary['detection_rate']}, false-positive rate "
-        f"{summary['false_positive_rate']}, {summary['wall_seconds']:.1f} s; "
-        f"wrote {out}/summary.json",
-        flush=True,
-    )
+    _print_summary(summary, f"{out}/summary.json")
     return 0
 
 

@@ -23,16 +23,11 @@ from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.crypto.identity import SigningKey, sign_commitment, sign_reveal
 from protogalaxy.crypto.receipts import verify_receipt
 from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
-from protogalaxy.learning.attacks import (
-    add_trigger,
-    data_transform,
-    is_active,
-    poison_updates,
-)
+from protogalaxy.learning.attacks import add_trigger, train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
-from protogalaxy.learning.training import BatchedTrainer, ClientTask, evaluate
+from protogalaxy.learning.training import BatchedTrainer, evaluate
 from protogalaxy.protocol.galaxy import GalaxyAggregator, Rejected
 from protogalaxy.protocol.global_aggregator import GlobalAggregator
 from protogalaxy.protocol.stores import MemoryGalaxyStore
@@ -190,32 +185,20 @@ class Simulation:
     # -- one round -------------------------------------------------------------
 
     def _train(self, round: int, clients: list[int]) -> torch.Tensor:
-        active = is_active(self.attack, round, self.config.seed)
-        transform = data_transform(self.attack) if active else None
-        byz = set(self.byzantine)
-        tasks = [
-            ClientTask(self.parts[c], transform if c in byz else None) for c in clients
-        ]
-        params = self.spec.unflatten(self.global_agg.params)
-        updates = self.trainer.train(
-            params,
-            tasks,
-            self.data.x_train,
-            self.data.y_train,
+        return train_clients(
+            self.trainer,
+            self.spec.unflatten(self.global_agg.params),
+            clients,
+            parts=dict(enumerate(self.parts)),
+            x=self.data.x_train,
+            y=self.data.y_train,
+            attack=self.attack,
+            byzantine=set(self.byzantine),
+            galaxy_of=self.config.galaxy_of,
+            round=round,
+            seed=self.config.seed,
             generator=self.generator,
-        ).cpu()
-        if active:
-            for gid in self.galaxies:
-                rows = [
-                    i for i, c in enumerate(clients) if self.config.galaxy_of(c) == gid
-                ]
-                if not rows:
-                    continue
-                mask = torch.tensor([clients[i] in byz for i in rows])
-                updates[rows] = poison_updates(
-                    self.attack, updates[rows], mask, generator=self.generator
-                )
-        return updates
+        )
 
     def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:
         t0 = time.perf_counter()

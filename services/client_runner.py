@@ -32,11 +32,11 @@ from protogalaxy.crypto.identity import (
     sign_reveal,
 )
 from protogalaxy.crypto.receipts import Receipt, verify_receipt
-from protogalaxy.learning.attacks import data_transform, is_active, poison_updates
+from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
-from protogalaxy.learning.training import BatchedTrainer, ClientTask
+from protogalaxy.learning.training import BatchedTrainer
 from protogalaxy.simulation import choose_byzantine
 from protogalaxy.spec import UpdateSpec
 from services.common import env
@@ -323,26 +323,17 @@ class ClientRunner:
     def train(
         self, rnd: int, clients: list[int], params: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        active = is_active(self.attack, rnd, self.config.seed)
-        transform = data_transform(self.attack) if active else None
-        tasks = [
-            ClientTask(self.parts[c], transform if c in self.byzantine else None)
-            for c in clients
-        ]
-        updates = self.trainer.train(
+        return train_clients(
+            self.trainer,
             params,
-            tasks,
-            self.data.x_train,
-            self.data.y_train,
+            clients,
+            parts=self.parts,
+            x=self.data.x_train,
+            y=self.data.y_train,
+            attack=self.attack,
+            byzantine=self.byzantine,
+            galaxy_of=self.config.galaxy_of,
+            round=rnd,
+            seed=self.config.seed,
             generator=self.generator,
-        ).cpu()
-        if active:
-            for g in {self.config.galaxy_of(c) for c in clients}:
-                rows = [
-                    i for i, c in enumerate(clients) if self.config.galaxy_of(c) == g
-                ]
-                mask = torch.tensor([clients[i] in self.byzantine for i in rows])
-                updates[rows] = poison_updates(
-                    self.attack, updates[rows], mask, generator=self.generator
-                )
-        return updates
+        )

@@ -25,7 +25,9 @@ An attack may be intermittent: active in a seeded fraction of rounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,6 +39,7 @@ __all__ = [
     "data_transform",
     "is_active",
     "poison_updates",
+    "train_clients",
 ]
 
 DATA_ATTACKS = ("label_flip", "backdoor")
@@ -153,3 +156,45 @@ def poison_updates(
     elif name == "ipm":
         out[rows] = -config.ipm_epsilon * benign.mean(0)
     return out
+
+
+def train_clients(
+    trainer: Any,
+    params: dict[str, torch.Tensor],
+    clients: list[int],
+    *,
+    parts: Mapping[int, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    byzantine: set[int],
+    galaxy_of: Callable[[int], int],
+    round: int,
+    seed: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One round of local training for ``clients``, honest and Byzantine alike.
+
+    Data poisoning runs inside training; model poisoning replaces the Byzantine rows
+    afterwards, galaxy by galaxy (ALIE and IPM see their own galaxy's benign updates).
+    ``trainer`` is a :class:`~protogalaxy.learning.training.BatchedTrainer`. The
+    simulation and the client runner both call this, so they train alike.
+    """
+    from protogalaxy.learning.training import ClientTask
+
+    active = is_active(attack, round, seed)
+    transform = data_transform(attack) if active else None
+    tasks = [
+        ClientTask(parts[c], transform if c in byzantine else None) for c in clients
+    ]
+    updates: torch.Tensor = trainer.train(
+        params, tasks, x, y, generator=generator
+    ).cpu()
+    if active:
+        for g in sorted({galaxy_of(c) for c in clients}):
+            rows = [i for i, c in enumerate(clients) if galaxy_of(c) == g]
+            mask = torch.tensor([clients[i] in byzantine for i in rows])
+            updates[rows] = poison_updates(
+                attack, updates[rows], mask, generator=generator
+            )
+    return updates
