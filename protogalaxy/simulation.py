@@ -23,7 +23,7 @@ from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.crypto.identity import SigningKey, sign_commitment, sign_reveal
 from protogalaxy.crypto.receipts import verify_receipt
 from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
-from protogalaxy.learning.attacks import add_trigger, train_clients
+from protogalaxy.learning.attacks import AttackConfig, add_trigger, train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
@@ -33,7 +33,7 @@ from protogalaxy.protocol.global_aggregator import GlobalAggregator
 from protogalaxy.protocol.stores import MemoryGalaxyStore
 from protogalaxy.spec import UpdateSpec
 
-__all__ = ["RoundMetrics", "Simulation", "SimulationResult"]
+__all__ = ["ClientSide", "RoundMetrics", "Simulation", "SimulationResult"]
 
 _log = logging.getLogger("protogalaxy.simulation")
 
@@ -117,6 +117,65 @@ def choose_byzantine(config: SimulationConfig) -> list[int]:
     return sorted(chosen)
 
 
+@dataclass
+class ClientSide:
+    """What every client-side process derives from the config, in one fixed order
+    (global seed, generator, model, partition, Byzantine choice, trainer), so the
+    simulation and the services' client runner train identically."""
+
+    generator: torch.Generator
+    model: torch.nn.Module
+    spec: UpdateSpec
+    parts: list[torch.Tensor]
+    byzantine: list[int]
+    attack: AttackConfig
+    trainer: BatchedTrainer
+
+    @classmethod
+    def build(
+        cls,
+        config: SimulationConfig,
+        data: Dataset,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> ClientSide:
+        torch.manual_seed(config.seed)  # dropout draws from the global RNG
+        generator = torch.Generator().manual_seed(config.seed)
+        model = build_model(
+            config.model, num_classes=data.num_classes, seed=config.seed
+        )
+        model = model.to(device)
+        spec = UpdateSpec.from_params(
+            {k: v.detach().cpu() for k, v in model.named_parameters()}
+        )
+        parts = partition(
+            data.y_train,
+            num_clients=config.clients.count,
+            samples_per_client=config.clients.samples_per_client,
+            scheme=config.clients.partition,
+            alpha=config.clients.dirichlet_alpha,
+            power=config.clients.powerlaw_exponent,
+            generator=generator,
+        )
+        trainer = BatchedTrainer(
+            model,
+            lr=config.training.lr,
+            momentum=config.training.momentum,
+            batch_size=config.training.batch_size,
+            epochs=config.training.local_epochs,
+            device=device,
+        )
+        return cls(
+            generator,
+            model,
+            spec,
+            parts,
+            choose_byzantine(config),
+            config.attack(),
+            trainer,
+        )
+
+
 class Simulation:
     """Build once, then :meth:`run`."""
 
@@ -128,32 +187,15 @@ class Simulation:
         self.data = dataset or load_dataset(
             config.dataset.name, root=config.dataset.root
         )
-        torch.manual_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.model = build_model(
-            config.model, num_classes=self.data.num_classes, seed=config.seed
-        ).to(self.device)
+        side = ClientSide.build(config, self.data, device=self.device)
+        self.generator = side.generator
+        self.model = side.model
+        self.spec = side.spec
+        self.parts = side.parts
+        self.byzantine = side.byzantine
+        self.attack = side.attack
+        self.trainer = side.trainer
         params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
-        self.spec = UpdateSpec.from_params(params)
-        self.parts = partition(
-            self.data.y_train,
-            num_clients=config.clients.count,
-            samples_per_client=config.clients.samples_per_client,
-            scheme=config.clients.partition,
-            alpha=config.clients.dirichlet_alpha,
-            power=config.clients.powerlaw_exponent,
-            generator=self.generator,
-        )
-        self.byzantine = choose_byzantine(config)
-        self.attack = config.attack()
-        self.trainer = BatchedTrainer(
-            self.model,
-            lr=config.training.lr,
-            momentum=config.training.momentum,
-            batch_size=config.training.batch_size,
-            epochs=config.training.local_epochs,
-            device=self.device,
-        )
         defense = config.defense.build()
         self.global_key = SigningKey.generate()
         self.client_keys = {

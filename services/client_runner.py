@@ -34,11 +34,7 @@ from protogalaxy.crypto.identity import (
 from protogalaxy.crypto.receipts import Receipt, verify_receipt
 from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
-from protogalaxy.learning.models import build_model
-from protogalaxy.learning.partition import partition
-from protogalaxy.learning.training import BatchedTrainer
-from protogalaxy.simulation import choose_byzantine
-from protogalaxy.spec import UpdateSpec
+from protogalaxy.simulation import ClientSide
 from services.common import env
 
 __all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "parse_ids"]
@@ -105,31 +101,15 @@ class ClientRunner:
         self.settings = settings
         self.config = cfg = config or load_config(settings.config_path)
         self.data = dataset or load_dataset(cfg.dataset.name, root=cfg.dataset.root)
-        torch.manual_seed(cfg.seed)  # dropout draws from the global RNG, as in simulate
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.model = build_model(
-            cfg.model, num_classes=self.data.num_classes, seed=cfg.seed
-        )
-        self.spec = UpdateSpec.from_params(dict(self.model.named_parameters()))
-        parts = partition(
-            self.data.y_train,
-            num_clients=cfg.clients.count,
-            samples_per_client=cfg.clients.samples_per_client,
-            scheme=cfg.clients.partition,
-            alpha=cfg.clients.dirichlet_alpha,
-            power=cfg.clients.powerlaw_exponent,
-            generator=self.generator,
-        )
-        self.parts = {c: parts[c] for c in settings.client_ids}
-        self.byzantine = set(choose_byzantine(cfg)) & set(settings.client_ids)
-        self.attack = cfg.attack()
-        self.trainer = BatchedTrainer(
-            self.model,
-            lr=cfg.training.lr,
-            momentum=cfg.training.momentum,
-            batch_size=cfg.training.batch_size,
-            epochs=cfg.training.local_epochs,
-        )
+        # The simulation's client side, built the same way, so both train alike.
+        side = ClientSide.build(cfg, self.data)
+        self.generator = side.generator
+        self.model = side.model
+        self.spec = side.spec
+        self.trainer = side.trainer
+        self.attack = side.attack
+        self.parts = {c: side.parts[c] for c in settings.client_ids}
+        self.byzantine = set(side.byzantine) & set(settings.client_ids)
         self.keys = {c: SigningKey.generate() for c in settings.client_ids}
         self.global_key = VerifyKey.from_bytes(
             bytes.fromhex(settings.global_public_key)
