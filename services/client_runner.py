@@ -228,7 +228,9 @@ class ClientRunner:
         # PGT1 holds tensors in canonical (sorted) order; training flattens in the
         # order it is given, so hand it the model's order that unflatten expects.
         params = {name: decoded[name] for name in self.spec.names}
+        t0 = time.perf_counter()
         updates = self.train(rnd, clients, params)
+        t_train = time.perf_counter()
 
         def commit_one(i: int) -> tuple[int, tuple[Commitment, bytes, bytes] | None]:
             c = clients[i]
@@ -255,6 +257,8 @@ class ClientRunner:
             for c, m in self.pool.map(commit_one, range(len(clients)))
             if m is not None
         }
+        t_commit = time.perf_counter()
+
         self.wait(
             lambda s: all(
                 s[g]["finished"]
@@ -266,7 +270,22 @@ class ClientRunner:
                 for g in galaxies
             )
         )
+        t_head = time.perf_counter()
         list(self.pool.map(lambda item: self.reveal_one(rnd, *item), made.items()))
+        _log.info(
+            "client_round",
+            extra={
+                "event_record": {
+                    "event": "client_round",
+                    "round": rnd,
+                    "clients": len(clients),
+                    "train_s": round(t_train - t0, 3),
+                    "commit_s": round(t_commit - t_train, 3),
+                    "wait_head_s": round(t_head - t_commit, 3),
+                    "reveal_s": round(time.perf_counter() - t_head, 3),
+                }
+            },
+        )
 
     def reveal_one(
         self, rnd: int, c: int, made: tuple[Commitment, bytes, bytes]

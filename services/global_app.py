@@ -89,7 +89,8 @@ class GlobalSettings:
         )
 
 
-def _signing_key(path: Path) -> SigningKey:
+def load_or_create_signing_key(path: Path) -> SigningKey:
+    """The Ed25519 key in ``path``, created (mode 0600, fsynced) if there is none."""
     if path.exists():
         return SigningKey.from_bytes(path.read_bytes())
     key = SigningKey.generate()
@@ -108,7 +109,7 @@ class _Runtime:
         self.rounds = settings.rounds or config.training.rounds
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.key = _signing_key(data / "signing.key")
+        self.key = load_or_create_signing_key(data / "signing.key")
         self.checkpoints = CheckpointDir(
             data / "checkpoints", keep=settings.keep_checkpoints
         )

@@ -27,6 +27,7 @@ import yaml
 
 from protogalaxy.config import SimulationConfig
 from protogalaxy.simulation import choose_byzantine
+from services.global_app import load_or_create_signing_key
 
 __all__ = ["LocalCluster"]
 
@@ -182,17 +183,27 @@ class LocalCluster:
                 time.sleep(0.05)
 
     def start(self, *, clients: bool = True) -> None:
-        """Redis, then the global aggregator, then the galaxies, then the clients
-        (``clients=False``: the caller plays the clients, as the tests do)."""
+        """Redis, then the global aggregator, the galaxies and the clients together
+        (``clients=False``: the caller plays the clients, as the tests do).
+
+        The global aggregator's signing key is created in its data directory first,
+        exactly as the service would on its first start, so its public key is known
+        before anything runs; galaxies and clients retry until their peers answer.
+        """
         self.start_redis()
+        data = self.out / "global"
+        data.mkdir(parents=True, exist_ok=True)
+        key = (
+            load_or_create_signing_key(data / "signing.key").public_key.to_bytes().hex()
+        )
+        self.global_public_key = key
         self._service(
             "global",
             "global",
             PG_PORT=self.global_port,
-            PG_DATA_DIR=self.out / "global",
+            PG_DATA_DIR=data,
             PG_GALAXIES=self.config.galaxies.count,
         ).start()
-        key = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
         for g, port in self.galaxy_ports.items():
             self._service(
                 f"galaxy-{g}",
@@ -204,20 +215,23 @@ class LocalCluster:
                 PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
                 PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
             ).start()
+        if clients:
+            self._service(
+                "clients",
+                "client",
+                PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
+                PG_GALAXY_URLS=",".join(
+                    self.galaxy_url(g) for g in sorted(self.galaxy_ports)
+                ),
+                PG_GLOBAL_PUBLIC_KEY=key,
+            ).start()
+        served = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
+        if served != key:
+            raise RuntimeError(
+                "the global aggregator serves another key than its data dir's"
+            )
         for g in self.galaxy_ports:
             self.wait_ready(self.galaxy_url(g), "/readyz")
-        self.global_public_key = key
-        if not clients:
-            return
-        self._service(
-            "clients",
-            "client",
-            PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
-            PG_GALAXY_URLS=",".join(
-                self.galaxy_url(g) for g in sorted(self.galaxy_ports)
-            ),
-            PG_GLOBAL_PUBLIC_KEY=key,
-        ).start()
 
     def galaxy_url(self, g: int) -> str:
         return f"http://127.0.0.1:{self.galaxy_ports[g]}"
