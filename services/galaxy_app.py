@@ -101,7 +101,6 @@ class _Runtime:
 
     def __init__(self, settings: GalaxySettings, config: SimulationConfig) -> None:
         self.settings = settings
-        self.config = config
         model = build_model(config.model, seed=config.seed)
         self.spec = UpdateSpec.from_params(dict(model.named_parameters()))
         self.store = RedisGalaxyStore.from_url(
