@@ -4,7 +4,9 @@ commitment digest, strict decode, shape/dtype/finite checks, Redis write.
 
 The floor is a server on the same stack (uvicorn, FastAPI, the same bounded body
 reader) that receives the same body and discards it. Reported as the galaxy's
-throughput relative to the floor's (goal: >= 0.50), median over several reveals.
+throughput relative to the floor's (goal: >= 0.50): each reveal is timed right
+after a discard of the same body, and the figure is the median of those paired
+ratios (the floor alone swings by 2x on a shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from protogalaxy.learning.models import build_model
 from protogalaxy.spec import UpdateSpec
 from services.up import LocalCluster, _port_block
 
-CLIENTS = 5
+CLIENTS = 9
 
 _DISCARD = """
 import sys, uvicorn
@@ -122,7 +124,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             discard.terminate()
             discard.wait()
     mb = len(bodies[0]) / 1e6
-    ratio = statistics.median(floor) / statistics.median(galaxy)
+    ratio = statistics.median(f / g for f, g in zip(floor, galaxy, strict=True))
     return [
         report(
             "ingest 11.2M float32 via galaxy (vs discard)",
@@ -130,6 +132,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             ">= 0.50",
             ratio >= 0.50,
             f"{mb:.1f} MB: discard {mb / statistics.median(floor):.0f} MB/s, galaxy "
-            f"{mb / statistics.median(galaxy):.0f} MB/s (median of {CLIENTS})",
+            f"{mb / statistics.median(galaxy):.0f} MB/s (medians of {CLIENTS} pairs)",
         )
     ]

@@ -26,8 +26,10 @@ See ``docs/commitment-encoding.md`` for a worked example.
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
@@ -317,18 +319,37 @@ def parse_header(
     return UpdateHeader(tuple(tensors), r.pos, total)
 
 
-def _decode_body(header: UpdateHeader, body: memoryview) -> dict[str, torch.Tensor]:
+def _decode_body(
+    header: UpdateHeader, body: memoryview, *, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    if not copy and body.readonly:
+        # Views of an immutable buffer, documented as read-only: silence torch's
+        # warning about it once for the whole update.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _decode_tensors(header, body, copy=False)
+    return _decode_tensors(header, body, copy=copy)
+
+
+def _decode_tensors(
+    header: UpdateHeader, body: memoryview, *, copy: bool
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     pos = 0
     for th in header.tensors:
         nbytes = th.nbytes
-        raw = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=pos)
-        tensor = torch.empty(th.shape, dtype=th.dtype)
-        if nbytes:
-            flat = tensor.view(-1).view(torch.uint8).numpy()
-            flat[:] = raw
-            if _BIG_ENDIAN and tensor.element_size() > 1:  # pragma: no cover
-                tensor = _from_little_endian(tensor)
+        if not copy and nbytes and not _BIG_ENDIAN:
+            tensor = torch.frombuffer(
+                body, dtype=th.dtype, count=math.prod(th.shape), offset=pos
+            ).view(th.shape)
+        else:
+            raw = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=pos)
+            tensor = torch.empty(th.shape, dtype=th.dtype)
+            if nbytes:
+                flat = tensor.view(-1).view(torch.uint8).numpy()
+                flat[:] = raw
+                if _BIG_ENDIAN and tensor.element_size() > 1:  # pragma: no cover
+                    tensor = _from_little_endian(tensor)
         pos += nbytes
         pad = _pad(nbytes)
         if pad and any(body[pos : pos + pad]):
@@ -347,9 +368,16 @@ def _from_little_endian(tensor: torch.Tensor) -> torch.Tensor:  # pragma: no cov
 
 
 def decode_update(
-    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Decode ``PGT1`` bytes into a dict of new CPU tensors.
+
+    With ``copy=False`` the tensors are views of ``data`` (no copy): the caller must
+    treat them as read-only and keep ``data`` unchanged while they live. Checking a
+    received update needs nothing more.
 
     Raises
     ------
@@ -371,7 +399,7 @@ def decode_update(
             f"{len(view) - header.total_size} trailing bytes after the declared "
             f"{header.total_size}-byte update"
         )
-    return _decode_body(header, view[header.header_size :])
+    return _decode_body(header, view[header.header_size :], copy=copy)
 
 
 def read_update(
@@ -420,4 +448,5 @@ def read_update(
         raise ValueError(
             f"trailing bytes after the declared {header.total_size}-byte update"
         )
-    return _decode_body(header, view[header.header_size :])
+    # The buffer is private to the tensors: they may view it without a copy.
+    return _decode_body(header, view[header.header_size :], copy=False)

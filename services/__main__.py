@@ -9,8 +9,31 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from protogalaxy.logs import setup_logging
+
+
+def _cpu_quota() -> int | None:
+    """The container's CPU limit in whole CPUs (cgroup v2 ``cpu.max``), if any."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, int(quota) // int(period))
+
+
+def _torch_threads() -> None:
+    """Size torch's intra-op pool: ``PG_TORCH_THREADS``, else the container's CPU
+    limit. torch otherwise starts one thread per host core, and on a shared node
+    its parallel kernels then wait on threads that are not scheduled."""
+    raw = os.environ.get("PG_TORCH_THREADS") or _cpu_quota()
+    if raw:
+        import torch
+
+        torch.set_num_threads(int(raw))
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +42,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging(os.environ.get("PG_LOG_LEVEL", "warning"))
     role = argv[0]
+    _torch_threads()
     if role == "client":
         from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected
 

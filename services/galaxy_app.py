@@ -442,14 +442,27 @@ def create_app(
         x_pg_signature: Annotated[str, Header()],
     ) -> dict[str, Any]:
         assert r.galaxy is not None
-        body = await read_body(request, r.settings.max_update_bytes)
         try:
             nonce, signature = bytes.fromhex(x_pg_nonce), bytes.fromhex(x_pg_signature)
         except ValueError:
             raise Rejected(
                 "malformed", "X-PG-Nonce and X-PG-Signature must be hex"
             ) from None
-        r.galaxy.submit_reveal(rnd, client, body, nonce, signature)
+        # Hash the body while it arrives: the one pass the reveal needs.
+        hasher = r.galaxy.reveal_hasher(rnd, client, nonce)
+        body = await read_body(
+            request,
+            r.settings.max_update_bytes,
+            on_chunk=None if hasher is None else hasher.update,
+        )
+        r.galaxy.submit_reveal(
+            rnd,
+            client,
+            body,
+            nonce,
+            signature,
+            digest=None if hasher is None else hasher.digest(),
+        )
         m_accepted.inc()
         return {"accepted": True, "round": rnd, "client_id": client}
 

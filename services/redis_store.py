@@ -7,16 +7,18 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 ``state``                      ``"<round>:<phase>"``; changed only by a Lua CAS
 ``keys``                       hash client -> Ed25519 public key
 ``r:<round>:commitments``      hash client -> commitment (68 B) || signature
-``r:<round>:reveals``          hash client -> nonce (32 B) || PGT1 body
+``r:<round>:reveals``          hash client -> nonce (32 B): the revealed clients
+``r:<round>:reveal:<client>``  the revealed PGT1 body, as received
 ``r:<round>:rejections``       hash client -> layer-1 reason
 ``r:<round>:blob:<name>``      leaf, head, galaxy proof, aggregate
 ``reputation``                 JSON of the reputation tracker
 ``evidence``                   list of JSON records (quarantines and bans)
 =============================  ===============================================
 
-Every per-client write is ``HSETNX`` (set-if-absent) and every phase change a
-compare-and-set script, so two replicas or a restarted pod can neither aggregate a
-round twice nor overwrite an accepted update.
+Every per-client write is set-if-absent (``HSETNX``; a reveal's body and nonce go
+together in one ``MULTI``) and every phase change a compare-and-set script, so two
+replicas or a restarted pod can neither aggregate a round twice nor overwrite an
+accepted update.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 1 end
 return 0
 """
-
-_NONCE = 32
 
 
 def _encode_state(state: State | None) -> bytes:
@@ -130,18 +130,35 @@ class RedisGalaxyStore(GalaxyStore):
             for c, v in raw.items()
         }
 
-    def add_reveal(self, round: int, client: int, body: bytes, nonce: bytes) -> bool:
-        return bool(
-            self.r.hsetnx(self._k("r", round, "reveals"), str(client), nonce + body)
-        )
+    def add_reveal(
+        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+    ) -> bool:
+        # The body goes in a key of its own, so neither side copies 45 MB to glue
+        # the nonce to it; the MULTI writes both or neither.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._k("r", round, "reveal", client), body, nx=True)
+        pipe.hsetnx(self._k("r", round, "reveals"), str(client), bytes(nonce))
+        _, added = pipe.execute()
+        return bool(added)
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
-        raw = self.r.hgetall(self._k("r", round, "reveals"))
-        return {int(c): (bytes(v[_NONCE:]), bytes(v[:_NONCE])) for c, v in raw.items()}
+        nonces = self.r.hgetall(self._k("r", round, "reveals"))
+        clients = sorted(int(c) for c in nonces)
+        if not clients:
+            return {}
+        bodies = self.r.mget([self._k("r", round, "reveal", c) for c in clients])
+        return {
+            c: (bytes(b), bytes(nonces[str(c).encode()]))
+            for c, b in zip(clients, bodies, strict=True)
+            if b is not None
+        }
 
     def get_reveal(self, round: int, client: int) -> tuple[bytes, bytes] | None:
-        v = self.r.hget(self._k("r", round, "reveals"), str(client))
-        return None if v is None else (bytes(v[_NONCE:]), bytes(v[:_NONCE]))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self._k("r", round, "reveals"), str(client))
+        pipe.get(self._k("r", round, "reveal", client))
+        nonce, body = pipe.execute()
+        return None if nonce is None or body is None else (bytes(body), bytes(nonce))
 
     def reveal_count(self, round: int) -> int:
         return int(self.r.hlen(self._k("r", round, "reveals")))

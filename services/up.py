@@ -203,6 +203,7 @@ class LocalCluster:
             PG_PORT=self.global_port,
             PG_DATA_DIR=data,
             PG_GALAXIES=self.config.galaxies.count,
+            PG_TORCH_THREADS=1,
         ).start()
         for g, port in self.galaxy_ports.items():
             self._service(
@@ -214,6 +215,9 @@ class LocalCluster:
                 PG_GLOBAL_URL=self.global_url,
                 PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
                 PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
+                # The aggregators share this machine's cores with the clients:
+                # one torch thread each keeps their kernels off the clients' cores.
+                PG_TORCH_THREADS=1,
             ).start()
         if clients:
             self._service(

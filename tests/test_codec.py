@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -175,3 +176,21 @@ def test_size_limit_enforced_before_allocation() -> None:
     with pytest.raises(ValueError, match="exceeds max_bytes"):
         decode_update(small, max_bytes=64)
     assert parse_header(small).total_size == len(small)
+
+
+def test_decode_without_copy_views_the_buffer() -> None:
+    tensors = sample()
+    body = bytearray(encode_update(tensors))
+    views = decode_update(body, copy=False)
+    assert_same(views, tensors)
+    # The float32 tensor shares the buffer: a change to the bytes shows through.
+    w = views["conv1.weight"]
+    before = w.flatten()[0].item()
+    start = w.untyped_storage().data_ptr() - np.frombuffer(body, np.uint8).ctypes.data
+    assert 0 < start < len(body)
+    body[start : start + 4] = struct.pack("<f", before + 1.0)
+    assert w.flatten()[0].item() == before + 1.0
+    # An immutable buffer decodes the same, without a copy and without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(decode_update(bytes(body), copy=False), views)

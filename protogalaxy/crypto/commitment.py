@@ -40,6 +40,7 @@ __all__ = [
     "Commitment",
     "commit",
     "update_digest",
+    "update_hasher",
     "verify_reveal",
 ]
 
@@ -48,6 +49,26 @@ _DIGEST_MAGIC: Final = b"PGD1"
 _LEAF_MAGIC: Final = b"PGC1"
 _META: Final = struct.Struct("<QQQQ")
 COMMITMENT_SIZE: Final = len(_LEAF_MAGIC) + _META.size + HASH_SIZE
+
+
+def update_hasher(
+    *, client_id: int, galaxy_id: int, round: int, timestamp_ms: int, nonce: bytes
+) -> hashlib._Hash:
+    """A SHA-256 state primed with the digest's prefix: feed it the ``PGT1`` bytes of
+    the update (in any chunking) and its ``digest()`` is :func:`update_digest`.
+
+    A receiver feeds it each chunk of a request body as the chunk arrives.
+    """
+    return hashlib.sha256(
+        _DIGEST_MAGIC
+        + _META.pack(
+            check_u64("client_id", client_id),
+            check_u64("galaxy_id", galaxy_id),
+            check_u64("round", round),
+            check_u64("timestamp_ms", timestamp_ms),
+        )
+        + check_bytes("nonce", nonce, NONCE_SIZE)
+    )
 
 
 def update_digest(
@@ -65,15 +86,12 @@ def update_digest(
     ``PGT1`` bytes as an iterable of chunks (for example ``[body]`` of an HTTP
     request), so a receiver hashes what it received without re-encoding.
     """
-    h = hashlib.sha256(
-        _DIGEST_MAGIC
-        + _META.pack(
-            check_u64("client_id", client_id),
-            check_u64("galaxy_id", galaxy_id),
-            check_u64("round", round),
-            check_u64("timestamp_ms", timestamp_ms),
-        )
-        + check_bytes("nonce", nonce, NONCE_SIZE)
+    h = update_hasher(
+        client_id=client_id,
+        galaxy_id=galaxy_id,
+        round=round,
+        timestamp_ms=timestamp_ms,
+        nonce=nonce,
     )
     chunks = iter_encoded_chunks(update) if isinstance(update, Mapping) else update
     for chunk in chunks:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.commitment import Commitment, update_hasher
 from protogalaxy.crypto.errors import SignatureError
 
 __all__ = [
@@ -31,6 +31,8 @@ __all__ = [
     "SigningKey",
     "VerifyKey",
     "domain_message",
+    "reveal_digest",
+    "reveal_hasher",
     "reveal_message",
     "sign_commitment",
     "sign_reveal",
@@ -149,23 +151,61 @@ def verify_commitment_signature(
     key.verify("commitment", commitment.to_bytes(), signature)
 
 
-def reveal_message(commitment: Commitment, body: bytes, nonce: bytes) -> bytes:
-    """``commitment || nonce || SHA-256(body)``: what a client signs when it reveals.
+def reveal_hasher(commitment: Commitment, nonce: bytes) -> hashlib._Hash:
+    """A hash state that, fed a revealed body, gives :func:`reveal_digest`."""
+    return update_hasher(
+        client_id=commitment.client_id,
+        galaxy_id=commitment.galaxy_id,
+        round=commitment.round,
+        timestamp_ms=commitment.timestamp_ms,
+        nonce=nonce,
+    )
 
-    Signing the body's hash makes a rejected reveal attributable: nobody but the
-    client can make a reveal count against the client's reputation.
+
+def reveal_digest(
+    commitment: Commitment, body: bytes | bytearray | memoryview, nonce: bytes
+) -> bytes:
+    """The commitment digest recomputed from a revealed ``body`` and ``nonce``, in the
+    context (client, galaxy, round, time) of ``commitment``.
+
+    It equals ``commitment.digest`` exactly when the reveal matches. A receiver
+    computes it once, in one pass over the body (:func:`reveal_hasher` lets it hash
+    while the body arrives), and uses it both for the reveal signature and for the
+    match against the commitment.
     """
-    return commitment.to_bytes() + bytes(nonce) + hashlib.sha256(body).digest()
+    h = reveal_hasher(commitment, nonce)
+    h.update(body)
+    return h.digest()
+
+
+def reveal_message(commitment: Commitment, nonce: bytes, digest: bytes) -> bytes:
+    """``commitment || nonce || digest``: what a client signs when it reveals, where
+    ``digest`` is :func:`reveal_digest` of the body it sends.
+
+    Signing the digest of the body actually sent makes a rejected reveal
+    attributable: nobody but the client can make a reveal count against the
+    client's reputation. The digest binds the body as tightly as a plain hash of it
+    (it is SHA-256 over a fixed prefix and the body), and the receiver needs only
+    one pass over the body for the signature and the commitment match together.
+    """
+    return commitment.to_bytes() + bytes(nonce) + bytes(digest)
 
 
 def sign_reveal(
-    key: SigningKey, commitment: Commitment, body: bytes, nonce: bytes
+    key: SigningKey, commitment: Commitment, body: bytes | memoryview, nonce: bytes
 ) -> bytes:
-    return key.sign("reveal", reveal_message(commitment, body, nonce))
+    digest = reveal_digest(commitment, body, nonce)
+    return key.sign("reveal", reveal_message(commitment, nonce, digest))
 
 
 def verify_reveal_signature(
-    key: VerifyKey, commitment: Commitment, body: bytes, nonce: bytes, signature: bytes
+    key: VerifyKey,
+    commitment: Commitment,
+    nonce: bytes,
+    signature: bytes,
+    *,
+    digest: bytes,
 ) -> None:
-    """Raise :class:`SignatureError` unless ``key`` signed this reveal."""
-    key.verify("reveal", reveal_message(commitment, body, nonce), signature)
+    """Raise :class:`SignatureError` unless ``key`` signed the reveal whose body has
+    :func:`reveal_digest` ``digest``."""
+    key.verify("reveal", reveal_message(commitment, nonce, digest), signature)

@@ -23,6 +23,8 @@ from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import (
     VerifyKey,
+    reveal_digest,
+    reveal_hasher,
     verify_commitment_signature,
     verify_reveal_signature,
 )
@@ -282,10 +284,32 @@ class GalaxyAggregator:
             SignedRoundHead.from_bytes(head_blob),
         )
 
+    def reveal_hasher(self, round: int, client: int, nonce: bytes) -> Any | None:
+        """A hash state for :meth:`submit_reveal`'s ``digest``, to be fed the body as
+        it arrives; None when ``client`` has no commitment in ``round`` or ``nonce``
+        is malformed (:meth:`submit_reveal` then says why)."""
+        record = self.store.commitments(round).get(client)
+        if record is None:
+            return None
+        try:
+            return reveal_hasher(Commitment.from_bytes(record[0]), nonce)
+        except ValueError:
+            return None
+
     def submit_reveal(
-        self, round: int, client: int, body: bytes, nonce: bytes, signature: bytes
+        self,
+        round: int,
+        client: int,
+        body: bytes | memoryview,
+        nonce: bytes,
+        signature: bytes,
+        *,
+        digest: bytes | None = None,
     ) -> None:
         """Accept a signed reveal after layer 1.
+
+        ``digest`` is the body's :func:`~protogalaxy.crypto.identity.reveal_digest`
+        when the caller hashed the body as it arrived (:meth:`reveal_hasher`).
 
         Order matters: a resent or second reveal and a bad signature are refused
         before layer 1 runs, so only an authenticated reveal can be recorded as a
@@ -313,15 +337,27 @@ class GalaxyAggregator:
                 "too_large",
                 f"{len(body)} bytes exceeds the limit of {self.max_update_bytes}",
             )
+        # One pass over the body: the same digest authenticates the reveal and is
+        # matched against the commitment.
+        try:
+            if digest is None:
+                digest = reveal_digest(commitment, body, nonce)
+        except ValueError as exc:  # a nonce of the wrong size
+            raise Rejected("malformed", str(exc)) from None
         try:
             verify_reveal_signature(
-                VerifyKey.from_bytes(key), commitment, body, nonce, signature
+                VerifyKey.from_bytes(key), commitment, nonce, signature, digest=digest
             )
         except SignatureError as exc:
             raise Rejected("bad_signature", str(exc)) from None
         try:
             check_reveal(
-                commitment, body, nonce, spec=self.spec, max_bytes=self.max_update_bytes
+                commitment,
+                body,
+                nonce,
+                spec=self.spec,
+                max_bytes=self.max_update_bytes,
+                digest=digest,
             )
         except IntegrityError as exc:
             self.store.add_rejection(round, client, exc.reason)

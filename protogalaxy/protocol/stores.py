@@ -61,7 +61,9 @@ class GalaxyStore(ABC):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
 
     @abstractmethod
-    def add_reveal(self, round: int, client: int, body: bytes, nonce: bytes) -> bool:
+    def add_reveal(
+        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+    ) -> bool:
         """Set-if-absent; False when the client already revealed this round."""
 
     @abstractmethod
@@ -159,8 +161,12 @@ class MemoryGalaxyStore(GalaxyStore):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._commitments.get(round, {}))
 
-    def add_reveal(self, round: int, client: int, body: bytes, nonce: bytes) -> bool:
-        return self._set_if_absent(self._reveals, round, client, (body, nonce))
+    def add_reveal(
+        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+    ) -> bool:
+        return self._set_if_absent(
+            self._reveals, round, client, (bytes(body), bytes(nonce))
+        )
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._reveals.get(round, {}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -57,14 +58,20 @@ class Players:
         client: int,
         body: bytes | None = None,
         nonce: bytes | None = None,
+        *,
+        chunked: bool = False,
     ) -> httpx.Response:
+        """Reveal; ``chunked`` sends the body in pieces without a Content-Length."""
         com, nonce0, body0 = self.made[client]
         body = body0 if body is None else body
         nonce = nonce0 if nonce is None else nonce
         sig = sign_reveal(self.keys[client], com, body, nonce)
+        content: bytes | Iterator[bytes] = body
+        if chunked:
+            content = (body[i : i + 4096] for i in range(0, len(body), 4096))
         return httpx.put(
             self.url(f"/v1/rounds/{rnd}/reveals/{client}"),
-            content=body,
+            content=content,
             headers={
                 "x-pg-nonce": nonce.hex(),
                 "x-pg-signature": sig.hex(),

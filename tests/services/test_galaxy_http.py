@@ -166,7 +166,8 @@ def test_a_round_with_every_kind_of_bad_input(
         verify_receipt(r, global_key=global_key, commitment=com_c, round=0)
     accepted_before = metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
     body0 = made[0][2]
-    assert players.reveal(0, 0).status_code == 202
+    # Sent in pieces without a Content-Length: read as it streams, hashed as it lands.
+    assert players.reveal(0, 0, chunked=True).status_code == 202
     # Same-round refusals first: the fourth answered reveal completes the quorum,
     # and the galaxy then closes the round at once.
     refused(players.reveal(0, 0, body=encode_update(update(8))), 409, "duplicate")
@@ -187,6 +188,12 @@ def test_a_round_with_every_kind_of_bad_input(
         headers={"x-pg-nonce": "00" * 32, "x-pg-signature": "00" * 64},
     )
     refused(big, 413, "too_large")
+    streamed_big = httpx.put(
+        url(cluster, "/v1/rounds/0/reveals/1"),
+        content=(b"\x00" * 50_000 for _ in range(6)),  # no Content-Length
+        headers={"x-pg-nonce": "00" * 32, "x-pg-signature": "00" * 64},
+    )
+    refused(streamed_big, 413, "too_large")
     refused(
         players.reveal(0, 1, body=encode_update(update(7))), 422, "commitment_mismatch"
     )
