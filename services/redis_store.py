@@ -6,7 +6,8 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 =============================  ===============================================
 ``state``                      ``"<round>:<phase>"``; changed only by a Lua CAS
 ``keys``                       hash client -> Ed25519 public key
-``r:<round>:commitments``      hash client -> commitment (68 B) || signature
+``r:<round>:commitments``      hash client -> commitment (68 B) || signature; written
+                               by a script only while the round takes commitments
 ``r:<round>:reveals``          hash client -> nonce (32 B): the revealed clients
 ``r:<round>:reveal:<client>``  the revealed PGT1 body, as received
 ``r:<round>:rejections``       hash client -> layer-1 reason
@@ -29,7 +30,7 @@ from typing import Any
 import redis
 
 from protogalaxy.crypto.commitment import COMMITMENT_SIZE
-from protogalaxy.protocol.stores import GalaxyStore, State
+from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, State
 
 __all__ = ["RedisGalaxyStore"]
 
@@ -40,6 +41,11 @@ if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+_ADD_COMMITMENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 """
 
 _REGISTER = """
@@ -70,6 +76,7 @@ class RedisGalaxyStore(GalaxyStore):
         self.prefix = prefix if prefix is not None else f"pg:galaxy:{galaxy}:"
         self._cas = self.r.register_script(_CAS)
         self._register = self.r.register_script(_REGISTER)
+        self._add_commitment = self.r.register_script(_ADD_COMMITMENT)
 
     @classmethod
     def from_url(
@@ -117,11 +124,17 @@ class RedisGalaxyStore(GalaxyStore):
     def add_commitment(
         self, round: int, client: int, commitment: bytes, signature: bytes
     ) -> bool:
-        return bool(
-            self.r.hsetnx(
-                self._k("r", round, "commitments"), str(client), commitment + signature
-            )
+        added = self._add_commitment(
+            keys=[self._k("state"), self._k("r", round, "commitments")],
+            args=[
+                _encode_state((round, Phase.COMMIT)),
+                str(client),
+                bytes(commitment) + bytes(signature),
+            ],
         )
+        if added < 0:
+            raise PhaseClosed(f"round {round} is not taking commitments")
+        return bool(added)
 
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         raw = self.r.hgetall(self._k("r", round, "commitments"))
@@ -134,11 +147,21 @@ class RedisGalaxyStore(GalaxyStore):
         self, round: int, client: int, body: bytes | memoryview, nonce: bytes
     ) -> bool:
         # The body goes in a key of its own, so neither side copies 45 MB to glue
-        # the nonce to it; the MULTI writes both or neither.
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self._k("r", round, "reveal", client), body, nx=True)
-        pipe.hsetnx(self._k("r", round, "reveals"), str(client), bytes(nonce))
-        _, added = pipe.execute()
+        # the nonce to it. WATCH makes the MULTI conditional on the phase without
+        # passing the body through a script: if the state changes before EXEC,
+        # nothing is written.
+        state_key = self._k("state")
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(state_key)
+            if pipe.get(state_key) != _encode_state((round, Phase.REVEAL)):
+                raise PhaseClosed(f"round {round} is not taking reveals")
+            pipe.multi()
+            pipe.set(self._k("r", round, "reveal", client), body, nx=True)
+            pipe.hsetnx(self._k("r", round, "reveals"), str(client), bytes(nonce))
+            try:
+                _, added = pipe.execute()
+            except redis.WatchError:
+                raise PhaseClosed(f"round {round}: the phase changed") from None
         return bool(added)
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:

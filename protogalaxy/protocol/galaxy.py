@@ -33,7 +33,7 @@ from protogalaxy.crypto.receipts import Receipt
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
 from protogalaxy.defense.integrity import IntegrityError, check_reveal
 from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
-from protogalaxy.protocol.stores import GalaxyStore, Phase
+from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed
 from protogalaxy.spec import UpdateSpec
 
 __all__ = [
@@ -162,15 +162,20 @@ class GalaxyAggregator:
             verify_commitment_signature(VerifyKey.from_bytes(key), c, signature)
         except SignatureError as exc:
             raise Rejected("bad_signature", str(exc)) from None
-        if not self.store.add_commitment(
-            c.round, c.client_id, c.to_bytes(), bytes(signature)
-        ):
+        try:
+            added = self.store.add_commitment(
+                c.round, c.client_id, c.to_bytes(), bytes(signature)
+            )
+        except PhaseClosed:
+            # The close claimed the phase first: this commitment is not stored, so
+            # it is in no tree, and the client knows it is out of this round.
+            raise WrongPhase(
+                f"round {c.round}: the commit phase closed meanwhile"
+            ) from None
+        if not added:
             existing = self.store.commitments(c.round).get(c.client_id)
             if existing is None or existing[0] != c.to_bytes():
                 raise Rejected("duplicate", f"client {c.client_id} already committed")
-        if self.store.get_state() != (c.round, Phase.COMMIT):
-            # The close raced this write: the snapshot may or may not hold it.
-            raise WrongPhase(f"round {c.round}: the commit phase closed meanwhile")
 
     def commit_quorum_reached(self, round: int) -> bool:
         n = len(self.store.commitments(round))
@@ -183,10 +188,10 @@ class GalaxyAggregator:
         The close is claimed first (``commit`` -> ``closing``, compare-and-set), then
         the members are snapshotted into the store, and every later tree of the round
         (leaf, receipts, aggregation) is built from the snapshot alone, so they always
-        agree. A commitment racing the close is answered ``WrongPhase``; it may still
-        be in the snapshot, and then its client, told it was late, does not reveal and
-        counts as a straggler. A close interrupted after the claim is finished by the
-        next call.
+        agree. The store writes a commitment only while the phase is open, atomically
+        with that check, so every stored commitment is in the snapshot and one that
+        loses the race to the claim is refused (``WrongPhase``) and stored nowhere.
+        A close interrupted after the claim is finished by the next call.
         """
         state = self.store.get_state()
         if state in ((round, Phase.COMMITTED), (round, Phase.REVEAL)):
@@ -362,12 +367,15 @@ class GalaxyAggregator:
         except IntegrityError as exc:
             self.store.add_rejection(round, client, exc.reason)
             raise Rejected(exc.reason, exc.detail) from None
-        if not self.store.add_reveal(round, client, body, nonce):
+        try:
+            added = self.store.add_reveal(round, client, body, nonce)
+        except PhaseClosed:
+            # The close claimed the phase first: not stored, not aggregated.
+            raise WrongPhase(
+                f"round {round}: the reveal phase closed meanwhile"
+            ) from None
+        if not added:
             raise Rejected("duplicate", f"client {client} already revealed")
-        if self.store.get_state() != (round, Phase.REVEAL):
-            # The close raced this write; only a reveal written before the close
-            # claimed the phase is sure to be aggregated, so no 2xx for this one.
-            raise WrongPhase(f"round {round}: the reveal phase closed meanwhile")
 
     def reveal_quorum_reached(self, round: int) -> bool:
         tree = self._tree(round)

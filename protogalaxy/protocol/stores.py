@@ -14,7 +14,11 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
-__all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase"]
+__all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase", "PhaseClosed"]
+
+
+class PhaseClosed(Exception):
+    """A commitment or reveal arrived when its round's phase no longer took it."""
 
 
 class Phase:
@@ -55,7 +59,13 @@ class GalaxyStore(ABC):
     def add_commitment(
         self, round: int, client: int, commitment: bytes, signature: bytes
     ) -> bool:
-        """Set-if-absent; False when the client already committed this round."""
+        """Set-if-absent, and only while the state is ``(round, commit)``: the check
+        and the write are one atomic step, so every stored commitment is in the
+        members snapshot the close takes after claiming the phase.
+
+        Returns False when the client already committed this round; raises
+        :class:`PhaseClosed` when the round is not taking commitments.
+        """
 
     @abstractmethod
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
@@ -64,7 +74,12 @@ class GalaxyStore(ABC):
     def add_reveal(
         self, round: int, client: int, body: bytes | memoryview, nonce: bytes
     ) -> bool:
-        """Set-if-absent; False when the client already revealed this round."""
+        """Set-if-absent, and only while the state is ``(round, reveal)``, atomically
+        with that check, so every stored reveal is in the aggregate of the close.
+
+        Returns False when the client already revealed this round; raises
+        :class:`PhaseClosed` when the round is not taking reveals.
+        """
 
     @abstractmethod
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
@@ -110,7 +125,7 @@ class MemoryGalaxyStore(GalaxyStore):
     """In-process store (thread-safe) for the simulation and the contract tests."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._state: State | None = None
         self._keys: dict[int, bytes] = {}
         self._commitments: dict[int, dict[int, tuple[bytes, bytes]]] = {}
@@ -154,9 +169,12 @@ class MemoryGalaxyStore(GalaxyStore):
     def add_commitment(
         self, round: int, client: int, commitment: bytes, signature: bytes
     ) -> bool:
-        return self._set_if_absent(
-            self._commitments, round, client, (commitment, signature)
-        )
+        with self._lock:
+            if self._state != (round, Phase.COMMIT):
+                raise PhaseClosed(f"round {round} is at {self._state}")
+            return self._set_if_absent(
+                self._commitments, round, client, (commitment, signature)
+            )
 
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._commitments.get(round, {}))
@@ -164,9 +182,12 @@ class MemoryGalaxyStore(GalaxyStore):
     def add_reveal(
         self, round: int, client: int, body: bytes | memoryview, nonce: bytes
     ) -> bool:
-        return self._set_if_absent(
-            self._reveals, round, client, (bytes(body), bytes(nonce))
-        )
+        with self._lock:
+            if self._state != (round, Phase.REVEAL):
+                raise PhaseClosed(f"round {round} is at {self._state}")
+            return self._set_if_absent(
+                self._reveals, round, client, (bytes(body), bytes(nonce))
+            )
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._reveals.get(round, {}))

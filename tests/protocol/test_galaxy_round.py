@@ -25,7 +25,7 @@ from protogalaxy.protocol.galaxy import (
     WrongPhase,
 )
 from protogalaxy.protocol.global_aggregator import GlobalAggregator
-from protogalaxy.protocol.stores import GalaxyStore, MemoryGalaxyStore
+from protogalaxy.protocol.stores import GalaxyStore, MemoryGalaxyStore, PhaseClosed
 from protogalaxy.spec import UpdateSpec
 
 SPEC = UpdateSpec(("b", "w"), ((3,), (2, 4)))
@@ -311,25 +311,29 @@ def test_global_aggregate_binding_and_tampering() -> None:
         w.glob.finish_round(0)  # no round is applied twice
 
 
-def test_a_commitment_racing_the_close_keeps_trees_and_receipts_consistent() -> None:
+def test_a_commitment_racing_the_close_is_refused_and_in_no_tree() -> None:
     w = World(4)
     w.commit_all(0, {c: v for c, v in honest(4).items() if c < 3})
-    # Simulate the race: the close is claimed, then client 3's commitment lands.
+    # The race: the close is claimed, then client 3's commitment lands. The store
+    # refuses it (checked and written in one step), so the client is told and its
+    # commitment is in no tree; receipts and the aggregate all use the same three.
     assert w.store.compare_and_set_state((0, "commit"), (0, "closing"))
     late, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=3, galaxy_id=0, round=0)
-    w.store.add_commitment(0, 3, late.to_bytes(), sign_commitment(w.keys[3], late))
+    with pytest.raises(PhaseClosed):
+        w.store.add_commitment(0, 3, late.to_bytes(), sign_commitment(w.keys[3], late))
     with pytest.raises(WrongPhase):
         w.galaxy.submit_commitment(late, sign_commitment(w.keys[3], late))
     leaf = w.galaxy.close_commit(0, force=True)  # finishes the interrupted close
-    assert leaf is not None and leaf.tree_size == 4  # the snapshot is taken now
-    # Whatever the snapshot holds is what every receipt and the aggregate use.
+    assert leaf is not None and leaf.tree_size == 3
     w.glob.submit_leaf(leaf)
     head = w.glob.close_leaves(0)
     w.galaxy.accept_head(0, head, w.glob.proof_for(0))
-    for c in range(4):
+    for c in range(3):
         r = w.galaxy.receipt(0, c)
         verify_receipt(r, global_key=w.global_key.public_key, round=0)
-        assert r.galaxy_leaf.tree_size == 4
+        assert r.galaxy_leaf.tree_size == 3
+    with pytest.raises(UnknownClient):
+        w.galaxy.receipt(0, 3)
 
 
 def test_an_empty_round_ends_without_a_leaf() -> None:

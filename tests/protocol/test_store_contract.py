@@ -6,7 +6,12 @@ import threading
 
 import pytest
 
-from protogalaxy.protocol.stores import GalaxyStore, MemoryGalaxyStore
+from protogalaxy.protocol.stores import (
+    GalaxyStore,
+    MemoryGalaxyStore,
+    Phase,
+    PhaseClosed,
+)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -55,9 +60,11 @@ def test_client_keys(store: GalaxyStore) -> None:
 
 def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
     c, sig = bytes(range(68)), b"s" * 64
+    assert store.compare_and_set_state(None, (1, Phase.COMMIT))
     assert store.add_commitment(1, 4, c, sig)
     assert not store.add_commitment(1, 4, b"\x00" * 68, b"t" * 64)
     assert store.commitments(1) == {4: (c, sig)} and store.commitments(2) == {}
+    assert store.compare_and_set_state((1, Phase.COMMIT), (1, Phase.REVEAL))
     body, nonce = b"\x00\x01body\xff" * 100, bytes(range(32))
     assert store.add_reveal(1, 4, body, nonce)
     assert not store.add_reveal(1, 4, b"other", nonce)
@@ -82,9 +89,33 @@ def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
     assert [e["client"] for e in store.evidence()] == [4, 5]
     assert store.evidence(client=5)[0]["event"] == "client_banned"
     store.register_client(4, b"k" * 32)
-    store.add_commitment(1, 4, bytes(68), bytes(64))
-    store.add_commitment(2, 4, bytes(68), bytes(64))
+    for rnd in (1, 2):
+        store.compare_and_set_state(store.get_state(), (rnd, Phase.COMMIT))
+        store.add_commitment(rnd, 4, bytes(68), bytes(64))
     store.drop_round(1)
     assert store.commitments(1) == {} and store.get_blob(1, "leaf") is None
     assert store.commitments(2) != {}
     assert store.load_reputation() == state and store.client_key(4) == b"k" * 32
+
+
+def test_writes_only_while_their_phase_is_open(store: GalaxyStore) -> None:
+    """The check of the phase and the write are one step: a commitment or reveal
+    that loses the race to a close is refused and stored nowhere."""
+    c, sig, body, nonce = bytes(68), bytes(64), b"body" * 10, bytes(32)
+    with pytest.raises(PhaseClosed):
+        store.add_commitment(0, 1, c, sig)  # no round open at all
+    store.compare_and_set_state(None, (0, Phase.COMMIT))
+    with pytest.raises(PhaseClosed):
+        store.add_commitment(1, 1, c, sig)  # another round
+    with pytest.raises(PhaseClosed):
+        store.add_reveal(0, 1, body, nonce)  # not the reveal phase yet
+    assert store.add_commitment(0, 1, c, sig)
+    store.compare_and_set_state((0, Phase.COMMIT), (0, Phase.CLOSING))
+    with pytest.raises(PhaseClosed):
+        store.add_commitment(0, 2, c, sig)
+    store.compare_and_set_state((0, Phase.CLOSING), (0, Phase.REVEAL))
+    assert store.add_reveal(0, 1, body, nonce)
+    store.compare_and_set_state((0, Phase.REVEAL), (0, Phase.AGGREGATING))
+    with pytest.raises(PhaseClosed):
+        store.add_reveal(0, 2, body, nonce)
+    assert list(store.commitments(0)) == [1] and list(store.reveals(0)) == [1]
