@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense", "learning", "ingest"]
+SUITES = ["crypto", "defense", "learning", "ingest", "up"]
 
 
 def main() -> int:

@@ -70,6 +70,8 @@ def main(argv: list[str]) -> int:
         log_config=None,
         access_log=False,
         limit_concurrency=256,
+        # Long polls would hold a graceful shutdown for their whole wait.
+        timeout_graceful_shutdown=int(os.environ.get("PG_SHUTDOWN_GRACE_S", "3")),
     )
     return 0
 

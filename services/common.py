@@ -10,9 +10,11 @@ rejection is logged as one JSON line and counted in
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,7 @@ from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
 
 __all__ = [
     "NotReady",
+    "Signal",
     "env",
     "install_error_handlers",
     "read_body",
@@ -46,6 +49,42 @@ _STATUS = {
 
 class NotReady(Exception):
     """The service cannot answer yet (store unreachable, no model)."""
+
+
+class Signal:
+    """Wakes coroutines on one event loop when something changed; :meth:`fire` is
+    safe from any thread (FastAPI runs plain ``def`` handlers in a thread pool).
+
+    A waiter takes a :meth:`ticket` *before* looking at the state it waits on and
+    then waits on that ticket, so a change made in between is never missed.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._event = asyncio.Event()
+
+    def ticket(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        if threading.get_ident() == self._thread:
+            self._fire()
+        else:
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    @staticmethod
+    async def wait(ticket: asyncio.Event, timeout: float) -> bool:
+        """True when fired since ``ticket`` was taken, False after ``timeout``."""
+        try:
+            await asyncio.wait_for(ticket.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def env(name: str, default: str | None = None) -> str:

@@ -41,6 +41,7 @@ from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
 from services.common import (
     NotReady,
+    Signal,
     env,
     install_error_handlers,
     read_body,
@@ -65,7 +66,7 @@ class GalaxySettings:
     quorum: float = 1.0
     commit_deadline_s: float = 60.0
     reveal_deadline_s: float = 60.0
-    poll_s: float = 0.05
+    poll_s: float = 0.25
     keep_rounds: int = 3
 
     @classmethod
@@ -81,7 +82,7 @@ class GalaxySettings:
             quorum=float(env("PG_QUORUM", "1.0")),
             commit_deadline_s=float(env("PG_COMMIT_DEADLINE_S", "60")),
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
-            poll_s=float(env("PG_POLL_S", "0.05")),
+            poll_s=float(env("PG_POLL_S", "0.25")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
         )
 
@@ -116,6 +117,9 @@ class _Runtime:
         self.model_body: bytes | None = None
         self.reference: torch.Tensor | None = None
         self.finished = False
+        #: the global aggregator's latest status, kept fresh by a long poll
+        self.global_status: dict[str, Any] | None = None
+        self.wake = Signal()  # a commitment or reveal arrived, or the global moved
 
 
 def create_app(
@@ -216,7 +220,9 @@ def create_app(
     async def step(r: _Runtime) -> None:
         galaxy = r.galaxy
         assert galaxy is not None
-        status = (await r.http.get("/v1/status")).json()
+        status = r.global_status
+        if status is None:
+            status = r.global_status = (await r.http.get("/v1/status")).json()
         r.finished = bool(status["finished"])
         rnd = int(status["round"])
         state = galaxy.state
@@ -335,14 +341,38 @@ def create_app(
             _log.error("global refused the aggregate of round %d: %s", rnd, resp.text)
 
     async def drive(r: _Runtime) -> None:
+        """Step when a client or the global aggregator changed something, and every
+        ``poll_s`` for the deadlines."""
         while True:
+            ticket = r.wake.ticket()
             try:
                 await step(r)
             except (httpx.HTTPError, WrongPhase) as exc:
                 _log.info("driver: %s", exc)
             except Exception:
                 _log.exception("driver step failed")
-            await asyncio.sleep(r.settings.poll_s)
+            await Signal.wait(ticket, r.settings.poll_s)
+
+    async def watch_global(r: _Runtime) -> None:
+        """Long-poll the global aggregator's status; wake the driver on a change."""
+        while True:
+            view = None if r.global_status is None else r.global_status["view"]
+            try:
+                resp = await r.http.get(
+                    "/v1/status", params={"view": view or "", "wait_s": 10}
+                )
+                resp.raise_for_status()
+                status = resp.json()
+            except httpx.HTTPError as exc:
+                _log.info("status of the global aggregator: %s", exc)
+                r.global_status = None  # the driver asks directly meanwhile
+                await asyncio.sleep(r.settings.poll_s)
+                continue
+            if status["view"] != view:
+                r.global_status = status
+                r.wake.fire()
+            if status["finished"]:
+                return  # nothing will change any more
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -359,13 +389,15 @@ def create_app(
             max_update_bytes=settings.max_update_bytes,
             quorum=settings.quorum,
         )
-        task = asyncio.create_task(drive(r))
+        tasks = [asyncio.create_task(drive(r)), asyncio.create_task(watch_global(r))]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await r.http.aclose()
 
     app = FastAPI(title=f"ProtoGalaxy galaxy {gid}", lifespan=lifespan)
@@ -425,6 +457,7 @@ def create_app(
         assert r.galaxy is not None
         c = Commitment.from_dict(body.commitment)
         r.galaxy.submit_commitment(c, bytes.fromhex(body.signature))
+        r.wake.fire()  # the commit quorum may be reached
         return {"accepted": True, "round": c.round, "client_id": c.client_id}
 
     @app.get("/v1/rounds/{rnd}/receipts/{client}")
@@ -455,14 +488,17 @@ def create_app(
             r.settings.max_update_bytes,
             on_chunk=None if hasher is None else hasher.update,
         )
-        r.galaxy.submit_reveal(
-            rnd,
-            client,
-            body,
-            nonce,
-            signature,
-            digest=None if hasher is None else hasher.digest(),
-        )
+        try:
+            r.galaxy.submit_reveal(
+                rnd,
+                client,
+                body,
+                nonce,
+                signature,
+                digest=None if hasher is None else hasher.digest(),
+            )
+        finally:
+            r.wake.fire()  # accepted or rejected, it counts toward the quorum
         m_accepted.inc()
         return {"accepted": True, "round": rnd, "client_id": client}
 

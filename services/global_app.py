@@ -12,16 +12,19 @@ deadline), then evaluates the model and checkpoints every ``checkpoint_every`` r
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -35,7 +38,7 @@ from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.crypto.identity import SigningKey
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import GlobalDefense
-from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.training import evaluate
 from protogalaxy.protocol.checkpoint import CheckpointDir
@@ -44,6 +47,7 @@ from protogalaxy.protocol.global_aggregator import GlobalAggregator
 from protogalaxy.spec import UpdateSpec
 from services.common import (
     NotReady,
+    Signal,
     env,
     install_error_handlers,
     read_body,
@@ -68,7 +72,7 @@ class GlobalSettings:
     aggregate_deadline_s: float = 120.0
     max_update_bytes: int = 64 << 20
     evaluate: bool = True
-    poll_s: float = 0.05
+    poll_s: float = 0.25
 
     @classmethod
     def from_env(cls) -> "GlobalSettings":
@@ -85,7 +89,7 @@ class GlobalSettings:
             aggregate_deadline_s=float(env("PG_AGGREGATE_DEADLINE_S", "120")),
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             evaluate=env("PG_EVALUATE", "1") == "1",
-            poll_s=float(env("PG_POLL_S", "0.05")),
+            poll_s=float(env("PG_POLL_S", "0.25")),
         )
 
 
@@ -100,6 +104,42 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
         f.flush()
         os.fsync(f.fileno())
     return key
+
+
+# -- evaluation, in a child process ---------------------------------------------
+# Test accuracy is reporting, not protocol. It runs in a child process at nice 19:
+# a thread would share the GIL, and a starved low-priority thread holding the GIL
+# stalls the whole service (priority inversion).
+
+_EVAL: dict[str, Any] = {}
+
+
+def _eval_init(model: str, seed: int, dataset: str, root: str | None) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    torch.set_num_threads(1)
+    _EVAL["model"] = build_model(model, seed=seed)
+    _EVAL["data"] = load_dataset(dataset, root=root)
+
+
+def _eval_params(flat: torch.Tensor) -> tuple[float, float]:
+    model, data = _EVAL["model"], _EVAL["data"]
+    spec = UpdateSpec.from_params(dict(model.named_parameters()))
+    params = spec.unflatten(flat)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    return evaluate(model, data.x_test, data.y_test)
+
+
+def _evaluator(config: SimulationConfig) -> ProcessPoolExecutor:
+    """A one-process pool that loads the model and test set once, at start."""
+    return ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_eval_init,
+        initargs=(config.model, config.seed, config.dataset.name, config.dataset.root),
+    )
 
 
 class _Runtime:
@@ -135,10 +175,21 @@ class _Runtime:
         self.history: list[dict[str, Any]] = []
         #: galaxies that had no commitments, per round
         self.abstained: dict[int, set[int]] = {}
-        self.data: Dataset | None = None
         # The driver (a worker thread) and the request handlers (the thread pool)
         # share the aggregator: every use of it holds this lock.
         self.lock = threading.Lock()
+        # Evaluation is reporting, not protocol: it runs on its own thread, round
+        # after round, while the next round goes on.
+        self.evaluator = _evaluator(config) if settings.evaluate else None
+        self.evaluating = 0  # rounds applied and not yet evaluated
+        # This process's start: a restart changes the view galaxies wait on.
+        self.boot = secrets.token_hex(4)
+        self.poke = Signal()  # a leaf, abstention or aggregate arrived
+        self.changed = Signal()  # the view (round, phase, finished) changed
+
+    def view(self) -> str:
+        """What galaxies wait on: it changes when they may have something to do."""
+        return f"{self.boot}:{self.agg.round}:{self.agg.phase}:{self.finished}"
 
     @property
     def finished(self) -> bool:
@@ -182,7 +233,11 @@ def create_app(
 
     def step(r: _Runtime) -> None:
         with r.lock:
+            before = r.view()
             _step(r)
+            changed = r.view() != before
+        if changed:
+            r.changed.fire()
 
     def _step(r: _Runtime) -> None:
         if r.finished:
@@ -215,41 +270,61 @@ def create_app(
                     "galaxies": sorted(have),
                     "excluded": result.report.excluded,
                 }
-                if r.settings.evaluate:
-                    record.update(evaluate_model(r))
-                    m_accuracy.set(record["accuracy"])
                 r.history.append(record)
                 if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
                     r.checkpoints.save(agg.checkpoint())
                 m_round_s.set(time.perf_counter() - t0 + waited)
-                _log.warning(
-                    "round_completed",
-                    extra={"event_record": {"event": "round_completed", **record}},
-                )
+                if r.settings.evaluate:
+                    r.evaluating += 1
+                    evaluate_round(r, record, agg.params.clone())
+                else:
+                    log_completed(record)
                 r.phase_since = time.monotonic()
 
-    def evaluate_model(r: _Runtime) -> dict[str, float]:
-        if r.data is None:
-            r.data = load_dataset(r.config.dataset.name, root=r.config.dataset.root)
-        params = r.spec.unflatten(r.agg.params)
-        with torch.no_grad():
-            for name, p in r.model.named_parameters():
-                p.copy_(params[name])
-        acc, loss = evaluate(r.model, r.data.x_test, r.data.y_test)
-        return {"accuracy": acc, "loss": loss}
+    def log_completed(record: dict[str, Any]) -> None:
+        _log.warning(
+            "round_completed",
+            extra={"event_record": {"event": "round_completed", **record}},
+        )
+
+    def evaluate_round(r: _Runtime, record: dict[str, Any], flat: torch.Tensor) -> None:
+        """Send a round's model to the evaluator; its accuracy and loss are filled
+        into the round's history record when they come back (in round order)."""
+        assert r.evaluator is not None
+
+        def done(future: Future[tuple[float, float]]) -> None:
+            acc: float | None
+            loss: float | None
+            try:
+                acc, loss = future.result()
+            except Exception:
+                _log.exception("evaluation of round %s failed", record["round"])
+                acc, loss = None, None
+            with r.lock:
+                record.update({"accuracy": acc, "loss": loss})
+                r.evaluating -= 1
+            if acc is not None:
+                m_accuracy.set(acc)
+            log_completed(record)
+
+        r.evaluator.submit(_eval_params, flat).add_done_callback(done)
 
     async def drive(r: _Runtime) -> None:
+        """Step when a galaxy sent something, and every ``poll_s`` for deadlines."""
         while not r.finished:
+            ticket = r.poke.ticket()
             try:
                 await asyncio.to_thread(step, r)
             except Exception:
                 _log.exception("driver step failed")
-            await asyncio.sleep(r.settings.poll_s)
+            await Signal.wait(ticket, r.settings.poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal rt
         rt = _Runtime(settings, cfg)
+        if rt.evaluator is not None:  # start it (model, test set) during round 0
+            rt.evaluator.submit(os.getpid)
         task = asyncio.create_task(drive(rt))
         try:
             yield
@@ -257,6 +332,8 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if rt.evaluator is not None:
+                rt.evaluator.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ProtoGalaxy global aggregator", lifespan=lifespan)
     install_error_handlers(app, service="global", registry=registry, context={})
@@ -278,17 +355,38 @@ def create_app(
         return {"public_key": r.key.public_key.to_bytes().hex()}
 
     @app.get("/v1/status")
-    def status(r: Rt) -> dict[str, Any]:
+    async def status(
+        r: Rt,
+        view: Annotated[str | None, Query(max_length=200)] = None,
+        wait_s: Annotated[float, Query(ge=0, le=30)] = 0.0,
+    ) -> dict[str, Any]:
+        """The run's status. With ``view`` (from an earlier answer) and ``wait_s``,
+        answer once the view differs from it or ``wait_s`` has passed: galaxies
+        wait for the next thing to do without polling."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            ticket = r.changed.ticket()
+            out = await asyncio.to_thread(locked_status, r)
+            left = deadline - time.monotonic()
+            if view is None or out["view"] != view or left <= 0:
+                return out
+            await Signal.wait(ticket, left)
+
+    def locked_status(r: _Runtime) -> dict[str, Any]:
         with r.lock:  # a finished round and its history record appear together
             return _status(r)
 
     def _status(r: _Runtime) -> dict[str, Any]:
         return {
+            "view": r.view(),
             "round": r.agg.round,
             "phase": r.agg.phase,
             "model_version": r.agg.round,
             "rounds": r.rounds,
             "finished": r.finished,
+            # Rounds applied whose accuracy is still being computed; their history
+            # records get "accuracy" and "loss" when it is done.
+            "evaluating": r.evaluating,
             "history": r.history,
             "audit_log": {
                 "size": r.agg.audit_log.size,
@@ -328,6 +426,7 @@ def create_app(
             if r.agg.round == rnd and r.agg.phase != "leaves" and resent:
                 return {"accepted": True, "duplicate": True}
             r.agg.submit_leaf(galaxy_leaf)
+        r.poke.fire()
         return {"accepted": True}
 
     @app.post("/v1/rounds/{rnd}/abstentions/{galaxy}", status_code=202)
@@ -338,6 +437,7 @@ def create_app(
             raise Rejected("unknown_client", f"galaxy {galaxy} is not configured")
         with r.lock:
             r.abstained.setdefault(rnd, set()).add(galaxy)
+        r.poke.fire()
         return {"accepted": True}
 
     @app.get("/v1/rounds/{rnd}/head")
@@ -374,6 +474,7 @@ def create_app(
             raise Rejected("malformed", "X-PG-Root must be hex") from None
         with r.lock:
             fresh = r.agg.submit_aggregate(rnd, galaxy, root, vector, x_pg_weight)
+        r.poke.fire()
         response.status_code = 202 if fresh else 200
         return {"accepted": True, "duplicate": not fresh}
 

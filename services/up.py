@@ -72,6 +72,10 @@ class _Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def send(self, sig: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
@@ -273,11 +277,14 @@ class LocalCluster:
             except httpx.HTTPError:
                 status = None
             if status is not None:
-                for record in status["history"][seen:]:
+                # Records are complete once evaluated (they are, in round order).
+                history = status["history"]
+                done = len(history) - status.get("evaluating", 0)
+                for record in history[seen:done]:
                     if progress:
                         progress(record)
-                seen = len(status["history"])
-                if status["finished"]:
+                seen = max(seen, done)
+                if status["finished"] and status.get("evaluating", 0) == 0:
                     return status
             if time.monotonic() > deadline:
                 raise TimeoutError("the run did not finish in time")
@@ -294,14 +301,16 @@ class LocalCluster:
             self._wait_redis()
 
     def stop(self) -> None:
-        for name in [
-            "clients",
-            *[n for n in self.procs if n.startswith("galaxy")],
-            "global",
-            "redis",
-        ]:
-            if name in self.procs:
-                self.procs[name].stop()
+        """SIGTERM to each tier at once (clients, galaxies, global, Redis), waiting
+        for a tier to exit before the next, so no service loses its peer while it
+        still shuts down."""
+        galaxies = [n for n in self.procs if n.startswith("galaxy")]
+        for tier in (["clients"], galaxies, ["global"], ["redis"]):
+            procs = [self.procs[n] for n in tier if n in self.procs]
+            for proc in procs:
+                proc.send(signal.SIGTERM)
+            for proc in procs:
+                proc.stop()
 
     # -- results -----------------------------------------------------------------
 
