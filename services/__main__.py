@@ -1,4 +1,4 @@
-"""The container's entry point: ``python -m services {galaxy|global|client}``.
+"""The container's entry point: ``python -m services {galaxy|global|client|keygen}``.
 
 Galaxy and global run under uvicorn on ``PG_HOST:PG_PORT`` (default 0.0.0.0:8000);
 configuration comes from ``PG_*`` environment variables (see each service's
@@ -37,11 +37,17 @@ def _torch_threads() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("galaxy", "global", "client"):
-        print("usage: python -m services {galaxy|global|client}", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in ("galaxy", "global", "client", "keygen"):
+        print(
+            "usage: python -m services {galaxy|global|client|keygen}", file=sys.stderr
+        )
         return 2
     setup_logging(os.environ.get("PG_LOG_LEVEL", "warning"))
     role = argv[0]
+    if role == "keygen":
+        from services import keygen
+
+        return keygen.main()
     _torch_threads()
     if role == "client":
         from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected

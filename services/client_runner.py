@@ -10,6 +10,7 @@ after 30 s and are retried with exponential backoff.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -98,8 +99,16 @@ class ClientRunner:
         config: SimulationConfig | None = None,
         dataset: Dataset | None = None,
     ) -> None:
+        cfg = config or load_config(settings.config_path)
+        # The last pod of an Indexed Job may get a slice past the last client.
+        settings = dataclasses.replace(
+            settings,
+            client_ids=[c for c in settings.client_ids if c < cfg.clients.count],
+        )
+        if not settings.client_ids:
+            raise ValueError(f"no client ids below clients.count={cfg.clients.count}")
         self.settings = settings
-        self.config = cfg = config or load_config(settings.config_path)
+        self.config = cfg
         self.data = dataset or load_dataset(cfg.dataset.name, root=cfg.dataset.root)
         # The simulation's client side, built the same way, so both train alike.
         side = ClientSide.build(cfg, self.data)

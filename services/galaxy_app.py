@@ -68,6 +68,7 @@ class GalaxySettings:
     reveal_deadline_s: float = 60.0
     poll_s: float = 0.25
     keep_rounds: int = 3
+    run_id: str = ""
 
     @classmethod
     def from_env(cls) -> "GalaxySettings":
@@ -84,6 +85,7 @@ class GalaxySettings:
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
             poll_s=float(env("PG_POLL_S", "0.25")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
+            run_id=env("PG_RUN_ID", ""),
         )
 
 
@@ -104,8 +106,12 @@ class _Runtime:
         self.settings = settings
         model = build_model(config.model, seed=config.seed)
         self.spec = UpdateSpec.from_params(dict(model.named_parameters()))
+        # One run's keys: pg:galaxy:<id>:[<run>:] (inside the galaxy's ACL prefix).
+        run = f"{settings.run_id}:" if settings.run_id else ""
         self.store = RedisGalaxyStore.from_url(
-            settings.redis_url, galaxy=settings.galaxy_id
+            settings.redis_url,
+            galaxy=settings.galaxy_id,
+            prefix=f"pg:galaxy:{settings.galaxy_id}:{run}",
         )
         self.http = httpx.AsyncClient(
             base_url=settings.global_url,

@@ -73,6 +73,7 @@ class GlobalSettings:
     max_update_bytes: int = 64 << 20
     evaluate: bool = True
     poll_s: float = 0.25
+    signing_key_file: str | None = None
 
     @classmethod
     def from_env(cls) -> "GlobalSettings":
@@ -90,6 +91,7 @@ class GlobalSettings:
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             evaluate=env("PG_EVALUATE", "1") == "1",
             poll_s=float(env("PG_POLL_S", "0.25")),
+            signing_key_file=env("PG_SIGNING_KEY_FILE", "") or None,
         )
 
 
@@ -149,7 +151,12 @@ class _Runtime:
         self.rounds = settings.rounds or config.training.rounds
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.key = load_or_create_signing_key(data / "signing.key")
+        if settings.signing_key_file:  # provisioned (Kubernetes: a Secret)
+            self.key = SigningKey.from_bytes(
+                Path(settings.signing_key_file).read_bytes()
+            )
+        else:
+            self.key = load_or_create_signing_key(data / "signing.key")
         self.checkpoints = CheckpointDir(
             data / "checkpoints", keep=settings.keep_checkpoints
         )
