@@ -362,10 +362,14 @@ def create_app(
     async def watch_global(r: _Runtime) -> None:
         """Long-poll the global aggregator's status; wake the driver on a change."""
         while True:
-            view = None if r.global_status is None else r.global_status["view"]
+            last = r.global_status
+            view = None if last is None else last["view"]
+            # A finished run changes only when a new one starts: ask without
+            # waiting, so no long poll holds the global aggregator's shutdown.
+            wait_s = 0 if last is not None and last["finished"] else 10
             try:
                 resp = await r.http.get(
-                    "/v1/status", params={"view": view or "", "wait_s": 10}
+                    "/v1/status", params={"view": view or "", "wait_s": wait_s}
                 )
                 resp.raise_for_status()
                 status = resp.json()
@@ -378,7 +382,7 @@ def create_app(
                 r.global_status = status
                 r.wake.fire()
             if status["finished"]:
-                return  # nothing will change any more
+                await asyncio.sleep(5 * r.settings.poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -185,8 +185,8 @@ class _Runtime:
         # The driver (a worker thread) and the request handlers (the thread pool)
         # share the aggregator: every use of it holds this lock.
         self.lock = threading.Lock()
-        # Evaluation is reporting, not protocol: it runs on its own thread, round
-        # after round, while the next round goes on.
+        # Evaluation is reporting, not protocol: a child process evaluates round
+        # after round while the next round goes on (see _evaluator).
         self.evaluator = _evaluator(config) if settings.evaluate else None
         self.evaluating = 0  # rounds applied and not yet evaluated
         # This process's start: a restart changes the view galaxies wait on.

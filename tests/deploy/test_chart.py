@@ -109,6 +109,7 @@ def test_topology_per_galaxy_count(helm: Path, galaxies: int) -> None:
         env = env_of(c)
         assert c["args"] == ["galaxy"]
         assert env["PG_GALAXY_ID"] == str(g)
+        assert env["PG_RUN_ID"] == "r1"  # the release revision: one run each
         assert env["PG_GLOBAL_URL"] == "http://pg-protogalaxy-global:8000"
         assert env["PG_REDIS_URL"] == (
             f"redis://galaxy-{g}:$(PG_REDIS_PASSWORD)@pg-protogalaxy-redis:6379/0"
