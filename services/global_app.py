@@ -11,10 +11,12 @@ deadline), then evaluates the model and checkpoints every ``checkpoint_every`` r
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -116,7 +118,19 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
 _EVAL: dict[str, Any] = {}
 
 
-def _eval_init(model: str, seed: int, dataset: str, root: str | None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies, however the
+    parent dies (a SIGKILLed global aggregator must not leave its evaluator)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(0)
+
+
+def _eval_init(
+    parent: int, model: str, seed: int, dataset: str, root: str | None
+) -> None:
+    _die_with_parent(parent)
     with contextlib.suppress(OSError):
         os.nice(19)
     torch.set_num_threads(1)
@@ -140,8 +154,22 @@ def _evaluator(config: SimulationConfig) -> ProcessPoolExecutor:
         1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_eval_init,
-        initargs=(config.model, config.seed, config.dataset.name, config.dataset.root),
+        initargs=(
+            os.getpid(),
+            config.model,
+            config.seed,
+            config.dataset.name,
+            config.dataset.root,
+        ),
     )
+
+
+def _stop_evaluator(pool: ProcessPoolExecutor) -> None:
+    """Stop the evaluator now: an evaluation in progress is only reporting."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.terminate()
 
 
 class _Runtime:
@@ -340,7 +368,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if rt.evaluator is not None:
-                rt.evaluator.shutdown(wait=False, cancel_futures=True)
+                _stop_evaluator(rt.evaluator)
 
     app = FastAPI(title="ProtoGalaxy global aggregator", lifespan=lifespan)
     install_error_handlers(app, service="global", registry=registry, context={})

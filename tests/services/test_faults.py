@@ -9,6 +9,7 @@ that every update answered 2xx was aggregated and that no round was applied twic
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,15 @@ def test_galaxy_killed_during_the_reveal_phase(cluster: LocalCluster) -> None:
     assert torch.allclose(served_model(cluster), expected, atol=1e-5)
 
 
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc), reaping none."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
 def test_global_killed_mid_round_resumes_without_applying_twice(
     cluster: LocalCluster,
 ) -> None:
@@ -111,7 +121,14 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
     p.wait_global_round(1)
     ups1 = {c: update(10 + c) for c in range(N)}
     play_round(p, 1, ups1)  # the round-1 head is signed: the galaxy is revealing
+    evaluators = children(cluster.procs["global"].popen.pid)
+    assert evaluators, "the global aggregator evaluates in a child process"
     cluster.kill("global")
+    # The kernel takes the evaluator down with its SIGKILLed parent (no orphans).
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in evaluators):
+        assert time.monotonic() < deadline, "the evaluator outlived its parent"
+        time.sleep(0.1)
     cluster.procs["global"].start()
     cluster.wait_ready(cluster.global_url, "/readyz")
     for c in range(N):
