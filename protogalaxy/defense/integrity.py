@@ -27,8 +27,7 @@ import hmac
 import torch
 
 from protogalaxy.codec import decode_update
-from protogalaxy.crypto.commitment import Commitment, verify_reveal
-from protogalaxy.crypto.errors import CommitmentMismatchError
+from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.spec import UpdateSpec
 
 __all__ = ["IntegrityError", "check_reveal"]
@@ -61,32 +60,27 @@ class IntegrityError(ValueError):
 def check_reveal(
     commitment: Commitment,
     body: bytes | memoryview,
-    nonce: bytes,
     *,
+    digest: bytes,
     spec: UpdateSpec,
     max_bytes: int,
-    digest: bytes | None = None,
 ) -> dict[str, torch.Tensor]:
     """Check a reveal against its commitment and the model; return its tensors.
 
-    ``digest`` is the reveal's recomputed commitment digest when the caller already
-    has it (:func:`~protogalaxy.crypto.identity.reveal_digest`, computed once for
-    the reveal signature), so the body is hashed only once. The tensors returned
-    are read-only views of ``body``: copy them before changing them.
+    ``digest`` is the reveal's recomputed commitment digest
+    (:func:`~protogalaxy.crypto.identity.reveal_digest`, computed once for the
+    reveal signature, so the body is hashed only once). The tensors returned are
+    read-only views of ``body``: copy them before changing them.
     """
     if len(body) > max_bytes:
         raise IntegrityError(
             "too_large", f"{len(body)} bytes exceeds the limit of {max_bytes}"
         )
-    try:
-        if digest is None:
-            verify_reveal(commitment, [body], nonce)
-        elif not hmac.compare_digest(digest, commitment.digest):
-            raise CommitmentMismatchError(
-                "the revealed update and nonce do not match the commitment digest"
-            )
-    except CommitmentMismatchError as exc:
-        raise IntegrityError("commitment_mismatch", str(exc)) from None
+    if not hmac.compare_digest(digest, commitment.digest):
+        raise IntegrityError(
+            "commitment_mismatch",
+            "the revealed update and nonce do not match the commitment digest",
+        )
     try:
         tensors = decode_update(body, max_bytes=max_bytes, copy=False)
     except ValueError as exc:

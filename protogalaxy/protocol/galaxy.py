@@ -359,10 +359,9 @@ class GalaxyAggregator:
             check_reveal(
                 commitment,
                 body,
-                nonce,
+                digest=digest,
                 spec=self.spec,
                 max_bytes=self.max_update_bytes,
-                digest=digest,
             )
         except IntegrityError as exc:
             self.store.add_rejection(round, client, exc.reason)

@@ -294,9 +294,8 @@ def test_security_contexts(helm: Path) -> None:
 
 
 def test_impossible_settings_are_refused(helm: Path) -> None:
-    assert "galaxies.count" in refused(helm, "--set", "galaxies.count=0") or (
-        "minimum" in refused(helm, "--set", "galaxies.count=0")
-    )
+    err = refused(helm, "--set", "galaxies.count=0")
+    assert "galaxies.count" in err or "minimum" in err
     assert "every galaxy needs clients" in refused(helm, "--set", "clients.count=2")
     err = refused(helm, "--set-json", "clients.byzantine.fraction=0.4")
     assert "tolerates f = 3" in err and "galaxy 0 of 10" in err
