@@ -11,9 +11,11 @@ rejection is logged as one JSON line and counted in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +31,9 @@ from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
 
 __all__ = [
     "NotReady",
+    "Pump",
     "Signal",
+    "content_length",
     "env",
     "install_error_handlers",
     "read_body",
@@ -94,53 +98,122 @@ def env(name: str, default: str | None = None) -> str:
     return value
 
 
+def content_length(request: Request, limit: int) -> int | None:
+    """The declared body size (None without one); 400 when it is not a size, 413
+    when it exceeds ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    try:
+        expected = int(declared)
+    except ValueError:
+        raise HTTPException(400, "Content-Length is not an integer") from None
+    if expected < 0:
+        raise HTTPException(400, "Content-Length is negative")
+    if expected > limit:
+        raise Rejected(
+            "too_large", f"body of {expected} bytes exceeds the limit of {limit}"
+        )
+    return expected
+
+
 async def read_body(
     request: Request,
     limit: int,
-    on_chunk: Callable[[bytes], object] | None = None,
+    on_data: Callable[[memoryview], object] | None = None,
+    *,
+    batch: int = 1 << 20,
 ) -> memoryview:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes
     (by Content-Length before reading, or while streaming without one).
 
-    Each chunk is copied into place as it arrives and handed to ``on_chunk`` (a
-    hash, say), so that work overlaps the transfer instead of following it.
+    Each chunk is copied into place as it arrives. ``on_data`` gets the body as it
+    fills, in consecutive pieces of at least ``batch`` bytes (the last may be
+    shorter): views of the returned buffer, which is never written behind them.
+    Without a Content-Length it gets each chunk as it comes.
     """
-    declared = request.headers.get("content-length")
-    expected: int | None = None
-    if declared is not None:
-        try:
-            expected = int(declared)
-        except ValueError:
-            raise HTTPException(400, "Content-Length is not an integer") from None
-        if expected < 0:
-            raise HTTPException(400, "Content-Length is negative")
-        if expected > limit:
-            raise Rejected(
-                "too_large", f"body of {expected} bytes exceeds the limit of {limit}"
-            )
+    expected = content_length(request, limit)
     # Uninitialized memory: its pages are touched only as the chunks land, so the
     # one copy of the body is spread over the transfer.
     body = memoryview(np.empty(expected, np.uint8).data) if expected else None
     grown = bytearray()
-    size = 0
+    size = handed = 0
     async for chunk in request.stream():
         if not chunk:
             continue
         end = size + len(chunk)
         if end > limit:
             raise Rejected("too_large", f"body exceeds the limit of {limit} bytes")
-        if body is not None and end <= len(body):
-            body[size:end] = chunk
-        else:  # no Content-Length (chunked), or more than it declared
+        if body is None:  # no Content-Length (chunked transfer)
             grown += chunk
+            if on_data is not None:
+                on_data(memoryview(chunk))
+        elif end > len(body):
+            raise HTTPException(400, f"body exceeds its Content-Length of {expected}")
+        else:
+            body[size:end] = chunk
+            if on_data is not None and end - handed >= batch:
+                on_data(body[handed:end])
+                handed = end
         size = end
-        if on_chunk is not None:
-            on_chunk(chunk)
     if expected is not None and size != expected:
         raise HTTPException(
             400, f"body of {size} bytes, Content-Length declared {expected}"
         )
-    return memoryview(grown) if body is None else body
+    if body is None:
+        return memoryview(grown)
+    if on_data is not None and size > handed:
+        on_data(body[handed:size])
+    return body
+
+
+class Pump:
+    """Runs ``sinks`` over a body's pieces, in order, on a thread of its own, so
+    work that releases the GIL (hashing, socket writes) overlaps the transfer
+    instead of following it. The pieces must not change until the pump is done.
+
+    A sink's error stops the sinks; :meth:`close` raises it. :meth:`then` runs a
+    clean-up once the thread has finished, whether or not anyone waits for it.
+    """
+
+    def __init__(self, *sinks: Callable[[memoryview], object]) -> None:
+        self._sinks = sinks
+        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._closed = False
+        threading.Thread(target=self._run, name="pump", daemon=True).start()
+
+    def feed(self, piece: memoryview) -> None:
+        self._queue.put(piece)
+
+    async def close(self) -> None:
+        """Wait until every piece fed so far went through the sinks."""
+        self._end()
+        await asyncio.wrap_future(self._done)
+
+    def then(self, clean_up: Callable[[], object]) -> None:
+        self._end()
+        self._done.add_done_callback(lambda _: clean_up())
+
+    def _end(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        failure: BaseException | None = None
+        while (piece := self._queue.get()) is not None:
+            if failure is not None:
+                continue  # drain: the feeder does not know yet
+            try:
+                for sink in self._sinks:
+                    sink(piece)
+            except BaseException as exc:  # handed to whoever closes the pump
+                failure = exc
+        if failure is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(failure)
 
 
 def require_token(request: Request, expected: str, *, what: str) -> None:
@@ -154,9 +227,18 @@ def require_token(request: Request, expected: str, *, what: str) -> None:
 
 
 def install_error_handlers(
-    app: FastAPI, *, service: str, registry: CollectorRegistry, context: dict[str, Any]
+    app: FastAPI,
+    *,
+    service: str,
+    registry: CollectorRegistry,
+    context: dict[str, Any],
+    unavailable: tuple[type[Exception], ...] = (),
 ) -> Counter:
-    """Map domain errors to status codes; log and count each rejection."""
+    """Map domain errors to status codes; log and count each rejection.
+
+    ``unavailable``: errors of a backing store that is down or too slow (503,
+    ``store_unavailable``), so a client retries instead of giving up.
+    """
     rejected = Counter(
         f"protogalaxy_{service}_rejected_total",
         "Requests refused, by reason",
@@ -212,5 +294,11 @@ def install_error_handlers(
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
         return refuse(request, 503, "not_ready", str(exc))
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return refuse(request, 503, "store_unavailable", f"{type(exc).__name__}: {exc}")
+
+    for error in unavailable:
+        app.add_exception_handler(error, _unavailable)
 
     return rejected

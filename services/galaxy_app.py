@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import httpx
+import redis
 import torch
 from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -41,7 +43,9 @@ from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
 from services.common import (
     NotReady,
+    Pump,
     Signal,
+    content_length,
     env,
     install_error_handlers,
     read_body,
@@ -126,6 +130,7 @@ class _Runtime:
         #: the global aggregator's latest status, kept fresh by a long poll
         self.global_status: dict[str, Any] | None = None
         self.wake = Signal()  # a commitment or reveal arrived, or the global moved
+        self.uploading: set[tuple[int, int]] = set()  # (round, client) reveals staging
 
 
 def create_app(
@@ -412,7 +417,11 @@ def create_app(
 
     app = FastAPI(title=f"ProtoGalaxy galaxy {gid}", lifespan=lifespan)
     install_error_handlers(
-        app, service="galaxy", registry=registry, context={"galaxy": gid}
+        app,
+        service="galaxy",
+        registry=registry,
+        context={"galaxy": gid},
+        unavailable=(redis.ConnectionError, redis.TimeoutError),
     )
 
     @app.get("/livez")
@@ -491,23 +500,43 @@ def create_app(
             raise Rejected(
                 "malformed", "X-PG-Nonce and X-PG-Signature must be hex"
             ) from None
-        # Hash the body while it arrives: the one pass the reveal needs.
-        hasher = r.galaxy.reveal_hasher(rnd, client, nonce)
-        body = await read_body(
-            request,
-            r.settings.max_update_bytes,
-            on_chunk=None if hasher is None else hasher.update,
-        )
+        # While the body arrives, a thread hashes it (the one pass the reveal needs)
+        # and streams it into a stage in the store; both release the GIL, so they
+        # overlap the transfer. Accepting the reveal is then one O(1) commit.
+        # Nothing is staged without a commitment to check the body against
+        # (submit_reveal says why), nor for a second upload of the same reveal
+        # while the first is still arriving (it is checked after it arrived).
+        limit = r.settings.max_update_bytes
+        size = content_length(request, limit)  # a 413 before anything is staged
+        upload = (rnd, client)
+        hasher = None
+        if upload not in r.uploading:
+            hasher = r.galaxy.reveal_hasher(rnd, client, nonce)
+        stage, pump = None, None
+        if hasher is not None:
+            stage = r.store.stage_reveal(rnd, client, size)
+            pump = Pump(hasher.update, stage.write)
+            r.uploading.add(upload)
         try:
-            r.galaxy.submit_reveal(
+            body = await read_body(request, limit, None if pump is None else pump.feed)
+            if pump is not None:
+                await pump.close()
+            # In a worker thread: the commit waits for Redis to catch up with the
+            # stage, and other uploads keep arriving meanwhile.
+            await run_in_threadpool(
+                r.galaxy.submit_reveal,
                 rnd,
                 client,
                 body,
                 nonce,
                 signature,
                 digest=None if hasher is None else hasher.digest(),
+                staged=stage,
             )
         finally:
+            if pump is not None and stage is not None:
+                r.uploading.discard(upload)
+                pump.then(stage.discard)  # a no-op once committed
             r.wake.fire()  # accepted or rejected, it counts toward the quorum
         m_accepted.inc()
         return {"accepted": True, "round": rnd, "client_id": client}

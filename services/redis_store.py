@@ -10,6 +10,8 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
                                by a script only while the round takes commitments
 ``r:<round>:reveals``          hash client -> nonce (32 B): the revealed clients
 ``r:<round>:reveal:<client>``  the revealed PGT1 body, as received
+``r:<round>:stage:<client>:*``  a body being uploaded, before it is verified; renamed
+                               to ``reveal:<client>`` when accepted, else deleted
 ``r:<round>:rejections``       hash client -> layer-1 reason
 ``r:<round>:blob:<name>``      leaf, head, galaxy proof, aggregate
 ``reputation``                 JSON of the reputation tracker
@@ -17,22 +19,36 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 =============================  ===============================================
 
 Every per-client write is set-if-absent (``HSETNX``; a reveal's body and nonce go
-together in one ``MULTI``) and every phase change a compare-and-set script, so two
-replicas or a restarted pod can neither aggregate a round twice nor overwrite an
-accepted update.
+together in one ``MULTI`` or script) and every phase change a compare-and-set
+script, so two replicas or a restarted pod can neither aggregate a round twice nor
+overwrite an accepted update.
+
+A reveal's body is streamed into a stage key with pipelined ``SETRANGE`` while the
+request is still arriving (:class:`RedisRevealStage`), so Redis stores and logs it
+(AOF) in parallel with the transfer; accepting it is then one O(1) ``RENAME`` in a
+script. Besides starting late (only once the body was verified), one 45 MB ``SET``
+with AOF on cost Redis about 170 ms of CPU here, against about 50 ms for the same
+bytes in 1 MB pieces of a string reserved at its full size.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import redis
 
 from protogalaxy.crypto.commitment import COMMITMENT_SIZE
-from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, State
+from protogalaxy.protocol.stores import (
+    GalaxyStore,
+    Phase,
+    PhaseClosed,
+    RevealStage,
+    State,
+)
 
-__all__ = ["RedisGalaxyStore"]
+__all__ = ["RedisGalaxyStore", "RedisRevealStage"]
 
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
@@ -46,6 +62,27 @@ return 0
 _ADD_COMMITMENT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+"""
+
+# KEYS: state, reveals (nonces), reveal body, stage; ARGV: state, client, nonce,
+# length. The stage is used up whatever the outcome.
+_COMMIT_STAGE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('UNLINK', KEYS[4])
+  return -1
+end
+if redis.call('STRLEN', KEYS[4]) ~= tonumber(ARGV[4]) then
+  redis.call('UNLINK', KEYS[4])
+  return -2
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1
+    or redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('UNLINK', KEYS[4])
+  return 0
+end
+redis.call('RENAME', KEYS[4], KEYS[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
 """
 
 _REGISTER = """
@@ -66,6 +103,89 @@ def _decode_state(raw: bytes | None) -> State | None:
     return int(rnd), phase
 
 
+class RedisRevealStage(RevealStage):
+    """A body streamed into a stage key, each :meth:`write` sent on a connection of
+    its own without waiting for the reply; :meth:`flush` reads the replies. The
+    caller batches writes (about 1 MB each is the sweet spot).
+
+    With the size known, the first write reserves the whole string (``SETRANGE`` at
+    its last byte) and each write fills its place (``SETRANGE``): Redis allocates
+    once. Growing it by ``APPEND`` reallocates and copies it over and over, which
+    costs Redis about three times the CPU for 45 MB; that is the way without a size.
+    """
+
+    def __init__(self, client: Any, key: str, size: int | None = None) -> None:
+        self._r = client
+        self.key = key
+        self.size = size
+        self._conn: Any = None
+        self._pending = 0  # commands sent whose reply is unread
+        self._length = 0
+        self.done = False  # committed or discarded
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.done:
+            raise RuntimeError("write to a used stage")
+        end = self._length + len(data)
+        if self.size is not None and end > self.size:
+            raise RuntimeError(f"stage {self.key} is {self.size} bytes, got {end}")
+        try:
+            if self._conn is None:
+                self._conn = self._r.connection_pool.get_connection()
+                if self.size:
+                    self._send("SETRANGE", self.key, self.size - 1, b"\0")
+            if self.size is None:
+                self._send("APPEND", self.key, data)
+            else:
+                self._send("SETRANGE", self.key, self._length, data)
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._length = end
+
+    def _send(self, *command: Any) -> None:
+        self._conn.send_command(*command)
+        self._pending += 1
+
+    def flush(self) -> int:
+        if self.size is not None and self._length != self.size:
+            raise RuntimeError(
+                f"stage {self.key} got {self._length} of {self.size} bytes"
+            )
+        if self._conn is None:
+            return self._length
+        stored = self._length
+        try:
+            while self._pending:
+                stored = self._conn.read_response()  # an error reply raises
+                self._pending -= 1
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._r.connection_pool.release(self._conn)
+        self._conn = None
+        if int(stored) != self._length:
+            raise RuntimeError(
+                f"stage {self.key} holds {stored} bytes, not {self._length}"
+            )
+        return self._length
+
+    def discard(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._drop_connection()
+        self._r.unlink(self.key)
+
+    def _drop_connection(self) -> None:
+        # Replies may be unread: the connection cannot go back to the pool.
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._r.connection_pool.release(self._conn)
+            self._conn = None
+            self._pending = 0
+
+
 class RedisGalaxyStore(GalaxyStore):
     """:class:`GalaxyStore` on a Redis server (binary-safe, no decoded responses)."""
 
@@ -77,6 +197,7 @@ class RedisGalaxyStore(GalaxyStore):
         self._cas = self.r.register_script(_CAS)
         self._register = self.r.register_script(_REGISTER)
         self._add_commitment = self.r.register_script(_ADD_COMMITMENT)
+        self._commit_stage = self.r.register_script(_COMMIT_STAGE)
 
     @classmethod
     def from_url(
@@ -143,9 +264,30 @@ class RedisGalaxyStore(GalaxyStore):
             for c, v in raw.items()
         }
 
+    def stage_reveal(
+        self, round: int, client: int, size: int | None = None
+    ) -> RedisRevealStage:
+        token = secrets.token_hex(8)  # concurrent uploads never share a stage
+        key = self._k("r", round, "stage", client, token)
+        return RedisRevealStage(self.r, key, size)
+
     def add_reveal(
-        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+        self,
+        round: int,
+        client: int,
+        body: bytes | memoryview,
+        nonce: bytes,
+        *,
+        staged: RevealStage | None = None,
     ) -> bool:
+        if staged is not None and len(body):
+            return self._add_staged(round, client, len(body), nonce, staged)
+        if staged is not None:  # an empty body has no stage key: write it as is
+            try:
+                if staged.flush():
+                    raise RuntimeError(f"a stage of {len(body)} bytes holds more")
+            finally:
+                staged.discard()
         # The body goes in a key of its own, so neither side copies 45 MB to glue
         # the nonce to it. WATCH makes the MULTI conditional on the phase without
         # passing the body through a script: if the state changes before EXEC,
@@ -162,6 +304,37 @@ class RedisGalaxyStore(GalaxyStore):
                 _, added = pipe.execute()
             except redis.WatchError:
                 raise PhaseClosed(f"round {round}: the phase changed") from None
+        return bool(added)
+
+    def _add_staged(
+        self, round: int, client: int, length: int, nonce: bytes, staged: RevealStage
+    ) -> bool:
+        assert isinstance(staged, RedisRevealStage)
+        added = None
+        try:
+            if staged.flush() != length:
+                raise RuntimeError(f"stage {staged.key} does not hold {length} bytes")
+            added = self._commit_stage(
+                keys=[
+                    self._k("state"),
+                    self._k("r", round, "reveals"),
+                    self._k("r", round, "reveal", client),
+                    staged.key,
+                ],
+                args=[
+                    _encode_state((round, Phase.REVEAL)),
+                    str(client),
+                    bytes(nonce),
+                    length,
+                ],
+            )
+            staged.done = True  # the script used the stage up, whatever it answered
+        finally:
+            staged.discard()  # a no-op once the script ran
+        if added == -1:
+            raise PhaseClosed(f"round {round} is not taking reveals")
+        if added == -2:
+            raise RuntimeError(f"stage {staged.key} does not hold {length} bytes")
         return bool(added)
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:

@@ -33,7 +33,7 @@ from protogalaxy.crypto.receipts import Receipt
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
 from protogalaxy.defense.integrity import IntegrityError, check_reveal
 from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
-from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed
+from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, RevealStage
 from protogalaxy.spec import UpdateSpec
 
 __all__ = [
@@ -310,11 +310,15 @@ class GalaxyAggregator:
         signature: bytes,
         *,
         digest: bytes | None = None,
+        staged: RevealStage | None = None,
     ) -> None:
         """Accept a signed reveal after layer 1.
 
         ``digest`` is the body's :func:`~protogalaxy.crypto.identity.reveal_digest`
         when the caller hashed the body as it arrived (:meth:`reveal_hasher`).
+        ``staged`` is the body as the caller also wrote it to the store on arrival
+        (:meth:`~protogalaxy.protocol.stores.GalaxyStore.stage_reveal`): committed
+        if the reveal is accepted; the caller discards it otherwise.
 
         Order matters: a resent or second reveal and a bad signature are refused
         before layer 1 runs, so only an authenticated reveal can be recorded as a
@@ -367,7 +371,7 @@ class GalaxyAggregator:
             self.store.add_rejection(round, client, exc.reason)
             raise Rejected(exc.reason, exc.detail) from None
         try:
-            added = self.store.add_reveal(round, client, body, nonce)
+            added = self.store.add_reveal(round, client, body, nonce, staged=staged)
         except PhaseClosed:
             # The close claimed the phase first: not stored, not aggregated.
             raise WrongPhase(

@@ -14,7 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
-__all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase", "PhaseClosed"]
+__all__ = ["GalaxyStore", "MemoryGalaxyStore", "Phase", "PhaseClosed", "RevealStage"]
 
 
 class PhaseClosed(Exception):
@@ -31,6 +31,27 @@ class Phase:
 
 
 State = tuple[int, str]
+
+
+class RevealStage(ABC):
+    """A reveal's body written to the store while it still arrives, before it is
+    verified. Nothing of it is a reveal until :meth:`GalaxyStore.add_reveal` commits
+    it (``staged=``); until then :meth:`discard` forgets it.
+
+    :meth:`write` and :meth:`flush` are called from one thread at a time, in order.
+    """
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` to the staged body (it may be sent on, not yet stored)."""
+
+    @abstractmethod
+    def flush(self) -> int:
+        """Wait until every write is stored; the staged body's length."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Forget the staged body; idempotent, and a no-op once committed."""
 
 
 class GalaxyStore(ABC):
@@ -71,11 +92,29 @@ class GalaxyStore(ABC):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
 
     @abstractmethod
+    def stage_reveal(
+        self, round: int, client: int, size: int | None = None
+    ) -> RevealStage:
+        """A fresh stage for one upload of ``client``'s reveal in ``round``, of
+        ``size`` bytes when the caller knows (the store may reserve them)."""
+
+    @abstractmethod
     def add_reveal(
-        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+        self,
+        round: int,
+        client: int,
+        body: bytes | memoryview,
+        nonce: bytes,
+        *,
+        staged: RevealStage | None = None,
     ) -> bool:
         """Set-if-absent, and only while the state is ``(round, reveal)``, atomically
         with that check, so every stored reveal is in the aggregate of the close.
+
+        With ``staged`` (every byte of ``body`` written to it, in order) the store
+        commits the staged copy instead of writing ``body`` again. A staged body of
+        another length is a fault of the store, not of the client: ``RuntimeError``,
+        nothing written. The stage is used up either way.
 
         Returns False when the client already revealed this round; raises
         :class:`PhaseClosed` when the round is not taking reveals.
@@ -119,6 +158,20 @@ class GalaxyStore(ABC):
     @abstractmethod
     def drop_round(self, round: int) -> None:
         """Forget a finished round's commitments, reveals and blobs."""
+
+
+class _MemoryStage(RevealStage):
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.data += data
+
+    def flush(self) -> int:
+        return len(self.data)
+
+    def discard(self) -> None:
+        self.data = bytearray()
 
 
 class MemoryGalaxyStore(GalaxyStore):
@@ -179,9 +232,26 @@ class MemoryGalaxyStore(GalaxyStore):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._commitments.get(round, {}))
 
+    def stage_reveal(
+        self, round: int, client: int, size: int | None = None
+    ) -> RevealStage:
+        return _MemoryStage()
+
     def add_reveal(
-        self, round: int, client: int, body: bytes | memoryview, nonce: bytes
+        self,
+        round: int,
+        client: int,
+        body: bytes | memoryview,
+        nonce: bytes,
+        *,
+        staged: RevealStage | None = None,
     ) -> bool:
+        if staged is not None:
+            assert isinstance(staged, _MemoryStage)
+            held, staged.data = bytes(staged.data), bytearray()
+            if len(held) != len(body):
+                raise RuntimeError(f"staged {len(held)} bytes, body has {len(body)}")
+            body = held
         with self._lock:
             if self._state != (round, Phase.REVEAL):
                 raise PhaseClosed(f"round {round} is at {self._state}")

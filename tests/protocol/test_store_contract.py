@@ -119,3 +119,83 @@ def test_writes_only_while_their_phase_is_open(store: GalaxyStore) -> None:
     with pytest.raises(PhaseClosed):
         store.add_reveal(0, 2, body, nonce)
     assert list(store.commitments(0)) == [1] and list(store.reveals(0)) == [1]
+
+
+def _staged(store: GalaxyStore, rnd: int, client: int, body: bytes, size: bool):
+    stage = store.stage_reveal(rnd, client, len(body) if size else None)
+    for at in range(0, len(body), 7):  # pieces as they would arrive
+        stage.write(memoryview(body)[at : at + 7])
+    return stage
+
+
+@pytest.mark.parametrize("size", [True, False], ids=["sized", "chunked"])
+def test_a_staged_reveal_is_committed_whole_or_not_at_all(
+    store: GalaxyStore, size: bool
+) -> None:
+    """A body streamed into a stage becomes the reveal only when committed, and a
+    stage that is not committed leaves nothing behind."""
+    body, nonce = bytes(range(256)) * 3, bytes(range(32))
+    store.compare_and_set_state(None, (2, Phase.REVEAL))
+    dropped = _staged(store, 2, 4, b"x" * len(body), size)
+    dropped.discard()
+    dropped.discard()  # idempotent
+    assert store.get_reveal(2, 4) is None and store.reveal_count(2) == 0
+    stage = _staged(store, 2, 4, body, size)
+    assert store.get_reveal(2, 4) is None  # staged is not revealed
+    assert store.add_reveal(2, 4, body, nonce, staged=stage)
+    stage.discard()  # a no-op once committed
+    assert store.get_reveal(2, 4) == (body, nonce)
+    assert store.reveals(2) == {4: (body, nonce)} and store.reveal_count(2) == 1
+    # set-if-absent as without a stage: the second is refused, the first kept
+    again = _staged(store, 2, 4, body[::-1], size)
+    assert not store.add_reveal(2, 4, body[::-1], nonce, staged=again)
+    assert store.get_reveal(2, 4) == (body, nonce)
+    # a stage that does not hold the body is a fault of the store: nothing written
+    short = _staged(store, 2, 5, body[:-7], size)
+    with pytest.raises(RuntimeError):
+        store.add_reveal(2, 5, body, nonce, staged=short)
+    assert store.get_reveal(2, 5) is None
+    # and only while the reveal phase is open
+    late = _staged(store, 2, 6, body, size)
+    store.compare_and_set_state((2, Phase.REVEAL), (2, Phase.AGGREGATING))
+    with pytest.raises(PhaseClosed):
+        store.add_reveal(2, 6, body, nonce, staged=late)
+    assert list(store.reveals(2)) == [4]
+
+
+def test_no_stage_outlives_its_upload(redis_url: str) -> None:
+    """Redis: whatever becomes of a staged upload, the only keys left are the
+    accepted reveal's, and dropping the round removes those too."""
+    import redis
+
+    from services.redis_store import RedisGalaxyStore
+
+    store = RedisGalaxyStore.from_url(redis_url, galaxy=8, prefix="pg:stagetest:")
+    raw = redis.Redis.from_url(redis_url)
+    body, nonce = bytes(1000), bytes(32)
+    store.compare_and_set_state(None, (0, Phase.REVEAL))
+    assert store.add_reveal(0, 1, body, nonce, staged=_staged(store, 0, 1, body, True))
+    duplicate = _staged(store, 0, 1, body, True)
+    assert not store.add_reveal(0, 1, body, nonce, staged=duplicate)
+    for client, size in ((2, True), (3, False)):
+        short = _staged(store, 0, client, body[:-1], size)
+        with pytest.raises(RuntimeError):
+            store.add_reveal(0, client, body, nonce, staged=short)
+    abandoned = _staged(store, 0, 4, body, True)  # replies still unread
+    abandoned.discard()
+    assert store.ping()  # the pool is still usable
+    leftovers = sorted(k.decode() for k in raw.scan_iter(match="pg:stagetest:*"))
+    assert leftovers == [
+        "pg:stagetest:r:0:reveal:1",
+        "pg:stagetest:r:0:reveals",
+        "pg:stagetest:state",
+    ]
+    store.drop_round(0)
+    assert not list(raw.scan_iter(match="pg:stagetest:r:*"))
+
+
+def test_an_empty_staged_body(store: GalaxyStore) -> None:
+    store.compare_and_set_state(None, (0, Phase.REVEAL))
+    stage = store.stage_reveal(0, 1, 0)
+    assert store.add_reveal(0, 1, b"", bytes(32), staged=stage)
+    assert store.get_reveal(0, 1) == (b"", bytes(32))

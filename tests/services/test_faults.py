@@ -179,10 +179,21 @@ def test_redis_restart_keeps_reputations_quarantine_and_evidence(
         reputation, evidence = before.load_reputation(), before.evidence()
         assert evidence and evidence[0]["event"] == "client_quarantined"
         assert evidence[0]["client"] == 3 and evidence[0]["evidence"]["leaf"]
-        cluster.restart("redis")  # SIGTERM, then the same data directory (AOF on)
+        # The accepted bodies were streamed into stages and renamed into place.
+        bodies = before.reveals(0)
+        assert sorted(bodies) == [0, 1, 2]
+        redis_proc = cluster.procs["redis"]
+        redis_proc.stop()
+        # Redis down: the galaxy answers 503 with the reason, and keeps running.
+        down = httpx.get(cluster.galaxy_url(0) + "/readyz")
+        assert down.status_code == 503
+        assert down.json()["error"] == "store_unavailable"
+        redis_proc.start()  # the same data directory (AOF on)
+        cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
         after = RedisGalaxyStore.from_url(url, galaxy=0)
         assert after.load_reputation() == reputation
         assert after.evidence() == evidence
+        assert after.reveals(0) == bodies
         cluster.restart("galaxy-0")  # and the galaxy reads them back from Redis
         cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
         state = httpx.get(cluster.galaxy_url(0) + "/v1/clients/3").json()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import torch
 
 from protogalaxy.codec import encode_update
@@ -203,6 +204,13 @@ def test_a_round_with_every_kind_of_bad_input(
         metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
         == accepted_before + 1
     )
+    # Refused bodies were streamed into stages in Redis as they arrived; none is
+    # left behind (a stage is removed once its upload's last write is done).
+    store = redis.Redis(port=cluster.redis_port)
+    deadline = time.monotonic() + 10
+    while stages := list(store.scan_iter(match="pg:galaxy:0:*:stage:*")):
+        assert time.monotonic() < deadline, f"stages left behind: {stages}"
+        time.sleep(0.05)
     for reason in (
         "too_large",
         "commitment_mismatch",
