@@ -111,6 +111,7 @@ class LocalCluster:
         self.service_token = secrets.token_hex(16)
         self.enrollment_token = secrets.token_hex(16)
         self.global_url = f"http://127.0.0.1:{self.global_port}"
+        self.global_public_key = ""  # hex, known once start() made the key
 
     # -- processes ---------------------------------------------------------------
 
@@ -226,15 +227,7 @@ class LocalCluster:
                 PG_TORCH_THREADS=1,
             ).start()
         if clients:
-            self._service(
-                "clients",
-                "client",
-                PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
-                PG_GALAXY_URLS=",".join(
-                    self.galaxy_url(g) for g in sorted(self.galaxy_ports)
-                ),
-                PG_GLOBAL_PUBLIC_KEY=key,
-            ).start()
+            self.start_clients()
         served = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
         if served != key:
             raise RuntimeError(
@@ -242,6 +235,17 @@ class LocalCluster:
             )
         for g in self.galaxy_ports:
             self.wait_ready(self.galaxy_url(g), "/readyz")
+
+    def start_clients(self, *, pinned_key: str | None = None) -> None:
+        """The client runner for every client, pinning the global aggregator's key
+        (or ``pinned_key``: clients then refuse every receipt, and exit 3)."""
+        self._service(
+            "clients",
+            "client",
+            PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
+            PG_GALAXY_URLS=",".join(self.galaxy_url(g) for g in sorted(self.galaxy_ports)),
+            PG_GLOBAL_PUBLIC_KEY=pinned_key or self.global_public_key,
+        ).start()
 
     def galaxy_url(self, g: int) -> str:
         return f"http://127.0.0.1:{self.galaxy_ports[g]}"
@@ -270,7 +274,11 @@ class LocalCluster:
         seen = 0
         while True:
             for name, proc in self.procs.items():
-                if name != "clients" and proc.popen is not None and not proc.alive():
+                if proc.popen is None or proc.alive():
+                    continue
+                # The client runner exits 0 once its clients played every round;
+                # any other exit, and any exit of a service, ends the run.
+                if name != "clients" or proc.popen.returncode != 0:
                     raise RuntimeError(
                         f"{name} exited with {proc.popen.returncode}; see {proc.log}"
                     )

@@ -59,3 +59,33 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
     # The published audit-log size only ever grew, one signed head per round.
     sizes = [size for size, _ in heads]
     assert sizes == sorted(sizes) and sizes[-1] == 3
+
+
+def test_up_reports_a_client_runner_that_stops_on_a_bad_proof(tmp_path: Path) -> None:
+    """Clients pinning another key refuse the first receipt and exit 3 (a receipt
+    failed verification); the run is reported failed at once, with the runner's
+    log, not left to its deadlines."""
+    from protogalaxy.crypto import SigningKey
+
+    config = load_config(
+        overrides={
+            "clients.count": 3,
+            "galaxies.count": 1,
+            "clients.samples_per_client": 200,
+            "training.rounds": 2,
+            "byzantine.fraction": 0.0,
+            "defense.byzantine_fraction": 0.0,
+        }
+    )
+    cluster = LocalCluster(config, tmp_path, commit_deadline_s=600)
+    try:
+        cluster.start(clients=False)
+        stranger = SigningKey.generate().public_key.to_bytes().hex()
+        cluster.start_clients(pinned_key=stranger)
+        with pytest.raises(RuntimeError, match="clients exited with 3") as failed:
+            cluster.wait_finished(timeout=300)
+    finally:
+        cluster.stop()
+    assert str(tmp_path / "logs" / "clients.log") in str(failed.value)
+    log = (tmp_path / "logs" / "clients.log").read_text()
+    assert "receipt that fails verification" in log
