@@ -12,7 +12,8 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 ``r:<round>:reveal:<client>``  the revealed PGT1 body, as received
 ``r:<round>:stage:<client>:*``  a body being uploaded, before it is verified; renamed
                                to ``reveal:<client>`` when accepted, else deleted
-``r:<round>:rejections``       hash client -> layer-1 reason
+``r:<round>:rejections``       hash client -> layer-1 reason; written by the same
+                               script, only while the round takes reveals
 ``r:<round>:blob:<name>``      leaf, head, galaxy proof, aggregate
 ``reputation``                 JSON of the reputation tracker
 ``evidence``                   list of JSON records (quarantines and bans)
@@ -59,7 +60,8 @@ end
 return 0
 """
 
-_ADD_COMMITMENT = """
+# KEYS: state, hash; ARGV: state, field, value. HSETNX only in that state.
+_ADD_IF_STATE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 """
@@ -196,7 +198,7 @@ class RedisGalaxyStore(GalaxyStore):
         self.prefix = prefix if prefix is not None else f"pg:galaxy:{galaxy}:"
         self._cas = self.r.register_script(_CAS)
         self._register = self.r.register_script(_REGISTER)
-        self._add_commitment = self.r.register_script(_ADD_COMMITMENT)
+        self._add_if_state = self.r.register_script(_ADD_IF_STATE)
         self._commit_stage = self.r.register_script(_COMMIT_STAGE)
 
     @classmethod
@@ -245,7 +247,7 @@ class RedisGalaxyStore(GalaxyStore):
     def add_commitment(
         self, round: int, client: int, commitment: bytes, signature: bytes
     ) -> bool:
-        added = self._add_commitment(
+        added = self._add_if_state(
             keys=[self._k("state"), self._k("r", round, "commitments")],
             args=[
                 _encode_state((round, Phase.COMMIT)),
@@ -360,9 +362,13 @@ class RedisGalaxyStore(GalaxyStore):
         return int(self.r.hlen(self._k("r", round, "reveals")))
 
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
-        return bool(
-            self.r.hsetnx(self._k("r", round, "rejections"), str(client), reason)
+        added = self._add_if_state(  # the commitment script: state, then HSETNX
+            keys=[self._k("state"), self._k("r", round, "rejections")],
+            args=[_encode_state((round, Phase.REVEAL)), str(client), reason],
         )
+        if added < 0:
+            raise PhaseClosed(f"round {round} is not taking reveals")
+        return bool(added)
 
     def rejections(self, round: int) -> dict[int, str]:
         raw = self.r.hgetall(self._k("r", round, "rejections"))

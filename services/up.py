@@ -243,7 +243,9 @@ class LocalCluster:
             "clients",
             "client",
             PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
-            PG_GALAXY_URLS=",".join(self.galaxy_url(g) for g in sorted(self.galaxy_ports)),
+            PG_GALAXY_URLS=",".join(
+                self.galaxy_url(g) for g in sorted(self.galaxy_ports)
+            ),
             PG_GLOBAL_PUBLIC_KEY=pinned_key or self.global_public_key,
         ).start()
 

@@ -368,17 +368,22 @@ class GalaxyAggregator:
                 max_bytes=self.max_update_bytes,
             )
         except IntegrityError as exc:
-            self.store.add_rejection(round, client, exc.reason)
+            try:
+                self.store.add_rejection(round, client, exc.reason)
+            except PhaseClosed:
+                raise self._closed_meanwhile(round) from None
             raise Rejected(exc.reason, exc.detail) from None
         try:
             added = self.store.add_reveal(round, client, body, nonce, staged=staged)
         except PhaseClosed:
             # The close claimed the phase first: not stored, not aggregated.
-            raise WrongPhase(
-                f"round {round}: the reveal phase closed meanwhile"
-            ) from None
+            raise self._closed_meanwhile(round) from None
         if not added:
             raise Rejected("duplicate", f"client {client} already revealed")
+
+    @staticmethod
+    def _closed_meanwhile(round: int) -> WrongPhase:
+        return WrongPhase(f"round {round}: the reveal phase closed meanwhile")
 
     def reveal_quorum_reached(self, round: int) -> bool:
         tree = self._tree(round)

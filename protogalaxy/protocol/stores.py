@@ -132,7 +132,13 @@ class GalaxyStore(ABC):
 
     @abstractmethod
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
-        """Record a layer-1 rejection (first one per client and round wins)."""
+        """Record a layer-1 rejection (first one per client and round wins), only
+        while the state is ``(round, reveal)`` and atomically with that check: the
+        close reads the rejections once, so a later one would cost the client
+        nothing while its answer said it did.
+
+        Raises :class:`PhaseClosed` when the round is not taking reveals.
+        """
 
     @abstractmethod
     def rejections(self, round: int) -> dict[int, str]: ...
@@ -269,7 +275,10 @@ class MemoryGalaxyStore(GalaxyStore):
         return len(self._reveals.get(round, {}))
 
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
-        return self._set_if_absent(self._rejections, round, client, reason)
+        with self._lock:
+            if self._state != (round, Phase.REVEAL):
+                raise PhaseClosed(f"round {round} is at {self._state}")
+            return self._set_if_absent(self._rejections, round, client, reason)
 
     def rejections(self, round: int) -> dict[int, str]:
         return dict(self._rejections.get(round, {}))

@@ -99,8 +99,8 @@ def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
 
 
 def test_writes_only_while_their_phase_is_open(store: GalaxyStore) -> None:
-    """The check of the phase and the write are one step: a commitment or reveal
-    that loses the race to a close is refused and stored nowhere."""
+    """The check of the phase and the write are one step: a commitment, reveal or
+    rejection that loses the race to a close is refused and stored nowhere."""
     c, sig, body, nonce = bytes(68), bytes(64), b"body" * 10, bytes(32)
     with pytest.raises(PhaseClosed):
         store.add_commitment(0, 1, c, sig)  # no round open at all
@@ -115,10 +115,14 @@ def test_writes_only_while_their_phase_is_open(store: GalaxyStore) -> None:
         store.add_commitment(0, 2, c, sig)
     store.compare_and_set_state((0, Phase.CLOSING), (0, Phase.REVEAL))
     assert store.add_reveal(0, 1, body, nonce)
+    assert store.add_rejection(0, 3, "non_finite")
     store.compare_and_set_state((0, Phase.REVEAL), (0, Phase.AGGREGATING))
     with pytest.raises(PhaseClosed):
         store.add_reveal(0, 2, body, nonce)
+    with pytest.raises(PhaseClosed):
+        store.add_rejection(0, 4, "shape")  # the close already read them
     assert list(store.commitments(0)) == [1] and list(store.reveals(0)) == [1]
+    assert store.rejections(0) == {3: "non_finite"}
 
 
 def _staged(store: GalaxyStore, rnd: int, client: int, body: bytes, size: bool):
