@@ -291,13 +291,16 @@ class GalaxyAggregator:
 
     def reveal_hasher(self, round: int, client: int, nonce: bytes) -> Any | None:
         """A hash state for :meth:`submit_reveal`'s ``digest``, to be fed the body as
-        it arrives; None when ``client`` has no commitment in ``round`` or ``nonce``
+        it arrives; None when ``client`` is not in the round's snapshot or ``nonce``
         is malformed (:meth:`submit_reveal` then says why)."""
-        record = self.store.commitments(round).get(client)
-        if record is None:
+        try:
+            tree = self._tree(round)
+        except WrongPhase:  # the commit phase has not closed
+            return None
+        if tree is None or client not in tree.client_ids:
             return None
         try:
-            return reveal_hasher(Commitment.from_bytes(record[0]), nonce)
+            return reveal_hasher(tree.commitment_of(client), nonce)
         except ValueError:
             return None
 
@@ -328,7 +331,7 @@ class GalaxyAggregator:
         tree = self._tree(round)
         if tree is None or client not in tree.client_ids:
             raise UnknownClient(f"client {client} has no commitment in round {round}")
-        record = self.store.commitments(round)[client]
+        commitment = tree.commitment_of(client)  # the snapshot's, cached
         existing = self.store.get_reveal(round, client)
         if existing is not None:
             if existing == (bytes(body), bytes(nonce)):
@@ -338,7 +341,6 @@ class GalaxyAggregator:
             raise Rejected(
                 "duplicate", f"client {client}'s reveal was already rejected"
             )
-        commitment = Commitment.from_bytes(record[0])
         key = self.store.client_key(client)
         assert key is not None  # a commitment is only accepted from a registered key
         if len(body) > self.max_update_bytes:
