@@ -199,15 +199,17 @@ class _Runtime:
             server_lr=config.training.server_lr,
             server_momentum=config.training.server_momentum,
         )
+        #: one record per round applied (or skipped), checkpointed with the model
+        self.history: list[dict[str, Any]] = []
         latest = self.checkpoints.latest()
         if latest is not None:
             self.agg.restore(latest)
+            self.history = list(latest.meta.get("history", []))
             _log.warning(
                 "resumed",
                 extra={"event_record": {"event": "resumed", "round": latest.round}},
             )
         self.phase_since = time.monotonic()
-        self.history: list[dict[str, Any]] = []
         #: galaxies that had no commitments, per round
         self.abstained: dict[int, set[int]] = {}
         # The driver (a worker thread) and the request handlers (the thread pool)
@@ -307,7 +309,11 @@ def create_app(
                 }
                 r.history.append(record)
                 if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
-                    r.checkpoints.save(agg.checkpoint())
+                    checkpoint = agg.checkpoint()
+                    # The history resumes with the model; accuracies still being
+                    # computed are filled in again after a restart (see resume).
+                    checkpoint.meta["history"] = [dict(h) for h in r.history]
+                    r.checkpoints.save(checkpoint)
                 m_round_s.set(time.perf_counter() - t0 + waited)
                 if r.settings.evaluate:
                     r.evaluating += 1
@@ -344,6 +350,22 @@ def create_app(
 
         r.evaluator.submit(_eval_params, flat).add_done_callback(done)
 
+    def resume_evaluations(r: _Runtime) -> None:
+        """Fill in the accuracy a restart interrupted: the checkpointed model is the
+        last round's, so that one is evaluated again; an older round's model is
+        gone, and its record says so (accuracy None)."""
+        if not r.settings.evaluate:
+            return
+        applied = [h for h in r.history if not h.get("skipped")]
+        for record in applied:
+            if "accuracy" in record:
+                continue
+            if record is applied[-1]:
+                r.evaluating += 1
+                evaluate_round(r, record, r.agg.params.clone())
+            else:
+                record.update({"accuracy": None, "loss": None})
+
     async def drive(r: _Runtime) -> None:
         """Step when a galaxy sent something, and every ``poll_s`` for deadlines."""
         while not r.finished:
@@ -360,6 +382,7 @@ def create_app(
         rt = _Runtime(settings, cfg)
         if rt.evaluator is not None:  # start it (model, test set) during round 0
             rt.evaluator.submit(os.getpid)
+        resume_evaluations(rt)
         task = asyncio.create_task(drive(rt))
         try:
             yield

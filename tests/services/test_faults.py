@@ -135,6 +135,14 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
         assert p.reveal(1, c).status_code == 202
     status = p.wait_global_round(2)
     assert status["finished"] and status["audit_log"]["size"] == 2
+    # The history resumed with the checkpoint: each round once, each evaluated.
+    deadline = time.monotonic() + 60
+    while status["evaluating"]:
+        assert time.monotonic() < deadline, "evaluations did not finish"
+        time.sleep(0.1)
+        status = cluster.status()
+    assert [h["round"] for h in status["history"]] == [0, 1]
+    assert all(isinstance(h["accuracy"], float) for h in status["history"])
     g0 = torch.stack([flat(u) for u in ups0.values()]).mean(0)
     g1 = torch.stack([flat(u) for u in ups1.values()]).mean(0)
     w1 = initial_model() + 1.3 * g0
