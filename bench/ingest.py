@@ -1,6 +1,7 @@
 """Ingest benchmark (issue 4): one update of ~11M float32 values (ResNet-18's
 11,173,962 parameters, 44.7 MB) revealed to a galaxy over HTTP: reveal signature,
-commitment digest, strict decode, shape/dtype/finite checks, Redis write.
+commitment digest, strict decode, shape/dtype/finite checks, Redis write (streamed
+into a stage while the body arrives, AOF on, as `protogalaxy up` runs Redis).
 
 The floor is a server on the same stack (uvicorn, FastAPI, the same bounded body
 reader) that receives the same body and discards it. Reported as the galaxy's
