@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from typing import Any
 
 import redis
@@ -124,6 +125,9 @@ class RedisRevealStage(RevealStage):
         self._pending = 0  # commands sent whose reply is unread
         self._length = 0
         self.done = False  # committed or discarded
+        # Held while the stage is committed: a discard from another thread (a
+        # request's clean-up) waits for the commit instead of cutting into it.
+        self.lock = threading.RLock()
 
     def write(self, data: bytes | memoryview) -> None:
         if self.done:
@@ -173,11 +177,12 @@ class RedisRevealStage(RevealStage):
         return self._length
 
     def discard(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._drop_connection()
-        self._r.unlink(self.key)
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            self._drop_connection()
+            self._r.unlink(self.key)
 
     def _drop_connection(self) -> None:
         # Replies may be unread: the connection cannot go back to the pool.
@@ -312,7 +317,24 @@ class RedisGalaxyStore(GalaxyStore):
         self, round: int, client: int, length: int, nonce: bytes, staged: RevealStage
     ) -> bool:
         assert isinstance(staged, RedisRevealStage)
-        added = None
+        with staged.lock:
+            added = self._commit_staged(round, client, length, nonce, staged)
+        if added == -1:
+            raise PhaseClosed(f"round {round} is not taking reveals")
+        if added == -2:
+            raise RuntimeError(f"stage {staged.key} does not hold {length} bytes")
+        return bool(added)
+
+    def _commit_staged(
+        self,
+        round: int,
+        client: int,
+        length: int,
+        nonce: bytes,
+        staged: RedisRevealStage,
+    ) -> int:
+        if staged.done:
+            raise RuntimeError(f"stage {staged.key} was discarded")
         try:
             if staged.flush() != length:
                 raise RuntimeError(f"stage {staged.key} does not hold {length} bytes")
@@ -333,11 +355,7 @@ class RedisGalaxyStore(GalaxyStore):
             staged.done = True  # the script used the stage up, whatever it answered
         finally:
             staged.discard()  # a no-op once the script ran
-        if added == -1:
-            raise PhaseClosed(f"round {round} is not taking reveals")
-        if added == -2:
-            raise RuntimeError(f"stage {staged.key} does not hold {length} bytes")
-        return bool(added)
+        return int(added)
 
     def reveals(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         nonces = self.r.hgetall(self._k("r", round, "reveals"))

@@ -11,6 +11,7 @@ from protogalaxy.protocol.stores import (
     MemoryGalaxyStore,
     Phase,
     PhaseClosed,
+    RevealStage,
 )
 
 
@@ -159,6 +160,12 @@ def test_a_staged_reveal_is_committed_whole_or_not_at_all(
     with pytest.raises(RuntimeError):
         store.add_reveal(2, 5, body, nonce, staged=short)
     assert store.get_reveal(2, 5) is None
+    # a discarded stage cannot be committed afterwards
+    gone = _staged(store, 2, 7, body, size)
+    gone.discard()
+    with pytest.raises(RuntimeError):
+        store.add_reveal(2, 7, body, nonce, staged=gone)
+    assert store.get_reveal(2, 7) is None
     # and only while the reveal phase is open
     late = _staged(store, 2, 6, body, size)
     store.compare_and_set_state((2, Phase.REVEAL), (2, Phase.AGGREGATING))
@@ -203,3 +210,30 @@ def test_an_empty_staged_body(store: GalaxyStore) -> None:
     stage = store.stage_reveal(0, 1, 0)
     assert store.add_reveal(0, 1, b"", bytes(32), staged=stage)
     assert store.get_reveal(0, 1) == (b"", bytes(32))
+
+
+def test_a_discard_racing_a_commit_never_half_removes_a_reveal(redis_url: str) -> None:
+    """Redis: a request's clean-up may discard its stage from another thread while
+    the commit runs; the reveal is then either whole or absent."""
+    from services.redis_store import RedisGalaxyStore
+
+    store = RedisGalaxyStore.from_url(redis_url, galaxy=9, prefix="pg:race:")
+    body, nonce = bytes(range(256)) * 400, bytes(32)
+    store.compare_and_set_state(None, (0, Phase.REVEAL))
+    for client in range(20):
+        stage = _staged(store, 0, client, body, True)
+        outcome: list[object] = []
+
+        def commit(c: int, st: RevealStage, out: list[object]) -> None:
+            try:
+                out.append(store.add_reveal(0, c, body, nonce, staged=st))
+            except RuntimeError as exc:
+                out.append(exc)
+
+        worker = threading.Thread(target=commit, args=(client, stage, outcome))
+        worker.start()
+        stage.discard()
+        worker.join()
+        assert store.get_reveal(0, client) in (None, (body, nonce))
+        assert (outcome == [True]) == (store.get_reveal(0, client) is not None)
+    assert not [k for k in store.r.scan_iter(match="pg:race:r:0:stage:*")]
