@@ -267,22 +267,6 @@ def install_error_handlers(
     async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
         return refuse(request, _STATUS.get(exc.reason, 422), exc.reason, str(exc))
 
-    @app.exception_handler(WrongPhase)
-    async def _phase(request: Request, exc: WrongPhase) -> JSONResponse:
-        return refuse(request, 409, "wrong_phase", str(exc))
-
-    @app.exception_handler(UnknownClient)
-    async def _unknown(request: Request, exc: UnknownClient) -> JSONResponse:
-        return refuse(request, 404, "unknown_client", str(exc))
-
-    @app.exception_handler(VerificationError)
-    async def _verification(request: Request, exc: VerificationError) -> JSONResponse:
-        return refuse(request, 401, "verification_failed", str(exc))
-
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, exc: ValueError) -> JSONResponse:
-        return refuse(request, 400, "malformed", str(exc))
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return refuse(request, 422, "malformed", str(exc.errors())[:500])
@@ -291,14 +275,26 @@ def install_error_handlers(
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return refuse(request, exc.status_code, "http_error", str(exc.detail))
 
-    @app.exception_handler(NotReady)
-    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
-        return refuse(request, 503, "not_ready", str(exc))
+    def answer(status: int, reason: str, *, name_it: bool = False) -> Any:
+        """A handler answering every error of a kind with one status and reason;
+        ``name_it``: the detail starts with the error's type (a store's errors)."""
 
-    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-        return refuse(request, 503, "store_unavailable", f"{type(exc).__name__}: {exc}")
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            detail = f"{type(exc).__name__}: {exc}" if name_it else str(exc)
+            return refuse(request, status, reason, detail)
 
+        return handler
+
+    fixed: dict[type[Exception], Any] = {
+        WrongPhase: answer(409, "wrong_phase"),
+        UnknownClient: answer(404, "unknown_client"),
+        VerificationError: answer(401, "verification_failed"),
+        ValueError: answer(400, "malformed"),
+        NotReady: answer(503, "not_ready"),
+    }
     for error in unavailable:
-        app.add_exception_handler(error, _unavailable)
+        fixed[error] = answer(503, "store_unavailable", name_it=True)
+    for error, handler in fixed.items():
+        app.add_exception_handler(error, handler)
 
     return rejected
