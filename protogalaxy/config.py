@@ -109,6 +109,9 @@ class GalaxyScreenSection(_Section):
     min_failures: int = Field(2, ge=1, le=3)
     lam: float = Field(0.2, gt=0, le=1)
     exclude_below: float = Field(0.3, ge=0, le=1)
+    #: A galaxy aggregate above this many times the median norm of the last rounds'
+    #: accepted aggregates is clipped to that bound.
+    max_norm_growth: float = Field(10.0, gt=1)
 
 
 class DefenseSection(_Section):

@@ -88,6 +88,8 @@ class GlobalDefenseReport:
     excluded: dict[int, list[str]]
     metrics: dict[int, dict[str, float | None]]
     fallback: str | None = None
+    #: accepted galaxies whose aggregate was scaled down by this factor (< 1)
+    clipped: dict[int, float] = field(default_factory=dict)
 
 
 class GalaxyDefense:
@@ -290,6 +292,7 @@ class GlobalDefense:
         stacked = torch.stack([aggregates[g][0] for g in ids])
         excluded: dict[int, list[str]] = {}
         metrics: dict[int, dict[str, float | None]] = {}
+        clipped: dict[int, float] = {}
         accepted = ids
         fallback = None
         if 5 in self.config.layers:
@@ -298,6 +301,7 @@ class GlobalDefense:
                     ids, stacked, reference_direction=reference_direction
                 )
                 accepted, excluded, metrics = rep.accepted, rep.excluded, rep.metrics
+                clipped = rep.clipped
             except Exception as exc:
                 _log.exception("layer 5 failed; combining galaxies by median")
                 fallback = f"{type(exc).__name__}: {exc}"
@@ -305,8 +309,10 @@ class GlobalDefense:
                     coordinate_median(stacked).aggregate, ids, {}, {}, fallback
                 )
         if not accepted:
-            return GlobalDefenseReport(None, [], excluded, metrics, fallback)
+            return GlobalDefenseReport(None, [], excluded, metrics, fallback, clipped)
         w = torch.tensor([float(aggregates[g][1]) for g in accepted])
-        rows = torch.stack([aggregates[g][0] for g in accepted])
+        rows = torch.stack([aggregates[g][0] * clipped.get(g, 1.0) for g in accepted])
         combined = (w / w.sum()).to(rows.dtype) @ rows
-        return GlobalDefenseReport(combined, accepted, excluded, metrics, fallback)
+        return GlobalDefenseReport(
+            combined, accepted, excluded, metrics, fallback, clipped
+        )

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["StatisticsConfig", "StatisticsReport", "robust_z", "screen"]
+__all__ = [
+    "StatisticsConfig",
+    "StatisticsReport",
+    "robust_center_scale",
+    "robust_z",
+    "screen",
+]
 
 _MAD_SCALE = 1.4826  # MAD of a normal distribution is 0.6745 sigma
 _BLOCK = 1 << 16
@@ -79,16 +85,25 @@ class StatisticsReport:
         }
 
 
-def robust_z(values: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
-    """``(v - median) / (1.4826 * MAD)``; a zero MAD falls back to the mean absolute
-    deviation so identical honest values do not make every difference infinite."""
+def robust_center_scale(
+    values: torch.Tensor, *, eps: float = 1e-12
+) -> tuple[float, float]:
+    """``(median, 1.4826 * MAD)`` of ``values`` in float64; a zero MAD falls back to
+    the mean absolute deviation so identical honest values do not make every
+    difference infinite."""
     v = values.double()
     med = v.median()
     dev = (v - med).abs()
     scale = _MAD_SCALE * dev.median()
     if scale <= eps:
         scale = dev.mean() + eps
-    return ((v - med) / scale).to(values.dtype)
+    return float(med), float(scale)
+
+
+def robust_z(values: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
+    """``(v - median) / (1.4826 * MAD)`` (see :func:`robust_center_scale`)."""
+    med, scale = robust_center_scale(values, eps=eps)
+    return ((values.double() - med) / scale).to(values.dtype)
 
 
 def _outlier_fractions(x: torch.Tensor, mad_k: float) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,58 @@ def test_galaxy_reputation_keeps_a_repeat_offender_out() -> None:
     restored = GalaxyScreen()
     restored.load_state_dict(screen.state_dict())
     assert restored.reputation == screen.reputation
+
+
+def honest_galaxies(n: int = 3, d: int = 300, seed: int = 2) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g)
+    return {i: base + 0.3 * torch.randn(d, generator=g) for i in range(n)}
+
+
+@pytest.mark.parametrize("scale", [1000.0, 3.0e30])
+def test_layer5_clips_a_galaxy_that_only_fails_the_norm_test(scale: float) -> None:
+    """A galaxy sending a huge multiple of the reference direction passes the
+    direction and agreement tests; its norm alone is enough to clip it to the
+    largest norm the test accepts, so it moves the model no further than an
+    honest galaxy could."""
+    aggs = honest_galaxies()
+    ref = torch.stack(list(aggs.values())).mean(0)
+    honest_step = ref.norm()
+    attack = {**{g: (v, 10) for g, v in aggs.items()}, 0: (scale * ref, 10)}
+    gd = GlobalDefense(DefenseConfig())
+    report = gd.run(attack, reference_direction=ref)
+    assert report.excluded == {} and 0 in report.clipped
+    norms = [float(v.norm()) for v in aggs.values()]
+    assert report.metrics[0]["norm_bound"] < 2 * max(norms)
+    assert report.aggregate is not None and torch.isfinite(report.aggregate).all()
+    assert float(report.aggregate.norm()) <= 1.5 * float(honest_step)
+    # Without the clip (or with layer 5 off) the step is hundreds of times larger.
+    off = GlobalDefense(DefenseConfig(layers=frozenset({1, 2, 3, 4})))
+    combined = off.run(attack).aggregate
+    assert not torch.isfinite(combined).all() or float(combined.norm()) > 100 * float(
+        honest_step
+    )
+
+
+def test_layer5_bounds_norm_growth_against_history_with_two_galaxies() -> None:
+    """With two galaxies no robust z-score exists; the history bound still clips."""
+    aggs = honest_galaxies(2)
+    gd = GlobalDefense(DefenseConfig())
+    gd.run({g: (v, 5) for g, v in aggs.items()})  # one ordinary round of history
+    blown = {0: (aggs[0], 5), 1: (1000 * aggs[1], 5)}
+    report = gd.run(blown)
+    assert 1 in report.clipped and "norm" in report.excluded.get(1, ["norm"])
+    bound = 10 * float(torch.tensor([float(v.norm()) for v in aggs.values()]).median())
+    assert float(report.aggregate.norm()) <= bound
+
+
+def test_layer5_tests_survive_the_largest_float32_values() -> None:
+    aggs = honest_galaxies()
+    huge = torch.full((300,), 3.0e38)
+    report = GlobalDefense(DefenseConfig()).run(
+        {0: (huge, 1), 1: (aggs[1], 1), 2: (aggs[2], 1)}
+    )
+    m = report.metrics[0]
+    assert all(v is None or math.isfinite(v) for v in m.values()), m
+    assert 0 in report.excluded or 0 in report.clipped
+    assert report.aggregate is not None and torch.isfinite(report.aggregate).all()
