@@ -26,8 +26,9 @@ import torch
 from bench.common import report
 from protogalaxy.codec import encode_update
 from protogalaxy.config import load_config
-from protogalaxy.crypto import SigningKey, commit
-from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.crypto import commit
+from protogalaxy.crypto.identity import sign_commitment, sign_registration, sign_reveal
+from protogalaxy.crypto.keyring import client_key
 from protogalaxy.learning.models import build_model
 from protogalaxy.spec import UpdateSpec
 from services.up import LocalCluster, _port_block
@@ -69,7 +70,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         for _ in range(CLIENTS)
     ]
     bodies = [encode_update(u) for u in updates]
-    keys = {c: SigningKey.generate() for c in range(CLIENTS)}
     port = _port_block(1)
     discard = subprocess.Popen([sys.executable, "-c", _DISCARD, str(port)])
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,12 +77,19 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         try:
             cluster.start(clients=False)
             base = cluster.galaxy_url(0)
-            token = {"authorization": f"Bearer {cluster.enrollment_token}"}
+            run = cluster.run_id
+            seed = (cluster.keys / "clients.seed").read_bytes()
+            keys = {c: client_key(seed, c) for c in range(CLIENTS)}
             for c, k in keys.items():
                 httpx.post(
                     base + "/v1/register",
-                    headers=token,
-                    json={"client_id": c, "public_key": k.public_key.to_bytes().hex()},
+                    json={
+                        "client_id": c,
+                        "public_key": k.public_key.to_bytes().hex(),
+                        "signature": sign_registration(
+                            k, client_id=c, galaxy_id=0, run=run
+                        ).hex(),
+                    },
                 )
             made = {}
             for c in range(CLIENTS):
@@ -91,7 +98,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     base + "/v1/commitments",
                     json={
                         "commitment": com.to_dict(),
-                        "signature": sign_commitment(keys[c], com).hex(),
+                        "signature": sign_commitment(keys[c], com, run=run).hex(),
                     },
                 )
                 made[c] = (com, nonce)
@@ -107,7 +114,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 floor.append(time.perf_counter() - t0)
                 assert r.status_code == 200, r.text
                 com, nonce = made[c]
-                sig = sign_reveal(keys[c], com, body, nonce)
+                sig = sign_reveal(keys[c], com, body, nonce, run=run)
                 t0 = time.perf_counter()
                 r = client.put(
                     base + f"/v1/rounds/0/reveals/{c}",

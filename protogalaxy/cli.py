@@ -19,15 +19,18 @@ def _verify_receipt(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Without --run the receipt is checked as a receipt of the run its head names
+    # (printed below); with --run it must be that run's.
+    run = args.run or receipt.head.head.run
     try:
-        verify_receipt(receipt, global_key=key, round=args.round)
+        verify_receipt(receipt, global_key=key, run=run, round=args.round)
     except VerificationError as exc:
         print(f"INVALID: {type(exc).__name__}: {exc}")
         return 1
     c = receipt.commitment
     print(
-        f"OK: client {c.client_id} galaxy {c.galaxy_id} round {c.round} is included in "
-        f"global root {receipt.head.head.root.hex()}"
+        f"OK: client {c.client_id} galaxy {c.galaxy_id} round {c.round} of run {run} "
+        f"is included in global root {receipt.head.head.root.hex()}"
     )
     return 0
 
@@ -235,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--round", type=int, default=None, help="the round the receipt must be for"
+    )
+    p.add_argument(
+        "--run",
+        default=None,
+        help="the run the receipt must be of (default: the run its head names)",
     )
     p.set_defaults(func=_verify_receipt)
     return parser

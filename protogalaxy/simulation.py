@@ -9,6 +9,7 @@ the transport (function calls instead of HTTP) and the stores differ.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ from protogalaxy.codec import encode_update
 from protogalaxy.config import SimulationConfig
 from protogalaxy.crypto.commitment import commit
 from protogalaxy.crypto.errors import VerificationError
-from protogalaxy.crypto.identity import SigningKey, sign_commitment, sign_reveal
+from protogalaxy.crypto.identity import (
+    SigningKey,
+    sign_commitment,
+    sign_registration,
+    sign_reveal,
+)
+from protogalaxy.crypto.keyring import client_key, parse_keyring, provision
 from protogalaxy.crypto.receipts import verify_receipt
 from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
 from protogalaxy.learning.attacks import AttackConfig, add_trigger, train_clients
@@ -28,7 +35,7 @@ from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
 from protogalaxy.learning.training import BatchedTrainer, evaluate
-from protogalaxy.protocol.galaxy import GalaxyAggregator, Rejected
+from protogalaxy.protocol.galaxy import ClientRoster, GalaxyAggregator, Rejected
 from protogalaxy.protocol.global_aggregator import GlobalAggregator
 from protogalaxy.protocol.stores import MemoryGalaxyStore
 from protogalaxy.spec import UpdateSpec
@@ -177,12 +184,22 @@ class ClientSide:
 
 
 class Simulation:
-    """Build once, then :meth:`run`."""
+    """Build once, then :meth:`run`.
+
+    Every party has its own key, provisioned exactly as ``protogalaxy up`` and the
+    chart provision them (:func:`~protogalaxy.crypto.keyring.provision`), and every
+    signature is bound to ``run_id`` (default: a fresh ``sim-<hex>``).
+    """
 
     def __init__(
-        self, config: SimulationConfig, *, dataset: Dataset | None = None
+        self,
+        config: SimulationConfig,
+        *,
+        dataset: Dataset | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.config = config
+        self.run_id = run_id or f"sim-{secrets.token_hex(4)}"
         self.device = _device(config.training.device)
         self.data = dataset or load_dataset(
             config.dataset.name, root=config.dataset.root
@@ -197,10 +214,12 @@ class Simulation:
         self.trainer = side.trainer
         params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
         defense = config.defense.build()
-        self.global_key = SigningKey.generate()
+        files = provision(galaxies=config.galaxies.count, clients=config.clients.count)
+        self.global_key = SigningKey.from_bytes(files["global.key"])
         self.client_keys = {
-            c: SigningKey.generate() for c in range(config.clients.count)
+            c: client_key(files["clients.seed"], c) for c in range(config.clients.count)
         }
+        enrolled = parse_keyring(files["clients.pub"].decode())
         self.galaxies: dict[int, GalaxyAggregator] = {}
         for gid, members in config.galaxy_members().items():
             agg = GalaxyAggregator(
@@ -208,15 +227,26 @@ class Simulation:
                 store=MemoryGalaxyStore(),
                 spec=self.spec,
                 defense=GalaxyDefense(gid, defense),
+                key=SigningKey.from_bytes(files[f"galaxy-{gid}.key"]),
                 global_key=self.global_key.public_key,
+                roster=ClientRoster(
+                    gid, config.clients.count, config.galaxy_of, enrolled
+                ),
+                run=self.run_id,
                 max_update_bytes=config.max_update_bytes,
             )
             for c in members:
-                agg.register(c, self.client_keys[c].public_key.to_bytes())
+                key = self.client_keys[c]
+                agg.register(
+                    c,
+                    key.public_key.to_bytes(),
+                    sign_registration(key, client_id=c, galaxy_id=gid, run=self.run_id),
+                )
             self.galaxies[gid] = agg
         self.global_agg = GlobalAggregator(
             key=self.global_key,
-            galaxies=list(self.galaxies),
+            galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
+            run=self.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(defense),
             server_lr=config.training.server_lr,
@@ -260,7 +290,8 @@ class Simulation:
             gid = self.config.galaxy_of(c)
             commitment, nonce = commit(tensors, client_id=c, galaxy_id=gid, round=round)
             self.galaxies[gid].submit_commitment(
-                commitment, sign_commitment(self.client_keys[c], commitment)
+                commitment,
+                sign_commitment(self.client_keys[c], commitment, run=self.run_id),
             )
             secrets[c] = (body, nonce, commitment)
         # Galaxy roots -> signed global head -> receipts.
@@ -268,6 +299,8 @@ class Simulation:
             leaf = g.close_commit(round, force=True)
             if leaf is not None:
                 self.global_agg.submit_leaf(leaf)
+            else:
+                self.global_agg.submit_abstention(g.abstention(round))
         head = self.global_agg.close_leaves(round)
         for gid, g in self.galaxies.items():
             if g.state == (round, "committed"):
@@ -280,6 +313,7 @@ class Simulation:
                 verify_receipt(
                     receipt,
                     global_key=self.global_key.public_key,
+                    run=self.run_id,
                     commitment=commitment,
                     round=round,
                 )
@@ -287,7 +321,9 @@ class Simulation:
                 self.receipt_failures += 1
                 continue
             try:
-                signature = sign_reveal(self.client_keys[c], commitment, body, nonce)
+                signature = sign_reveal(
+                    self.client_keys[c], commitment, body, nonce, run=self.run_id
+                )
                 self.galaxies[gid].submit_reveal(round, c, body, nonce, signature)
             except Rejected as exc:
                 _log.info("client %d reveal rejected: %s", c, exc)
@@ -303,10 +339,8 @@ class Simulation:
             reports[gid] = result.report
             agg_seconds += result.report.seconds
             events += [{"galaxy": gid, **e.to_dict()} for e in result.report.events]
-            if result.aggregate is not None:
-                self.global_agg.submit_aggregate(
-                    round, gid, result.root, result.aggregate, result.weight
-                )
+            if result.statement is not None and result.aggregate is not None:
+                self.global_agg.submit_aggregate(result.statement, result.aggregate)
         t_global = time.perf_counter()
         global_result = self.global_agg.finish_round(round)
         agg_seconds += time.perf_counter() - t_global

@@ -2,10 +2,13 @@
 
 The clients use the simulation's learning and attack code (same partition, same
 seeded choice of Byzantine clients, one batched training call for all of them).
-Each client registers its Ed25519 key with the enrollment token, commits, fetches
-its receipt and verifies it against the pinned global key, and only then reveals; a
-receipt that fails verification stops the runner with an error. Requests time out
-after 30 s and are retried with exponential backoff.
+Each client's Ed25519 key is derived from the provisioned clients' seed and its id
+(``PG_CLIENT_SEED_FILE``), so a restarted runner registers again with the same key
+and carries on; the process holds no bearer token. Each client registers (signing
+its registration), commits, fetches its receipt and verifies it against the pinned
+global key and its run, and only then reveals; a receipt that fails verification
+stops the runner with an error. Requests time out after 30 s and are retried with
+exponential backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,11 +31,12 @@ from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.crypto.commitment import Commitment, commit
 from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.crypto.identity import (
-    SigningKey,
     VerifyKey,
     sign_commitment,
+    sign_registration,
     sign_reveal,
 )
+from protogalaxy.crypto.keyring import client_key
 from protogalaxy.crypto.receipts import Receipt, verify_receipt
 from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
@@ -64,8 +69,10 @@ class ClientSettings:
     client_ids: list[int]
     #: "http://protogalaxy-galaxy-{galaxy}:8000" (Kubernetes), or ...
     galaxy_url_template: str | None
-    enrollment_token: str
+    #: the provisioned secret every simulated client's key is derived from
+    client_seed_file: str
     global_public_key: str
+    run_id: str
     #: ... an explicit URL per galaxy id (``protogalaxy up``).
     galaxy_urls: tuple[str, ...] = ()
     config_path: str | None = None
@@ -85,8 +92,9 @@ class ClientSettings:
             client_ids=parse_ids(ids),
             galaxy_url_template=env("PG_GALAXY_URL_TEMPLATE", "") or None,
             galaxy_urls=tuple(u for u in urls.split(",") if u),
-            enrollment_token=env("PG_ENROLLMENT_TOKEN"),
+            client_seed_file=env("PG_CLIENT_SEED_FILE"),
             global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
+            run_id=env("PG_RUN_ID"),
             config_path=env("PG_CONFIG", "") or None,
         )
 
@@ -119,7 +127,9 @@ class ClientRunner:
         self.attack = side.attack
         self.parts = {c: side.parts[c] for c in settings.client_ids}
         self.byzantine = set(side.byzantine) & set(settings.client_ids)
-        self.keys = {c: SigningKey.generate() for c in settings.client_ids}
+        seed = Path(settings.client_seed_file).read_bytes()
+        self.keys = {c: client_key(seed, c) for c in settings.client_ids}
+        self.run_id = settings.run_id
         self.global_key = VerifyKey.from_bytes(
             bytes.fromhex(settings.global_public_key)
         )
@@ -155,13 +165,18 @@ class ClientRunner:
         return resp
 
     def register(self) -> None:
-        headers = {"authorization": f"Bearer {self.settings.enrollment_token}"}
+        """Register every client with its galaxy (again, after a restart: the
+        same key, so the galaxy takes it)."""
         for c, key in self.keys.items():
             g = self.config.galaxy_of(c)
-            body = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
-            resp = self.request(
-                "POST", self.url(g, "/v1/register"), json=body, headers=headers
-            )
+            body = {
+                "client_id": c,
+                "public_key": key.public_key.to_bytes().hex(),
+                "signature": sign_registration(
+                    key, client_id=c, galaxy_id=g, run=self.run_id
+                ).hex(),
+            }
+            resp = self.request("POST", self.url(g, "/v1/register"), json=body)
             if resp.status_code != 201:
                 raise RuntimeError(f"client {c}: registration refused: {resp.text}")
 
@@ -247,7 +262,7 @@ class ClientRunner:
             body = encode_update(tensors)
             g = self.config.galaxy_of(c)
             commitment, nonce = commit(tensors, client_id=c, galaxy_id=g, round=rnd)
-            sig = sign_commitment(self.keys[c], commitment)
+            sig = sign_commitment(self.keys[c], commitment, run=self.run_id)
             out = self.request(
                 "POST",
                 self.url(g, "/v1/commitments"),
@@ -309,14 +324,18 @@ class ClientRunner:
         receipt = Receipt.from_dict(got.json())
         try:
             verify_receipt(
-                receipt, global_key=self.global_key, commitment=commitment, round=rnd
+                receipt,
+                global_key=self.global_key,
+                run=self.run_id,
+                commitment=commitment,
+                round=rnd,
             )
         except VerificationError as exc:
             raise ReceiptRejected(
                 f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
                 f"verification ({type(exc).__name__}: {exc}); not revealing"
             ) from exc
-        sig = sign_reveal(self.keys[c], commitment, body, nonce)
+        sig = sign_reveal(self.keys[c], commitment, body, nonce, run=self.run_id)
         self.request(
             "PUT",
             self.url(g, f"/v1/rounds/{rnd}/reveals/{c}"),

@@ -2,7 +2,8 @@
 body reading, one mapping of domain errors to status codes, metrics, bearer tokens.
 
 Domain errors map to status codes in one place (:func:`install_error_handlers`):
-wrong round or phase 409, unknown client 404, bad signature 401, too large 413,
+wrong round or phase 409, unknown client 404, bad signature 401, a client id of
+another galaxy or without a provisioned credential 403, too large 413,
 any other layer-1 rejection 422, malformed input 400/422, not ready 503. Every
 rejection is logged as one JSON line and counted in
 ``protogalaxy_<service>_rejected_total{reason}``.
@@ -44,6 +45,8 @@ _log = logging.getLogger("protogalaxy.http")
 
 _STATUS = {
     "bad_signature": 401,
+    "wrong_galaxy": 403,
+    "not_enrolled": 403,
     "unknown_client": 404,
     "duplicate": 409,
     "wrong_round": 409,

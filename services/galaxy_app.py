@@ -5,6 +5,11 @@ killed pod picks up where it was. A background driver moves the round on: it ope
 a round when the global aggregator has one, closes the commit phase at quorum or
 deadline and sends the root, takes the signed head, closes the reveal phase at
 quorum or deadline and sends the aggregate bound to the root.
+
+Identities are provisioned, never learned from the network: the galaxy signs with
+its own key (``PG_SIGNING_KEY_FILE``), pins the global aggregator's public key
+(``PG_GLOBAL_PUBLIC_KEY``) and admits a client only with the public key provisioned
+for its id (``PG_CLIENT_KEYS_FILE``, a keyring), proven by a signed registration.
 """
 
 import asyncio
@@ -13,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -27,18 +33,23 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictInt
 
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.heads import SignedRoundHead
-from protogalaxy.crypto.identity import VerifyKey
+from protogalaxy.crypto.identity import SigningKey, VerifyKey
+from protogalaxy.crypto.keyring import parse_keyring
 from protogalaxy.crypto.merkle import InclusionProof
-from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import GalaxyDefense
 from protogalaxy.learning.models import build_model
-from protogalaxy.protocol.galaxy import GalaxyAggregator, Rejected, WrongPhase
+from protogalaxy.protocol.galaxy import (
+    ClientRoster,
+    GalaxyAggregator,
+    Rejected,
+    WrongPhase,
+)
 from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
 from services.common import (
@@ -49,7 +60,6 @@ from services.common import (
     env,
     install_error_handlers,
     read_body,
-    require_token,
 )
 from services.redis_store import RedisGalaxyStore
 
@@ -63,8 +73,14 @@ class GalaxySettings:
     galaxy_id: int
     redis_url: str
     global_url: str
+    #: bearer token for the calls to the global aggregator (transport only: what
+    #: the galaxy says is signed with its key)
     service_token: str
-    enrollment_token: str
+    run_id: str
+    signing_key_file: str
+    global_public_key: str
+    #: keyring of the clients' provisioned public keys
+    client_keys_file: str
     config_path: str | None = None
     max_update_bytes: int = 64 << 20
     quorum: float = 1.0
@@ -72,7 +88,6 @@ class GalaxySettings:
     reveal_deadline_s: float = 60.0
     poll_s: float = 0.25
     keep_rounds: int = 3
-    run_id: str = ""
 
     @classmethod
     def from_env(cls) -> "GalaxySettings":
@@ -81,7 +96,10 @@ class GalaxySettings:
             redis_url=env("PG_REDIS_URL"),
             global_url=env("PG_GLOBAL_URL"),
             service_token=env("PG_SERVICE_TOKEN"),
-            enrollment_token=env("PG_ENROLLMENT_TOKEN"),
+            run_id=env("PG_RUN_ID"),
+            signing_key_file=env("PG_SIGNING_KEY_FILE"),
+            global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
+            client_keys_file=env("PG_CLIENT_KEYS_FILE"),
             config_path=env("PG_CONFIG", "") or None,
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             quorum=float(env("PG_QUORUM", "1.0")),
@@ -89,13 +107,16 @@ class GalaxySettings:
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
             poll_s=float(env("PG_POLL_S", "0.25")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
-            run_id=env("PG_RUN_ID", ""),
         )
 
 
 class Registration(BaseModel):
-    client_id: int
+    """A client's enrolment: its id (a JSON integer), the public key provisioned
+    for it, and its signature over its registration in this run (hex)."""
+
+    client_id: StrictInt
     public_key: str
+    signature: str
 
 
 class CommitmentIn(BaseModel):
@@ -110,12 +131,24 @@ class _Runtime:
         self.settings = settings
         model = build_model(config.model, seed=config.seed)
         self.spec = UpdateSpec.from_params(dict(model.named_parameters()))
-        # One run's keys: pg:galaxy:<id>:[<run>:] (inside the galaxy's ACL prefix).
-        run = f"{settings.run_id}:" if settings.run_id else ""
+        self.key = SigningKey.from_bytes(Path(settings.signing_key_file).read_bytes())
+        self.global_key = VerifyKey.from_bytes(
+            bytes.fromhex(settings.global_public_key)
+        )
+        self.roster = ClientRoster(
+            settings.galaxy_id,
+            config.clients.count,
+            config.galaxy_of,
+            parse_keyring(
+                Path(settings.client_keys_file).read_text(encoding="ascii"),
+                what=settings.client_keys_file,
+            ),
+        )
+        # One run's keys: pg:galaxy:<id>:<run>: (inside the galaxy's ACL prefix).
         self.store = RedisGalaxyStore.from_url(
             settings.redis_url,
             galaxy=settings.galaxy_id,
-            prefix=f"pg:galaxy:{settings.galaxy_id}:{run}",
+            prefix=f"pg:galaxy:{settings.galaxy_id}:{settings.run_id}:",
         )
         self.http = httpx.AsyncClient(
             base_url=settings.global_url,
@@ -180,18 +213,6 @@ def create_app(
         return rt
 
     Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
-
-    async def fetch_global_key(r: _Runtime) -> VerifyKey:
-        delay = 0.2
-        while True:
-            try:
-                resp = await r.http.get("/v1/identity")
-                resp.raise_for_status()
-                return VerifyKey.from_bytes(bytes.fromhex(resp.json()["public_key"]))
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
-                _log.info("waiting for the global aggregator: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def refresh_model(r: _Runtime, version: int) -> None:
         if r.model_version == version:
@@ -268,10 +289,9 @@ def create_app(
         ):
             # The global aggregator restarted from its checkpoint and lost this
             # round's roots: send ours again, and the aggregate again after the head.
-            resp = await r.http.post(
-                f"/v1/rounds/{rnd}/leaves",
-                json=GalaxyLeaf.from_bytes(leaf_blob).to_dict(),
-            )
+            signed = galaxy.signed_root(rnd)
+            assert signed is not None
+            resp = await r.http.post(f"/v1/rounds/{rnd}/leaves", json=signed.to_dict())
             if resp.status_code == 202 and r.store.get_blob(rnd, "aggregate_sent"):
                 r.store.put_blob(rnd, "aggregate_sent", b"")
             return
@@ -289,12 +309,9 @@ def create_app(
                 else:
                     await abstain(r, rnd)
         elif phase == Phase.COMMITTED:
-            leaf_blob = r.store.get_blob(rnd, "leaf")
-            assert leaf_blob is not None
-            await r.http.post(
-                f"/v1/rounds/{rnd}/leaves",
-                json=GalaxyLeaf.from_bytes(leaf_blob).to_dict(),
-            )
+            signed = galaxy.signed_root(rnd)
+            assert signed is not None
+            await r.http.post(f"/v1/rounds/{rnd}/leaves", json=signed.to_dict())
             resp = await r.http.get(f"/v1/rounds/{rnd}/head", params={"galaxy": gid})
             if resp.status_code == 200:
                 body = resp.json()
@@ -328,23 +345,31 @@ def create_app(
             await send_aggregate(r, rnd)
 
     async def abstain(r: _Runtime, rnd: int) -> None:
-        resp = await r.http.post(f"/v1/rounds/{rnd}/abstentions/{gid}")
-        resp.raise_for_status()
+        assert r.galaxy is not None
+        resp = await r.http.post(
+            f"/v1/rounds/{rnd}/abstentions/{gid}",
+            json=r.galaxy.abstention(rnd).to_dict(),
+        )
+        if resp.status_code == 409:  # the global moved on: nothing to wait for
+            _log.info("abstention for round %d came too late: %s", rnd, resp.text)
+        else:
+            resp.raise_for_status()
         r.store.put_blob(rnd, "abstained", b"yes")
 
     async def send_aggregate(r: _Runtime, rnd: int) -> None:
-        blob = r.store.get_blob(rnd, "aggregate")
-        leaf_blob = r.store.get_blob(rnd, "leaf")
-        weight = r.store.get_blob(rnd, "weight")
-        if blob is None or leaf_blob is None or weight is None:
+        assert r.galaxy is not None
+        made = r.galaxy.signed_aggregate(rnd)
+        if made is None:
             r.store.put_blob(rnd, "aggregate_sent", b"none")
             return
-        root = GalaxyLeaf.from_bytes(leaf_blob).root
-        vector = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+        signed, vector = made
         resp = await r.http.post(
             f"/v1/rounds/{rnd}/aggregates/{gid}",
             content=encode_update({"aggregate": vector}),
-            headers={"x-pg-root": root.hex(), "x-pg-weight": weight.decode()},
+            headers={
+                "x-pg-statement": signed.statement.to_bytes().hex(),
+                "x-pg-signature": signed.signature.hex(),
+            },
         )
         if resp.status_code in (200, 202):
             r.store.put_blob(rnd, "aggregate_sent", b"yes")
@@ -394,13 +419,15 @@ def create_app(
         nonlocal rt
         r = _Runtime(settings, cfg)
         rt = r
-        global_key = await fetch_global_key(r)
         r.galaxy = GalaxyAggregator(
             gid,
             store=r.store,
             spec=r.spec,
             defense=GalaxyDefense(gid, cfg.defense.build()),
-            global_key=global_key,
+            key=r.key,
+            global_key=r.global_key,
+            roster=r.roster,
+            run=settings.run_id,
             max_update_bytes=settings.max_update_bytes,
             quorum=settings.quorum,
         )
@@ -443,10 +470,19 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/register", status_code=201)
-    def register(body: Registration, request: Request, r: Rt) -> dict[str, Any]:
-        require_token(request, r.settings.enrollment_token, what="enrollment")
+    def register(body: Registration, r: Rt) -> dict[str, Any]:
+        """Admit a client whose key is the one provisioned for its id, proven by its
+        signature over the registration (no bearer token: the key is the
+        credential). Idempotent: a restarted client registers again."""
         assert r.galaxy is not None
-        r.galaxy.register(body.client_id, bytes.fromhex(body.public_key))
+        try:
+            public_key = bytes.fromhex(body.public_key)
+            signature = bytes.fromhex(body.signature)
+        except ValueError:
+            raise Rejected(
+                "malformed", "public_key and signature must be hex"
+            ) from None
+        r.galaxy.register(body.client_id, public_key, signature)
         return {"client_id": body.client_id, "galaxy": gid}
 
     @app.get("/v1/round")
@@ -547,11 +583,16 @@ def create_app(
         if r.store.client_key(client) is None:
             raise Rejected("unknown_client", f"client {client} is not registered here")
         tracker = r.galaxy.defense.tracker
+        record = tracker.record(client)
         return {
             "client_id": client,
             "galaxy": gid,
-            "reputation": tracker.reputation(client),
-            "status": tracker.status(client),
+            "reputation": record.reputation,
+            "status": record.status,
+            # rounds scored, rounds in which its update was aggregated, last round
+            "rounds": record.rounds,
+            "clean_rounds": record.clean_rounds,
+            "last_round": record.last_round,
         }
 
     @app.get("/v1/clients/{client}/evidence")

@@ -2,7 +2,10 @@
 state on a volume (the StatefulSet's PVC).
 
 The data directory holds the Ed25519 signing key (created on first start, mode
-0600) and the checkpoints (model, server optimizer, galaxy reputations, audit log).
+0600, unless ``PG_SIGNING_KEY_FILE`` names a provisioned one) and the checkpoints
+(model, server optimizer, galaxy reputations, audit log). The galaxies' public keys
+come from ``PG_GALAXY_KEYS_FILE`` (a keyring): a root, abstention or aggregate for
+galaxy ``g`` is accepted only when galaxy ``g``'s key signed it in run ``PG_RUN_ID``.
 On start the service resumes from the newest checkpoint that verifies. A background
 driver signs the round head once every galaxy sent its root (or at the deadline) and
 finishes the round once every galaxy with a root sent its aggregate (or at the
@@ -38,6 +41,8 @@ from prometheus_client import (
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.crypto.identity import SigningKey
+from protogalaxy.crypto.keyring import parse_keyring
+from protogalaxy.crypto.statements import Abstention, AggregateStatement, Signed
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import GlobalDefense
 from protogalaxy.learning.datasets import load_dataset
@@ -66,6 +71,9 @@ class GlobalSettings:
     data_dir: str
     galaxies: int
     service_token: str
+    run_id: str
+    #: keyring of the galaxies' public keys (``<galaxy>,<hex>`` lines)
+    galaxy_keys_file: str
     config_path: str | None = None
     rounds: int | None = None
     checkpoint_every: int = 1
@@ -84,6 +92,8 @@ class GlobalSettings:
             data_dir=env("PG_DATA_DIR"),
             galaxies=int(env("PG_GALAXIES")),
             service_token=env("PG_SERVICE_TOKEN"),
+            run_id=env("PG_RUN_ID"),
+            galaxy_keys_file=env("PG_GALAXY_KEYS_FILE"),
             config_path=env("PG_CONFIG", "") or None,
             rounds=int(rounds) if rounds else None,
             checkpoint_every=int(env("PG_CHECKPOINT_EVERY", "1")),
@@ -191,9 +201,19 @@ class _Runtime:
         self.model = build_model(config.model, seed=config.seed)
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         self.spec = UpdateSpec.from_params(params)
+        keyring = parse_keyring(
+            Path(settings.galaxy_keys_file).read_text(encoding="ascii"),
+            what=settings.galaxy_keys_file,
+        )
+        missing = sorted(set(range(settings.galaxies)) - set(keyring))
+        if missing:
+            raise RuntimeError(
+                f"{settings.galaxy_keys_file} has no key for galaxies {missing}"
+            )
         self.agg = GlobalAggregator(
             key=self.key,
-            galaxies=list(range(settings.galaxies)),
+            galaxy_keys={g: keyring[g] for g in range(settings.galaxies)},
+            run=settings.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(config.defense.build()),
             server_lr=config.training.server_lr,
@@ -210,8 +230,6 @@ class _Runtime:
                 extra={"event_record": {"event": "resumed", "round": latest.round}},
             )
         self.phase_since = time.monotonic()
-        #: galaxies that had no commitments, per round
-        self.abstained: dict[int, set[int]] = {}
         # The driver (a worker thread) and the request handlers (the thread pool)
         # share the aggregator: every use of it holds this lock.
         self.lock = threading.Lock()
@@ -284,7 +302,7 @@ def create_app(
         waited = time.monotonic() - r.phase_since
         if agg.phase == "leaves":
             n = len(agg.leaves)
-            answered = n + len(r.abstained.get(rnd, set()) - set(agg.leaves))
+            answered = n + len(agg.abstained)
             if answered >= r.settings.galaxies or waited > r.settings.leaf_deadline_s:
                 if n:
                     agg.close_leaves(rnd)
@@ -306,6 +324,9 @@ def create_app(
                     "round": rnd,
                     "galaxies": sorted(have),
                     "excluded": result.report.excluded,
+                    # galaxies whose aggregate norm was scaled down (layer 5)
+                    "clipped": result.report.clipped,
+                    "applied": result.applied,
                 }
                 r.history.append(record)
                 if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
@@ -409,8 +430,16 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/identity")
-    def identity(r: Rt) -> dict[str, str]:
-        return {"public_key": r.key.public_key.to_bytes().hex()}
+    def identity(r: Rt) -> dict[str, Any]:
+        """The global aggregator's public key and run (for display: parties pin the
+        key from their configuration, never from here)."""
+        return {
+            "public_key": r.key.public_key.to_bytes().hex(),
+            "run": r.settings.run_id,
+            "galaxies": {
+                str(g): k.to_bytes().hex() for g, k in r.agg.galaxy_keys.items()
+            },
+        }
 
     @app.get("/v1/status")
     async def status(
@@ -473,28 +502,36 @@ def create_app(
 
     @app.post("/v1/rounds/{rnd}/leaves", status_code=202)
     def leaf(rnd: int, body: dict[str, Any], request: Request, r: Rt) -> dict[str, Any]:
+        """A galaxy's root: ``{statement: <galaxy leaf>, signature}``, signed with the
+        galaxy's key (401 otherwise)."""
         require_token(request, r.settings.service_token, what="service")
-        galaxy_leaf = GalaxyLeaf.from_dict(body)
+        signed = Signed.from_dict(GalaxyLeaf, body)
+        galaxy_leaf = signed.statement
         if galaxy_leaf.round != rnd:
             raise WrongPhase(
                 f"leaf for round {galaxy_leaf.round} posted to round {rnd}"
             )
         with r.lock:
-            resent = r.agg.leaves.get(galaxy_leaf.galaxy_id) == galaxy_leaf
-            if r.agg.round == rnd and r.agg.phase != "leaves" and resent:
-                return {"accepted": True, "duplicate": True}
-            r.agg.submit_leaf(galaxy_leaf)
+            fresh = r.agg.submit_leaf(signed)
         r.poke.fire()
-        return {"accepted": True}
+        return {"accepted": True, "duplicate": not fresh}
 
     @app.post("/v1/rounds/{rnd}/abstentions/{galaxy}", status_code=202)
-    def abstain(rnd: int, galaxy: int, request: Request, r: Rt) -> dict[str, Any]:
-        """A galaxy had no commitments this round: the round need not wait for it."""
+    def abstain(
+        rnd: int, galaxy: int, body: dict[str, Any], request: Request, r: Rt
+    ) -> dict[str, Any]:
+        """A galaxy had no commitments this round (``{statement, signature}``, signed
+        with its key): the round need not wait for its root."""
         require_token(request, r.settings.service_token, what="service")
-        if galaxy not in range(r.settings.galaxies):
-            raise Rejected("unknown_client", f"galaxy {galaxy} is not configured")
+        signed = Signed.from_dict(Abstention, body)
+        if (signed.statement.round, signed.statement.galaxy_id) != (rnd, galaxy):
+            raise Rejected(
+                "wrong_round",
+                f"abstention for galaxy {signed.statement.galaxy_id} round "
+                f"{signed.statement.round} posted for galaxy {galaxy} round {rnd}",
+            )
         with r.lock:
-            r.abstained.setdefault(rnd, set()).add(galaxy)
+            r.agg.submit_abstention(signed)
         r.poke.fire()
         return {"accepted": True}
 
@@ -516,22 +553,33 @@ def create_app(
         request: Request,
         response: Response,
         r: Rt,
-        x_pg_root: Annotated[str, Header()],
-        x_pg_weight: Annotated[int, Header()],
+        x_pg_statement: Annotated[str, Header(max_length=512)],
+        x_pg_signature: Annotated[str, Header(max_length=256)],
     ) -> dict[str, Any]:
+        """A galaxy's aggregate (body ``PGT1``, one float32 tensor ``aggregate``)
+        with its signed statement (headers, hex): root, tree size, weight and the
+        digest of the values, signed with the galaxy's key."""
         require_token(request, r.settings.service_token, what="service")
-        body = await read_body(request, r.settings.max_update_bytes)
-        vector = decode_update(body, max_bytes=r.settings.max_update_bytes).get(
-            "aggregate"
-        )
-        if vector is None:
-            raise Rejected("shape", "the body must hold one tensor named 'aggregate'")
         try:
-            root = bytes.fromhex(x_pg_root)
-        except ValueError:
-            raise Rejected("malformed", "X-PG-Root must be hex") from None
+            signed = Signed(
+                AggregateStatement.from_bytes(bytes.fromhex(x_pg_statement)),
+                bytes.fromhex(x_pg_signature),
+            )
+        except ValueError as exc:
+            raise Rejected("malformed", f"aggregate statement: {exc}") from None
+        if (signed.statement.round, signed.statement.galaxy_id) != (rnd, galaxy):
+            raise Rejected(
+                "wrong_round",
+                f"statement for galaxy {signed.statement.galaxy_id} round "
+                f"{signed.statement.round} posted for galaxy {galaxy} round {rnd}",
+            )
+        body = await read_body(request, r.settings.max_update_bytes)
+        tensors = decode_update(body, max_bytes=r.settings.max_update_bytes)
+        vector = tensors.get("aggregate")
+        if vector is None or len(tensors) != 1:
+            raise Rejected("shape", "the body must hold one tensor named 'aggregate'")
         with r.lock:
-            fresh = r.agg.submit_aggregate(rnd, galaxy, root, vector, x_pg_weight)
+            fresh = r.agg.submit_aggregate(signed, vector)
         r.poke.fire()
         response.status_code = 202 if fresh else 200
         return {"accepted": True, "duplicate": not fresh}

@@ -5,6 +5,12 @@ aggregator per galaxy and a client runner, each with exactly the command
 (``python -m services <role>``) and ``PG_*`` environment the containers use, all on
 loopback. Logs go to ``<out>/logs/<name>.log``. :class:`LocalCluster` is also the
 harness of the service tests (it can kill and restart any process).
+
+Identities are provisioned first, as the chart's key hook does, into
+``<out>/keys/`` (:func:`~protogalaxy.crypto.keyring.provision`): each process gets
+only its own private key (mode 0600) and the public keys it checks others against.
+The client runner gets the clients' seed and no bearer token; the aggregators share
+a service token that guards transport only.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import httpx
 import yaml
 
 from protogalaxy.config import SimulationConfig
+from protogalaxy.crypto.keyring import provision
 from protogalaxy.simulation import choose_byzantine
-from services.global_app import load_or_create_signing_key
 
 __all__ = ["LocalCluster"]
 
@@ -95,6 +101,10 @@ class LocalCluster:
     reveal_deadline_s: float = 60.0
     max_update_bytes: int = 64 << 20
     log_level: str = "warning"
+    #: the run every signature is bound to (default: a fresh ``up-<hex>``)
+    run_id: str = ""
+    #: the global aggregator evaluates each round's model (a child process)
+    evaluate: bool = True
     procs: dict[str, _Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,21 +119,37 @@ class LocalCluster:
         self.redis_port, self.global_port = base, base + 1
         self.galaxy_ports = {i: base + 2 + i for i in range(g)}
         self.service_token = secrets.token_hex(16)
-        self.enrollment_token = secrets.token_hex(16)
         self.global_url = f"http://127.0.0.1:{self.global_port}"
-        self.global_public_key = ""  # hex, known once start() made the key
+        self.run_id = self.run_id or f"up-{secrets.token_hex(4)}"
+        self.keys = self.out / "keys"
+        self.keys.mkdir(mode=0o700, exist_ok=True)
+        existing = {p.name: p.read_bytes() for p in self.keys.iterdir()}
+        files = provision(
+            galaxies=g, clients=self.config.clients.count, existing=existing
+        )
+        for name, data in files.items():
+            # Private files are created 0600: never readable by others, not even
+            # between the write and a chmod.
+            mode = 0o644 if name.endswith(".pub") else 0o600
+            fd = os.open(self.keys / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+        #: hex, pinned by the galaxies and the clients
+        self.global_public_key = files["global.pub"].decode()
 
     # -- processes ---------------------------------------------------------------
 
     def _env(self, **extra: Any) -> dict[str, str]:
-        env = dict(os.environ)
+        # Nothing PG_* leaks in from the caller's environment: each process gets
+        # exactly the settings (and credentials) below.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG_")}
         env.update(
             {
                 "PG_CONFIG": str(self.config_path),
                 "PG_HOST": "127.0.0.1",
                 "PG_LOG_LEVEL": self.log_level,
-                "PG_SERVICE_TOKEN": self.service_token,
-                "PG_ENROLLMENT_TOKEN": self.enrollment_token,
+                "PG_RUN_ID": self.run_id,
                 "PG_MAX_UPDATE_BYTES": str(self.max_update_bytes),
                 "PYTHONUNBUFFERED": "1",
             }
@@ -189,29 +215,23 @@ class LocalCluster:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
 
-    def start(self, *, clients: bool = True) -> None:
-        """Redis, then the global aggregator, the galaxies and the clients together
-        (``clients=False``: the caller plays the clients, as the tests do).
-
-        The global aggregator's signing key is created in its data directory first,
-        exactly as the service would on its first start, so its public key is known
-        before anything runs; galaxies and clients retry until their peers answer.
-        """
-        self.start_redis()
+    def plan(self, *, pinned_key: str | None = None) -> dict[str, _Proc]:
+        """Every service process (global, galaxies, clients) with its command and
+        environment, none started: what :meth:`start` runs."""
         data = self.out / "global"
-        data.mkdir(parents=True, exist_ok=True)
-        key = (
-            load_or_create_signing_key(data / "signing.key").public_key.to_bytes().hex()
-        )
-        self.global_public_key = key
+        key = self.global_public_key
         self._service(
             "global",
             "global",
             PG_PORT=self.global_port,
             PG_DATA_DIR=data,
             PG_GALAXIES=self.config.galaxies.count,
+            PG_SERVICE_TOKEN=self.service_token,
+            PG_SIGNING_KEY_FILE=self.keys / "global.key",
+            PG_GALAXY_KEYS_FILE=self.keys / "galaxies.pub",
+            PG_EVALUATE=int(self.evaluate),
             PG_TORCH_THREADS=1,
-        ).start()
+        )
         for g, port in self.galaxy_ports.items():
             self._service(
                 f"galaxy-{g}",
@@ -220,25 +240,19 @@ class LocalCluster:
                 PG_GALAXY_ID=g,
                 PG_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
                 PG_GLOBAL_URL=self.global_url,
+                PG_SERVICE_TOKEN=self.service_token,
+                PG_SIGNING_KEY_FILE=self.keys / f"galaxy-{g}.key",
+                PG_GLOBAL_PUBLIC_KEY=key,
+                PG_CLIENT_KEYS_FILE=self.keys / "clients.pub",
                 PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
                 PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
                 # The aggregators share this machine's cores with the clients:
                 # one torch thread each keeps their kernels off the clients' cores.
                 PG_TORCH_THREADS=1,
-            ).start()
-        if clients:
-            self.start_clients()
-        served = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
-        if served != key:
-            raise RuntimeError(
-                "the global aggregator serves another key than its data dir's"
             )
-        for g in self.galaxy_ports:
-            self.wait_ready(self.galaxy_url(g), "/readyz")
-
-    def start_clients(self, *, pinned_key: str | None = None) -> None:
-        """The client runner for every client, pinning the global aggregator's key
-        (or ``pinned_key``: clients then refuse every receipt, and exit 3)."""
+        # The client runner for every client, pinning the global aggregator's key
+        # (or pinned_key: clients then refuse every receipt, and exit 3). It holds
+        # the clients' seed and no bearer token.
         self._service(
             "clients",
             "client",
@@ -246,8 +260,39 @@ class LocalCluster:
             PG_GALAXY_URLS=",".join(
                 self.galaxy_url(g) for g in sorted(self.galaxy_ports)
             ),
-            PG_GLOBAL_PUBLIC_KEY=pinned_key or self.global_public_key,
-        ).start()
+            PG_CLIENT_SEED_FILE=self.keys / "clients.seed",
+            PG_GLOBAL_PUBLIC_KEY=pinned_key or key,
+        )
+        return self.procs
+
+    def start(self, *, clients: bool = True, galaxies: bool = True) -> None:
+        """Redis, then the global aggregator, the galaxies and the clients together
+        (``clients=False``: the caller plays the clients, as the tests do;
+        ``galaxies=False``: the caller plays the galaxies too, with their keys).
+
+        Every key was provisioned in ``keys/`` beforehand, so each party pins the
+        others' public keys from its configuration; galaxies and clients retry
+        until their peers answer.
+        """
+        self.start_redis()
+        (self.out / "global").mkdir(parents=True, exist_ok=True)
+        procs = self.plan()
+        procs["global"].start()
+        for g in self.galaxy_ports if galaxies else ():
+            procs[f"galaxy-{g}"].start()
+        if clients:
+            procs["clients"].start()
+        served = self.wait_ready(self.global_url, "/v1/identity").json()["public_key"]
+        if served != self.global_public_key:
+            raise RuntimeError(
+                "the global aggregator serves another key than the provisioned one"
+            )
+        for g in self.galaxy_ports if galaxies else ():
+            self.wait_ready(self.galaxy_url(g), "/readyz")
+
+    def start_clients(self, *, pinned_key: str | None = None) -> None:
+        """Start the client runner (see :meth:`plan`)."""
+        self.plan(pinned_key=pinned_key)["clients"].start()
 
     def galaxy_url(self, g: int) -> str:
         return f"http://127.0.0.1:{self.galaxy_ports[g]}"

@@ -33,13 +33,19 @@ def test_verify_receipt(tmp_path: Path) -> None:
     ]
     galaxy = GalaxyTree(cs, galaxy_id=0, round=2)
     glob = GlobalTree([galaxy.leaf()], round=2)
-    receipt = issue_receipt(3, galaxy, glob, sign_round_head(key, glob.head(1)))
+    receipt = issue_receipt(
+        3, galaxy, glob, sign_round_head(key, glob.head(1, run="r7"))
+    )
     path = tmp_path / "receipt.json"
     path.write_text(receipt.to_json())
     pub = key.public_key.to_bytes().hex()
     ok = run("verify-receipt", str(path), "--global-key", pub, "--round", "2")
     assert ok.returncode == 0, ok.stderr
-    assert "OK: client 3 galaxy 0 round 2" in ok.stdout
+    assert "OK: client 3 galaxy 0 round 2 of run r7" in ok.stdout
+    mine = run("verify-receipt", str(path), "--global-key", pub, "--run", "r7")
+    assert mine.returncode == 0, mine.stderr
+    other = run("verify-receipt", str(path), "--global-key", pub, "--run", "r8")
+    assert other.returncode == 1 and "run" in other.stdout
     bad = json.loads(path.read_text())
     bad["client_proof"]["path"][0] = "00" * 32
     path.write_text(json.dumps(bad))

@@ -52,8 +52,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "protogalaxy.authSecretName" -}}
 {{- default (printf "%s-auth" (include "protogalaxy.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
+{{/* Every party's identity (made by the keygen hook; see services/keygen.py). */}}
 {{- define "protogalaxy.keySecretName" -}}
-{{- printf "%s-global-key" (include "protogalaxy.fullname" .) }}
+{{- printf "%s-keys" (include "protogalaxy.fullname" .) }}
 {{- end }}
 {{- define "protogalaxy.redisSecretName" -}}
 {{- if .Values.redis.enabled }}
@@ -132,22 +133,34 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Environment every ProtoGalaxy service gets. */}}
+{{/*
+Environment every ProtoGalaxy process gets, clients included: the run's config and
+id, and the global aggregator's public key, which everyone pins. No credential.
+*/}}
 {{- define "protogalaxy.commonEnv" -}}
 - name: PG_CONFIG
   value: /etc/protogalaxy/config.yaml
+- name: PG_RUN_ID
+  value: {{ include "protogalaxy.runId" . | quote }}
+- name: PG_GLOBAL_PUBLIC_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "protogalaxy.keySecretName" . }}
+      key: global.pub
+- name: PG_MAX_UPDATE_BYTES
+  value: {{ .Values.galaxies.maxUpdateBytes | int64 | quote }}
+{{- end }}
+
+{{/*
+The bearer token between galaxies and the global aggregator: it guards transport
+only (what a galaxy says is signed with its own key). Client pods never get it.
+*/}}
+{{- define "protogalaxy.serviceTokenEnv" -}}
 - name: PG_SERVICE_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "protogalaxy.authSecretName" . }}
       key: service-token
-- name: PG_ENROLLMENT_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "protogalaxy.authSecretName" . }}
-      key: enrollment-token
-- name: PG_MAX_UPDATE_BYTES
-  value: {{ .Values.galaxies.maxUpdateBytes | int64 | quote }}
 {{- end }}
 
 {{/* Fail on settings that cannot work, before anything is installed. */}}

@@ -19,6 +19,7 @@ from protogalaxy.crypto.errors import (
 )
 from protogalaxy.crypto.heads import RoundHead, SignedRoundHead, sign_round_head
 from protogalaxy.crypto.identity import SigningKey, VerifyKey
+from protogalaxy.crypto.keyring import parse_keyring, provision
 from protogalaxy.crypto.merkle import (
     InclusionProof,
     MerkleTree,
@@ -26,9 +27,17 @@ from protogalaxy.crypto.merkle import (
     verify_inclusion,
 )
 from protogalaxy.crypto.receipts import Receipt, issue_receipt, verify_receipt
+from protogalaxy.crypto.statements import (
+    Abstention,
+    AggregateStatement,
+    Signed,
+    sign_statement,
+)
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree, GlobalTree
 
 __all__ = [
+    "Abstention",
+    "AggregateStatement",
     "AuditLog",
     "Commitment",
     "CommitmentMismatchError",
@@ -45,13 +54,17 @@ __all__ = [
     "RootMismatchError",
     "RoundHead",
     "SignatureError",
+    "Signed",
     "SignedRoundHead",
     "SigningKey",
     "VerificationError",
     "VerifyKey",
     "commit",
     "issue_receipt",
+    "parse_keyring",
+    "provision",
     "sign_round_head",
+    "sign_statement",
     "update_digest",
     "verify_consistency",
     "verify_inclusion",

@@ -55,7 +55,10 @@ class AuditLog:
     path
         File to persist to; ``None`` keeps the log in memory only.
     trusted_key
-        When given, every head (loaded or appended) must be signed by this key.
+        When given, every head (loaded or appended) must be signed by this key,
+        as a head of ``run``.
+    run
+        The run every head must belong to (required with ``trusted_key``).
     """
 
     def __init__(
@@ -63,9 +66,13 @@ class AuditLog:
         path: str | os.PathLike[str] | None = None,
         *,
         trusted_key: VerifyKey | None = None,
+        run: str | None = None,
     ) -> None:
+        if trusted_key is not None and run is None:
+            raise ValueError("a trusted_key needs the run its heads belong to")
         self._path = None if path is None else Path(path)
         self._key = trusted_key
+        self._run = run
         self._entries: list[SignedRoundHead] = []
         self._tree = MerkleTree()
         if self._path is not None:
@@ -119,10 +126,14 @@ class AuditLog:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, *, trusted_key: VerifyKey | None = None
+        cls,
+        data: bytes,
+        *,
+        trusted_key: VerifyKey | None = None,
+        run: str | None = None,
     ) -> AuditLog:
         """An in-memory log from :meth:`to_bytes` output; it must be complete."""
-        log = cls(trusted_key=trusted_key)
+        log = cls(trusted_key=trusted_key, run=run)
         if log._parse(bytes(data), "audit log bytes") != len(data):
             raise ValueError("audit log bytes: truncated record at the end")
         return log
@@ -130,8 +141,14 @@ class AuditLog:
     def _check(self, head: SignedRoundHead) -> None:
         if not isinstance(head, SignedRoundHead):
             raise TypeError(f"expected SignedRoundHead, got {type(head).__name__}")
+        if self._run is not None and head.head.run != self._run:
+            raise ValueError(
+                f"round {head.head.round} head is of run {head.head.run!r}, "
+                f"this log is of run {self._run!r}"
+            )
         if self._key is not None:
-            head.verify(self._key)
+            assert self._run is not None
+            head.verify(self._key, run=self._run)
         if self._entries and head.head.round <= self._entries[-1].head.round:
             raise ValueError(
                 f"round {head.head.round} does not follow the last logged round "

@@ -1,7 +1,9 @@
 """Round heads: the global aggregator's signed statement of a round's global tree.
 
-Encoding (68 bytes): ``b"PGH1" || u64 round || u64 tree_size || root[32] ||
-u64 timestamp_ms || u64 reserved(0)``, signed under the domain ``round-head``.
+Encoding (61 bytes plus the run id): ``b"PGH2" || u64 round || u64 tree_size ||
+root[32] || u64 timestamp_ms || u8 len(run) || run``, signed under the domain
+``round-head`` of that same run. A head names its run, so a head of one run can
+never pass as one of another.
 """
 
 from __future__ import annotations
@@ -10,48 +12,68 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protogalaxy.crypto._checks import check_bytes, check_u64
+from protogalaxy.crypto._checks import check_bytes, check_run_id, check_u64
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.identity import KEY_SIZE, SIGNATURE_SIZE, SigningKey, VerifyKey
 
 __all__ = ["RoundHead", "SignedRoundHead", "sign_round_head"]
 
-_MAGIC: Final = b"PGH1"
-_LAYOUT: Final = struct.Struct("<4sQQ32sQQ")
-HEAD_SIZE: Final = _LAYOUT.size
+_MAGIC: Final = b"PGH2"
+_LAYOUT: Final = struct.Struct("<4sQQ32sQB")
 
 
 @dataclass(frozen=True, slots=True)
 class RoundHead:
-    """``(round, tree_size, root, timestamp_ms)`` of one round's global tree."""
+    """``(run, round, tree_size, root, timestamp_ms)`` of one round's global tree."""
 
     round: int
     tree_size: int
     root: bytes
     timestamp_ms: int
+    run: str
 
     def __post_init__(self) -> None:
         check_u64("round", self.round)
         check_u64("tree_size", self.tree_size, minimum=1)
         check_u64("timestamp_ms", self.timestamp_ms)
         object.__setattr__(self, "root", check_bytes("root", self.root, 32))
+        check_run_id(self.run)
 
     def to_bytes(self) -> bytes:
-        return _LAYOUT.pack(
-            _MAGIC, self.round, self.tree_size, self.root, self.timestamp_ms, 0
+        run = self.run.encode()
+        return (
+            _LAYOUT.pack(
+                _MAGIC,
+                self.round,
+                self.tree_size,
+                self.root,
+                self.timestamp_ms,
+                len(run),
+            )
+            + run
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundHead:
-        if len(data) != HEAD_SIZE:
-            raise ValueError(f"round head: {len(data)} bytes, expected {HEAD_SIZE}")
-        magic, rnd, size, root, ts, reserved = _LAYOUT.unpack(bytes(data))
-        if magic != _MAGIC or reserved != 0:
-            raise ValueError("round head: bad magic or non-zero reserved field")
-        return cls(rnd, size, root, ts)
+        data = bytes(data)
+        if len(data) < _LAYOUT.size:
+            raise ValueError(f"round head: {len(data)} bytes, too short")
+        magic, rnd, size, root, ts, run_len = _LAYOUT.unpack_from(data)
+        if magic != _MAGIC:
+            raise ValueError("round head: bad magic")
+        if len(data) != _LAYOUT.size + run_len:
+            raise ValueError(
+                f"round head: {len(data)} bytes, expected {_LAYOUT.size + run_len}"
+            )
+        try:
+            run = data[_LAYOUT.size :].decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError("round head: the run id is not ASCII") from None
+        return cls(rnd, size, root, ts, run)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "run": self.run,
             "round": self.round,
             "tree_size": self.tree_size,
             "root": self.root.hex(),
@@ -60,7 +82,7 @@ class RoundHead:
 
     @classmethod
     def from_dict(cls, obj: object) -> RoundHead:
-        keys = {"round", "tree_size", "root", "timestamp_ms"}
+        keys = {"run", "round", "tree_size", "root", "timestamp_ms"}
         if not isinstance(obj, dict) or set(obj) != keys:
             raise ValueError(f"round head: expected an object with keys {sorted(keys)}")
         if not isinstance(obj["root"], str):
@@ -71,6 +93,7 @@ class RoundHead:
                 obj["tree_size"],
                 bytes.fromhex(obj["root"]),
                 obj["timestamp_ms"],
+                obj["run"],
             )
         except TypeError as exc:
             raise ValueError(f"round head: {exc}") from None
@@ -98,19 +121,25 @@ class SignedRoundHead:
         ):
             raise ValueError(f"signature must be {SIGNATURE_SIZE} bytes")
 
-    def verify(self, key: VerifyKey) -> None:
-        """Verify against the trusted ``key`` (never against ``self.signer`` alone).
+    def verify(self, key: VerifyKey, *, run: str) -> None:
+        """Verify against the trusted ``key`` (never against ``self.signer`` alone)
+        as a head of ``run``.
 
         Raises
         ------
         SignatureError
-            If the head was signed by another key or the signature does not verify.
+            If the head is of another run, was signed by another key, or the
+            signature does not verify.
         """
+        if self.head.run != run:
+            raise SignatureError(
+                f"round head is for run {self.head.run!r}, expected run {run!r}"
+            )
         if self.signer != key.to_bytes():
             raise SignatureError(
                 "round head is signed by another key than the trusted one"
             )
-        key.verify("round-head", self.head.to_bytes(), self.signature)
+        key.verify("round-head", self.head.to_bytes(), self.signature, run=run)
 
     def to_bytes(self) -> bytes:
         return self.head.to_bytes() + bytes(self.signer) + bytes(self.signature)
@@ -118,13 +147,13 @@ class SignedRoundHead:
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedRoundHead:
         data = bytes(data)
-        size = HEAD_SIZE + KEY_SIZE + SIGNATURE_SIZE
-        if len(data) != size:
-            raise ValueError(f"signed round head: {len(data)} bytes, expected {size}")
+        tail = KEY_SIZE + SIGNATURE_SIZE
+        if len(data) <= tail:
+            raise ValueError(f"signed round head: {len(data)} bytes, too short")
         return cls(
-            RoundHead.from_bytes(data[:HEAD_SIZE]),
-            data[HEAD_SIZE : HEAD_SIZE + KEY_SIZE],
-            data[HEAD_SIZE + KEY_SIZE :],
+            RoundHead.from_bytes(data[:-tail]),
+            data[-tail:-SIGNATURE_SIZE],
+            data[-SIGNATURE_SIZE:],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,7 +181,9 @@ class SignedRoundHead:
 
 
 def sign_round_head(key: SigningKey, head: RoundHead) -> SignedRoundHead:
-    """Sign ``head`` with the global aggregator's key."""
+    """Sign ``head`` with the global aggregator's key, in the head's run."""
     return SignedRoundHead(
-        head, key.public_key.to_bytes(), key.sign("round-head", head.to_bytes())
+        head,
+        key.public_key.to_bytes(),
+        key.sign("round-head", head.to_bytes(), run=head.run),
     )

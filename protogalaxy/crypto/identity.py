@@ -1,13 +1,17 @@
 """Ed25519 identities (RFC 8032, via pyca/cryptography).
 
-Keys serialize as their raw 32 bytes. Every signed message carries a domain tag
-(``b"protogalaxy/v1/<kind>\\x00"``) so a signature over one kind of object can never
-be replayed as a signature over another.
+Keys serialize as their raw 32 bytes. Every signed message starts with a domain tag
+and the run it belongs to,
+``b"protogalaxy/v1/<kind>\\x00" || u8 len(run) || run || message``, so a signature
+over one kind of object can never pass as a signature over another, and nothing
+signed in one run (a head, a commitment, a galaxy's root) can be replayed in another.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import struct
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
@@ -22,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from protogalaxy.crypto._checks import check_bytes, check_run_id, check_u64
 from protogalaxy.crypto.commitment import Commitment, update_hasher
 from protogalaxy.crypto.errors import SignatureError
 
@@ -30,28 +35,50 @@ __all__ = [
     "SIGNATURE_SIZE",
     "SigningKey",
     "VerifyKey",
+    "derive_signing_key",
     "domain_message",
+    "registration_message",
     "reveal_digest",
     "reveal_hasher",
     "reveal_message",
     "sign_commitment",
+    "sign_registration",
     "sign_reveal",
     "verify_commitment_signature",
+    "verify_registration",
     "verify_reveal_signature",
 ]
 
 KEY_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
 _DOMAINS: Final = frozenset(
-    {"commitment", "round-head", "reveal", "log-head", "aggregate"}
+    {
+        "commitment",
+        "round-head",
+        "reveal",
+        "log-head",
+        "aggregate",
+        "galaxy-root",
+        "abstention",
+        "registration",
+    }
 )
 
 
-def domain_message(domain: str, message: bytes) -> bytes:
-    """``b"protogalaxy/v1/" + domain + b"\\x00" + message``: what is actually signed."""
+def domain_message(domain: str, message: bytes, *, run: str) -> bytes:
+    """``b"protogalaxy/v1/" + domain + b"\\x00" + u8 len(run) + run + message``:
+    what is actually signed."""
     if domain not in _DOMAINS:
         raise ValueError(f"domain must be one of {sorted(_DOMAINS)}, got {domain!r}")
-    return b"protogalaxy/v1/" + domain.encode() + b"\x00" + bytes(message)
+    tag = check_run_id(run).encode()
+    return (
+        b"protogalaxy/v1/"
+        + domain.encode()
+        + b"\x00"
+        + bytes([len(tag)])
+        + tag
+        + bytes(message)
+    )
 
 
 class VerifyKey:
@@ -77,8 +104,10 @@ class VerifyKey:
     def to_bytes(self) -> bytes:
         return self._raw
 
-    def verify(self, domain: str, message: bytes, signature: bytes) -> None:
-        """Verify ``signature`` over ``domain_message(domain, message)``.
+    def verify(
+        self, domain: str, message: bytes, signature: bytes, *, run: str
+    ) -> None:
+        """Verify ``signature`` over ``domain_message(domain, message, run=run)``.
 
         Raises
         ------
@@ -91,7 +120,7 @@ class VerifyKey:
         ):
             raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes")
         try:
-            self._key.verify(bytes(signature), domain_message(domain, message))
+            self._key.verify(bytes(signature), domain_message(domain, message, run=run))
         except InvalidSignature:
             raise SignatureError(f"{domain} signature does not verify") from None
 
@@ -131,24 +160,86 @@ class SigningKey:
         """The raw 32-byte seed. Keep it secret."""
         return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
-    def sign(self, domain: str, message: bytes) -> bytes:
-        """Sign ``domain_message(domain, message)``; return the 64-byte signature."""
-        return self._key.sign(domain_message(domain, message))
+    def sign(self, domain: str, message: bytes, *, run: str) -> bytes:
+        """Sign ``domain_message(domain, message, run=run)``; return the 64-byte
+        signature."""
+        return self._key.sign(domain_message(domain, message, run=run))
 
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_key.to_bytes().hex()})"
 
 
-def sign_commitment(key: SigningKey, commitment: Commitment) -> bytes:
-    """The client's signature over its commitment's leaf data."""
-    return key.sign("commitment", commitment.to_bytes())
+def derive_signing_key(seed: bytes, *, purpose: str, index: int) -> SigningKey:
+    """The Ed25519 key number ``index`` for ``purpose`` derived from a secret
+    ``seed``: ``HMAC-SHA256(seed, "protogalaxy/v1/key/" || purpose || 0x00 || u64
+    index)`` as the private key's 32-byte seed.
+
+    The chart's simulated clients use it (``purpose="client"``): a restarted pod
+    derives the same key and re-registers under its id. Whoever holds ``seed``
+    holds every key derived from it, so real deployments provision one key per
+    client instead (see docs/services.md).
+    """
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) < 32:
+        raise ValueError("seed must be at least 32 secret bytes")
+    if not purpose or "\x00" in purpose:
+        raise ValueError(f"purpose must be a non-empty name, got {purpose!r}")
+    message = (
+        b"protogalaxy/v1/key/"
+        + purpose.encode()
+        + b"\x00"
+        + struct.pack("<Q", check_u64("index", index))
+    )
+    return SigningKey.from_bytes(hmac.digest(bytes(seed), message, "sha256"))
+
+
+def registration_message(client_id: int, galaxy_id: int, public_key: bytes) -> bytes:
+    """``"PGR1" || u64 client_id || u64 galaxy_id || public_key[32]``: what a client
+    signs to enrol its key with its galaxy (proof that it holds the key)."""
+    return (
+        b"PGR1"
+        + struct.pack(
+            "<QQ",
+            check_u64("client_id", client_id),
+            check_u64("galaxy_id", galaxy_id),
+        )
+        + check_bytes("public_key", public_key, KEY_SIZE)
+    )
+
+
+def sign_registration(
+    key: SigningKey, *, client_id: int, galaxy_id: int, run: str
+) -> bytes:
+    return key.sign(
+        "registration",
+        registration_message(client_id, galaxy_id, key.public_key.to_bytes()),
+        run=run,
+    )
+
+
+def verify_registration(
+    key: VerifyKey, signature: bytes, *, client_id: int, galaxy_id: int, run: str
+) -> None:
+    """Raise :class:`SignatureError` unless ``key`` signed its own registration as
+    ``client_id`` of ``galaxy_id`` in ``run``."""
+    key.verify(
+        "registration",
+        registration_message(client_id, galaxy_id, key.to_bytes()),
+        signature,
+        run=run,
+    )
+
+
+def sign_commitment(key: SigningKey, commitment: Commitment, *, run: str) -> bytes:
+    """The client's signature over its commitment's leaf data, in ``run``."""
+    return key.sign("commitment", commitment.to_bytes(), run=run)
 
 
 def verify_commitment_signature(
-    key: VerifyKey, commitment: Commitment, signature: bytes
+    key: VerifyKey, commitment: Commitment, signature: bytes, *, run: str
 ) -> None:
-    """Raise :class:`SignatureError` unless ``key`` signed ``commitment``."""
-    key.verify("commitment", commitment.to_bytes(), signature)
+    """Raise :class:`SignatureError` unless ``key`` signed ``commitment`` in
+    ``run``."""
+    key.verify("commitment", commitment.to_bytes(), signature, run=run)
 
 
 def reveal_hasher(commitment: Commitment, nonce: bytes) -> hashlib._Hash:
@@ -192,10 +283,15 @@ def reveal_message(commitment: Commitment, nonce: bytes, digest: bytes) -> bytes
 
 
 def sign_reveal(
-    key: SigningKey, commitment: Commitment, body: bytes | memoryview, nonce: bytes
+    key: SigningKey,
+    commitment: Commitment,
+    body: bytes | memoryview,
+    nonce: bytes,
+    *,
+    run: str,
 ) -> bytes:
     digest = reveal_digest(commitment, body, nonce)
-    return key.sign("reveal", reveal_message(commitment, nonce, digest))
+    return key.sign("reveal", reveal_message(commitment, nonce, digest), run=run)
 
 
 def verify_reveal_signature(
@@ -205,7 +301,8 @@ def verify_reveal_signature(
     signature: bytes,
     *,
     digest: bytes,
+    run: str,
 ) -> None:
-    """Raise :class:`SignatureError` unless ``key`` signed the reveal whose body has
-    :func:`reveal_digest` ``digest``."""
-    key.verify("reveal", reveal_message(commitment, nonce, digest), signature)
+    """Raise :class:`SignatureError` unless ``key`` signed, in ``run``, the reveal
+    whose body has :func:`reveal_digest` ``digest``."""
+    key.verify("reveal", reveal_message(commitment, nonce, digest), signature, run=run)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from protogalaxy.crypto._checks import check_bytes, check_u64
+from protogalaxy.crypto._checks import check_bytes, check_u64, unhex
 from protogalaxy.crypto.errors import MalformedProofError, RootMismatchError
 
 __all__ = [
@@ -168,7 +168,7 @@ class InclusionProof:
             raise ValueError("inclusion proof: path must be a list of hex strings")
         try:
             return cls(
-                obj["leaf_index"], obj["tree_size"], [_unhex(h, "path") for h in path]
+                obj["leaf_index"], obj["tree_size"], [unhex(h, "path") for h in path]
             )
         except TypeError as exc:
             raise ValueError(f"inclusion proof: {exc}") from None
@@ -179,15 +179,6 @@ class InclusionProof:
     @classmethod
     def from_json(cls, text: str | bytes) -> InclusionProof:
         return cls.from_dict(_loads(text, "inclusion proof"))
-
-
-def _unhex(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise ValueError(f"{what}: expected a hex string, got {type(value).__name__}")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise ValueError(f"{what}: {value[:80]!r} is not valid hex") from None
 
 
 def _loads(text: str | bytes, what: str) -> Any:
@@ -441,10 +432,10 @@ class MerkleTree:
                 "merkle tree: size does not match the number of leaf_hashes"
             )
         try:
-            tree = cls.from_leaf_hashes(_unhex(h, "leaf_hashes") for h in hashes)
+            tree = cls.from_leaf_hashes(unhex(h, "leaf_hashes") for h in hashes)
         except TypeError as exc:
             raise ValueError(f"merkle tree: {exc}") from None
-        if not hmac.compare_digest(tree.root, _unhex(obj["root"], "root")):
+        if not hmac.compare_digest(tree.root, unhex(obj["root"], "root")):
             raise ValueError("merkle tree: root does not match the leaf hashes")
         return tree
 

@@ -3,10 +3,10 @@
 A receipt holds the client's commitment, its inclusion proof in the galaxy tree, the
 galaxy's leaf in the global tree and that leaf's inclusion proof, and the signed round
 head. :func:`verify_receipt` checks all of it against the global aggregator's trusted
-public key. Every tree size is taken from signed or already-authenticated data: the
-global tree's size from the signed head, the galaxy tree's size from the galaxy leaf
-once that leaf is proven under the signed root. A proof that claims another size is
-rejected.
+public key and the client's run. Every tree size is taken from signed or
+already-authenticated data: the global tree's size from the signed head, the galaxy
+tree's size from the galaxy leaf once that leaf is proven under the signed root. A
+proof that claims another size is rejected.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def verify_receipt(
     receipt: Receipt,
     *,
     global_key: VerifyKey,
+    run: str,
     commitment: Commitment | None = None,
     round: int | None = None,
 ) -> None:
@@ -98,6 +99,8 @@ def verify_receipt(
         The receipt as received from the galaxy aggregator.
     global_key
         The global aggregator's trusted public key (pinned by the client).
+    run
+        The run the client takes part in; the signed head must be of that run.
     commitment
         The commitment the client made; when given, the receipt must be for exactly
         this commitment.
@@ -107,7 +110,7 @@ def verify_receipt(
     Raises
     ------
     SignatureError
-        The head is not signed by ``global_key``.
+        The head is not signed by ``global_key``, or is of another run.
     ReceiptError
         Round, galaxy or commitment of the parts do not bind together.
     ProofError
@@ -115,7 +118,7 @@ def verify_receipt(
     """
     if not isinstance(receipt, Receipt):
         raise ReceiptError(f"expected a Receipt, got {type(receipt).__name__}")
-    receipt.head.verify(global_key)
+    receipt.head.verify(global_key, run=run)
     head = receipt.head.head
     if round is not None and head.round != round:
         raise ReceiptError(

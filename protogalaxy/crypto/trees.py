@@ -179,6 +179,6 @@ class GlobalTree:
         """The inclusion proof of ``galaxy_id``'s leaf."""
         return self.tree.inclusion_proof(self._index_of(galaxy_id))
 
-    def head(self, timestamp_ms: int) -> RoundHead:
-        """The (unsigned) round head of this tree."""
-        return RoundHead(self.round, self.size, self.root, timestamp_ms)
+    def head(self, timestamp_ms: int, *, run: str) -> RoundHead:
+        """The (unsigned) round head of this tree in ``run``."""
+        return RoundHead(self.round, self.size, self.root, timestamp_ms, run)

@@ -66,6 +66,8 @@ class ClientOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     reputation: float | None = None
     status: str = "active"
+    #: committed, then never revealed (layer 4 scores the round zero)
+    withheld: bool = False
 
 
 @dataclass
@@ -117,24 +119,32 @@ class GalaxyDefense:
         clients: list[int],
         updates: torch.Tensor,
         rejected: dict[int, str] | None = None,
+        withheld: list[int] | None = None,
         reference_direction: torch.Tensor | None = None,
         evidence_for: Callable[[int], dict[str, Any]] | None = None,
     ) -> GalaxyDefenseReport:
         """Screen, aggregate and score one round.
 
         ``clients`` and the rows of ``updates`` are the reveals that passed layer 1;
-        ``rejected`` maps the clients that failed layer 1 to the reason.
+        ``rejected`` maps the clients that failed layer 1 to the reason;
+        ``withheld`` are the clients that committed and never revealed.
         """
         t0 = time.perf_counter()
         cfg = self.config
         rejected = dict(rejected or {})
+        withheld = list(withheld or [])
         outcomes = {c: ClientOutcome(c, integrity=True) for c in clients}
         for c, reason in rejected.items():
             outcomes[c] = ClientOutcome(
                 c, integrity=False, reasons=[f"integrity:{reason}"]
             )
+        for c in withheld:
+            outcomes[c] = ClientOutcome(
+                c, integrity=False, reasons=["integrity:withheld"], withheld=True
+            )
         flags = {
             "integrity": len(rejected),
+            "withheld": len(withheld),
             "statistics": 0,
             "robust": 0,
             "quarantined": 0,
@@ -264,9 +274,24 @@ class GalaxyDefense:
                 integrity=o.integrity,
                 statistics=o.integrity and not o.flagged,
                 selected=o.selected,
+                withheld=o.withheld,
                 reasons=tuple(o.reasons),
                 evidence=evidence,
             )
+            if o.withheld:
+                # Every withholding is on record with the signed commitment that
+                # proves the client took the round, not only status changes.
+                events.append(
+                    ReputationEvent(
+                        "reveal_withheld",
+                        c,
+                        self.galaxy,
+                        round,
+                        self.tracker.reputation(c),
+                        tuple(o.reasons),
+                        evidence,
+                    )
+                )
             if event is not None:
                 events.append(event)
         return events

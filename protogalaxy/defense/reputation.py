@@ -6,7 +6,9 @@ Every round a client takes part in, its behaviour score is
 
 where integrity, statistics and selected are 1 when the client passed layer 1, was
 not flagged by layer 2, and was selected by layer 3, and history is the fraction of
-its rounds so far (this one included) in which it passed all three. Its reputation
+its rounds so far (this one included) in which it passed all three. A client that
+committed and then withheld its reveal scores ``B = 0`` for the round: it held the
+round to its deadline and gave nothing. Its reputation
 follows the exponentially weighted moving average
 
 ``R <- (1 - lambda) R + lambda B``,  ``R_0 = 0.5``, ``lambda = 0.1``.
@@ -122,6 +124,7 @@ class ReputationTracker:
         integrity: bool,
         statistics: bool,
         selected: bool,
+        withheld: bool = False,
         reasons: tuple[str, ...] = (),
         evidence: dict[str, Any] | None = None,
     ) -> ReputationEvent | None:
@@ -138,12 +141,14 @@ class ReputationTracker:
         rec.clean_rounds += int(clean)
         rec.last_round = round
         history = rec.clean_rounds / rec.rounds
-        b = self.behaviour_score(
-            integrity=integrity,
-            statistics=statistics,
-            selected=selected,
-            history=history,
-        )
+        b = 0.0
+        if not withheld:
+            b = self.behaviour_score(
+                integrity=integrity,
+                statistics=statistics,
+                selected=selected,
+                history=history,
+            )
         lam = self.config.lam
         rec.reputation = (1 - lam) * rec.reputation + lam * b
         new = self._status_for(rec)

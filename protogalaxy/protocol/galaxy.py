@@ -3,15 +3,21 @@
 ``commit`` -> (quorum or deadline) ``committed`` -> (signed head arrives) ``reveal``
 -> (quorum or deadline) ``aggregating`` -> ``done``.
 
+The galaxy speaks for itself: its root, abstention and aggregate are statements
+signed with its own provisioned key (:mod:`protogalaxy.crypto.statements`), and
+everything it checks (client registrations, commitments, reveals, the global
+aggregator's head) is checked against provisioned keys and bound to the run.
+
 Errors are typed so that a transport maps them to status codes in one place:
 :class:`WrongPhase` (409), :class:`UnknownClient` (404/403), :class:`Rejected`
-(400/401/413/422 by ``reason``).
+(400/401/403/413/422 by ``reason``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +28,23 @@ from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import (
+    SigningKey,
     VerifyKey,
     reveal_digest,
     reveal_hasher,
     verify_commitment_signature,
+    verify_registration,
     verify_reveal_signature,
 )
 from protogalaxy.crypto.merkle import InclusionProof, verify_inclusion
 from protogalaxy.crypto.receipts import Receipt
+from protogalaxy.crypto.statements import (
+    Abstention,
+    AggregateStatement,
+    Signed,
+    aggregate_digest,
+    sign_statement,
+)
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
 from protogalaxy.defense.integrity import IntegrityError, check_reveal
 from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
@@ -37,6 +52,7 @@ from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, RevealS
 from protogalaxy.spec import UpdateSpec
 
 __all__ = [
+    "ClientRoster",
     "GalaxyAggregator",
     "ProtocolError",
     "Rejected",
@@ -67,6 +83,43 @@ class Rejected(ProtocolError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class ClientRoster:
+    """The clients a galaxy admits: ids ``0 .. num_clients - 1`` that ``galaxy_of``
+    places in this galaxy, each with the public key the operator provisioned for it
+    (an allow-list; ``keys`` may hold other galaxies' clients too)."""
+
+    galaxy: int
+    num_clients: int
+    galaxy_of: Callable[[int], int]
+    keys: Mapping[int, VerifyKey]
+
+    def key_for(self, client: object) -> VerifyKey:
+        """``client``'s provisioned key; :class:`Rejected` naming why it cannot take
+        part here (not an id in range, another galaxy's, not provisioned)."""
+        if not isinstance(client, int) or isinstance(client, bool):
+            raise Rejected(
+                "bad_client_id", f"client id must be an integer, got {client!r}"
+            )
+        if not 0 <= client < self.num_clients:
+            raise Rejected(
+                "bad_client_id",
+                f"client id {client} is out of range [0, {self.num_clients})",
+            )
+        home = self.galaxy_of(client)
+        if home != self.galaxy:
+            raise Rejected(
+                "wrong_galaxy",
+                f"client {client} belongs to galaxy {home}, not {self.galaxy}",
+            )
+        key = self.keys.get(client)
+        if key is None:
+            raise Rejected(
+                "not_enrolled", f"client {client} has no provisioned credential"
+            )
+        return key
+
+
 @dataclass
 class GalaxyRoundResult:
     round: int
@@ -75,10 +128,19 @@ class GalaxyRoundResult:
     aggregate: torch.Tensor | None
     weight: int
     report: GalaxyDefenseReport
+    #: the signed statement the aggregate travels with (None: no aggregate)
+    statement: Signed[AggregateStatement] | None = None
+    #: members of the tree that committed and never revealed
+    withheld: tuple[int, ...] = ()
 
 
 class GalaxyAggregator:
-    """One galaxy's protocol logic, over a :class:`GalaxyStore`."""
+    """One galaxy's protocol logic, over a :class:`GalaxyStore`.
+
+    ``key`` is the galaxy's own signing key, ``global_key`` the pinned key of the
+    global aggregator, ``roster`` the clients it admits, ``run`` the run every
+    signature it makes or checks belongs to.
+    """
 
     def __init__(
         self,
@@ -87,17 +149,25 @@ class GalaxyAggregator:
         store: GalaxyStore,
         spec: UpdateSpec,
         defense: GalaxyDefense,
+        key: SigningKey,
         global_key: VerifyKey,
+        roster: ClientRoster,
+        run: str,
         max_update_bytes: int = 64 << 20,
         quorum: float = 1.0,
     ) -> None:
         if not 0 < quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {quorum}")
+        if roster.galaxy != galaxy:
+            raise ValueError(f"roster is for galaxy {roster.galaxy}, not {galaxy}")
         self.galaxy = galaxy
         self.store = store
         self.spec = spec
         self.defense = defense
+        self.key = key
         self.global_key = global_key
+        self.roster = roster
+        self.run = run
         self.max_update_bytes = max_update_bytes
         self.quorum = quorum
         self._tree_cache: GalaxyTree | None = None
@@ -132,11 +202,27 @@ class GalaxyAggregator:
 
     # -- clients ---------------------------------------------------------------
 
-    def register(self, client: int, public_key: bytes) -> None:
-        VerifyKey.from_bytes(public_key)  # ValueError for a malformed key
-        if not self.store.register_client(client, public_key):
+    def register(self, client: int, public_key: bytes, signature: bytes) -> None:
+        """Admit ``client`` with ``public_key``, which must be the key provisioned
+        for it, proven by ``signature`` (its registration, signed in this run).
+
+        Idempotent: a restarted client registers again with the same key.
+        """
+        key = self.roster.key_for(client)
+        if bytes(public_key) != key.to_bytes():
             raise Rejected(
-                "bad_signature", f"client {client} is registered with another key"
+                "bad_signature",
+                f"client {client}: that key is not the credential provisioned for it",
+            )
+        try:
+            verify_registration(
+                key, signature, client_id=client, galaxy_id=self.galaxy, run=self.run
+            )
+        except SignatureError as exc:
+            raise Rejected("bad_signature", f"client {client}: {exc}") from None
+        if not self.store.register_client(client, key.to_bytes()):
+            raise Rejected(
+                "duplicate", f"client {client} is registered with another key"
             )
 
     def active_clients(self) -> int:
@@ -159,7 +245,9 @@ class GalaxyAggregator:
         if self.defense.banned(c.client_id):
             raise Rejected("bad_signature", f"client {c.client_id} is banned")
         try:
-            verify_commitment_signature(VerifyKey.from_bytes(key), c, signature)
+            verify_commitment_signature(
+                VerifyKey.from_bytes(key), c, signature, run=self.run
+            )
         except SignatureError as exc:
             raise Rejected("bad_signature", str(exc)) from None
         try:
@@ -181,9 +269,12 @@ class GalaxyAggregator:
         n = len(self.store.commitments(round))
         return n > 0 and n >= self.quorum * max(1, self.active_clients())
 
-    def close_commit(self, round: int, *, force: bool = False) -> GalaxyLeaf | None:
+    def close_commit(
+        self, round: int, *, force: bool = False
+    ) -> Signed[GalaxyLeaf] | None:
         """Close the commit phase at quorum (or ``force``: the deadline); build the
-        galaxy tree and return the leaf to send to the global aggregator.
+        galaxy tree and return the signed leaf to send to the global aggregator
+        (None: no commitments, send :meth:`abstention` instead).
 
         The close is claimed first (``commit`` -> ``closing``, compare-and-set), then
         the members are snapshotted into the store, and every later tree of the round
@@ -195,8 +286,7 @@ class GalaxyAggregator:
         """
         state = self.store.get_state()
         if state in ((round, Phase.COMMITTED), (round, Phase.REVEAL)):
-            blob = self.store.get_blob(round, "leaf")
-            return None if blob is None else GalaxyLeaf.from_bytes(blob)
+            return self.signed_root(round)
         if state != (round, Phase.CLOSING):
             self._require(round, Phase.COMMIT)
             if not force and not self.commit_quorum_reached(round):
@@ -220,7 +310,48 @@ class GalaxyAggregator:
             (round, Phase.CLOSING), (round, Phase.COMMITTED)
         ):
             raise WrongPhase("another aggregator finished closing the commit phase")
-        return leaf
+        return sign_statement(self.key, leaf, run=self.run)
+
+    def signed_root(self, round: int) -> Signed[GalaxyLeaf] | None:
+        """The round's leaf, signed (None before the close or without commitments).
+
+        Ed25519 signatures are deterministic, so signing again gives the same bytes
+        a restarted galaxy sent before."""
+        blob = self.store.get_blob(round, "leaf")
+        if blob is None:
+            return None
+        return sign_statement(self.key, GalaxyLeaf.from_bytes(blob), run=self.run)
+
+    def abstention(self, round: int) -> Signed[Abstention]:
+        """This galaxy's signed word that it has no commitments in ``round``."""
+        return sign_statement(self.key, Abstention(round, self.galaxy), run=self.run)
+
+    def signed_aggregate(
+        self, round: int
+    ) -> tuple[Signed[AggregateStatement], torch.Tensor] | None:
+        """The round's aggregate with its signed statement (None: none was made)."""
+        blob = self.store.get_blob(round, "aggregate")
+        leaf_blob = self.store.get_blob(round, "leaf")
+        weight = self.store.get_blob(round, "weight")
+        if blob is None or leaf_blob is None or weight is None:
+            return None
+        leaf = GalaxyLeaf.from_bytes(leaf_blob)
+        signed = self._sign_aggregate(leaf, int(weight), blob)
+        return signed, torch.frombuffer(bytearray(blob), dtype=torch.float32)
+
+    def _sign_aggregate(
+        self, leaf: GalaxyLeaf, weight: int, values: bytes
+    ) -> Signed[AggregateStatement]:
+        """The aggregate statement of ``values`` (float32 bytes), bound to ``leaf``."""
+        statement = AggregateStatement(
+            leaf.round,
+            self.galaxy,
+            leaf.tree_size,
+            leaf.root,
+            weight,
+            aggregate_digest(values),
+        )
+        return sign_statement(self.key, statement, run=self.run)
 
     def accept_head(
         self, round: int, head: SignedRoundHead, proof: InclusionProof
@@ -230,7 +361,7 @@ class GalaxyAggregator:
         if state == (round, Phase.REVEAL):
             return
         self._require(round, Phase.COMMITTED)
-        head.verify(self.global_key)
+        head.verify(self.global_key, run=self.run)
         leaf_blob = self.store.get_blob(round, "leaf")
         assert leaf_blob is not None
         if head.head.round != round:
@@ -357,7 +488,12 @@ class GalaxyAggregator:
             raise Rejected("malformed", str(exc)) from None
         try:
             verify_reveal_signature(
-                VerifyKey.from_bytes(key), commitment, nonce, signature, digest=digest
+                VerifyKey.from_bytes(key),
+                commitment,
+                nonce,
+                signature,
+                digest=digest,
+                run=self.run,
             )
         except SignatureError as exc:
             raise Rejected("bad_signature", str(exc)) from None
@@ -400,7 +536,11 @@ class GalaxyAggregator:
         reference_direction: torch.Tensor | None = None,
         force: bool = False,
     ) -> GalaxyRoundResult:
-        """Close the reveal phase; run layers 2-4; store reputations and evidence."""
+        """Close the reveal phase; run layers 2-4; store reputations and evidence.
+
+        A member of the tree that neither revealed nor was rejected withheld its
+        update: layer 4 scores it zero for the round, with its signed commitment
+        as evidence (``reveal_withheld``)."""
         self._require(round, Phase.REVEAL)
         if not force and not self.reveal_quorum_reached(round):
             raise WrongPhase(f"round {round}: reveal quorum not reached")
@@ -420,11 +560,16 @@ class GalaxyAggregator:
         ]
         updates = torch.stack(rows) if rows else torch.zeros(0, self.spec.numel)
         rejected = self.store.rejections(round)
+        withheld = [
+            c for c in tree.client_ids if c not in reveals and c not in rejected
+        ]
+        signatures = {c: rec[1] for c, rec in self.store.commitments(round).items()}
 
         def evidence_for(client: int) -> dict[str, Any]:
             out: dict[str, Any] = {"round": round, "galaxy_root": tree.root.hex()}
             if client in tree.client_ids:
                 out["leaf"] = tree.commitment_of(client).to_bytes().hex()
+                out["commitment_signature"] = signatures[client].hex()
                 out["inclusion_proof"] = tree.proof_for(client).to_dict()
             return out
 
@@ -433,6 +578,7 @@ class GalaxyAggregator:
             clients=clients,
             updates=updates,
             rejected=rejected,
+            withheld=withheld,
             reference_direction=reference_direction,
             evidence_for=evidence_for,
         )
@@ -441,12 +587,22 @@ class GalaxyAggregator:
             record = {"galaxy": self.galaxy, **event.to_dict()}
             self.store.append_evidence(record)
             _log.warning("%s", event.event, extra={"event_record": record})
+        statement = None
         if report.aggregate is not None:
-            self.store.put_blob(round, "aggregate", report.aggregate.numpy().tobytes())
+            values = report.aggregate.to(torch.float32).contiguous().numpy().tobytes()
+            self.store.put_blob(round, "aggregate", values)
             self.store.put_blob(round, "weight", str(report.weight).encode())
+            statement = self._sign_aggregate(tree.leaf(), report.weight, values)
         self.store.compare_and_set_state(
             (round, Phase.AGGREGATING), (round, Phase.DONE)
         )
         return GalaxyRoundResult(
-            round, self.galaxy, tree.root, report.aggregate, report.weight, report
+            round,
+            self.galaxy,
+            tree.root,
+            report.aggregate,
+            report.weight,
+            report,
+            statement,
+            tuple(withheld),
         )

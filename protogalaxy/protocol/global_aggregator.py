@@ -5,6 +5,13 @@
 run layer 5, combine, apply the update with the server optimizer, append the head
 to the audit log -> next round (model version r + 1).
 
+Nothing a galaxy says is taken on the caller's word: a root, an abstention or an
+aggregate for galaxy ``g`` counts only when galaxy ``g``'s provisioned key signed
+it in this run. An aggregate's weight comes from its signed statement (the updates
+the galaxy aggregated, at most its committed tree size), its values must be float32
+of the model's shape and hash to the signed digest, and a combined update that is
+not finite is never applied.
+
 The server step is FedAvgM (Hsu, Qi, Brown 2019): ``v <- beta v + g``,
 ``w <- w + eta v`` on the combined aggregate ``g``; ``beta = 0`` is plain FedAvg.
 """
@@ -14,14 +21,23 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from protogalaxy.crypto.audit import AuditLog
+from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead, sign_round_head
-from protogalaxy.crypto.identity import SigningKey
+from protogalaxy.crypto.identity import SigningKey, VerifyKey
 from protogalaxy.crypto.merkle import InclusionProof
+from protogalaxy.crypto.statements import (
+    Abstention,
+    AggregateStatement,
+    Signed,
+    aggregate_digest,
+)
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
 from protogalaxy.defense.pipeline import GlobalDefense, GlobalDefenseReport
 from protogalaxy.protocol.checkpoint import Checkpoint
@@ -46,34 +62,46 @@ class _RoundState:
     round: int
     phase: str = "leaves"
     leaves: dict[int, GalaxyLeaf] = field(default_factory=dict)
+    abstained: set[int] = field(default_factory=set)
     tree: GlobalTree | None = None
     head: SignedRoundHead | None = None
     aggregates: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
 class GlobalAggregator:
+    """The global round logic. ``key`` signs the round heads; ``galaxy_keys`` are
+    the galaxies' provisioned public keys (the galaxies taking part); ``run`` is the
+    run every signature belongs to."""
+
     def __init__(
         self,
         *,
         key: SigningKey,
-        galaxies: list[int],
+        galaxy_keys: Mapping[int, VerifyKey],
+        run: str,
         params: torch.Tensor,
         defense: GlobalDefense,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         audit_log: AuditLog | None = None,
     ) -> None:
-        if not galaxies:
+        if not galaxy_keys:
             raise ValueError("at least one galaxy is needed")
         if server_lr <= 0 or not 0 <= server_momentum < 1:
             raise ValueError("need server_lr > 0 and 0 <= server_momentum < 1")
         self.key = key
-        self.galaxies = sorted(galaxies)
+        self.run = run
+        self.galaxy_keys = dict(galaxy_keys)
+        self.galaxies = sorted(self.galaxy_keys)
         self.params = params.detach().clone()
         self.defense = defense
         self.server_lr = server_lr
         self.server_momentum = server_momentum
-        self.audit_log = audit_log if audit_log is not None else AuditLog()
+        self.audit_log = (
+            audit_log
+            if audit_log is not None
+            else AuditLog(trusted_key=key.public_key, run=run)
+        )
         self.velocity = torch.zeros_like(self.params)
         self.direction_sum = torch.zeros_like(self.params)
         self.direction_count = 0
@@ -91,6 +119,11 @@ class GlobalAggregator:
     def leaves(self) -> dict[int, GalaxyLeaf]:
         """The galaxy leaves received this round."""
         return dict(self._state.leaves)
+
+    @property
+    def abstained(self) -> set[int]:
+        """The galaxies that signed an abstention this round."""
+        return set(self._state.abstained)
 
     @property
     def aggregates(self) -> dict[int, tuple[torch.Tensor, int]]:
@@ -116,12 +149,40 @@ class GlobalAggregator:
                 f"{self._state.phase}, not round {round} {phase}"
             )
 
-    def submit_leaf(self, leaf: GalaxyLeaf) -> None:
-        """A galaxy's root and size for this round (an identical resend is a no-op)."""
-        self._require(leaf.round, "leaves")
-        if leaf.galaxy_id not in self.galaxies:
+    def _authenticate_as(self, galaxy: int, signed: Signed[Any]) -> None:
+        """Raise ``Rejected("bad_signature")`` (401) unless galaxy ``galaxy``'s key
+        signed ``signed`` in this run; ``unknown_client`` for a galaxy not taking
+        part."""
+        key = self.galaxy_keys.get(galaxy)
+        if key is None:
+            raise Rejected("unknown_client", f"galaxy {galaxy} is not configured")
+        try:
+            signed.verify(key, run=self.run)
+        except SignatureError as exc:
+            _log.error(
+                "a statement for galaxy %d is not signed by its key: %s", galaxy, exc
+            )
             raise Rejected(
-                "unknown_client", f"galaxy {leaf.galaxy_id} is not configured"
+                "bad_signature", f"not signed by galaxy {galaxy}'s key: {exc}"
+            ) from None
+
+    def submit_leaf(self, signed: Signed[GalaxyLeaf]) -> bool:
+        """A galaxy's signed root and size for this round.
+
+        Returns True when accepted, False for an identical resend (also after the
+        leaves closed: a restarted galaxy resends what it sent)."""
+        leaf = signed.statement
+        if (
+            leaf.round == self._state.round
+            and self._state.leaves.get(leaf.galaxy_id) == leaf
+        ):
+            self._authenticate_as(leaf.galaxy_id, signed)
+            return False
+        self._require(leaf.round, "leaves")
+        self._authenticate_as(leaf.galaxy_id, signed)
+        if leaf.galaxy_id in self._state.abstained:
+            raise Rejected(
+                "duplicate", f"galaxy {leaf.galaxy_id} abstained from this round"
             )
         known = self._state.leaves.get(leaf.galaxy_id)
         if known is not None and known != leaf:
@@ -130,6 +191,19 @@ class GlobalAggregator:
                 "duplicate", f"galaxy {leaf.galaxy_id} already sent another root"
             )
         self._state.leaves[leaf.galaxy_id] = leaf
+        return True
+
+    def submit_abstention(self, signed: Signed[Abstention]) -> None:
+        """A galaxy's signed word that it has no commitments this round: the round
+        need not wait for its root."""
+        a = signed.statement
+        self._require(a.round, "leaves")
+        self._authenticate_as(a.galaxy_id, signed)
+        if a.galaxy_id in self._state.leaves:
+            raise Rejected(
+                "duplicate", f"galaxy {a.galaxy_id} already sent a root this round"
+            )
+        self._state.abstained.add(a.galaxy_id)
 
     def close_leaves(
         self, round: int, *, timestamp_ms: int | None = None
@@ -140,7 +214,7 @@ class GlobalAggregator:
             raise WrongPhase(f"round {round}: no galaxy sent a root")
         tree = GlobalTree(self._state.leaves.values(), round=round)
         ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-        head = sign_round_head(self.key, tree.head(ts))
+        head = sign_round_head(self.key, tree.head(ts, run=self.run))
         self._state.tree = tree
         self._state.head = head
         self._state.phase = "aggregates"
@@ -160,31 +234,55 @@ class GlobalAggregator:
         return self._state.tree.proof_for(galaxy)
 
     def submit_aggregate(
-        self, round: int, galaxy: int, root: bytes, aggregate: torch.Tensor, weight: int
+        self, signed: Signed[AggregateStatement], aggregate: torch.Tensor
     ) -> bool:
-        """Accept a galaxy's aggregate, bound to the root it committed to.
+        """Accept a galaxy's aggregate with its signed statement: bound to the root
+        and tree size it committed to, weighted by the number of updates it says it
+        aggregated (1 to its tree size), float32 of the model's shape, finite, and
+        hashing to the signed digest.
 
         Returns True when accepted, False for an identical resubmission; a
         conflicting resubmission is rejected and logged as tampering.
         """
+        st = signed.statement
+        galaxy, round = st.galaxy_id, st.round
         self._require(round, "aggregates")
+        self._authenticate_as(galaxy, signed)
         leaf = self._state.leaves.get(galaxy)
         if leaf is None:
             raise Rejected(
                 "unknown_client", f"galaxy {galaxy} has no root in round {round}"
             )
-        if not hmac.compare_digest(leaf.root, bytes(root)):
-            raise Rejected(
-                "commitment_mismatch",
-                f"aggregate of galaxy {galaxy} is bound to another root",
-            )
-        if aggregate.shape != self.params.shape or not bool(
-            torch.isfinite(aggregate).all()
+        if not hmac.compare_digest(leaf.root, st.root) or leaf.tree_size != (
+            st.tree_size
         ):
             raise Rejected(
-                "shape",
-                f"aggregate of galaxy {galaxy}: wrong shape or non-finite values",
+                "commitment_mismatch",
+                f"aggregate of galaxy {galaxy} is bound to another root or size",
             )
+        if aggregate.dtype != torch.float32:
+            raise Rejected(
+                "dtype",
+                f"aggregate of galaxy {galaxy} is {aggregate.dtype}; it must be "
+                "torch.float32",
+            )
+        if aggregate.shape != self.params.shape:
+            raise Rejected(
+                "shape",
+                f"aggregate of galaxy {galaxy} has shape {tuple(aggregate.shape)}, "
+                f"the model {tuple(self.params.shape)}",
+            )
+        values = aggregate.contiguous().numpy()
+        if not hmac.compare_digest(aggregate_digest(values.data), st.digest):
+            raise Rejected(
+                "commitment_mismatch",
+                f"aggregate of galaxy {galaxy} does not hash to its signed digest",
+            )
+        if not bool(torch.isfinite(aggregate).all()):
+            raise Rejected(
+                "non_finite", f"aggregate of galaxy {galaxy} has non-finite values"
+            )
+        weight = st.weight
         known = self._state.aggregates.get(galaxy)
         if known is not None:
             if torch.equal(known[0], aggregate) and known[1] == weight:
@@ -207,8 +305,15 @@ class GlobalAggregator:
             self._state.aggregates, reference_direction=self.reference_direction
         )
         applied = report.aggregate is not None
+        if report.aggregate is not None and not bool(
+            torch.isfinite(report.aggregate).all()
+        ):
+            _log.error(
+                "round %d: the combined update is not finite; not applied", round
+            )
+            applied = False
         norm = 0.0
-        if report.aggregate is not None:
+        if applied and report.aggregate is not None:
             g = report.aggregate.to(self.params.dtype)
             self.velocity = self.server_momentum * self.velocity + g
             self.params += self.server_lr * self.velocity
@@ -229,6 +334,7 @@ class GlobalAggregator:
                 "direction_count": self.direction_count,
                 "galaxy_screen": self.defense.screen.state_dict(),
                 "galaxies": self.galaxies,
+                "run": self.run,
                 "signer": self.key.public_key.to_bytes().hex(),
             },
             {
@@ -244,6 +350,10 @@ class GlobalAggregator:
         meta = checkpoint.meta
         if meta["signer"] != self.key.public_key.to_bytes().hex():
             raise ValueError("checkpoint was written by another global aggregator key")
+        if meta.get("run") != self.run:
+            raise ValueError(
+                f"checkpoint is of run {meta.get('run')!r}, not {self.run!r}"
+            )
         if meta["galaxies"] != self.galaxies:
             raise ValueError(
                 f"checkpoint is for galaxies {meta['galaxies']}, not {self.galaxies}"
@@ -257,7 +367,9 @@ class GlobalAggregator:
         self.direction_count = int(meta["direction_count"])
         self.defense.screen.load_state_dict(meta["galaxy_screen"])
         self.audit_log = AuditLog.from_bytes(
-            t["audit_log"].numpy().tobytes(), trusted_key=self.key.public_key
+            t["audit_log"].numpy().tobytes(),
+            trusted_key=self.key.public_key,
+            run=self.run,
         )
         if (
             self.audit_log.size

@@ -11,17 +11,21 @@ from protogalaxy.crypto.errors import ProofError, SignatureError
 from protogalaxy.crypto.heads import RoundHead, SignedRoundHead, sign_round_head
 from protogalaxy.crypto.identity import SigningKey
 
+RUN = "r1"
 
-def heads(key: SigningKey, n: int, start: int = 0) -> list[SignedRoundHead]:
+
+def heads(
+    key: SigningKey, n: int, start: int = 0, run: str = RUN
+) -> list[SignedRoundHead]:
     return [
-        sign_round_head(key, RoundHead(r, 3, bytes([r % 256]) * 32, 1000 + r))
+        sign_round_head(key, RoundHead(r, 3, bytes([r % 256]) * 32, 1000 + r, run))
         for r in range(start, start + n)
     ]
 
 
 def test_consistency_between_any_two_sizes() -> None:
     key = SigningKey.generate()
-    log = AuditLog(trusted_key=key.public_key)
+    log = AuditLog(trusted_key=key.public_key, run=RUN)
     snapshots = []
     for h in heads(key, 12):
         log.append(h)
@@ -39,7 +43,7 @@ def test_rewritten_history_is_detected() -> None:
     seen = honest.head(4)
     rewritten = AuditLog()
     hs = heads(key, 6)
-    hs[2] = sign_round_head(key, RoundHead(2, 3, b"\xee" * 32, 1002))
+    hs[2] = sign_round_head(key, RoundHead(2, 3, b"\xee" * 32, 1002, RUN))
     for h in hs:
         rewritten.append(h)
     for old_size in (3, 4):
@@ -54,31 +58,36 @@ def test_rewritten_history_is_detected() -> None:
 
 def test_rounds_must_increase_and_keys_must_match() -> None:
     key = SigningKey.generate()
-    log = AuditLog(trusted_key=key.public_key)
+    log = AuditLog(trusted_key=key.public_key, run=RUN)
     a, b = heads(key, 2)
     log.append(b)
     with pytest.raises(ValueError, match="does not follow"):
         log.append(a)
     with pytest.raises(SignatureError):
         log.append(heads(SigningKey.generate(), 1, start=5)[0])
+    # A head the right key signed for another run is not this log's.
+    with pytest.raises(ValueError, match="run"):
+        log.append(heads(key, 1, start=5, run="r2")[0])
+    with pytest.raises(ValueError, match="run"):
+        AuditLog(trusted_key=key.public_key)
     assert log.size == 1
 
 
 def test_persistence_and_torn_tail(tmp_path: Path) -> None:
     key = SigningKey.generate()
     path = tmp_path / "audit.log"
-    log = AuditLog(path, trusted_key=key.public_key)
+    log = AuditLog(path, trusted_key=key.public_key, run=RUN)
     for h in heads(key, 5):
         log.append(h)
     root = log.root
-    reopened = AuditLog(path, trusted_key=key.public_key)
+    reopened = AuditLog(path, trusted_key=key.public_key, run=RUN)
     assert reopened.root == root and reopened.size == 5
     assert reopened.entry(4) == log.entry(4)
     assert path.read_bytes() == log.to_bytes()
     # A crash in the middle of an append leaves a torn record at the end.
     with open(path, "ab") as f:
         f.write(b"\xa4\x00\x00\x00" + b"partial")
-    recovered = AuditLog(path, trusted_key=key.public_key)
+    recovered = AuditLog(path, trusted_key=key.public_key, run=RUN)
     assert recovered.size == 5 and recovered.root == root
     assert path.read_bytes() == log.to_bytes()
     recovered.append(heads(key, 1, start=5)[0])
@@ -104,7 +113,7 @@ def test_corruption_is_an_error(tmp_path: Path) -> None:
     log2 = AuditLog(good)
     log2.append(heads(key, 1)[0])
     with pytest.raises(SignatureError):
-        AuditLog(good, trusted_key=SigningKey.generate().public_key)
+        AuditLog(good, trusted_key=SigningKey.generate().public_key, run=RUN)
 
 
 def test_inclusion_of_an_entry() -> None:

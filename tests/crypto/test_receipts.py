@@ -22,6 +22,7 @@ from protogalaxy.crypto.receipts import Receipt, issue_receipt, verify_receipt
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree, GlobalTree
 
 ROUND = 4
+RUN = "r1"
 GALAXIES = 3
 CLIENTS = 20
 
@@ -39,7 +40,7 @@ def world() -> dict[str, object]:
         for g, cs in commitments.items()
     }
     global_tree = GlobalTree((t.leaf() for t in galaxies.values()), round=ROUND)
-    head = sign_round_head(key, global_tree.head(timestamp_ms=1))
+    head = sign_round_head(key, global_tree.head(timestamp_ms=1, run=RUN))
     return {"key": key, "galaxies": galaxies, "global": global_tree, "head": head}
 
 
@@ -56,10 +57,12 @@ def pub(world: dict[str, object]):  # type: ignore[no-untyped-def]
 def test_every_receipt_verifies_and_round_trips(world: dict[str, object]) -> None:
     for cid in range(CLIENTS):
         r = receipt_for(world, cid)
-        verify_receipt(r, global_key=pub(world), commitment=r.commitment, round=ROUND)
+        verify_receipt(
+            r, global_key=pub(world), run=RUN, commitment=r.commitment, round=ROUND
+        )
         again = Receipt.from_json(r.to_json())
         assert again == r
-        verify_receipt(again, global_key=pub(world))
+        verify_receipt(again, global_key=pub(world), run=RUN)
 
 
 def test_galaxy_tree_is_canonical(world: dict[str, object]) -> None:
@@ -86,34 +89,52 @@ def test_galaxy_tree_rejects_bad_commitments(world: dict[str, object]) -> None:
 def test_wrong_key_or_tampered_head(world: dict[str, object]) -> None:
     r = receipt_for(world, 5)
     with pytest.raises(SignatureError):
-        verify_receipt(r, global_key=SigningKey.generate().public_key)
+        verify_receipt(r, global_key=SigningKey.generate().public_key, run=RUN)
     head = r.head
     tampered = dataclasses.replace(
         head, head=dataclasses.replace(head.head, root=bytes(32))
     )
     with pytest.raises(SignatureError):
-        verify_receipt(dataclasses.replace(r, head=tampered), global_key=pub(world))
+        verify_receipt(
+            dataclasses.replace(r, head=tampered), global_key=pub(world), run=RUN
+        )
     # A head re-signed by an impostor key, presented with the impostor's signer field.
     impostor = SigningKey.generate()
     resigned = sign_round_head(impostor, head.head)
     with pytest.raises(SignatureError):
-        verify_receipt(dataclasses.replace(r, head=resigned), global_key=pub(world))
+        verify_receipt(
+            dataclasses.replace(r, head=resigned), global_key=pub(world), run=RUN
+        )
+    # The same trees under a head the global key signed for another run: a receipt
+    # of run r2 never passes for a client of run r1, and the reverse.
+    key = world["key"]
+    other_run = sign_round_head(key, dataclasses.replace(head.head, run="r2"))  # type: ignore[arg-type]
+    with pytest.raises(SignatureError, match="run"):
+        verify_receipt(
+            dataclasses.replace(r, head=other_run), global_key=pub(world), run=RUN
+        )
+    with pytest.raises(SignatureError, match="run"):
+        verify_receipt(r, global_key=pub(world), run="r2")
 
 
 def test_binding_errors(world: dict[str, object]) -> None:
     r = receipt_for(world, 5)  # galaxy 2
     other = receipt_for(world, 6)  # galaxy 0
     with pytest.raises(ReceiptError, match="another commitment"):
-        verify_receipt(r, global_key=pub(world), commitment=other.commitment)
+        verify_receipt(r, global_key=pub(world), run=RUN, commitment=other.commitment)
     with pytest.raises(ReceiptError, match="expected round"):
-        verify_receipt(r, global_key=pub(world), round=ROUND + 1)
+        verify_receipt(r, global_key=pub(world), run=RUN, round=ROUND + 1)
     with pytest.raises(ReceiptError, match="galaxy"):
         verify_receipt(
-            dataclasses.replace(r, galaxy_leaf=other.galaxy_leaf), global_key=pub(world)
+            dataclasses.replace(r, galaxy_leaf=other.galaxy_leaf),
+            global_key=pub(world),
+            run=RUN,
         )
     old = dataclasses.replace(r.commitment, round=ROUND - 1)
     with pytest.raises(ReceiptError, match="round mismatch"):
-        verify_receipt(dataclasses.replace(r, commitment=old), global_key=pub(world))
+        verify_receipt(
+            dataclasses.replace(r, commitment=old), global_key=pub(world), run=RUN
+        )
 
 
 def test_proof_tampering(world: dict[str, object]) -> None:
@@ -123,27 +144,37 @@ def test_proof_tampering(world: dict[str, object]) -> None:
     neighbour = receipt_for(world, 8)
     with pytest.raises(ProofError):
         verify_receipt(
-            dataclasses.replace(r, commitment=neighbour.commitment), global_key=key
+            dataclasses.replace(r, commitment=neighbour.commitment),
+            global_key=key,
+            run=RUN,
         )
     # A galaxy leaf with a forged root.
     forged_leaf = dataclasses.replace(r.galaxy_leaf, root=bytes(32))
     with pytest.raises(ProofError):
-        verify_receipt(dataclasses.replace(r, galaxy_leaf=forged_leaf), global_key=key)
+        verify_receipt(
+            dataclasses.replace(r, galaxy_leaf=forged_leaf), global_key=key, run=RUN
+        )
     # A galaxy leaf that lies about its tree size.
     lying_leaf = dataclasses.replace(
         r.galaxy_leaf, tree_size=r.galaxy_leaf.tree_size + 1
     )
     with pytest.raises(ProofError):
-        verify_receipt(dataclasses.replace(r, galaxy_leaf=lying_leaf), global_key=key)
+        verify_receipt(
+            dataclasses.replace(r, galaxy_leaf=lying_leaf), global_key=key, run=RUN
+        )
     # Proofs whose sizes differ from the signed ones are refused outright.
     gp = r.galaxy_proof
     bigger = InclusionProof(gp.leaf_index, gp.tree_size + 1, gp.path)
     with pytest.raises(MalformedProofError, match="trusted tree_size"):
-        verify_receipt(dataclasses.replace(r, galaxy_proof=bigger), global_key=key)
+        verify_receipt(
+            dataclasses.replace(r, galaxy_proof=bigger), global_key=key, run=RUN
+        )
     cp = r.client_proof
     smaller = InclusionProof(cp.leaf_index, cp.tree_size - 1, cp.path)
     with pytest.raises(MalformedProofError, match="trusted tree_size"):
-        verify_receipt(dataclasses.replace(r, client_proof=smaller), global_key=key)
+        verify_receipt(
+            dataclasses.replace(r, client_proof=smaller), global_key=key, run=RUN
+        )
     flipped = [bytes([cp.path[0][0] ^ 1]) + cp.path[0][1:], *cp.path[1:]]
     with pytest.raises(ProofError):
         verify_receipt(
@@ -151,9 +182,10 @@ def test_proof_tampering(world: dict[str, object]) -> None:
                 r, client_proof=InclusionProof(cp.leaf_index, cp.tree_size, flipped)
             ),
             global_key=key,
+            run=RUN,
         )
     with pytest.raises(VerificationError):
-        verify_receipt("receipt", global_key=key)  # type: ignore[arg-type]
+        verify_receipt("receipt", global_key=key, run=RUN)  # type: ignore[arg-type]
 
 
 def test_global_tree_rejects_duplicates_and_other_rounds() -> None:

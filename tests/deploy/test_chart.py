@@ -147,7 +147,7 @@ def test_topology_per_galaxy_count(helm: Path, galaxies: int) -> None:
     for g in range(galaxies):
         url = cenv["PG_GALAXY_URL_TEMPLATE"].format(galaxy=g)
         assert url == f"http://pg-protogalaxy-galaxy-{g}:8000"
-    assert cenv["PG_GLOBAL_PUBLIC_KEY"]["secretKeyRef"]["key"] == "public-key"
+    assert cenv["PG_GLOBAL_PUBLIC_KEY"]["secretKeyRef"]["key"] == "global.pub"
     # The config every service reads has the same galaxy count.
     config = yaml.safe_load(
         by_kind(docs, "ConfigMap")["pg-protogalaxy-config"]["data"]["config.yaml"]
@@ -311,7 +311,7 @@ def test_impossible_settings_are_refused(helm: Path) -> None:
 
 def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> None:
     secret = by_kind(render(helm), "Secret")["pg-protogalaxy-auth"]
-    assert set(secret["data"]) == {"enrollment-token", "service-token"}
+    assert set(secret["data"]) == {"service-token"}
     out = subprocess.run(
         [str(helm), "install", "pg", str(CHART), "--dry-run=client", "-n", "fl"],
         capture_output=True,
@@ -330,6 +330,83 @@ def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> Non
         if d.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"
     ]
     assert len(hooks) == 1 and hooks[0]["kind"] == "Pod"
+
+
+def key_items(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (Secret key, file) pairs a pod mounts from the release's key Secret."""
+    out = []
+    for vol in pod_spec(obj).get("volumes", []):
+        secret = vol.get("secret")
+        if secret and secret["secretName"] == "pg-protogalaxy-keys":
+            out += [(i["key"], i["path"]) for i in secret["items"]]
+    return out
+
+
+def secret_refs(container: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> None:
+    """Identities are provisioned by the keygen hook into one Secret, and each pod
+    mounts only its part: a galaxy its own key and the clients' public keys, the
+    global aggregator its key and the galaxies' public keys, the client Job the
+    clients' seed. No client pod gets a bearer token."""
+    docs = render(helm, "--set", "galaxies.count=3")
+    for g in range(3):
+        dep = by_kind(docs, "Deployment")[f"pg-protogalaxy-galaxy-{g}"]
+        assert key_items(dep) == [
+            (f"galaxy-{g}.key", "signing.key"),
+            ("clients.pub", "clients.pub"),
+        ]
+        (c,) = pod_spec(dep)["containers"]
+        env = env_of(c)
+        assert env["PG_SIGNING_KEY_FILE"] == "/etc/protogalaxy-keys/signing.key"
+        assert env["PG_CLIENT_KEYS_FILE"] == "/etc/protogalaxy-keys/clients.pub"
+        assert ("pg-protogalaxy-keys", "global.pub") in secret_refs(c)
+        assert ("pg-protogalaxy-auth", "service-token") in secret_refs(c)
+    glob = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]
+    assert key_items(glob) == [
+        ("global.key", "signing.key"),
+        ("galaxies.pub", "galaxies.pub"),
+    ]
+    (job,) = [
+        d
+        for d in docs
+        if d["kind"] == "Job" and d["metadata"]["name"].startswith("pg-protogalaxy-cl")
+    ]
+    assert key_items(job) == [("clients.seed", "clients.seed")]
+    (client,) = pod_spec(job)["containers"]
+    env = env_of(client)
+    assert not [k for k in env if "TOKEN" in k], env
+    assert secret_refs(client) == {("pg-protogalaxy-keys", "global.pub")}
+    assert env["PG_RUN_ID"] == "r1"
+    assert env["PG_CLIENT_SEED_FILE"] == "/etc/protogalaxy-keys/clients.seed"
+    # The hook makes a key for every galaxy and client of the release, and may
+    # touch no Secret but its own (besides creating it).
+    (keygen,) = [
+        d
+        for d in docs
+        if d["kind"] == "Job" and d["metadata"]["name"] == "pg-protogalaxy-keygen"
+    ]
+    kenv = env_of(pod_spec(keygen)["containers"][0])
+    assert (kenv["PG_GALAXIES"], kenv["PG_CLIENTS"]) == ("3", "30")
+    (role,) = by_kind(docs, "Role").values()
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["pg-protogalaxy-keys"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    assert [r["verbs"] for r in role["rules"] if not r.get("resourceNames")] == [
+        ["create"]
+    ]
 
 
 def test_values_are_all_documented() -> None:

@@ -8,6 +8,12 @@ import pytest
 import torch
 
 from protogalaxy.crypto import SigningKey
+from protogalaxy.crypto.statements import (
+    AggregateStatement,
+    Signed,
+    aggregate_digest,
+    sign_statement,
+)
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import DefenseConfig, GlobalDefense
 from protogalaxy.protocol.checkpoint import (
@@ -55,13 +61,31 @@ def test_keeps_the_last_n_and_falls_back_past_damage(tmp_path: Path) -> None:
     assert CheckpointDir(tmp_path / "empty").latest() is None
 
 
+GALAXY_KEYS = {g: SigningKey.generate() for g in (0, 1)}
+RUN = "r1"
+
+
+def leaf(r: int, gid: int) -> Signed[GalaxyLeaf]:
+    return sign_statement(
+        GALAXY_KEYS[gid], GalaxyLeaf(r, gid, 5, bytes([gid]) * 32), run=RUN
+    )
+
+
+def aggregate(r: int, gid: int, values: torch.Tensor) -> Signed[AggregateStatement]:
+    digest = aggregate_digest(values.numpy().tobytes())
+    st = AggregateStatement(r, gid, 5, bytes([gid]) * 32, 5, digest)
+    return sign_statement(GALAXY_KEYS[gid], st, run=RUN)
+
+
 def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None:
     key = SigningKey.generate()
+    galaxy_keys = {g: k.public_key for g, k in GALAXY_KEYS.items()}
 
-    def fresh() -> GlobalAggregator:
+    def fresh(run: str = RUN) -> GlobalAggregator:
         return GlobalAggregator(
             key=key,
-            galaxies=[0, 1],
+            galaxy_keys=galaxy_keys,
+            run=run,
             params=torch.zeros(6),
             defense=GlobalDefense(DefenseConfig()),
             server_momentum=0.5,
@@ -70,10 +94,11 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
     g = fresh()
     for r in range(3):
         for gid in (0, 1):
-            g.submit_leaf(GalaxyLeaf(r, gid, 2, bytes([gid]) * 32))
+            g.submit_leaf(leaf(r, gid))
         g.close_leaves(r)
         for gid in (0, 1):
-            g.submit_aggregate(r, gid, bytes([gid]) * 32, torch.ones(6) * (r + 1), 5)
+            values = torch.ones(6) * (r + 1)
+            g.submit_aggregate(aggregate(r, gid, values), values)
         g.finish_round(r)
     d = CheckpointDir(tmp_path)
     d.save(g.checkpoint())
@@ -89,17 +114,21 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
     # Round 3 proceeds on the restored state exactly as on the original.
     for agg in (g, restored):
         for gid in (0, 1):
-            agg.submit_leaf(GalaxyLeaf(3, gid, 2, bytes([gid]) * 32))
+            agg.submit_leaf(leaf(3, gid))
         agg.close_leaves(3, timestamp_ms=7)
         for gid in (0, 1):
-            agg.submit_aggregate(3, gid, bytes([gid]) * 32, torch.ones(6), 5)
+            agg.submit_aggregate(aggregate(3, gid, torch.ones(6)), torch.ones(6))
         agg.finish_round(3)
     assert torch.equal(restored.params, g.params)
     other = GlobalAggregator(
         key=SigningKey.generate(),
-        galaxies=[0, 1],
+        galaxy_keys=galaxy_keys,
+        run=RUN,
         params=torch.zeros(6),
         defense=GlobalDefense(DefenseConfig()),
     )
     with pytest.raises(ValueError, match="another global aggregator key"):
         other.restore(latest)
+    # The same key resuming another run's checkpoint would re-sign its history.
+    with pytest.raises(ValueError, match="run"):
+        fresh("r2").restore(latest)

@@ -16,9 +16,20 @@ from protogalaxy.crypto import (
     verify_inclusion,
     verify_receipt,
 )
-from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.crypto.identity import (
+    sign_commitment,
+    sign_registration,
+    sign_reveal,
+)
+from protogalaxy.crypto.keyring import client_key, parse_keyring, provision
+from protogalaxy.crypto.statements import (
+    AggregateStatement,
+    aggregate_digest,
+    sign_statement,
+)
 from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense, GlobalDefense
 from protogalaxy.protocol.galaxy import (
+    ClientRoster,
     GalaxyAggregator,
     Rejected,
     UnknownClient,
@@ -30,6 +41,7 @@ from protogalaxy.spec import UpdateSpec
 
 SPEC = UpdateSpec(("b", "w"), ((3,), (2, 4)))
 D = SPEC.numel
+RUN = "test-run"
 
 
 STORE_FACTORY: Callable[[], GalaxyStore] = MemoryGalaxyStore
@@ -57,8 +69,10 @@ class World:
         layers: tuple[int, ...] = (1, 2, 3, 4, 5),
         agg: str = "multikrum",
     ):
-        self.global_key = SigningKey.generate()
-        self.keys = {c: SigningKey.generate() for c in range(n)}
+        files = provision(galaxies=1, clients=n)
+        self.global_key = SigningKey.from_bytes(files["global.key"])
+        self.galaxy_key = SigningKey.from_bytes(files["galaxy-0.key"])
+        self.keys = {c: client_key(files["clients.seed"], c) for c in range(n)}
         cfg = DefenseConfig(
             layers=frozenset(layers), aggregator=agg, byzantine_fraction=0.2
         )
@@ -68,14 +82,24 @@ class World:
             store=self.store,
             spec=SPEC,
             defense=GalaxyDefense(0, cfg),
+            key=self.galaxy_key,
             global_key=self.global_key.public_key,
+            roster=ClientRoster(
+                0, n, lambda c: 0, parse_keyring(files["clients.pub"].decode())
+            ),
+            run=RUN,
             max_update_bytes=4096,
         )
         for c, k in self.keys.items():
-            self.galaxy.register(c, k.public_key.to_bytes())
+            self.galaxy.register(
+                c,
+                k.public_key.to_bytes(),
+                sign_registration(k, client_id=c, galaxy_id=0, run=RUN),
+            )
         self.glob = GlobalAggregator(
             key=self.global_key,
-            galaxies=[0],
+            galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
+            run=RUN,
             params=torch.zeros(D),
             defense=GlobalDefense(cfg),
         )
@@ -86,7 +110,9 @@ class World:
         for c, vec in updates.items():
             tensors = SPEC.unflatten(vec)
             com, nonce = commit(tensors, client_id=c, galaxy_id=0, round=rnd)
-            self.galaxy.submit_commitment(com, sign_commitment(self.keys[c], com))
+            self.galaxy.submit_commitment(
+                com, sign_commitment(self.keys[c], com, run=RUN)
+            )
             self.secrets[c] = (encode_update(tensors), nonce, com)
 
     def publish_head(self, rnd: int) -> None:
@@ -98,7 +124,7 @@ class World:
 
     def reveal(self, rnd: int, c: int, body: bytes, nonce: bytes) -> None:
         com = self.secrets[c][2]
-        sig = sign_reveal(self.keys[c], com, body, nonce)  # type: ignore[arg-type]
+        sig = sign_reveal(self.keys[c], com, body, nonce, run=RUN)  # type: ignore[arg-type]
         self.galaxy.submit_reveal(rnd, c, body, nonce, sig)
 
     def reveal_all(self, rnd: int) -> None:
@@ -120,7 +146,11 @@ def test_a_full_round_with_receipts_and_audit_log() -> None:
     for c, (_, _, com) in w.secrets.items():
         receipt = w.galaxy.receipt(0, c)
         verify_receipt(
-            receipt, global_key=w.global_key.public_key, commitment=com, round=0
+            receipt,
+            global_key=w.global_key.public_key,
+            run=RUN,
+            commitment=com,
+            round=0,
         )
     w.reveal_all(0)
     result = w.galaxy.close_reveal(0, force=True)
@@ -128,7 +158,8 @@ def test_a_full_round_with_receipts_and_audit_log() -> None:
     assert torch.allclose(
         result.aggregate, torch.stack(list(ups.values())).mean(0), atol=1e-6
     )
-    assert w.glob.submit_aggregate(0, 0, result.root, result.aggregate, result.weight)
+    assert result.statement is not None and result.statement.statement.weight == 6
+    assert w.glob.submit_aggregate(result.statement, result.aggregate)
     out = w.glob.finish_round(0)
     assert out.applied and torch.allclose(w.glob.params, result.aggregate)
     assert w.glob.round == 1 and w.glob.audit_log.size == 1
@@ -138,7 +169,7 @@ def test_a_full_round_with_receipts_and_audit_log() -> None:
     w.publish_head(1)
     w.reveal_all(1)
     r1 = w.galaxy.close_reveal(1, force=True)
-    w.glob.submit_aggregate(1, 0, r1.root, r1.aggregate, r1.weight)
+    w.glob.submit_aggregate(r1.statement, r1.aggregate)
     w.glob.finish_round(1)
     log = w.glob.audit_log
     verify_consistency(1, 2, log.head(1).root, log.root, log.consistency_proof(1))
@@ -150,27 +181,29 @@ def test_commitment_checks() -> None:
     com, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=1, galaxy_id=0, round=3)
     with pytest.raises(Rejected, match="bad_signature"):
         w.galaxy.submit_commitment(
-            com, sign_commitment(w.keys[2], com)
+            com, sign_commitment(w.keys[2], com, run=RUN)
         )  # another's key
     stranger = SigningKey.generate()
     c9, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=9, galaxy_id=0, round=3)
     with pytest.raises(UnknownClient):
-        w.galaxy.submit_commitment(c9, sign_commitment(stranger, c9))
+        w.galaxy.submit_commitment(c9, sign_commitment(stranger, c9, run=RUN))
     old, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=1, galaxy_id=0, round=2)
     with pytest.raises(WrongPhase):  # an old commitment replayed in a later round
-        w.galaxy.submit_commitment(old, sign_commitment(w.keys[1], old))
+        w.galaxy.submit_commitment(old, sign_commitment(w.keys[1], old, run=RUN))
     other_galaxy, _ = commit(
         SPEC.unflatten(torch.zeros(D)), client_id=1, galaxy_id=5, round=3
     )
     with pytest.raises(Rejected, match="wrong_round"):
         w.galaxy.submit_commitment(
-            other_galaxy, sign_commitment(w.keys[1], other_galaxy)
+            other_galaxy, sign_commitment(w.keys[1], other_galaxy, run=RUN)
         )
-    w.galaxy.submit_commitment(com, sign_commitment(w.keys[1], com))
-    w.galaxy.submit_commitment(com, sign_commitment(w.keys[1], com))  # identical: no-op
+    w.galaxy.submit_commitment(com, sign_commitment(w.keys[1], com, run=RUN))
+    w.galaxy.submit_commitment(
+        com, sign_commitment(w.keys[1], com, run=RUN)
+    )  # identical: no-op
     second, _ = commit(SPEC.unflatten(torch.ones(D)), client_id=1, galaxy_id=0, round=3)
     with pytest.raises(Rejected, match="duplicate"):
-        w.galaxy.submit_commitment(second, sign_commitment(w.keys[1], second))
+        w.galaxy.submit_commitment(second, sign_commitment(w.keys[1], second, run=RUN))
     assert list(w.store.commitments(3)) == [1]
     assert w.store.commitments(3)[1][0] == com.to_bytes()
 
@@ -204,7 +237,7 @@ def test_reveal_checks_leave_accepted_updates_intact() -> None:
         w.reveal(0, 0, w.secrets[3][0], w.secrets[3][1])
     # A forged reveal for client 3 (signed by another key) is refused and, being
     # unattributable, is not held against client 3.
-    forged = sign_reveal(w.keys[4], w.secrets[3][2], b"garbage", bytes(32))  # type: ignore[arg-type]
+    forged = sign_reveal(w.keys[4], w.secrets[3][2], b"garbage", bytes(32), run=RUN)  # type: ignore[arg-type]
     with pytest.raises(Rejected, match="bad_signature"):
         w.galaxy.submit_reveal(0, 3, b"garbage", bytes(32), forged)
     w.reveal(0, 3, w.secrets[3][0], w.secrets[3][1])
@@ -236,7 +269,7 @@ def test_bad_updates_that_match_their_commitment(
     w = World(4)
     w.galaxy.open_round(0)
     com, nonce = commit(tensors, client_id=0, galaxy_id=0, round=0)
-    w.galaxy.submit_commitment(com, sign_commitment(w.keys[0], com))
+    w.galaxy.submit_commitment(com, sign_commitment(w.keys[0], com, run=RUN))
     w.publish_head(0)
     w.secrets[0] = (encode_update(tensors), nonce, com)
     with pytest.raises(Rejected, match=reason):
@@ -273,7 +306,7 @@ def test_evidence_of_a_quarantine_verifies() -> None:
         w.publish_head(rnd)
         w.reveal_all(rnd)
         result = w.galaxy.close_reveal(rnd, force=True, reference_direction=ups[0])
-        w.glob.submit_aggregate(rnd, 0, result.root, result.aggregate, result.weight)
+        w.glob.submit_aggregate(result.statement, result.aggregate)
         w.glob.finish_round(rnd)
         rnd += 1
         assert rnd < 20
@@ -292,23 +325,171 @@ def test_evidence_of_a_quarantine_verifies() -> None:
     assert all(w.galaxy.defense.tracker.status(c) == "active" for c in range(9))
 
 
+def restated(w: World, r: object, aggregate: torch.Tensor, **fields: object) -> object:
+    """The galaxy's aggregate statement of ``r`` for ``aggregate`` (its digest), with
+    ``fields`` changed, signed with the galaxy's own key: a compromised galaxy."""
+    st = r.statement.statement  # type: ignore[attr-defined]
+    values = aggregate.contiguous().numpy().tobytes()
+    new = AggregateStatement(
+        **{
+            "round": st.round,
+            "galaxy_id": st.galaxy_id,
+            "tree_size": st.tree_size,
+            "root": st.root,
+            "weight": st.weight,
+            "digest": aggregate_digest(values),
+            **fields,
+        }
+    )
+    return sign_statement(w.galaxy_key, new, run=RUN)
+
+
 def test_global_aggregate_binding_and_tampering() -> None:
     w = World(4, layers=(1,), agg="fedavg")
     w.commit_all(0, honest(4))
     w.publish_head(0)
     w.reveal_all(0)
     r = w.galaxy.close_reveal(0, force=True)
+    assert r.statement is not None and r.aggregate is not None
     with pytest.raises(Rejected, match="another root"):
-        w.glob.submit_aggregate(0, 0, bytes(32), r.aggregate, r.weight)
-    assert w.glob.submit_aggregate(0, 0, r.root, r.aggregate, r.weight)
-    assert not w.glob.submit_aggregate(0, 0, r.root, r.aggregate, r.weight)  # resent
+        w.glob.submit_aggregate(
+            restated(w, r, r.aggregate, root=bytes(32)), r.aggregate
+        )
+    with pytest.raises(Rejected, match="another root"):
+        w.glob.submit_aggregate(restated(w, r, r.aggregate, tree_size=5), r.aggregate)
+    # The statement's digest binds the values: other values under it are refused.
+    with pytest.raises(Rejected, match="digest"):
+        w.glob.submit_aggregate(r.statement, r.aggregate + 1)
+    # Signed with another key than galaxy 0's: not galaxy 0's word.
+    impostor = sign_statement(SigningKey.generate(), r.statement.statement, run=RUN)
+    with pytest.raises(Rejected, match="bad_signature"):
+        w.glob.submit_aggregate(impostor, r.aggregate)
+    # Galaxy 0's own signature, but made for another run.
+    other_run = sign_statement(w.galaxy_key, r.statement.statement, run="other")
+    with pytest.raises(Rejected, match="bad_signature"):
+        w.glob.submit_aggregate(other_run, r.aggregate)
+    for bad in (r.aggregate.double(), r.aggregate.half(), r.aggregate.long()):
+        with pytest.raises(Rejected, match="dtype"):
+            w.glob.submit_aggregate(restated(w, r, bad), bad)
+    nan = torch.full((D,), math.nan)
+    with pytest.raises(Rejected, match="non_finite"):
+        w.glob.submit_aggregate(restated(w, r, nan), nan)
+    # A weight is the galaxy's signed count of updates: 1 to its tree size.
+    for weight in (0, 5, 2**70):
+        with pytest.raises((ValueError, TypeError)):
+            restated(w, r, r.aggregate, weight=weight)
+    assert w.glob.submit_aggregate(r.statement, r.aggregate)
+    assert not w.glob.submit_aggregate(r.statement, r.aggregate)  # resent
     with pytest.raises(Rejected, match="different aggregate"):
-        w.glob.submit_aggregate(0, 0, r.root, r.aggregate * 2, r.weight)
-    with pytest.raises(Rejected, match="shape"):
-        w.glob.submit_aggregate(0, 0, r.root, torch.full((D,), math.nan), r.weight)
+        w.glob.submit_aggregate(restated(w, r, r.aggregate * 2), r.aggregate * 2)
     w.glob.finish_round(0)
     with pytest.raises(WrongPhase):
         w.glob.finish_round(0)  # no round is applied twice
+
+
+def test_only_a_galaxy_can_send_its_root_or_abstain() -> None:
+    w = World(4)
+    w.commit_all(0, honest(4))
+    leaf = w.galaxy.close_commit(0, force=True)
+    assert leaf is not None
+    stranger = SigningKey.generate()
+    with pytest.raises(Rejected, match="bad_signature"):
+        w.glob.submit_leaf(sign_statement(stranger, leaf.statement, run=RUN))
+    with pytest.raises(Rejected, match="bad_signature"):
+        w.glob.submit_abstention(
+            sign_statement(stranger, w.galaxy.abstention(0).statement, run=RUN)
+        )
+    with pytest.raises(Rejected, match="bad_signature"):
+        w.glob.submit_leaf(sign_statement(w.galaxy_key, leaf.statement, run="other"))
+    assert w.glob.leaves == {} and w.glob.abstained == set()
+    assert w.glob.submit_leaf(leaf)
+    assert not w.glob.submit_leaf(leaf)  # resent: a no-op
+    with pytest.raises(Rejected, match="duplicate"):
+        w.glob.submit_abstention(w.galaxy.abstention(0))
+
+
+def test_registration_admits_only_the_provisioned_key_of_an_id_of_this_galaxy() -> None:
+    files = provision(galaxies=3, clients=9)
+    keys = {c: client_key(files["clients.seed"], c) for c in range(9)}
+    galaxy = GalaxyAggregator(
+        1,
+        store=STORE_FACTORY(),
+        spec=SPEC,
+        defense=GalaxyDefense(1),
+        key=SigningKey.from_bytes(files["galaxy-1.key"]),
+        global_key=SigningKey.from_bytes(files["global.key"]).public_key,
+        roster=ClientRoster(
+            1, 9, lambda c: c % 3, parse_keyring(files["clients.pub"].decode())
+        ),
+        run=RUN,
+    )
+
+    def register(c: object, key: SigningKey, *, as_id: int | None = None) -> None:
+        cid = c if as_id is None else as_id
+        galaxy.register(
+            c,  # type: ignore[arg-type]
+            key.public_key.to_bytes(),
+            sign_registration(key, client_id=cid, galaxy_id=1, run=RUN),  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(Rejected, match="wrong_galaxy"):
+        register(3, keys[3])  # galaxy 0's client
+    for bad in (-1, 9, 2**64, 1.0, "4", True):
+        with pytest.raises(Rejected, match="bad_client_id"):
+            register(bad, keys[4], as_id=4)
+    with pytest.raises(Rejected, match="bad_signature"):
+        register(4, keys[7])  # another client's (valid) key
+    with pytest.raises(Rejected, match="bad_signature"):
+        register(4, SigningKey.generate())  # a key minted by the caller
+    # The right key, but the signature is over another registration.
+    with pytest.raises(Rejected, match="bad_signature"):
+        galaxy.register(
+            4,
+            keys[4].public_key.to_bytes(),
+            sign_registration(keys[4], client_id=4, galaxy_id=1, run="other"),
+        )
+    assert galaxy.store.clients() == []
+    register(4, keys[4])
+    register(4, keys[4])  # a restarted client registers again: accepted
+    register(7, keys[7])
+    assert galaxy.store.clients() == [4, 7] and galaxy.active_clients() == 2
+
+
+def test_withholding_a_reveal_costs_reputation_with_evidence() -> None:
+    w = World(6, layers=(1, 4), agg="fedavg")
+    for rnd in range(3):
+        w.secrets.clear()
+        w.commit_all(rnd, honest(6, seed=rnd))
+        w.publish_head(rnd)
+        for c, (body, nonce, _) in w.secrets.items():
+            if c != 5 or rnd == 0:  # client 5 then keeps its update to itself
+                w.reveal(rnd, c, body, nonce)
+        result = w.galaxy.close_reveal(rnd, force=True)
+        assert result.withheld == ((5,) if rnd else ())
+        assert result.report.outcomes[5].withheld == bool(rnd)
+        w.glob.submit_aggregate(result.statement, result.aggregate)
+        w.glob.finish_round(rnd)
+    tracker = w.galaxy.defense.tracker
+    # A clean round (B = 1), then B = 0 twice, history or not: 0.5 -> 0.55 ->
+    # 0.495 -> 0.4455 (scored like a layer-1 rejection, B = 0.2 * history, it
+    # would be 0.4612; not scored at all, 0.55).
+    assert tracker.reputation(5) == pytest.approx(0.4455)
+    assert tracker.reputation(0) > 0.55
+    records = [e for e in w.store.evidence(5) if e["event"] == "reveal_withheld"]
+    assert [e["round"] for e in records] == [1, 2]
+    from protogalaxy.crypto.commitment import Commitment
+    from protogalaxy.crypto.identity import verify_commitment_signature
+
+    for e in records:
+        ev = e["evidence"]
+        com = Commitment.from_bytes(bytes.fromhex(ev["leaf"]))
+        assert (com.client_id, com.round) == (5, e["round"])
+        verify_commitment_signature(
+            w.keys[5].public_key,
+            com,
+            bytes.fromhex(ev["commitment_signature"]),
+            run=RUN,
+        )
 
 
 def test_a_commitment_racing_the_close_is_refused_and_in_no_tree() -> None:
@@ -320,17 +501,19 @@ def test_a_commitment_racing_the_close_is_refused_and_in_no_tree() -> None:
     assert w.store.compare_and_set_state((0, "commit"), (0, "closing"))
     late, _ = commit(SPEC.unflatten(torch.zeros(D)), client_id=3, galaxy_id=0, round=0)
     with pytest.raises(PhaseClosed):
-        w.store.add_commitment(0, 3, late.to_bytes(), sign_commitment(w.keys[3], late))
+        w.store.add_commitment(
+            0, 3, late.to_bytes(), sign_commitment(w.keys[3], late, run=RUN)
+        )
     with pytest.raises(WrongPhase):
-        w.galaxy.submit_commitment(late, sign_commitment(w.keys[3], late))
+        w.galaxy.submit_commitment(late, sign_commitment(w.keys[3], late, run=RUN))
     leaf = w.galaxy.close_commit(0, force=True)  # finishes the interrupted close
-    assert leaf is not None and leaf.tree_size == 3
+    assert leaf is not None and leaf.statement.tree_size == 3
     w.glob.submit_leaf(leaf)
     head = w.glob.close_leaves(0)
     w.galaxy.accept_head(0, head, w.glob.proof_for(0))
     for c in range(3):
         r = w.galaxy.receipt(0, c)
-        verify_receipt(r, global_key=w.global_key.public_key, round=0)
+        verify_receipt(r, global_key=w.global_key.public_key, run=RUN, round=0)
         assert r.galaxy_leaf.tree_size == 3
     with pytest.raises(UnknownClient):
         w.galaxy.receipt(0, 3)

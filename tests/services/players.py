@@ -10,8 +10,9 @@ import httpx
 import torch
 
 from protogalaxy.codec import encode_update
-from protogalaxy.crypto import SigningKey, commit
-from protogalaxy.crypto.identity import sign_commitment, sign_reveal
+from protogalaxy.crypto import commit
+from protogalaxy.crypto.identity import sign_commitment, sign_registration, sign_reveal
+from protogalaxy.crypto.keyring import client_key
 from protogalaxy.learning.models import build_model
 from protogalaxy.spec import UpdateSpec
 from services.up import LocalCluster
@@ -25,26 +26,37 @@ def update(seed: int) -> dict[str, torch.Tensor]:
 
 
 class Players:
-    """Clients ``0..n-1`` of galaxy 0 of ``cluster``, played by the test."""
+    """Clients ``0..n-1`` of galaxy 0 of ``cluster``, played by the test with the
+    keys provisioned for them (derived from the cluster's clients' seed)."""
 
     def __init__(self, cluster: LocalCluster, n: int) -> None:
         self.cluster = cluster
-        self.keys = {c: SigningKey.generate() for c in range(n)}
+        self.run = cluster.run_id
+        seed = (cluster.keys / "clients.seed").read_bytes()
+        self.keys = {c: client_key(seed, c) for c in range(n)}
         self.made: dict[int, tuple[Any, bytes, bytes]] = {}
 
     def url(self, path: str) -> str:
         return self.cluster.galaxy_url(0) + path
 
+    def registration(self, client: int, galaxy: int = 0) -> dict[str, Any]:
+        key = self.keys[client]
+        return {
+            "client_id": client,
+            "public_key": key.public_key.to_bytes().hex(),
+            "signature": sign_registration(
+                key, client_id=client, galaxy_id=galaxy, run=self.run
+            ).hex(),
+        }
+
     def register(self) -> None:
-        ok = {"authorization": f"Bearer {self.cluster.enrollment_token}"}
-        for c, key in self.keys.items():
-            body = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
-            resp = httpx.post(self.url("/v1/register"), json=body, headers=ok)
+        for c in self.keys:
+            resp = httpx.post(self.url("/v1/register"), json=self.registration(c))
             assert resp.status_code == 201, resp.text
 
     def commit(self, rnd: int, client: int, tensors: dict[str, torch.Tensor]) -> None:
         com, nonce = commit(tensors, client_id=client, galaxy_id=0, round=rnd)
-        sig = sign_commitment(self.keys[client], com)
+        sig = sign_commitment(self.keys[client], com, run=self.run)
         resp = httpx.post(
             self.url("/v1/commitments"),
             json={"commitment": com.to_dict(), "signature": sig.hex()},
@@ -65,7 +77,7 @@ class Players:
         com, nonce0, body0 = self.made[client]
         body = body0 if body is None else body
         nonce = nonce0 if nonce is None else nonce
-        sig = sign_reveal(self.keys[client], com, body, nonce)
+        sig = sign_reveal(self.keys[client], com, body, nonce, run=self.run)
         content: bytes | Iterator[bytes] = body
         if chunked:
             content = (body[i : i + 4096] for i in range(0, len(body), 4096))

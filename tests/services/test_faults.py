@@ -20,6 +20,8 @@ import torch
 
 from protogalaxy.codec import decode_update
 from protogalaxy.config import load_config
+from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.identity import verify_commitment_signature
 from protogalaxy.learning.models import build_model
 from services.redis_store import RedisGalaxyStore
 from services.up import LocalCluster
@@ -150,8 +152,22 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
     assert torch.allclose(served_model(cluster), expected, atol=1e-5)
 
 
+def galaxy_store(cluster: LocalCluster) -> RedisGalaxyStore:
+    """Galaxy 0's store of this run, read directly from Redis."""
+    return RedisGalaxyStore.from_url(
+        f"redis://127.0.0.1:{cluster.redis_port}/0",
+        galaxy=0,
+        prefix=f"pg:galaxy:0:{cluster.run_id}:",
+    )
+
+
 def test_clients_that_never_reveal(tmp_path: Path) -> None:
-    for cluster in make_cluster(tmp_path, reveal_deadline_s=3):
+    """The round closes at the reveal deadline without them, and withholding costs:
+    a behaviour score of zero for each round, on record with the signed
+    commitment."""
+    for cluster in make_cluster(
+        tmp_path, reveal_deadline_s=3, **{"defense.layers": [1, 4]}
+    ):
         p = Players(cluster, N)
         p.register()
         ups = {c: update(c) for c in range(N)}
@@ -163,6 +179,26 @@ def test_clients_that_never_reveal(tmp_path: Path) -> None:
         assert torch.allclose(
             served_model(cluster), initial_model() + 1.3 * g0, atol=1e-5
         )
+        play_round(p, 1, {c: update(10 + c) for c in range(N)})
+        for c in (0, 2, 3):  # client 1 withholds a second time
+            assert p.reveal(1, c).status_code == 202
+        p.wait_global_round(2, timeout=60)
+        state = httpx.get(cluster.galaxy_url(0) + "/v1/clients/1").json()
+        assert state["reputation"] == pytest.approx(0.405)  # 0.5 * 0.9 * 0.9
+        assert state["clean_rounds"] == 0 and state["last_round"] == 1
+        honest = httpx.get(cluster.galaxy_url(0) + "/v1/clients/0").json()
+        assert honest["reputation"] > 0.5
+        records = httpx.get(cluster.galaxy_url(0) + "/v1/clients/1/evidence").json()
+        withheld = [e for e in records if e["event"] == "reveal_withheld"]
+        assert [e["round"] for e in withheld] == [0, 1]
+        for e in withheld:
+            com = Commitment.from_bytes(bytes.fromhex(e["evidence"]["leaf"]))
+            verify_commitment_signature(
+                p.keys[1].public_key,
+                com,
+                bytes.fromhex(e["evidence"]["commitment_signature"]),
+                run=cluster.run_id,
+            )
 
 
 def test_redis_restart_keeps_reputations_quarantine_and_evidence(
@@ -182,8 +218,7 @@ def test_redis_restart_keeps_reputations_quarantine_and_evidence(
         bad = p.reveal(0, 3, body=p.made[0][2])
         assert bad.status_code == 422
         p.wait_global_round(1)
-        url = f"redis://127.0.0.1:{cluster.redis_port}/0"
-        before = RedisGalaxyStore.from_url(url, galaxy=0)
+        before = galaxy_store(cluster)
         reputation, evidence = before.load_reputation(), before.evidence()
         assert evidence and evidence[0]["event"] == "client_quarantined"
         assert evidence[0]["client"] == 3 and evidence[0]["evidence"]["leaf"]
@@ -198,7 +233,7 @@ def test_redis_restart_keeps_reputations_quarantine_and_evidence(
         assert down.json()["error"] == "store_unavailable"
         redis_proc.start()  # the same data directory (AOF on)
         cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
-        after = RedisGalaxyStore.from_url(url, galaxy=0)
+        after = galaxy_store(cluster)
         assert after.load_reputation() == reputation
         assert after.evidence() == evidence
         assert after.reveals(0) == bodies

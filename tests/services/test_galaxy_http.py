@@ -80,26 +80,49 @@ def refused(resp: httpx.Response, status: int, reason: str) -> None:
     assert resp.json()["error"] == reason, resp.text
 
 
-def test_enrollment_needs_the_token(cluster: LocalCluster, players: Players) -> None:
-    body = {"client_id": 0, "public_key": players.keys[0].public_key.to_bytes().hex()}
-    refused(httpx.post(url(cluster, "/v1/register"), json=body), 401, "bad_signature")
-    wrong = {"authorization": "Bearer not-the-token"}
-    refused(
-        httpx.post(url(cluster, "/v1/register"), json=body, headers=wrong),
-        401,
-        "bad_signature",
-    )
-    ok = {"authorization": f"Bearer {cluster.enrollment_token}"}
-    for c, key in players.keys.items():
-        b = {"client_id": c, "public_key": key.public_key.to_bytes().hex()}
-        assert (
-            httpx.post(url(cluster, "/v1/register"), json=b, headers=ok).status_code
-            == 201
-        )
+def test_enrollment_admits_only_the_provisioned_credential_of_an_id(
+    cluster: LocalCluster, players: Players
+) -> None:
+    """No shared enrollment secret: an id is admitted only with the key the
+    operator provisioned for it, proven by a signed registration; ids that cannot
+    take part are refused and never count in the quorum."""
+    register = url(cluster, "/v1/register")
+    good = players.registration(0)
+    minted = SigningKey.generate()
+    attempts = [
+        # a key the caller minted, for a real id: not that id's credential
+        (
+            {**good, "public_key": minted.public_key.to_bytes().hex()},
+            401,
+            "bad_signature",
+        ),
+        # the real public key, but a signature the caller cannot make
+        ({**good, "signature": "00" * 64}, 401, "bad_signature"),
+        # another client's valid registration replayed under this id
+        ({**players.registration(1), "client_id": 0}, 401, "bad_signature"),
+        ({**good, "client_id": -1}, 422, "bad_client_id"),
+        ({**good, "client_id": CLIENTS}, 422, "bad_client_id"),
+        ({**good, "client_id": 2**64}, 422, "bad_client_id"),
+        ({**good, "client_id": 1.0}, 422, "malformed"),
+        ({**good, "client_id": "0"}, 422, "malformed"),
+        ({**good, "client_id": True}, 422, "malformed"),
+        ({**good, "public_key": "zz"}, 422, "malformed"),
+    ]
+    for body, status, reason in attempts:
+        refused(httpx.post(register, json=body), status, reason)
+    # Nothing was registered: the quorum's base is untouched.
+    store = redis.Redis(port=cluster.redis_port)
+    assert store.hlen(f"pg:galaxy:0:{cluster.run_id}:keys") == 0
     assert (
         metric(cluster, "protogalaxy_galaxy_rejected_total", reason="bad_signature")
-        >= 2
+        >= 3
     )
+    assert (
+        metric(cluster, "protogalaxy_galaxy_rejected_total", reason="bad_client_id")
+        >= 3
+    )
+    players.register()
+    players.register()  # again, as a restarted client does: accepted
 
 
 def test_a_round_with_every_kind_of_bad_input(
@@ -114,7 +137,7 @@ def test_a_round_with_every_kind_of_bad_input(
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": com.to_dict(),
-                "signature": sign_commitment(stranger, com).hex(),
+                "signature": sign_commitment(stranger, com, run=cluster.run_id).hex(),
             },
         ),
         404,
@@ -126,7 +149,9 @@ def test_a_round_with_every_kind_of_bad_input(
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": com1.to_dict(),
-                "signature": sign_commitment(players.keys[2], com1).hex(),
+                "signature": sign_commitment(
+                    players.keys[2], com1, run=cluster.run_id
+                ).hex(),
             },
         ),
         401,
@@ -143,7 +168,9 @@ def test_a_round_with_every_kind_of_bad_input(
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": future.to_dict(),
-                "signature": sign_commitment(players.keys[1], future).hex(),
+                "signature": sign_commitment(
+                    players.keys[1], future, run=cluster.run_id
+                ).hex(),
             },
         ),
         409,
@@ -164,7 +191,9 @@ def test_a_round_with_every_kind_of_bad_input(
         r = Receipt.from_dict(
             httpx.get(url(cluster, f"/v1/rounds/0/receipts/{c}")).json()
         )
-        verify_receipt(r, global_key=global_key, commitment=com_c, round=0)
+        verify_receipt(
+            r, global_key=global_key, run=cluster.run_id, commitment=com_c, round=0
+        )
     accepted_before = metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
     body0 = made[0][2]
     # Sent in pieces without a Content-Length: read as it streams, hashed as it lands.
@@ -248,7 +277,9 @@ def test_an_old_commitment_replayed_in_a_later_round(
             url(cluster, "/v1/commitments"),
             json={
                 "commitment": old.to_dict(),
-                "signature": sign_commitment(players.keys[0], old).hex(),
+                "signature": sign_commitment(
+                    players.keys[0], old, run=cluster.run_id
+                ).hex(),
             },
         ),
         409,

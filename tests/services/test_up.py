@@ -89,3 +89,79 @@ def test_up_reports_a_client_runner_that_stops_on_a_bad_proof(tmp_path: Path) ->
     assert str(tmp_path / "logs" / "clients.log") in str(failed.value)
     log = (tmp_path / "logs" / "clients.log").read_text()
     assert "receipt that fails verification" in log
+
+
+def test_client_processes_hold_no_service_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client runner gets the clients' seed and the public key it pins, no
+    bearer token (not even one left in the caller's environment); each aggregator
+    gets its own private key and no other."""
+    monkeypatch.setenv("PG_SERVICE_TOKEN", "leaked-from-the-shell")
+    monkeypatch.setenv("PG_ENROLLMENT_TOKEN", "leaked-from-the-shell")
+    cluster = LocalCluster(load_config(overrides={"galaxies.count": 2}), tmp_path)
+    procs = cluster.plan()
+    clients = procs["clients"].env
+    assert not [k for k in clients if k.startswith("PG_") and "TOKEN" in k], clients
+    assert clients["PG_CLIENT_SEED_FILE"] == str(cluster.keys / "clients.seed")
+    assert clients["PG_GLOBAL_PUBLIC_KEY"] == cluster.global_public_key
+    named = {v for v in clients.values() if v.startswith(str(cluster.keys))}
+    assert named == {str(cluster.keys / "clients.seed")}
+    for g in (0, 1):
+        env = procs[f"galaxy-{g}"].env
+        assert env["PG_SERVICE_TOKEN"] == cluster.service_token
+        assert env["PG_SIGNING_KEY_FILE"] == str(cluster.keys / f"galaxy-{g}.key")
+        assert env["PG_GLOBAL_PUBLIC_KEY"] == cluster.global_public_key
+    assert procs["global"].env["PG_SIGNING_KEY_FILE"] == str(
+        cluster.keys / "global.key"
+    )
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cluster.keys.iterdir()}
+    private = [n for n in modes if not n.endswith(".pub")]
+    assert private and all(modes[n] == 0o600 for n in private), modes
+
+
+def test_a_restarted_client_runner_rejoins_with_the_same_keys(tmp_path: Path) -> None:
+    """A client pod killed mid-run and started again derives the same keys from the
+    provisioned seed, registers again and its later updates are aggregated (before,
+    it made fresh keys, was refused and crash-looped)."""
+    config = load_config(
+        overrides={
+            "clients.count": 4,
+            "galaxies.count": 2,
+            "clients.samples_per_client": 100,
+            "training.rounds": 4,
+            "byzantine.fraction": 0.0,
+            "defense.byzantine_fraction": 0.0,
+            "defense.layers": [1, 4],
+            "defense.aggregator": "fedavg",
+        }
+    )
+    cluster = LocalCluster(
+        config, tmp_path, commit_deadline_s=20, reveal_deadline_s=20, evaluate=False
+    )
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 240
+        while cluster.status()["round"] < 1:
+            assert time.monotonic() < deadline, "round 0 did not complete"
+            time.sleep(0.2)
+        cluster.kill("clients")  # SIGKILL, as a node loss would
+        cluster.procs["clients"].start()  # same id range, same seed
+        status = cluster.wait_finished(timeout=300)
+        runner = cluster.procs["clients"].popen
+        assert runner is not None and runner.wait(timeout=60) == 0
+        states = [
+            httpx.get(
+                cluster.galaxy_url(config.galaxy_of(c)) + f"/v1/clients/{c}"
+            ).json()
+            for c in range(4)
+        ]
+    finally:
+        cluster.stop()
+    assert status["finished"] and len(status["history"]) == 4
+    log = (tmp_path / "logs" / "clients.log").read_text()
+    assert "registration refused" not in log
+    for state in states:
+        # aggregated in round 3, after the restart, and in at least one more
+        assert state["last_round"] == 3, state
+        assert state["clean_rounds"] >= 2 and state["status"] == "active", state

@@ -1,0 +1,217 @@
+"""What a galaxy aggregator says to the global aggregator, signed with its own key.
+
+Each statement has a fixed little-endian layout and a signing domain; a galaxy signs
+``domain_message(domain, statement bytes, run=run)`` with its provisioned Ed25519 key,
+and the global aggregator checks it against that galaxy's public key, so no one but
+galaxy ``g`` (not another galaxy, not a holder of a transport token) can speak for
+``g``:
+
+=================== ============ ======================================================
+statement           domain       bytes
+=================== ============ ======================================================
+root                galaxy-root  the galaxy leaf: ``"PGG1" || u64 round ||
+                                 u64 galaxy_id || u64 tree_size || root[32]``
+abstention          abstention   ``"PGB1" || u64 round || u64 galaxy_id``
+aggregate           aggregate    ``"PGA1" || u64 round || u64 galaxy_id ||
+                                 u64 tree_size || root[32] || u64 weight ||
+                                 digest[32]``
+=================== ============ ======================================================
+
+An aggregate statement binds the aggregate to the root the galaxy committed to, and
+its weight (the number of updates it aggregated, ``1 <= weight <= tree_size``) to
+the galaxy's signature; ``digest`` is the SHA-256 of the aggregate's float32
+little-endian values (:func:`aggregate_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from protogalaxy.crypto._checks import check_bytes, check_u64, unhex
+from protogalaxy.crypto.identity import SIGNATURE_SIZE, SigningKey, VerifyKey
+from protogalaxy.crypto.trees import GalaxyLeaf
+
+__all__ = [
+    "Abstention",
+    "AggregateStatement",
+    "Signed",
+    "aggregate_digest",
+    "sign_statement",
+]
+
+_ABSTENTION: Final = struct.Struct("<4sQQ")
+_AGGREGATE: Final = struct.Struct("<4sQQQ32sQ32s")
+
+
+def aggregate_digest(values: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of an aggregate's float32 little-endian values."""
+    return hashlib.sha256(values).digest()
+
+
+def _keys(obj: object, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict) or set(obj) != keys:
+        raise ValueError(f"{what}: expected an object with keys {sorted(keys)}")
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class Abstention:
+    """Galaxy ``galaxy_id`` had no commitments in ``round``: the round need not wait
+    for its root."""
+
+    round: int
+    galaxy_id: int
+
+    def __post_init__(self) -> None:
+        check_u64("round", self.round)
+        check_u64("galaxy_id", self.galaxy_id)
+
+    def to_bytes(self) -> bytes:
+        return _ABSTENTION.pack(b"PGB1", self.round, self.galaxy_id)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Abstention:
+        if len(data) != _ABSTENTION.size:
+            raise ValueError(f"abstention: {len(data)} bytes, expected 20")
+        magic, rnd, gid = _ABSTENTION.unpack(bytes(data))
+        if magic != b"PGB1":
+            raise ValueError("abstention: bad magic")
+        return cls(rnd, gid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "galaxy_id": self.galaxy_id}
+
+    @classmethod
+    def from_dict(cls, obj: object) -> Abstention:
+        d = _keys(obj, {"round", "galaxy_id"}, "abstention")
+        return cls(d["round"], d["galaxy_id"])
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateStatement:
+    """Galaxy ``galaxy_id``'s aggregate of ``round``: bound to the root and tree size
+    it committed to, with the number of updates it aggregated (``weight``) and the
+    digest of the aggregate's values."""
+
+    round: int
+    galaxy_id: int
+    tree_size: int
+    root: bytes
+    weight: int
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        check_u64("round", self.round)
+        check_u64("galaxy_id", self.galaxy_id)
+        check_u64("tree_size", self.tree_size, minimum=1)
+        check_u64("weight", self.weight, minimum=1)
+        if self.weight > self.tree_size:
+            raise ValueError(
+                f"weight {self.weight} exceeds the tree size {self.tree_size}: a "
+                "galaxy cannot aggregate more updates than it committed to"
+            )
+        object.__setattr__(self, "root", check_bytes("root", self.root, 32))
+        object.__setattr__(self, "digest", check_bytes("digest", self.digest, 32))
+
+    def to_bytes(self) -> bytes:
+        return _AGGREGATE.pack(
+            b"PGA1",
+            self.round,
+            self.galaxy_id,
+            self.tree_size,
+            self.root,
+            self.weight,
+            self.digest,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AggregateStatement:
+        if len(data) != _AGGREGATE.size:
+            raise ValueError(
+                f"aggregate statement: {len(data)} bytes, expected {_AGGREGATE.size}"
+            )
+        magic, rnd, gid, size, root, weight, digest = _AGGREGATE.unpack(bytes(data))
+        if magic != b"PGA1":
+            raise ValueError("aggregate statement: bad magic")
+        return cls(rnd, gid, size, root, weight, digest)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "galaxy_id": self.galaxy_id,
+            "tree_size": self.tree_size,
+            "root": self.root.hex(),
+            "weight": self.weight,
+            "digest": self.digest.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, obj: object) -> AggregateStatement:
+        what = "aggregate statement"
+        d = _keys(
+            obj, {"round", "galaxy_id", "tree_size", "root", "weight", "digest"}, what
+        )
+        return cls(
+            d["round"],
+            d["galaxy_id"],
+            d["tree_size"],
+            unhex(d["root"], f"{what} root"),
+            d["weight"],
+            unhex(d["digest"], f"{what} digest"),
+        )
+
+
+S = TypeVar("S", GalaxyLeaf, Abstention, AggregateStatement)
+
+_DOMAINS: Final[dict[type, str]] = {
+    GalaxyLeaf: "galaxy-root",
+    Abstention: "abstention",
+    AggregateStatement: "aggregate",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Signed(Generic[S]):
+    """A galaxy statement with the galaxy's Ed25519 signature over it."""
+
+    statement: S
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.statement) not in _DOMAINS:
+            raise TypeError(f"not a galaxy statement: {type(self.statement).__name__}")
+        object.__setattr__(
+            self, "signature", check_bytes("signature", self.signature, SIGNATURE_SIZE)
+        )
+
+    @property
+    def domain(self) -> str:
+        return _DOMAINS[type(self.statement)]
+
+    def verify(self, key: VerifyKey, *, run: str) -> None:
+        """Raise :class:`~protogalaxy.crypto.errors.SignatureError` unless ``key``
+        (the trusted key of the galaxy the statement names) signed it in ``run``."""
+        key.verify(self.domain, self.statement.to_bytes(), self.signature, run=run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "statement": self.statement.to_dict(),
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, kind: type[S], obj: object) -> Signed[S]:
+        what = f"signed {kind.__name__}"
+        d = _keys(obj, {"statement", "signature"}, what)
+        return cls(
+            kind.from_dict(d["statement"]), unhex(d["signature"], f"{what} signature")
+        )
+
+
+def sign_statement(key: SigningKey, statement: S, *, run: str) -> Signed[S]:
+    """``statement`` signed with a galaxy's ``key`` in ``run``."""
+    domain = _DOMAINS[type(statement)]
+    return Signed(statement, key.sign(domain, statement.to_bytes(), run=run))
