@@ -112,6 +112,9 @@ class GalaxyScreenSection(_Section):
     #: A galaxy aggregate above this many times the median norm of the last rounds'
     #: accepted aggregates is clipped to that bound.
     max_norm_growth: float = Field(10.0, gt=1)
+    #: No galaxy aggregate is applied with a norm above this many times the model's
+    #: norm (at least 1): the bound with fewer than three galaxies and no history.
+    max_update_ratio: float = Field(1.0, gt=0)
 
 
 class DefenseSection(_Section):

@@ -246,6 +246,7 @@ class Simulation:
         self.global_agg = GlobalAggregator(
             key=self.global_key,
             galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
+            galaxy_sizes={g: len(m) for g, m in config.galaxy_members().items()},
             run=self.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(defense),

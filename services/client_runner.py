@@ -38,6 +38,7 @@ from protogalaxy.crypto.identity import (
 )
 from protogalaxy.crypto.keyring import client_key
 from protogalaxy.crypto.receipts import Receipt, verify_receipt
+from protogalaxy.crypto.statements import ModelStatement, Signed
 from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.simulation import ClientSide
@@ -49,7 +50,8 @@ _log = logging.getLogger("protogalaxy.client")
 
 
 class ReceiptRejected(RuntimeError):
-    """A galaxy handed out a receipt that does not verify: stop, do not reveal."""
+    """A galaxy handed out a receipt, or every galaxy a model, that does not verify
+    against the pinned global key: stop, do not reveal or train."""
 
 
 def parse_ids(spec: str) -> list[int]:
@@ -243,11 +245,10 @@ class ClientRunner:
         clients = [
             c for c in self.settings.client_ids if self.config.galaxy_of(c) in galaxies
         ]
-        resp = self.request("GET", self.url(galaxies[0], "/v1/model"))
-        resp.raise_for_status()
-        if int(resp.headers["x-pg-model-version"]) != rnd:
-            return  # the galaxy moved on while we looked
-        decoded = decode_update(resp.content)
+        body = self.fetch_model(rnd, galaxies)
+        if body is None:
+            return  # no galaxy serves round rnd's signed model (any more)
+        decoded = decode_update(body)
         self.spec.check(decoded)
         # PGT1 holds tensors in canonical (sorted) order; training flattens in the
         # order it is given, so hand it the model's order that unflatten expects.
@@ -258,6 +259,10 @@ class ClientRunner:
 
         def commit_one(i: int) -> tuple[int, tuple[Commitment, bytes, bytes] | None]:
             c = clients[i]
+            if not bool(torch.isfinite(updates[i]).all()):
+                # An honest client never sends what layer 1 would hold against it.
+                _log.warning("client %d round %d: update not finite; skipped", c, rnd)
+                return c, None
             tensors = self.spec.unflatten(updates[i])
             body = encode_update(tensors)
             g = self.config.galaxy_of(c)
@@ -310,6 +315,44 @@ class ClientRunner:
                 }
             },
         )
+
+    def fetch_model(self, rnd: int, galaxies: list[int]) -> bytes | None:
+        """Round ``rnd``'s global model from the first galaxy that serves it with
+        the global aggregator's valid signature: a galaxy can refuse to serve the
+        model, never change it (its clients would train on it and be blamed).
+
+        None when no galaxy serves that version (the round moved on);
+        :class:`ReceiptRejected` when galaxies served it and none with a signature
+        that verifies against the pinned key (a wrong pin, or every galaxy lies).
+        """
+        failures = []
+        for g in galaxies:
+            resp = self.request("GET", self.url(g, "/v1/model"))
+            try:
+                version = int(resp.headers["x-pg-model-version"])
+                signature = bytes.fromhex(resp.headers["x-pg-model-signature"])
+                if resp.status_code != 200 or version != rnd:
+                    continue
+                Signed(ModelStatement.of(version, resp.content), signature).verify(
+                    self.global_key, run=self.run_id
+                )
+            except (KeyError, ValueError, VerificationError) as exc:
+                _log.warning(
+                    "galaxy %d served round %d's model without a valid global "
+                    "signature (%s); trying another galaxy",
+                    g,
+                    rnd,
+                    exc,
+                )
+                failures.append(f"galaxy {g}: {exc}")
+                continue
+            return resp.content
+        if failures and len(failures) == len(galaxies):
+            raise ReceiptRejected(
+                f"round {rnd}: no galaxy serves a model that verifies against the "
+                f"pinned global key ({'; '.join(failures)}); not training"
+            )
+        return None
 
     def reveal_one(
         self, rnd: int, c: int, made: tuple[Commitment, bytes, bytes]

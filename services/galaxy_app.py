@@ -42,6 +42,7 @@ from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import SigningKey, VerifyKey
 from protogalaxy.crypto.keyring import parse_keyring
 from protogalaxy.crypto.merkle import InclusionProof
+from protogalaxy.crypto.statements import ModelStatement, Signed
 from protogalaxy.defense.pipeline import GalaxyDefense
 from protogalaxy.learning.models import build_model
 from protogalaxy.protocol.galaxy import (
@@ -88,6 +89,7 @@ class GalaxySettings:
     reveal_deadline_s: float = 60.0
     poll_s: float = 0.25
     keep_rounds: int = 3
+    idle_rounds: int = 2
 
     @classmethod
     def from_env(cls) -> "GalaxySettings":
@@ -107,6 +109,7 @@ class GalaxySettings:
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
             poll_s=float(env("PG_POLL_S", "0.25")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
+            idle_rounds=int(env("PG_IDLE_ROUNDS", "2")),
         )
 
 
@@ -158,6 +161,7 @@ class _Runtime:
         self.galaxy: GalaxyAggregator | None = None
         self.model_version = -1
         self.model_body: bytes | None = None
+        self.model_signature = b""  # the global aggregator's, over body and version
         self.reference: torch.Tensor | None = None
         self.finished = False
         #: the global aggregator's latest status, kept fresh by a long poll
@@ -220,8 +224,15 @@ def create_app(
         resp = await r.http.get("/v1/model")
         resp.raise_for_status()
         got = int(resp.headers["x-pg-model-version"])
+        signature = bytes.fromhex(resp.headers["x-pg-model-signature"])
+        # The galaxy relays the model to its clients: it takes only one the global
+        # aggregator signed (and the clients check again).
+        Signed(ModelStatement.of(got, resp.content), signature).verify(
+            r.global_key, run=settings.run_id
+        )
         r.model_body = resp.content
         r.model_version = got
+        r.model_signature = signature
         ref = await r.http.get("/v1/reference")
         r.reference = (
             decode_update(ref.content)["direction"] if ref.status_code == 200 else None
@@ -430,6 +441,7 @@ def create_app(
             run=settings.run_id,
             max_update_bytes=settings.max_update_bytes,
             quorum=settings.quorum,
+            idle_rounds=settings.idle_rounds,
         )
         tasks = [asyncio.create_task(drive(r)), asyncio.create_task(watch_global(r))]
         try:
@@ -504,7 +516,10 @@ def create_app(
         return Response(
             r.model_body,
             media_type="application/octet-stream",
-            headers={"x-pg-model-version": str(r.model_version)},
+            headers={
+                "x-pg-model-version": str(r.model_version),
+                "x-pg-model-signature": r.model_signature.hex(),
+            },
         )
 
     @app.post("/v1/commitments", status_code=202)

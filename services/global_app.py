@@ -42,7 +42,13 @@ from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.crypto.identity import SigningKey
 from protogalaxy.crypto.keyring import parse_keyring
-from protogalaxy.crypto.statements import Abstention, AggregateStatement, Signed
+from protogalaxy.crypto.statements import (
+    Abstention,
+    AggregateStatement,
+    ModelStatement,
+    Signed,
+    sign_statement,
+)
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import GlobalDefense
 from protogalaxy.learning.datasets import load_dataset
@@ -213,6 +219,9 @@ class _Runtime:
         self.agg = GlobalAggregator(
             key=self.key,
             galaxy_keys={g: keyring[g] for g in range(settings.galaxies)},
+            galaxy_sizes={
+                g: len(members) for g, members in config.galaxy_members().items()
+            },
             run=settings.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(config.defense.build()),
@@ -230,6 +239,8 @@ class _Runtime:
                 extra={"event_record": {"event": "resumed", "round": latest.round}},
             )
         self.phase_since = time.monotonic()
+        #: the served model: PGT1 body, version, signature (see model_body)
+        self.model_cache: tuple[bytes, int, bytes] | None = None
         # The driver (a worker thread) and the request handlers (the thread pool)
         # share the aggregator: every use of it holds this lock.
         self.lock = threading.Lock()
@@ -283,8 +294,17 @@ def create_app(
 
     Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
 
-    def model_body(r: _Runtime) -> bytes:
-        return encode_update(r.spec.unflatten(r.agg.params))
+    def model_body(r: _Runtime) -> tuple[bytes, int, bytes]:
+        """The served model (``PGT1``), its version and the global aggregator's
+        signature over both; encoded and signed once per version."""
+        version = r.agg.round
+        if r.model_cache is None or r.model_cache[1] != version:
+            body = encode_update(r.spec.unflatten(r.agg.params))
+            signed = sign_statement(
+                r.key, ModelStatement.of(version, body), run=r.settings.run_id
+            )
+            r.model_cache = (body, version, signed.signature)
+        return r.model_cache
 
     def step(r: _Runtime) -> None:
         with r.lock:
@@ -483,12 +503,17 @@ def create_app(
 
     @app.get("/v1/model")
     def model(r: Rt) -> Response:
+        """The global model with its version and the global aggregator's signature
+        (``X-PG-Model-Signature``) over both: whoever relays it cannot change it."""
         with r.lock:
-            body, version = model_body(r), r.agg.round
+            body, version, signature = model_body(r)
         return Response(
             body,
             media_type="application/octet-stream",
-            headers={"x-pg-model-version": str(version)},
+            headers={
+                "x-pg-model-version": str(version),
+                "x-pg-model-signature": signature.hex(),
+            },
         )
 
     @app.get("/v1/reference")

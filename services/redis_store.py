@@ -15,6 +15,7 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 ``r:<round>:rejections``       hash client -> layer-1 reason; written by the same
                                script, only while the round takes reveals
 ``r:<round>:blob:<name>``      leaf, head, galaxy proof, aggregate
+``meta:<name>``                 galaxy-wide bookkeeping (e.g. rounds each client missed)
 ``reputation``                 JSON of the reputation tracker
 ``evidence``                   list of JSON records (quarantines and bans)
 =============================  ===============================================
@@ -397,6 +398,13 @@ class RedisGalaxyStore(GalaxyStore):
 
     def get_blob(self, round: int, key: str) -> bytes | None:
         value = self.r.get(self._k("r", round, "blob", key))
+        return None if value is None else bytes(value)
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        self.r.set(self._k("meta", key), bytes(value))
+
+    def get_meta(self, key: str) -> bytes | None:
+        value = self.r.get(self._k("meta", key))
         return None if value is None else bytes(value)
 
     # -- reputation and evidence ---------------------------------------------------

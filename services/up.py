@@ -119,6 +119,10 @@ class LocalCluster:
         self.redis_port, self.global_port = base, base + 1
         self.galaxy_ports = {i: base + 2 + i for i in range(g)}
         self.service_token = secrets.token_hex(16)
+        # Redis asks for a password, as the chart's does: a neighbour process on
+        # this machine cannot write a galaxy's keys or state.
+        self.redis_password = secrets.token_hex(16)
+        self.redis_url = f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
         self.global_url = f"http://127.0.0.1:{self.global_port}"
         self.run_id = self.run_id or f"up-{secrets.token_hex(4)}"
         self.keys = self.out / "keys"
@@ -175,6 +179,10 @@ class LocalCluster:
             )
         data = self.out / "redis"
         data.mkdir(exist_ok=True)
+        secret = data / "auth.conf"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {self.redis_password}\n")
         proc = _Proc(
             "redis",
             [
@@ -193,6 +201,8 @@ class LocalCluster:
                 "",
                 "--rdbcompression",
                 "no",  # updates are float noise: LZF would burn CPU for nothing
+                "--include",  # the password, in a 0600 file rather than argv
+                str(secret),
             ],
             dict(os.environ),
             self.out / "logs" / "redis.log",
@@ -201,10 +211,16 @@ class LocalCluster:
         proc.start()
         self._wait_redis()
 
+    def redis_client(self) -> Any:
+        """A client of this cluster's Redis (binary responses)."""
+        import redis
+
+        return redis.Redis.from_url(self.redis_url)
+
     def _wait_redis(self, timeout: float = 15.0) -> None:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        client = self.redis_client()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -215,7 +231,7 @@ class LocalCluster:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
 
-    def plan(self, *, pinned_key: str | None = None) -> dict[str, _Proc]:
+    def plan(self) -> dict[str, _Proc]:
         """Every service process (global, galaxies, clients) with its command and
         environment, none started: what :meth:`start` runs."""
         data = self.out / "global"
@@ -238,7 +254,7 @@ class LocalCluster:
                 "galaxy",
                 PG_PORT=port,
                 PG_GALAXY_ID=g,
-                PG_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                PG_REDIS_URL=self.redis_url,
                 PG_GLOBAL_URL=self.global_url,
                 PG_SERVICE_TOKEN=self.service_token,
                 PG_SIGNING_KEY_FILE=self.keys / f"galaxy-{g}.key",
@@ -250,10 +266,14 @@ class LocalCluster:
                 # one torch thread each keeps their kernels off the clients' cores.
                 PG_TORCH_THREADS=1,
             )
-        # The client runner for every client, pinning the global aggregator's key
-        # (or pinned_key: clients then refuse every receipt, and exit 3). It holds
-        # the clients' seed and no bearer token.
-        self._service(
+        self._plan_clients()
+        return self.procs
+
+    def _plan_clients(self, pinned_key: str | None = None) -> _Proc:
+        """The client runner for every client, pinning the global aggregator's key
+        (or ``pinned_key``: clients then refuse every receipt, and exit 3). It holds
+        the clients' seed and no bearer token."""
+        return self._service(
             "clients",
             "client",
             PG_CLIENT_IDS=f"0-{self.config.clients.count - 1}",
@@ -261,9 +281,8 @@ class LocalCluster:
                 self.galaxy_url(g) for g in sorted(self.galaxy_ports)
             ),
             PG_CLIENT_SEED_FILE=self.keys / "clients.seed",
-            PG_GLOBAL_PUBLIC_KEY=pinned_key or key,
+            PG_GLOBAL_PUBLIC_KEY=pinned_key or self.global_public_key,
         )
-        return self.procs
 
     def start(self, *, clients: bool = True, galaxies: bool = True) -> None:
         """Redis, then the global aggregator, the galaxies and the clients together
@@ -291,8 +310,8 @@ class LocalCluster:
             self.wait_ready(self.galaxy_url(g), "/readyz")
 
     def start_clients(self, *, pinned_key: str | None = None) -> None:
-        """Start the client runner (see :meth:`plan`)."""
-        self.plan(pinned_key=pinned_key)["clients"].start()
+        """Start the client runner (see :meth:`_plan_clients`)."""
+        self._plan_clients(pinned_key).start()
 
     def galaxy_url(self, g: int) -> str:
         return f"http://127.0.0.1:{self.galaxy_ports[g]}"

@@ -61,6 +61,7 @@ _DOMAINS: Final = frozenset(
         "galaxy-root",
         "abstention",
         "registration",
+        "model",
     }
 )
 

@@ -1,4 +1,5 @@
-"""What a galaxy aggregator says to the global aggregator, signed with its own key.
+"""What a galaxy aggregator says to the global aggregator, signed with its own key,
+and what the global aggregator says of the model it publishes.
 
 Each statement has a fixed little-endian layout and a signing domain; a galaxy signs
 ``domain_message(domain, statement bytes, run=run)`` with its provisioned Ed25519 key,
@@ -16,6 +17,10 @@ aggregate           aggregate    ``"PGA1" || u64 round || u64 galaxy_id ||
                                  u64 tree_size || root[32] || u64 weight ||
                                  digest[32]``
 =================== ============ ======================================================
+
+The global aggregator signs each model version it publishes (kind ``model``:
+``"PGM1" || u64 version || sha256(PGT1 body)[32]``), so a client that fetches the
+model through any galaxy can check it is the global model of that round.
 
 An aggregate statement binds the aggregate to the root the galaxy committed to, and
 its weight (the number of updates it aggregated, ``1 <= weight <= tree_size``) to
@@ -37,6 +42,7 @@ from protogalaxy.crypto.trees import GalaxyLeaf
 __all__ = [
     "Abstention",
     "AggregateStatement",
+    "ModelStatement",
     "Signed",
     "aggregate_digest",
     "sign_statement",
@@ -44,6 +50,7 @@ __all__ = [
 
 _ABSTENTION: Final = struct.Struct("<4sQQ")
 _AGGREGATE: Final = struct.Struct("<4sQQQ32sQ32s")
+_MODEL: Final = struct.Struct("<4sQ32s")
 
 
 def aggregate_digest(values: bytes | bytearray | memoryview) -> bytes:
@@ -164,12 +171,50 @@ class AggregateStatement:
         )
 
 
-S = TypeVar("S", GalaxyLeaf, Abstention, AggregateStatement)
+@dataclass(frozen=True, slots=True)
+class ModelStatement:
+    """The global model of ``version`` (the round it is trained in) has ``digest``,
+    the SHA-256 of its ``PGT1`` encoding."""
+
+    version: int
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        check_u64("version", self.version)
+        object.__setattr__(self, "digest", check_bytes("digest", self.digest, 32))
+
+    @classmethod
+    def of(cls, version: int, body: bytes | memoryview) -> ModelStatement:
+        return cls(version, hashlib.sha256(body).digest())
+
+    def to_bytes(self) -> bytes:
+        return _MODEL.pack(b"PGM1", self.version, self.digest)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelStatement:
+        if len(data) != _MODEL.size:
+            raise ValueError(f"model statement: {len(data)} bytes, expected 44")
+        magic, version, digest = _MODEL.unpack(bytes(data))
+        if magic != b"PGM1":
+            raise ValueError("model statement: bad magic")
+        return cls(version, digest)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest.hex()}
+
+    @classmethod
+    def from_dict(cls, obj: object) -> ModelStatement:
+        d = _keys(obj, {"version", "digest"}, "model statement")
+        return cls(d["version"], unhex(d["digest"], "model statement digest"))
+
+
+S = TypeVar("S", GalaxyLeaf, Abstention, AggregateStatement, ModelStatement)
 
 _DOMAINS: Final[dict[type, str]] = {
     GalaxyLeaf: "galaxy-root",
     Abstention: "abstention",
     AggregateStatement: "aggregate",
+    ModelStatement: "model",
 }
 
 
@@ -206,9 +251,11 @@ class Signed(Generic[S]):
     def from_dict(cls, kind: type[S], obj: object) -> Signed[S]:
         what = f"signed {kind.__name__}"
         d = _keys(obj, {"statement", "signature"}, what)
-        return cls(
-            kind.from_dict(d["statement"]), unhex(d["signature"], f"{what} signature")
-        )
+        try:
+            statement = kind.from_dict(d["statement"])
+        except TypeError as exc:  # a field of the wrong JSON type ("0", null, true)
+            raise ValueError(f"{what}: {exc}") from None
+        return cls(statement, unhex(d["signature"], f"{what} signature"))
 
 
 def sign_statement(key: SigningKey, statement: S, *, run: str) -> Signed[S]:

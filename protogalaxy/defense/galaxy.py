@@ -16,9 +16,12 @@ clients, with three tests:
 A galaxy failing ``min_failures`` (2) tests is excluded from this round's global
 aggregate. A norm that is too large is never applied as it is, even when it is the
 only test that fails: the aggregate is *clipped* to the largest norm the test accepts
-(``median + norm_k * 1.4826 MAD`` of the galaxies' norms), and, against history, to
-``max_norm_growth`` times the median norm accepted over the last rounds (the only
-bound there is with fewer than three galaxies).
+(``median + norm_k * 1.4826 MAD`` of the galaxies' norms), against history to
+``max_norm_growth`` times the median norm accepted over the last rounds, and always
+to ``max_update_ratio`` times the model's own norm (at least 1): with fewer than
+three galaxies and no history yet, that is the bound. History only learns from
+rounds with three or more accepted galaxies, so a galaxy alone in a round cannot
+drag the reference down (and every later honest aggregate with it).
 
 Why clip rather than exclude on the norm alone: with non-IID data an honest galaxy's
 aggregate can be legitimately larger than the others' while pointing the right way;
@@ -57,6 +60,7 @@ class GalaxyScreenConfig:
     lam: float = 0.2
     exclude_below: float = 0.3
     max_norm_growth: float = 10.0
+    max_update_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.norm_k <= 0:
@@ -67,6 +71,10 @@ class GalaxyScreenConfig:
             raise ValueError("need 0 < lam <= 1 and 0 <= exclude_below <= 1")
         if self.max_norm_growth <= 1:
             raise ValueError(f"max_norm_growth must be > 1, got {self.max_norm_growth}")
+        if self.max_update_ratio <= 0:
+            raise ValueError(
+                f"max_update_ratio must be > 0, got {self.max_update_ratio}"
+            )
 
 
 @dataclass
@@ -107,17 +115,24 @@ class GalaxyScreen:
         #: median norm of the accepted aggregates, one per recent round
         self.norm_history: list[float] = []
 
-    def _norm_test(self, norms: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _norm_test(
+        self, norms: torch.Tensor, model_norm: float | None
+    ) -> tuple[torch.Tensor, float]:
         """Which norms fail the norm test, and the largest norm applied as it is.
 
         Against the other galaxies (three or more): ``|robust z| > norm_k`` fails,
         and the bound is ``median + norm_k * 1.4826 MAD``. Against history:
         a norm above ``max_norm_growth`` times the median of the last rounds'
-        accepted norms fails, and is the bound too.
+        accepted norms fails, and is the bound too. Against the model: a norm
+        above ``max_update_ratio * max(1, model_norm)`` fails and is the bound.
         """
         cfg = self.config
         failed = torch.zeros(len(norms), dtype=torch.bool)
         bound = float("inf")
+        if model_norm is not None:
+            cap = cfg.max_update_ratio * max(1.0, model_norm)
+            failed |= norms > cap
+            bound = cap
         if len(norms) >= 3:
             med, scale = robust_center_scale(norms)
             failed |= ((norms - med) / scale).abs() > cfg.norm_k
@@ -134,13 +149,16 @@ class GalaxyScreen:
         aggregates: torch.Tensor,
         *,
         reference_direction: torch.Tensor | None = None,
+        model_norm: float | None = None,
     ) -> GalaxyScreenReport:
+        """Screen the galaxies' ``aggregates`` (rows, in ``galaxy_ids`` order);
+        ``model_norm`` is the norm of the model they would update."""
         cfg = self.config
         n = len(galaxy_ids)
         x = aggregates.float()
         norms = _norms(x)
         failed: dict[str, torch.Tensor] = {}
-        failed["norm"], bound = self._norm_test(norms)
+        failed["norm"], bound = self._norm_test(norms, model_norm)
         # Cosines of unit vectors: no product of two large values can overflow.
         unit = _unit(x)
         cos = None
@@ -181,9 +199,10 @@ class GalaxyScreen:
                 if float(norms[i]) > bound:
                     clipped[g] = bound / float(norms[i])
                     metrics[g]["clip"] = clipped[g]
-        # the accepted norms as applied, after clipping
+        # the accepted norms as applied, after clipping; only rounds with three or
+        # more of them (a robust median) teach the history
         applied = [min(float(norms[galaxy_ids.index(g)]), bound) for g in accepted]
-        if applied:
+        if len(applied) >= 3:
             med = float(torch.tensor(applied, dtype=torch.float64).median())
             self.norm_history = [*self.norm_history, med][-_HISTORY:]
         return GalaxyScreenReport(

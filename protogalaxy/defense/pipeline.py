@@ -309,8 +309,11 @@ class GlobalDefense:
         aggregates: dict[int, tuple[torch.Tensor, int]],
         *,
         reference_direction: torch.Tensor | None = None,
+        model_norm: float | None = None,
     ) -> GlobalDefenseReport:
-        """Combine ``{galaxy: (aggregate, weight)}`` into the global update."""
+        """Combine ``{galaxy: (aggregate, weight)}`` into the global update;
+        ``model_norm`` is the norm of the model it will update (layer 5 bounds a
+        galaxy's aggregate by it)."""
         if not aggregates:
             return GlobalDefenseReport(None, [], {}, {})
         ids = sorted(aggregates)
@@ -323,7 +326,10 @@ class GlobalDefense:
         if 5 in self.config.layers:
             try:
                 rep = self.screen.screen(
-                    ids, stacked, reference_direction=reference_direction
+                    ids,
+                    stacked,
+                    reference_direction=reference_direction,
+                    model_norm=model_norm,
                 )
                 accepted, excluded, metrics = rep.accepted, rep.excluded, rep.metrics
                 clipped = rep.clipped

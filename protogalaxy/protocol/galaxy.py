@@ -155,9 +155,12 @@ class GalaxyAggregator:
         run: str,
         max_update_bytes: int = 64 << 20,
         quorum: float = 1.0,
+        idle_rounds: int = 2,
     ) -> None:
         if not 0 < quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {quorum}")
+        if idle_rounds < 1:
+            raise ValueError(f"idle_rounds must be >= 1, got {idle_rounds}")
         if roster.galaxy != galaxy:
             raise ValueError(f"roster is for galaxy {roster.galaxy}, not {galaxy}")
         self.galaxy = galaxy
@@ -170,6 +173,7 @@ class GalaxyAggregator:
         self.run = run
         self.max_update_bytes = max_update_bytes
         self.quorum = quorum
+        self.idle_rounds = idle_rounds
         self._tree_cache: GalaxyTree | None = None
         saved = store.load_reputation()
         if saved is not None:
@@ -226,8 +230,21 @@ class GalaxyAggregator:
             )
 
     def active_clients(self) -> int:
-        """Registered clients that are not banned (the quorum's base)."""
-        return sum(1 for c in self.store.clients() if not self.defense.banned(c))
+        """The commit quorum's base: registered clients that are not banned and did
+        not miss the last ``idle_rounds`` rounds in a row. A client that registers
+        and then stays silent would otherwise hold every round to its deadline; it
+        counts again from the round it commits."""
+        missed = self._missed()
+        return sum(
+            1
+            for c in self.store.clients()
+            if not self.defense.banned(c) and missed.get(c, 0) < self.idle_rounds
+        )
+
+    def _missed(self) -> dict[int, int]:
+        """Rounds in a row each registered client has not committed in."""
+        raw = self.store.get_meta("missed")
+        return {} if raw is None else {int(c): n for c, n in json.loads(raw).items()}
 
     def submit_commitment(self, commitment: Commitment, signature: bytes) -> None:
         """Accept a signed commitment for the current round (layer 1, first half)."""
@@ -297,6 +314,17 @@ class GalaxyAggregator:
                 raise WrongPhase("another aggregator is closing the commit phase")
         if self.store.get_blob(round, "members") is None:
             members = sorted(self.store.commitments(round))
+            missed = self._missed()
+            took_part = set(members)
+            self.store.put_meta(
+                "missed",
+                json.dumps(
+                    {
+                        c: 0 if c in took_part else missed.get(c, 0) + 1
+                        for c in self.store.clients()
+                    }
+                ).encode(),
+            )
             self.store.put_blob(round, "members", json.dumps(members).encode())
         tree = self._tree(round)
         if tree is None:

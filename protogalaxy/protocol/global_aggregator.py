@@ -41,7 +41,7 @@ from protogalaxy.crypto.statements import (
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
 from protogalaxy.defense.pipeline import GlobalDefense, GlobalDefenseReport
 from protogalaxy.protocol.checkpoint import Checkpoint
-from protogalaxy.protocol.galaxy import Rejected, WrongPhase
+from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
 
 __all__ = ["GlobalAggregator", "GlobalRoundResult"]
 
@@ -71,13 +71,15 @@ class _RoundState:
 class GlobalAggregator:
     """The global round logic. ``key`` signs the round heads; ``galaxy_keys`` are
     the galaxies' provisioned public keys (the galaxies taking part); ``run`` is the
-    run every signature belongs to."""
+    run every signature belongs to; ``galaxy_sizes`` the number of clients each
+    galaxy has (no galaxy's tree, so no weight, can be larger)."""
 
     def __init__(
         self,
         *,
         key: SigningKey,
         galaxy_keys: Mapping[int, VerifyKey],
+        galaxy_sizes: Mapping[int, int],
         run: str,
         params: torch.Tensor,
         defense: GlobalDefense,
@@ -89,9 +91,12 @@ class GlobalAggregator:
             raise ValueError("at least one galaxy is needed")
         if server_lr <= 0 or not 0 <= server_momentum < 1:
             raise ValueError("need server_lr > 0 and 0 <= server_momentum < 1")
+        if set(galaxy_sizes) != set(galaxy_keys):
+            raise ValueError("galaxy_sizes must name exactly the galaxies with keys")
         self.key = key
         self.run = run
         self.galaxy_keys = dict(galaxy_keys)
+        self.galaxy_sizes = {g: int(n) for g, n in galaxy_sizes.items()}
         self.galaxies = sorted(self.galaxy_keys)
         self.params = params.detach().clone()
         self.defense = defense
@@ -180,6 +185,18 @@ class GlobalAggregator:
             return False
         self._require(leaf.round, "leaves")
         self._authenticate_as(leaf.galaxy_id, signed)
+        if leaf.tree_size > self.galaxy_sizes[leaf.galaxy_id]:
+            _log.error(
+                "galaxy %d claims a tree of %d leaves; it has %d clients",
+                leaf.galaxy_id,
+                leaf.tree_size,
+                self.galaxy_sizes[leaf.galaxy_id],
+            )
+            raise Rejected(
+                "tree_too_large",
+                f"galaxy {leaf.galaxy_id} has {self.galaxy_sizes[leaf.galaxy_id]} "
+                f"clients; a tree of {leaf.tree_size} leaves cannot be",
+            )
         if leaf.galaxy_id in self._state.abstained:
             raise Rejected(
                 "duplicate", f"galaxy {leaf.galaxy_id} abstained from this round"
@@ -231,7 +248,12 @@ class GlobalAggregator:
     def proof_for(self, galaxy: int) -> InclusionProof:
         if self._state.tree is None:
             raise WrongPhase("the round head is not signed yet")
-        return self._state.tree.proof_for(galaxy)
+        try:
+            return self._state.tree.proof_for(galaxy)
+        except KeyError:
+            raise UnknownClient(
+                f"galaxy {galaxy} has no root in round {self._state.round}"
+            ) from None
 
     def submit_aggregate(
         self, signed: Signed[AggregateStatement], aggregate: torch.Tensor
@@ -302,24 +324,26 @@ class GlobalAggregator:
         head = self._state.head
         assert head is not None
         report = self.defense.run(
-            self._state.aggregates, reference_direction=self.reference_direction
+            self._state.aggregates,
+            reference_direction=self.reference_direction,
+            model_norm=float(
+                torch.linalg.vector_norm(self.params, dtype=torch.float64)
+            ),
         )
-        applied = report.aggregate is not None
-        if report.aggregate is not None and not bool(
-            torch.isfinite(report.aggregate).all()
-        ):
-            _log.error(
-                "round %d: the combined update is not finite; not applied", round
-            )
-            applied = False
+        applied = False
         norm = 0.0
-        if applied and report.aggregate is not None:
+        if report.aggregate is not None:
             g = report.aggregate.to(self.params.dtype)
-            self.velocity = self.server_momentum * self.velocity + g
-            self.params += self.server_lr * self.velocity
-            self.direction_sum += g
-            self.direction_count += 1
-            norm = float(torch.linalg.vector_norm(g))
+            velocity = self.server_momentum * self.velocity + g
+            params = self.params + self.server_lr * velocity
+            if all(bool(torch.isfinite(t).all()) for t in (g, velocity, params)):
+                self.velocity, self.params = velocity, params
+                self.direction_sum += g
+                self.direction_count += 1
+                norm = float(torch.linalg.vector_norm(g))
+                applied = True
+            else:  # never publish a model that is not finite
+                _log.error("round %d: the step is not finite; not applied", round)
         self.audit_log.append(head)
         self._state = _RoundState(round + 1)
         return GlobalRoundResult(round, head, report, applied, norm)

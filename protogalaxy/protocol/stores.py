@@ -150,6 +150,13 @@ class GalaxyStore(ABC):
     def get_blob(self, round: int, key: str) -> bytes | None: ...
 
     @abstractmethod
+    def put_meta(self, key: str, value: bytes) -> None:
+        """Galaxy-wide (not per-round) bookkeeping, e.g. who missed rounds."""
+
+    @abstractmethod
+    def get_meta(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
     def save_reputation(self, state: dict[str, Any]) -> None: ...
 
     @abstractmethod
@@ -191,6 +198,7 @@ class MemoryGalaxyStore(GalaxyStore):
         self._reveals: dict[int, dict[int, tuple[bytes, bytes]]] = {}
         self._rejections: dict[int, dict[int, str]] = {}
         self._blobs: dict[tuple[int, str], bytes] = {}
+        self._meta: dict[str, bytes] = {}
         self._reputation: dict[str, Any] | None = None
         self._evidence: list[dict[str, Any]] = []
 
@@ -288,6 +296,12 @@ class MemoryGalaxyStore(GalaxyStore):
 
     def get_blob(self, round: int, key: str) -> bytes | None:
         return self._blobs.get((round, key))
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        self._meta[key] = bytes(value)
+
+    def get_meta(self, key: str) -> bytes | None:
+        return self._meta.get(key)
 
     def save_reputation(self, state: dict[str, Any]) -> None:
         self._reputation = state

@@ -141,16 +141,32 @@ def test_layer5_clips_a_galaxy_that_only_fails_the_norm_test(scale: float) -> No
     )
 
 
-def test_layer5_bounds_norm_growth_against_history_with_two_galaxies() -> None:
-    """With two galaxies no robust z-score exists; the history bound still clips."""
+def test_layer5_bounds_a_galaxy_by_the_model_with_two_galaxies() -> None:
+    """With two galaxies no robust z-score exists and, at the start, no history:
+    the model's own norm bounds what one galaxy can move it by."""
     aggs = honest_galaxies(2)
+    blown = {0: (aggs[0], 5), 1: (torch.full_like(aggs[1], 3.0e38), 5)}
+    report = GlobalDefense(DefenseConfig()).run(blown, model_norm=5.5)
+    assert 1 in report.clipped and report.metrics[1]["norm_bound"] == 5.5
+    assert report.aggregate is not None
+    assert float(report.aggregate.norm()) <= 5.5
+
+
+def test_layer5_history_learns_only_from_three_or_more_galaxies() -> None:
+    """A galaxy alone with one other in a round cannot drag the history's reference
+    down and clip every honest aggregate after it (found by an attack review)."""
+    aggs = honest_galaxies(3)
     gd = GlobalDefense(DefenseConfig())
-    gd.run({g: (v, 5) for g, v in aggs.items()})  # one ordinary round of history
-    blown = {0: (aggs[0], 5), 1: (1000 * aggs[1], 5)}
-    report = gd.run(blown)
-    assert 1 in report.clipped and "norm" in report.excluded.get(1, ["norm"])
-    bound = 10 * float(torch.tensor([float(v.norm()) for v in aggs.values()]).median())
-    assert float(report.aggregate.norm()) <= bound
+    gd.run({0: (aggs[0], 5), 2: (1e-30 * aggs[2], 5)}, model_norm=5.5)
+    assert gd.screen.norm_history == []
+    report = gd.run({g: (v, 5) for g, v in aggs.items()}, model_norm=5.5)
+    # (three similar norms: the robust z-test may trim the largest a hair; the
+    # poisoned history would have scaled every aggregate by ~1e-29)
+    assert report.excluded == {} and min(report.clipped.values(), default=1) > 0.9
+    assert len(gd.screen.norm_history) == 1
+    # With history, growth beyond max_norm_growth is clipped even with two.
+    later = gd.run({0: (aggs[0], 5), 1: (50 * aggs[1], 5)}, model_norm=500.0)
+    assert 1 in later.clipped
 
 
 def test_layer5_tests_survive_the_largest_float32_values() -> None:

@@ -85,6 +85,7 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
         return GlobalAggregator(
             key=key,
             galaxy_keys=galaxy_keys,
+            galaxy_sizes={0: 5, 1: 5},
             run=run,
             params=torch.zeros(6),
             defense=GlobalDefense(DefenseConfig()),
@@ -123,6 +124,7 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
     other = GlobalAggregator(
         key=SigningKey.generate(),
         galaxy_keys=galaxy_keys,
+        galaxy_sizes={0: 5, 1: 5},
         run=RUN,
         params=torch.zeros(6),
         defense=GlobalDefense(DefenseConfig()),

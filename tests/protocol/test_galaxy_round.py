@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -99,6 +100,7 @@ class World:
         self.glob = GlobalAggregator(
             key=self.global_key,
             galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
+            galaxy_sizes={0: n},
             run=RUN,
             params=torch.zeros(D),
             defense=GlobalDefense(cfg),
@@ -406,6 +408,52 @@ def test_only_a_galaxy_can_send_its_root_or_abstain() -> None:
     assert not w.glob.submit_leaf(leaf)  # resent: a no-op
     with pytest.raises(Rejected, match="duplicate"):
         w.glob.submit_abstention(w.galaxy.abstention(0))
+
+
+def test_a_registered_client_that_stays_silent_stops_holding_the_quorum() -> None:
+    """Registered, never committing: it counts in the commit quorum for
+    ``idle_rounds`` (2) rounds, then no more, and again once it commits."""
+    w = World(4)
+    for rnd in range(4):
+        ups = honest(4, seed=rnd)
+        w.secrets.clear()
+        w.commit_all(rnd, {c: v for c, v in ups.items() if c != 3 or rnd == 3})
+        reached = w.galaxy.commit_quorum_reached(rnd)
+        assert reached == (rnd >= 2), rnd  # 3 of 4 until client 3 is idle
+        w.publish_head(rnd)
+        w.reveal_all(rnd)
+        r = w.galaxy.close_reveal(rnd, force=True)
+        w.glob.submit_aggregate(r.statement, r.aggregate)
+        w.glob.finish_round(rnd)
+    assert w.galaxy.active_clients() == 4  # it committed in round 3
+
+
+def test_a_galaxy_cannot_claim_more_leaves_than_it_has_clients() -> None:
+    """A tree size is the galaxy's own claim, and it bounds the weight: a galaxy
+    claiming 2**64 - 1 leaves would own the global average (attack review)."""
+    w = World(4)
+    w.commit_all(0, honest(4))
+    leaf = w.galaxy.close_commit(0, force=True)
+    assert leaf is not None
+    inflated = dataclasses.replace(leaf.statement, tree_size=2**64 - 1)
+    with pytest.raises(Rejected, match="tree_too_large"):
+        w.glob.submit_leaf(sign_statement(w.galaxy_key, inflated, run=RUN))
+    assert w.glob.leaves == {}
+    assert w.glob.submit_leaf(leaf)
+
+
+def test_a_step_that_would_make_the_model_non_finite_is_not_applied() -> None:
+    w = World(4, layers=(1,), agg="fedavg")
+    w.commit_all(0, honest(4))
+    w.publish_head(0)
+    w.reveal_all(0)
+    r = w.galaxy.close_reveal(0, force=True)
+    w.glob.params.fill_(3.0e38)  # a model at the edge of float32 ...
+    w.glob.server_lr = 1e38  # ... and a step that takes it over
+    w.glob.submit_aggregate(r.statement, r.aggregate)
+    before = w.glob.params.clone()
+    out = w.glob.finish_round(0)
+    assert not out.applied and torch.equal(w.glob.params, before)
 
 
 def test_registration_admits_only_the_provisioned_key_of_an_id_of_this_galaxy() -> None:

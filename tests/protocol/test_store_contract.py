@@ -79,6 +79,9 @@ def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
 
 def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
     store.put_blob(1, "leaf", b"\x00leaf")
+    assert store.get_meta("missed") is None
+    store.put_meta("missed", b'{"4": 1}')
+    assert store.get_meta("missed") == b'{"4": 1}'
     assert (
         store.get_blob(1, "leaf") == b"\x00leaf" and store.get_blob(2, "leaf") is None
     )
@@ -97,6 +100,7 @@ def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
     assert store.commitments(1) == {} and store.get_blob(1, "leaf") is None
     assert store.commitments(2) != {}
     assert store.load_reputation() == state and store.client_key(4) == b"k" * 32
+    assert store.get_meta("missed") == b'{"4": 1}'  # galaxy-wide, not per round
 
 
 def test_writes_only_while_their_phase_is_open(store: GalaxyStore) -> None:

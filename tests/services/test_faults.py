@@ -155,9 +155,7 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
 def galaxy_store(cluster: LocalCluster) -> RedisGalaxyStore:
     """Galaxy 0's store of this run, read directly from Redis."""
     return RedisGalaxyStore.from_url(
-        f"redis://127.0.0.1:{cluster.redis_port}/0",
-        galaxy=0,
-        prefix=f"pg:galaxy:0:{cluster.run_id}:",
+        cluster.redis_url, galaxy=0, prefix=f"pg:galaxy:0:{cluster.run_id}:"
     )
 
 

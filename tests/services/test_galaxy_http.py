@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import torch
 
 from protogalaxy.codec import encode_update
@@ -111,7 +110,7 @@ def test_enrollment_admits_only_the_provisioned_credential_of_an_id(
     for body, status, reason in attempts:
         refused(httpx.post(register, json=body), status, reason)
     # Nothing was registered: the quorum's base is untouched.
-    store = redis.Redis(port=cluster.redis_port)
+    store = cluster.redis_client()
     assert store.hlen(f"pg:galaxy:0:{cluster.run_id}:keys") == 0
     assert (
         metric(cluster, "protogalaxy_galaxy_rejected_total", reason="bad_signature")
@@ -235,7 +234,7 @@ def test_a_round_with_every_kind_of_bad_input(
     )
     # Refused bodies were streamed into stages in Redis as they arrived; none is
     # left behind (a stage is removed once its upload's last write is done).
-    store = redis.Redis(port=cluster.redis_port)
+    store = cluster.redis_client()
     deadline = time.monotonic() + 10
     while stages := list(store.scan_iter(match="pg:galaxy:0:*:stage:*")):
         assert time.monotonic() < deadline, f"stages left behind: {stages}"

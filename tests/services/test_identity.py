@@ -164,6 +164,26 @@ def test_a_galaxy_with_another_galaxys_key_cannot_speak_for_it(
     refused(gx.abstain(0, 0, signer=1), 401, "bad_signature")
     # Without the transport token nothing is even read.
     refused(httpx.post(gx.url("/v1/rounds/0/leaves"), json={}), 401, "bad_signature")
+    # A galaxy's tree size bounds its weight: galaxy 2 cannot claim more leaves
+    # than it has clients (it would own the global average).
+    inflated = GalaxyLeaf(0, 2, 2**64 - 1, gx.roots[2])
+    refused(
+        httpx.post(
+            gx.url("/v1/rounds/0/leaves"),
+            json=sign_statement(gx.keys[2], inflated, run=cluster.run_id).to_dict(),
+            headers=gx.token,
+        ),
+        422,
+        "tree_too_large",
+    )
+    # Fields of the wrong JSON type are a 4xx with a reason, never a 500.
+    good = sign_statement(
+        gx.keys[2], GalaxyLeaf(0, 2, TREE, gx.roots[2]), run=cluster.run_id
+    ).to_dict()
+    for bad in ("0", None, 0.0, True):
+        body = {**good, "statement": {**good["statement"], "round": bad}}
+        resp = httpx.post(gx.url("/v1/rounds/0/leaves"), json=body, headers=gx.token)
+        assert 400 <= resp.status_code < 500, (bad, resp.text)
     # Nothing was stored under galaxy 0: its own root is taken, and the round
     # still waits for it (it was not counted as abstaining).
     assert gx.leaf(0, 1, signer=1).status_code == 202
@@ -172,6 +192,12 @@ def test_a_galaxy_with_another_galaxys_key_cannot_speak_for_it(
     assert gx.leaf(0, 0, signer=0).status_code == 202
     s = gx.wait(0, "aggregates")
     assert s["phase"] == "aggregates"
+    for nobody in (99, -1):  # no leaf in this round: 404, not a 500
+        refused(
+            httpx.get(gx.url("/v1/rounds/0/head"), params={"galaxy": nobody}),
+            404,
+            "unknown_client",
+        )
     head = httpx.get(gx.url("/v1/rounds/0/head"), params={"galaxy": 0}).json()
     signed = SignedRoundHead.from_dict(head["head"])
     signed.verify(
@@ -285,3 +311,60 @@ def test_a_galaxy_admits_only_its_own_clients_with_their_credentials(
         assert httpx.post(at1, json=p.registration(1, galaxy=1)).status_code == 201
     finally:
         cluster.stop()
+
+
+def test_a_client_trains_only_on_the_model_the_global_aggregator_signed(
+    cluster: LocalCluster,
+) -> None:
+    """A galaxy relays the global model to its clients. One that scales it (all of
+    its clients would then train on it, commit non-finite updates and be blamed at
+    their honest galaxies) is caught by the signature, and the client takes the
+    model from another galaxy (attack review)."""
+    import http.server
+    import threading
+
+    from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected
+
+    real = httpx.get(cluster.global_url + "/v1/model")
+    version = int(real.headers["x-pg-model-version"])
+    tampered = encode_update(
+        {k: v * 1e30 for k, v in decode_update(real.content).items()}
+    )
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("x-pg-model-version", str(version))
+            self.send_header(
+                "x-pg-model-signature", real.headers["x-pg-model-signature"]
+            )
+            self.send_header("content-length", str(len(tampered)))
+            self.end_headers()
+            self.wfile.write(tampered)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    evil = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        runner = ClientRunner(
+            ClientSettings(
+                client_ids=[0, 1],
+                galaxy_url_template=None,
+                galaxy_urls=(evil, cluster.global_url, evil),
+                client_seed_file=str(cluster.keys / "clients.seed"),
+                global_public_key=cluster.global_public_key,
+                run_id=cluster.run_id,
+                config_path=str(cluster.config_path),
+                retries=0,
+            )
+        )
+        assert runner.fetch_model(version, [0, 1]) == real.content
+        assert runner.fetch_model(version + 1, [1]) is None  # not that version
+        # Only liars: the runner stops rather than train on an unsigned model.
+        with pytest.raises(ReceiptRejected, match="pinned global key"):
+            runner.fetch_model(version, [0, 2])
+    finally:
+        server.shutdown()

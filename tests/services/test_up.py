@@ -62,9 +62,9 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
 
 
 def test_up_reports_a_client_runner_that_stops_on_a_bad_proof(tmp_path: Path) -> None:
-    """Clients pinning another key refuse the first receipt and exit 3 (a receipt
-    failed verification); the run is reported failed at once, with the runner's
-    log, not left to its deadlines."""
+    """Clients pinning another key refuse the first model (and would refuse the
+    first receipt) and exit 3; the run is reported failed at once, with the
+    runner's log, not left to its deadlines."""
     from protogalaxy.crypto import SigningKey
 
     config = load_config(
@@ -80,15 +80,23 @@ def test_up_reports_a_client_runner_that_stops_on_a_bad_proof(tmp_path: Path) ->
     cluster = LocalCluster(config, tmp_path, commit_deadline_s=600)
     try:
         cluster.start(clients=False)
+        services = [p.popen.pid for p in cluster.procs.values() if p.popen]
         stranger = SigningKey.generate().public_key.to_bytes().hex()
         cluster.start_clients(pinned_key=stranger)
         with pytest.raises(RuntimeError, match="clients exited with 3") as failed:
             cluster.wait_finished(timeout=300)
     finally:
         cluster.stop()
+    # Starting the clients later left the services in the cluster's hands: stop()
+    # ended every one of them (no orphans holding ports and memory).
+    assert len(services) == 3
+    for pid in services:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in (
+            Path(f"/proc/{pid}/status").read_text().lower()
+        ), pid
     assert str(tmp_path / "logs" / "clients.log") in str(failed.value)
     log = (tmp_path / "logs" / "clients.log").read_text()
-    assert "receipt that fails verification" in log
+    assert "verifies against the pinned global key" in log
 
 
 def test_client_processes_hold_no_service_credential(
