@@ -16,8 +16,15 @@ Pairwise distances come from one Gram matrix of the *centred* updates.
 a large common component (the distances are tiny against the norms), so the mean is
 subtracted first: distances do not change under translation. The centring is done
 column block by column block into a small buffer, so Multi-Krum allocates only the
-mean, one block and the ``n x n`` Gram on top of its input, and the result is a
-weighted sum (one ``(1, n) x (n, d)`` product), never a gathered copy of the rows.
+mean, one block and the ``n x n`` Gram on top of its input.
+
+The aggregate itself is bit-reproducible for float32 updates (what the protocol
+aggregates): every rule that averages rows reports the integer weight it gave each
+row (``AggregationResult.weights``: 0 or 1 for a selection, quantized reputations or
+Weiszfeld weights) and the mean adds the rows in their given (canonical) order in
+float64 (:mod:`protogalaxy.defense.exact`); median and trimmed mean need no order.
+A choice that float kernels can flip on a near tie (Multi-Krum's scores) is then the
+only thing an auditor must check within a tolerance.
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import torch
+
+from protogalaxy.defense.exact import (
+    exact_median,
+    exact_trimmed_mean,
+    exact_weighted_mean,
+    quantize_weights,
+)
 
 __all__ = [
     "AggregationResult",
@@ -42,6 +56,7 @@ __all__ = [
     "pairwise_sq_distances",
     "register_aggregator",
     "trimmed_mean",
+    "weighted_mean",
 ]
 
 #: Column block for centring and chunked coordinate-wise rules: 64k floats per row.
@@ -65,10 +80,13 @@ def pairwise_sq_distances(updates: torch.Tensor, *, block: int = BLOCK) -> torch
 
     Computed as ``diag(G) + diag(G)^T - 2 G`` from the Gram matrix ``G`` of the
     centred rows, accumulated block by block; clamped at zero, exact zero diagonal.
+    Centring keeps the products small where rows are close (no cancellation); any
+    centre inside the cloud does that, so it is the mean of at most 8 evenly spaced
+    rows (a pass over 8 rows, not all ``n``: distances do not depend on it).
     """
     x = _check_updates(updates)
     n, d = x.shape
-    mean = x.mean(dim=0)
+    mean = x[:: max(1, n // 8)][:8].mean(dim=0)
     gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     buf = torch.empty(n, min(block, d), dtype=x.dtype, device=x.device)
     for start in range(0, d, block):
@@ -99,15 +117,30 @@ def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AggregationResult:
-    """The aggregate and, for selection rules, which rows were selected."""
+    """The aggregate and, for selection rules, which rows were selected.
+
+    ``weights``: for rules that average rows, the integer weight each row got (the
+    aggregate is their exact weighted mean); None for coordinate-wise rules.
+    """
 
     aggregate: torch.Tensor
     selected: torch.Tensor | None = None  # bool mask over rows, or None
     scores: torch.Tensor | None = None
+    weights: tuple[int, ...] | None = None
 
 
 def _weighted_sum(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(updates.dtype).unsqueeze(0) @ updates).squeeze(0)
+
+
+def weighted_mean(updates: torch.Tensor, weights: list[int]) -> torch.Tensor:
+    """The mean of the rows with integer ``weights``: exact and reproducible for
+    float32 (added in row order in float64), a plain product for other float
+    dtypes."""
+    if updates.dtype == torch.float32:
+        return exact_weighted_mean(updates, weights)
+    w = torch.tensor(weights, dtype=updates.dtype, device=updates.device)
+    return _weighted_sum(updates, w / w.sum())
 
 
 def multi_krum(
@@ -136,14 +169,14 @@ def multi_krum(
     order = torch.sort(scores, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool, device=x.device)
     mask[order[:m]] = True
-    w = mask.to(x.dtype)
+    chosen = [int(v) for v in mask.tolist()]
+    w = chosen
     if weights is not None:
-        w = w * weights.to(device=x.device, dtype=x.dtype).clamp(min=0)
-    total = w.sum()
-    if total <= 0:
-        w = mask.to(x.dtype)
-        total = w.sum()
-    return AggregationResult(_weighted_sum(x, w / total), mask, scores)
+        trust = quantize_weights(weights.clamp(min=0))
+        w = [c * t for c, t in zip(chosen, trust, strict=True)]
+        if sum(w) <= 0:
+            w = chosen
+    return AggregationResult(weighted_mean(x, w), mask, scores, tuple(w))
 
 
 def krum(updates: torch.Tensor, *, f: int) -> AggregationResult:
@@ -165,6 +198,8 @@ def _blockwise(
 
 def coordinate_median(updates: torch.Tensor) -> AggregationResult:
     """Coordinate-wise median (the mean of the two middle values for even ``n``)."""
+    if _check_updates(updates).dtype == torch.float32:
+        return AggregationResult(exact_median(updates))
     return AggregationResult(_blockwise(updates, lambda b: b.quantile(0.5, dim=0)))
 
 
@@ -177,6 +212,8 @@ def trimmed_mean(
     k = f if f is not None else math.floor(beta * n)
     if not 0 <= 2 * k < n:
         raise ValueError(f"trimmed mean cannot drop 2*{k} of {n} values")
+    if updates.dtype == torch.float32:
+        return AggregationResult(exact_trimmed_mean(updates, k))
 
     def trim(b: torch.Tensor) -> torch.Tensor:
         s = b.sort(dim=0).values
@@ -193,7 +230,11 @@ def geometric_median(
     tol: float = 1e-6,
     eps: float = 1e-8,
 ) -> AggregationResult:
-    """Smoothed Weiszfeld iterations for the geometric median (Pillutla et al.)."""
+    """Smoothed Weiszfeld iterations for the geometric median (Pillutla et al.).
+
+    The iterations find the weights; the aggregate is the exact mean of the rows
+    with the last weights quantized (``AggregationResult.weights``), so it is
+    reproducible while the iterations' float arithmetic need not be."""
     x = _check_updates(updates)
     n = x.shape[0]
     alpha = (
@@ -201,6 +242,7 @@ def geometric_median(
         if weights is None
         else weights.to(device=x.device, dtype=x.dtype) / weights.sum()
     )
+    beta = alpha
     z = _weighted_sum(x, alpha)
     for _ in range(max_iter):
         dist = torch.cdist(x, z.unsqueeze(0)).squeeze(1).clamp(min=eps)
@@ -211,7 +253,10 @@ def geometric_median(
         z = z_new
         if moved <= tol * max(1.0, float(torch.linalg.vector_norm(z))):
             break
-    return AggregationResult(z)
+    w = quantize_weights(beta)
+    if sum(w) <= 0:
+        w = [1] * n
+    return AggregationResult(weighted_mean(x, w), weights=tuple(w))
 
 
 def mean(
@@ -220,12 +265,10 @@ def mean(
     """Plain (FedAvg) mean, optionally weighted: no robustness at all."""
     x = _check_updates(updates)
     n = x.shape[0]
-    w = (
-        torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device)
-        if weights is None
-        else weights.to(device=x.device, dtype=x.dtype) / weights.sum()
-    )
-    return AggregationResult(_weighted_sum(x, w))
+    w = [1] * n if weights is None else quantize_weights(weights)
+    if sum(w) <= 0:
+        w = [1] * n
+    return AggregationResult(weighted_mean(x, w), weights=tuple(w))
 
 
 # -- registry ------------------------------------------------------------------
