@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense", "learning", "ingest", "up"]
+SUITES = ["crypto", "defense", "learning", "ingest", "up", "audit"]
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -64,6 +65,11 @@ class Driver(ABC):
     @abstractmethod
     def check_install(self) -> bool:
         """The install check (``helm test``): global answers, galaxies ready."""
+
+    @abstractmethod
+    def audit(self) -> tuple[int, str]:
+        """``protogalaxy audit`` of the run's published artefacts: exit code and
+        output."""
 
     @abstractmethod
     def teardown(self) -> None: ...
@@ -150,6 +156,15 @@ class LocalDriver(Driver):
             and self.ready_galaxies() == self.cluster.config.galaxies.count
         )
 
+    def audit(self) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-c",
+             "import sys;from protogalaxy.cli import main;sys.exit(main(sys.argv[1:]))",
+             "audit", str(self.cluster.out)],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        return done.returncode, done.stdout + done.stderr
+
     def teardown(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
@@ -162,6 +177,9 @@ _VALUES = {  # config key -> chart value
     "byzantine.fraction": "clients.byzantine.fraction",
     "defense.byzantine_fraction": "defense.byzantineFraction",
     "clients.samples_per_client": "run.extraConfig.clients.samples_per_client",
+    "galaxy_attack.galaxy": "run.extraConfig.galaxy_attack.galaxy",
+    "galaxy_attack.kind": "run.extraConfig.galaxy_attack.kind",
+    "galaxy_attack.from_round": "run.extraConfig.galaxy_attack.from_round",
 }
 
 
@@ -260,6 +278,17 @@ class KubeDriver(Driver):
         except RuntimeError:
             return False
         return True
+
+    def audit(self) -> tuple[int, str]:
+        # Inside the global pod, on the artefacts it published to its volume.
+        done = subprocess.run(
+            [self.kubectl, "-n", self.namespace, "exec",
+             f"{self.release}-protogalaxy-global-0", "--", "python", "-c",
+             "import os,sys;from protogalaxy.cli import main;"
+             "sys.exit(main(['audit',os.environ['PG_AUDIT_DIR']]))"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        return done.returncode, done.stdout + done.stderr
 
     def teardown(self) -> None:
         subprocess.run(

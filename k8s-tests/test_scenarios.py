@@ -63,3 +63,26 @@ def test_the_global_aggregator_resumes_from_its_checkpoint(driver: Driver) -> No
     assert status["round"] == 4
     # The history resumed with the checkpoint: every round, once.
     assert [r["round"] for r in status["history"]] == [0, 1, 2, 3], status
+
+
+def test_a_compromised_galaxy_is_isolated_and_the_run_audits(driver: Driver) -> None:
+    """Galaxy 1 drops honest clients after acknowledging them from round 1: the
+    global aggregator's replay audit catches it that round, isolates it, moves its
+    clients, and the run's artefacts verify with `protogalaxy audit`."""
+    driver.install(
+        {
+            "training.rounds": 3,
+            "galaxy_attack.galaxy": 1,
+            "galaxy_attack.kind": "drop",
+            "galaxy_attack.from_round": 1,
+        }
+    )
+    status = driver.wait(finished, 900, "the run did not finish")
+    assert status["isolated"] == [1], status
+    assert [h.get("misbehaved", {}) for h in status["history"]][1] == {
+        "1": "dropped_after_ack"
+    }, status
+    assert status["history"][-1]["galaxies"] == [0, 2], status
+    code, out = driver.audit()
+    assert code == 0, out
+    assert "galaxy 1 misbehaved" in out, out

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from protogalaxy import __version__
 
@@ -48,6 +50,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from protogalaxy.artefacts import ArtefactWriter
     from protogalaxy.report import write_outputs
     from protogalaxy.simulation import RoundMetrics, Simulation
 
@@ -62,7 +65,8 @@ def _simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        sim = Simulation(config)
+        artefacts = ArtefactWriter(out, keep_updates=config.audit.keep_updates)
+        sim = Simulation(config, artefacts=artefacts)
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +121,7 @@ def _up(args: argparse.Namespace) -> int:
         out,
         commit_deadline_s=args.deadline,
         reveal_deadline_s=args.deadline,
+        global_deadline_s=max(args.deadline, 120.0),
     )
     total = config.training.rounds
     print(
@@ -147,48 +152,148 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from protogalaxy.auditor import audit_run
+
+    if args.global_key and Path(args.global_key).is_file():
+        args.global_key = Path(args.global_key).read_text().strip()
+
+    if args.url:
+        import tempfile
+
+        from services.audit_fetch import fetch_run  # the transport, outside the library
+
+        with tempfile.TemporaryDirectory(prefix="pg-audit-") as tmp:
+            try:
+                fetch_run(args.url, Path(tmp), token=args.token)
+            except (OSError, RuntimeError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            return 1 if audit_run(tmp, global_key=args.global_key) else 0
+    if args.run_dir is None:
+        print("error: give RUN_DIR or --url", file=sys.stderr)
+        return 2
+    return 1 if audit_run(args.run_dir, global_key=args.global_key) else 0
+
+
 def _bench_robustness(args: argparse.Namespace) -> int:
     from protogalaxy.logs import setup_logging
-    from protogalaxy.robustness import ATTACKS, DEFENSES, run_grid, write_tables
+    from protogalaxy.robustness import (
+        ATTACKS,
+        DEFENSES,
+        GALAXY_ATTACKS,
+        run_galaxy_table,
+        run_grid,
+        write_galaxy_tables,
+        write_tables,
+    )
 
     setup_logging("error")  # 98 runs' quarantine events would drown the table
 
     attacks = args.attacks.split(",") if args.attacks else ATTACKS
     defenses = args.defenses.split(",") if args.defenses else list(DEFENSES)
-    for a in attacks:
-        if a not in ATTACKS:
-            print(f"error: --attacks: unknown attack {a!r}", file=sys.stderr)
-            return 2
-    for d in defenses:
-        if d not in DEFENSES:
-            print(f"error: --defenses: unknown defense {d!r}", file=sys.stderr)
-            return 2
+    galaxy_attacks = (
+        args.galaxy_attacks.split(",") if args.galaxy_attacks else list(GALAXY_ATTACKS)
+    )
+    for given, known, flag in (
+        (attacks, ATTACKS, "--attacks"),
+        (defenses, list(DEFENSES), "--defenses"),
+        (galaxy_attacks, list(GALAXY_ATTACKS), "--galaxy-attacks"),
+    ):
+        for a in given:
+            if a not in known:
+                print(f"error: {flag}: unknown {a!r}", file=sys.stderr)
+                return 2
+
+    if args.tables in ("all", "clients"):
+
+        def progress(row: dict[str, object]) -> None:
+            print(
+                f"{row['partition']:<15} {row['attack']:<11} {row['defense']:<17} "
+                f"accuracy {row['final_accuracy']}  detection {row['detection_rate']}"
+                f"  fpr {row['false_positive_rate']}  backdoor "
+                f"{row['backdoor_success']}  ({row['seconds']} s)",
+                flush=True,
+            )
+
+        rows = run_grid(
+            samples_per_client=args.samples_per_client,
+            rounds=args.rounds,
+            seed=args.seed,
+            attacks=attacks,
+            defenses=defenses,
+            progress=progress,
+        )
+        settings = (
+            f"Settings: MNIST, 30 clients in 3 galaxies, 9 Byzantine (30%), "
+            f"{args.samples_per_client} samples per client, {args.rounds} rounds of "
+            f"one local epoch, seed {args.seed}; everything else as the default "
+            "config."
+        )
+        write_tables(rows, Path(args.out), settings=settings)
+        print(f"wrote {args.out}/robustness.md and robustness.csv")
+    if args.tables in ("all", "galaxies"):
+        _bench_galaxies(args, galaxy_attacks, run_galaxy_table, write_galaxy_tables)
+    return 0
+
+
+def _bench_galaxies(
+    args: argparse.Namespace,
+    attacks: list[str],
+    run_galaxy_table: Any,
+    write_galaxy_tables: Any,
+) -> None:
+    import tempfile
+
+    from protogalaxy.config import SimulationConfig
+    from protogalaxy.learning.datasets import load_dataset
+    from protogalaxy.simulation import Simulation
+
+    data = load_dataset("mnist")
+
+    def simulate(config: SimulationConfig) -> dict[str, Any]:
+        return Simulation(config, dataset=data).run().summary()
+
+    runners = {"simulate": simulate}
+    if args.up:
+        from services.up import LocalCluster  # the services, outside the library
+
+        def up(config: SimulationConfig) -> dict[str, Any]:
+            with tempfile.TemporaryDirectory(prefix="pg-bench-up-") as tmp:
+                cluster = LocalCluster(
+                    config,
+                    Path(tmp),
+                    commit_deadline_s=300,
+                    reveal_deadline_s=300,
+                    global_deadline_s=300,
+                )
+                try:
+                    cluster.start()
+                    status = cluster.wait_finished(timeout=1800)
+                    return dict(cluster.summary(status, 0.0))
+                finally:
+                    cluster.stop()
+
+        runners["up"] = up
 
     def progress(row: dict[str, object]) -> None:
         print(
-            f"{row['partition']:<15} {row['attack']:<11} {row['defense']:<17} "
-            f"accuracy {row['final_accuracy']}  detection {row['detection_rate']}  "
-            f"fpr {row['false_positive_rate']}  backdoor {row['backdoor_success']}  "
-            f"({row['seconds']} s)",
+            f"{row['runner']:<9} audit {row['audit']:<4} {row['attack']:<23} "
+            f"accuracy {row['final_accuracy']}  caught in round "
+            f"{row['caught_in_round']}  false attributions "
+            f"{row['false_attributions']}  false isolations {row['false_isolations']}"
+            f"  ({row['seconds']} s)",
             flush=True,
         )
 
-    rows = run_grid(
-        samples_per_client=args.samples_per_client,
-        rounds=args.rounds,
-        seed=args.seed,
-        attacks=attacks,
-        defenses=defenses,
-        progress=progress,
-    )
+    rows = run_galaxy_table(runners, attacks=attacks, seed=args.seed, progress=progress)
     settings = (
-        f"Settings: MNIST, 30 clients in 3 galaxies, 9 Byzantine (30%), "
-        f"{args.samples_per_client} samples per client, {args.rounds} rounds of one "
-        f"local epoch, seed {args.seed}; everything else as the default config."
+        "Settings: the default config (MNIST, 30 clients in 3 galaxies, 9 Byzantine "
+        f"clients doing label_flip, 10 rounds), seed {args.seed}; galaxy 1 "
+        "compromised from round 2, lying about 20% of its clients a round."
     )
-    write_tables(rows, Path(args.out), settings=settings)
-    print(f"wrote {args.out}/robustness.md and robustness.csv")
-    return 0
+    write_galaxy_tables(rows, Path(args.out), settings=settings)
+    print(f"wrote {args.out}/robustness-galaxies.md and robustness-galaxies.csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +333,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--attacks", help="comma-separated subset of the attacks")
     r.add_argument("--defenses", help="comma-separated subset of the defenses")
+    r.add_argument(
+        "--tables",
+        choices=["all", "clients", "galaxies"],
+        default="all",
+        help="client attacks x defenses, compromised galaxies x the audit, or both",
+    )
+    r.add_argument(
+        "--galaxy-attacks", help="comma-separated subset of the galaxy attacks"
+    )
+    r.add_argument(
+        "--up",
+        action="store_true",
+        help="also run the galaxy table through the services (protogalaxy up)",
+    )
     r.set_defaults(func=_bench_robustness)
+    a = sub.add_parser(
+        "audit",
+        help="verify a run from what it published: signatures, proofs, "
+        "transcripts, replays, evidence, receipts",
+    )
+    a.add_argument(
+        "run_dir", nargs="?", help="the directory simulate or up wrote (RUN_DIR)"
+    )
+    a.add_argument("--url", help="the live global aggregator instead (its URL)")
+    a.add_argument(
+        "--global-key",
+        help="pin the global aggregator's public key (hex, or a file holding it); "
+        "default: the run's own",
+    )
+    a.add_argument(
+        "--token",
+        default=os.environ.get("PG_AUDITOR_TOKEN"),
+        help="auditor bearer token for --url (default: $PG_AUDITOR_TOKEN)",
+    )
+    a.set_defaults(func=_audit)
     p = sub.add_parser(
         "verify-receipt", help="verify a client's two-level receipt (JSON)"
     )

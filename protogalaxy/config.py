@@ -20,6 +20,7 @@ from protogalaxy.defense.reputation import ReputationConfig
 from protogalaxy.defense.robust import available_aggregators, get_aggregator
 from protogalaxy.defense.statistical import StatisticsConfig
 from protogalaxy.learning.attacks import ATTACKS, AttackConfig
+from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
 
 __all__ = ["ConfigError", "SimulationConfig", "load_config"]
 
@@ -160,6 +161,38 @@ class DefenseSection(_Section):
         )
 
 
+class AuditSection(_Section):
+    #: Check every galaxy's signed transcript and replay galaxies' rounds (off only
+    #: to show what the audit catches).
+    enabled: bool = True
+    #: Share of the galaxies replayed from their updates each round (drawn after
+    #: the aggregates arrived); the others' transcripts are still checked.
+    fraction: float = Field(1.0, ge=0, le=1)
+    #: Rounds of revealed updates kept in the run directory for `protogalaxy audit`
+    #: (the last ones; 0 keeps none, the transcripts are always kept).
+    keep_updates: int = Field(3, ge=0)
+
+
+class GalaxyAttackSection(_Section):
+    #: The galaxy that is compromised (none: every galaxy is honest).
+    galaxy: int | None = Field(None, ge=0)
+    #: modify, drop, frame_rejection, frame_statistics, inflate_weight,
+    #: inconsistent_aggregate or withhold_transcript.
+    kind: str = "modify"
+    #: The first round it lies in.
+    from_round: int = Field(2, ge=0)
+    #: Share of its clients it lies about each round (at least one).
+    fraction: float = Field(0.2, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _kind_known(self) -> GalaxyAttackSection:
+        if self.kind not in GALAXY_ATTACKS:
+            raise ValueError(
+                f"kind must be one of {', '.join(GALAXY_ATTACKS)}; got {self.kind!r}"
+            )
+        return self
+
+
 class EarlyStopSection(_Section):
     enabled: bool = False
     metric: Literal["accuracy", "loss"] = "accuracy"
@@ -177,6 +210,8 @@ class SimulationConfig(_Section):
     byzantine: ByzantineSection = ByzantineSection()
     training: TrainingSection = TrainingSection()
     defense: DefenseSection = DefenseSection()
+    audit: AuditSection = AuditSection()
+    galaxy_attack: GalaxyAttackSection = GalaxyAttackSection()
     early_stop: EarlyStopSection = EarlyStopSection()
     #: Largest accepted update body in bytes.
     max_update_bytes: int = Field(64 << 20, ge=1024)
@@ -211,8 +246,21 @@ class SimulationConfig(_Section):
             rounds_fraction=b.rounds_fraction,
         )
 
+    def galaxy_attack_config(self) -> GalaxyAttack | None:
+        """The compromised galaxy's attack, or None when every galaxy is honest."""
+        a = self.galaxy_attack
+        if a.galaxy is None:
+            return None
+        return GalaxyAttack(a.kind, a.from_round, a.fraction, self.seed)
+
     @model_validator(mode="after")
     def _feasible(self) -> SimulationConfig:
+        attacked = self.galaxy_attack.galaxy
+        if attacked is not None and attacked >= self.galaxies.count:
+            raise ValueError(
+                f"galaxy_attack.galaxy {attacked} does not exist (galaxies.count "
+                f"{self.galaxies.count})"
+            )
         if self.clients.count < self.galaxies.count:
             raise ValueError(
                 f"clients.count ({self.clients.count}) is smaller than galaxies.count "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from protogalaxy.artefacts import ArtefactWriter, GalaxyArtefacts
 from protogalaxy.codec import encode_update
 from protogalaxy.config import SimulationConfig
 from protogalaxy.crypto.commitment import commit
@@ -35,9 +36,17 @@ from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
 from protogalaxy.learning.training import BatchedTrainer, evaluate
+from protogalaxy.protocol.assignment import Assignment
+from protogalaxy.protocol.audit import updates_needed
+from protogalaxy.protocol.compromised import CompromisedGalaxy, GalaxyAttack
 from protogalaxy.protocol.galaxy import ClientRoster, GalaxyAggregator, Rejected
-from protogalaxy.protocol.global_aggregator import GlobalAggregator
+from protogalaxy.protocol.global_aggregator import (
+    AuditSettings,
+    GlobalAggregator,
+    GlobalRoundResult,
+)
 from protogalaxy.protocol.stores import MemoryGalaxyStore
+from protogalaxy.protocol.transcript import digest_hex
 from protogalaxy.spec import UpdateSpec
 
 __all__ = ["ClientSide", "RoundMetrics", "Simulation", "SimulationResult"]
@@ -61,6 +70,8 @@ class RoundMetrics:
     round_seconds: float
     eval_seconds: float
     attack_success_rate: float | None = None
+    #: galaxies isolated (so far) for misbehaving
+    galaxies_isolated: int = 0
 
 
 @dataclass
@@ -104,6 +115,9 @@ class SimulationResult:
         }
         if self.config.byzantine.attack == "backdoor":
             out["attack_success_rate"] = last.attack_success_rate
+        galaxies = self.extra.get("galaxies")
+        if galaxies is not None:
+            out["galaxies"] = galaxies
         return out
 
 
@@ -188,7 +202,10 @@ class Simulation:
 
     Every party has its own key, provisioned exactly as ``protogalaxy up`` and the
     chart provision them (:func:`~protogalaxy.crypto.keyring.provision`), and every
-    signature is bound to ``run_id`` (default: a fresh ``sim-<hex>``).
+    signature is bound to ``run_id`` (default: a fresh ``sim-<hex>``). Clients
+    forward the galaxies' acknowledgements to the global aggregator, which audits
+    every galaxy's signed transcript and replays the drawn ones from their updates;
+    ``artefacts`` receives what a run publishes for ``protogalaxy audit``.
     """
 
     def __init__(
@@ -197,9 +214,11 @@ class Simulation:
         *,
         dataset: Dataset | None = None,
         run_id: str | None = None,
+        artefacts: ArtefactWriter | None = None,
     ) -> None:
         self.config = config
         self.run_id = run_id or f"sim-{secrets.token_hex(4)}"
+        self.artefacts = artefacts
         self.device = _device(config.training.device)
         self.data = dataset or load_dataset(
             config.dataset.name, root=config.dataset.root
@@ -220,40 +239,72 @@ class Simulation:
             c: client_key(files["clients.seed"], c) for c in range(config.clients.count)
         }
         enrolled = parse_keyring(files["clients.pub"].decode())
+        assignment = Assignment(config.clients.count, config.galaxies.count)
+        attack = config.galaxy_attack_config()
+        attacked = config.galaxy_attack.galaxy
+        self.compromised: dict[int, GalaxyAttack] = (
+            {} if attack is None or attacked is None else {attacked: attack}
+        )
         self.galaxies: dict[int, GalaxyAggregator] = {}
         for gid, members in config.galaxy_members().items():
-            agg = GalaxyAggregator(
-                gid,
-                store=MemoryGalaxyStore(),
-                spec=self.spec,
-                defense=GalaxyDefense(gid, defense),
-                key=SigningKey.from_bytes(files[f"galaxy-{gid}.key"]),
-                global_key=self.global_key.public_key,
-                roster=ClientRoster(
-                    gid, config.clients.count, config.galaxy_of, enrolled
+            common: dict[str, Any] = {
+                "store": MemoryGalaxyStore(),
+                "spec": self.spec,
+                "defense": GalaxyDefense(gid, defense),
+                "key": SigningKey.from_bytes(files[f"galaxy-{gid}.key"]),
+                "global_key": self.global_key.public_key,
+                "roster": ClientRoster(
+                    gid, config.clients.count, assignment.galaxy_of, enrolled
                 ),
-                run=self.run_id,
-                max_update_bytes=config.max_update_bytes,
+                "run": self.run_id,
+                "max_update_bytes": config.max_update_bytes,
+            }
+            agg = (
+                CompromisedGalaxy(gid, attack=self.compromised[gid], **common)
+                if gid in self.compromised
+                else GalaxyAggregator(gid, **common)
             )
-            for c in members:
-                key = self.client_keys[c]
-                agg.register(
-                    c,
-                    key.public_key.to_bytes(),
-                    sign_registration(key, client_id=c, galaxy_id=gid, run=self.run_id),
-                )
             self.galaxies[gid] = agg
+            for c in members:
+                self._register(agg, c)
         self.global_agg = GlobalAggregator(
             key=self.global_key,
             galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
-            galaxy_sizes={g: len(m) for g, m in config.galaxy_members().items()},
+            assignment=assignment,
             run=self.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(defense),
             server_lr=config.training.server_lr,
             server_momentum=config.training.server_momentum,
+            audit=AuditSettings(
+                enabled=config.audit.enabled,
+                fraction=config.audit.fraction,
+                client_keys=enrolled,
+                spec=self.spec,
+                max_update_bytes=config.max_update_bytes,
+            ),
+            config_digest=digest_hex(config.model_dump()),
         )
         self.receipt_failures = 0
+        #: honest clients whose reputation fell in a round their galaxy lied in
+        #: without being caught
+        self.false_attributions: set[int] = set()
+        if artefacts is not None:
+            artefacts.write_identity(self.run_id, config.model_dump(), files, self.spec)
+
+    def _register(self, galaxy: GalaxyAggregator, client: int) -> None:
+        key = self.client_keys[client]
+        galaxy.register(
+            client,
+            key.public_key.to_bytes(),
+            sign_registration(
+                key, client_id=client, galaxy_id=galaxy.galaxy, run=self.run_id
+            ),
+        )
+
+    def galaxy_of(self, client: int) -> GalaxyAggregator:
+        """``client``'s galaxy now (it changes when a galaxy is isolated)."""
+        return self.galaxies[self.global_agg.assignment.galaxy_of(client)]
 
     # -- one round -------------------------------------------------------------
 
@@ -275,12 +326,17 @@ class Simulation:
 
     def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:
         t0 = time.perf_counter()
-        for g in self.galaxies.values():
+        active = {
+            g: agg
+            for g, agg in self.galaxies.items()
+            if g not in self.global_agg.isolated
+        }
+        for g in active.values():
             g.open_round(round)
         clients = [
             c
             for c in range(self.config.clients.count)
-            if not self.galaxies[self.config.galaxy_of(c)].defense.banned(c)
+            if not self.galaxy_of(c).defense.banned(c)
         ]
         updates = self._train(round, clients) if clients else torch.zeros(0)
         # Commit: only the hash travels.
@@ -288,28 +344,34 @@ class Simulation:
         for i, c in enumerate(clients):
             tensors = self.spec.unflatten(updates[i])
             body = encode_update(tensors)
-            gid = self.config.galaxy_of(c)
-            commitment, nonce = commit(tensors, client_id=c, galaxy_id=gid, round=round)
-            self.galaxies[gid].submit_commitment(
+            galaxy = self.galaxy_of(c)
+            commitment, nonce = commit(
+                tensors, client_id=c, galaxy_id=galaxy.galaxy, round=round
+            )
+            galaxy.submit_commitment(
                 commitment,
                 sign_commitment(self.client_keys[c], commitment, run=self.run_id),
             )
             secrets[c] = (body, nonce, commitment)
         # Galaxy roots -> signed global head -> receipts.
-        for g in self.galaxies.values():
+        leaves = {}
+        for gid, g in active.items():
             leaf = g.close_commit(round, force=True)
             if leaf is not None:
                 self.global_agg.submit_leaf(leaf)
+                leaves[gid] = leaf
             else:
                 self.global_agg.submit_abstention(g.abstention(round))
         head = self.global_agg.close_leaves(round)
-        for gid, g in self.galaxies.items():
+        for gid, g in active.items():
             if g.state == (round, "committed"):
                 g.accept_head(round, head, self.global_agg.proof_for(gid))
-        # Each client verifies its receipt before revealing.
+        # Each client verifies its receipt before revealing, and forwards the
+        # galaxy's acknowledgement of its reveal to the global aggregator.
+        receipts = []
         for c, (body, nonce, commitment) in secrets.items():
-            gid = self.config.galaxy_of(c)
-            receipt = self.galaxies[gid].receipt(round, c)
+            galaxy = self.galaxy_of(c)
+            receipt = galaxy.receipt(round, c)
             try:
                 verify_receipt(
                     receipt,
@@ -321,37 +383,63 @@ class Simulation:
             except VerificationError:
                 self.receipt_failures += 1
                 continue
+            receipts.append({"client": c, "round": round, "receipt": receipt.to_dict()})
             try:
                 signature = sign_reveal(
                     self.client_keys[c], commitment, body, nonce, run=self.run_id
                 )
-                self.galaxies[gid].submit_reveal(round, c, body, nonce, signature)
+                ack = galaxy.submit_reveal(round, c, body, nonce, signature)
             except Rejected as exc:
                 _log.info("client %d reveal rejected: %s", c, exc)
-        # Galaxy defense and aggregation, then the global step.
+                continue
+            self.global_agg.submit_ack(ack)
+        # Galaxy defense and aggregation, then the audits and the global step.
         agg_seconds = 0.0
         reference = self.global_agg.reference_direction
         reports = {}
         events: list[dict[str, Any]] = []
-        for gid, g in self.galaxies.items():
+        before = {c: self.galaxy_of(c).defense.tracker.reputation(c) for c in secrets}
+        for gid, g in active.items():
             if g.state != (round, "reveal"):
                 continue
             result = g.close_reveal(round, reference_direction=reference, force=True)
             reports[gid] = result.report
             agg_seconds += result.report.seconds
-            events += [{"galaxy": gid, **e.to_dict()} for e in result.report.events]
-            if result.statement is not None and result.aggregate is not None:
-                self.global_agg.submit_aggregate(result.statement, result.aggregate)
+            events += result.evidence
+            # What the galaxy publishes, as a transport would carry it (a
+            # compromised galaxy's may differ from what it computed).
+            made = g.signed_aggregate(round)
+            published = g.transcript(round)
+            try:
+                if made is not None:
+                    self.global_agg.submit_aggregate(*made)
+                if published is not None:
+                    self.global_agg.submit_transcript(*published)
+            except Rejected as exc:
+                _log.warning("galaxy %d round %d refused: %s", gid, round, exc)
         t_global = time.perf_counter()
-        global_result = self.global_agg.finish_round(round)
+        targets = self.global_agg.audit_targets(round)
+        served = {
+            gid: {
+                c: data
+                for c in wanted
+                if (data := self.galaxies[gid].audit_update(round, c)) is not None
+            }
+            for gid, wanted in targets.items()
+        }
+        global_result = self.global_agg.finish_round(round, updates=served)
         agg_seconds += time.perf_counter() - t_global
+        self._attribute(round, secrets, before, global_result)
+        if global_result.misbehaved:
+            self._fail_over()
         round_seconds = time.perf_counter() - t0
+        self._publish(round, leaves, global_result, reference, receipts, events)
         # Evaluate the new global model.
         t_eval = time.perf_counter()
         accuracy, loss, asr = self._evaluate()
         eval_seconds = time.perf_counter() - t_eval
         statuses = [
-            self.galaxies[self.config.galaxy_of(c)].defense.tracker.status(c)
+            self.galaxy_of(c).defense.tracker.status(c)
             for c in range(self.config.clients.count)
         ]
         metrics = RoundMetrics(
@@ -374,9 +462,96 @@ class Simulation:
             round_seconds=round_seconds,
             eval_seconds=eval_seconds,
             attack_success_rate=asr,
+            galaxies_isolated=len(self.global_agg.isolated),
         )
-        info = {"events": events, "excluded_galaxies": global_result.report.excluded}
+        info = {
+            "events": events,
+            "excluded_galaxies": global_result.report.excluded,
+            "misbehaved": [m.to_dict() for m in global_result.misbehaved],
+        }
         return metrics, info
+
+    def _attribute(
+        self,
+        round: int,
+        clients: Mapping[int, Any],
+        before: Mapping[int, float],
+        result: GlobalRoundResult,
+    ) -> None:
+        """Count honest clients a lying galaxy cost reputation, where the lie was
+        not caught in the round it was told (a false attribution)."""
+        caught = {m.galaxy for m in result.misbehaved}
+        byzantine = set(self.byzantine)
+        for gid, galaxy in self.galaxies.items():
+            if not isinstance(galaxy, CompromisedGalaxy) or gid in caught:
+                continue
+            for c in galaxy.victims.get(round, []):
+                tracker = galaxy.defense.tracker
+                if (
+                    c not in byzantine
+                    and c in clients
+                    and (tracker.reputation(c) < before[c])
+                ):
+                    self.false_attributions.add(c)
+
+    def _fail_over(self) -> None:
+        """After an isolation: the remaining galaxies take the signed placement and
+        the moved clients' reputations, and the moved clients register there."""
+        doc = self.global_agg.assignment_document()
+        assignment = self.global_agg.assignment
+        for gid in assignment.active():
+            self.galaxies[gid].apply_assignment(doc)
+        for c in assignment.moved():
+            galaxy = self.galaxy_of(c)
+            if galaxy.store.client_key(c) is None:
+                self._register(galaxy, c)
+
+    def _publish(
+        self,
+        round: int,
+        leaves: Mapping[int, Any],
+        result: GlobalRoundResult,
+        reference: torch.Tensor | None,
+        receipts: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+    ) -> None:
+        """Write the round's artefacts (see :mod:`protogalaxy.artefacts`)."""
+        if self.artefacts is None or result.record is None:
+            return
+        state = self.global_agg.finished
+        assert state is not None
+        galaxies = {}
+        for gid, leaf in leaves.items():
+            t = state.transcripts.get(gid)
+            st = state.statements.get(gid)
+            galaxies[gid] = GalaxyArtefacts(
+                leaf=leaf.to_dict(),
+                aggregate=None if st is None else st.to_dict(),
+                transcript=None if t is None else t[0],
+                before=None if t is None else t[1],
+                after=None if t is None else t[2],
+                acks=[a.to_dict() for a in state.acks.get(gid, [])],
+            )
+            if t is not None:
+                try:
+                    wanted = updates_needed(t[0].body)
+                except (KeyError, TypeError, ValueError):
+                    wanted = []
+                kept = {
+                    c: body
+                    for c in wanted
+                    if (body := self.galaxies[gid].audit_update(round, c)) is not None
+                }
+                self.artefacts.write_updates(round, gid, kept)
+        self.artefacts.write_round(
+            round,
+            record=result.record,
+            galaxies=galaxies,
+            reference=reference,
+            misbehaviour=[m.to_dict() for m in result.misbehaved],
+        )
+        self.artefacts.append_evidence(events)
+        self.artefacts.append_receipts(receipts)
 
     def _evaluate(self) -> tuple[float, float, float | None]:
         params = self.spec.unflatten(self.global_agg.params.to(self.device))
@@ -412,7 +587,7 @@ class Simulation:
             rounds.append(metrics)
             events += info["events"]
             for c in history:
-                tracker = self.galaxies[self.config.galaxy_of(c)].defense.tracker
+                tracker = self.galaxy_of(c).defense.tracker
                 history[c].append(tracker.reputation(c))
                 if tracker.status(c) != "active":
                     quarantined_ever.add(c)
@@ -428,8 +603,7 @@ class Simulation:
         removed = [
             c
             for c in range(self.config.clients.count)
-            if self.galaxies[self.config.galaxy_of(c)].defense.tracker.status(c)
-            != "active"
+            if self.galaxy_of(c).defense.tracker.status(c) != "active"
         ]
         return SimulationResult(
             self.config,
@@ -441,5 +615,27 @@ class Simulation:
             history,
             time.perf_counter() - t0,
             stopped,
-            {"receipt_failures": self.receipt_failures},
+            {
+                "receipt_failures": self.receipt_failures,
+                "galaxies": self._galaxy_summary(),
+            },
         )
+
+    def _galaxy_summary(self) -> dict[str, Any]:
+        """Galaxies compromised, isolated (with the round each was caught in),
+        and false attributions."""
+        isolated = self.global_agg.isolated
+        compromised = sorted(self.compromised)
+        return {
+            "attack": None if not compromised else self.config.galaxy_attack.kind,
+            "compromised": compromised,
+            "isolated": {str(g): v["round"] for g, v in sorted(isolated.items())},
+            "misbehaviour": {str(g): v["kind"] for g, v in sorted(isolated.items())},
+            "detection_rate": (
+                len(set(compromised) & set(isolated)) / len(compromised)
+                if compromised
+                else None
+            ),
+            "false_isolations": sorted(set(isolated) - set(compromised)),
+            "false_attributions": len(self.false_attributions),
+        }

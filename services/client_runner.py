@@ -7,15 +7,21 @@ Each client's Ed25519 key is derived from the provisioned clients' seed and its 
 and carries on; the process holds no bearer token. Each client registers (signing
 its registration), commits, fetches its receipt and verifies it against the pinned
 global key and its run, and only then reveals; a receipt that fails verification
-stops the runner with an error. Requests time out after 30 s and are retried with
-exponential backoff.
+stops the runner with an error. Each client forwards its galaxy's signed
+acknowledgement of its reveal to the global aggregator (``PG_GLOBAL_URL``), which
+holds the galaxy to it; when the global aggregator isolates a galaxy, the runner
+takes its signed placement of the clients and registers the moved ones with their
+new galaxies. Receipts go to ``PG_RECEIPTS_FILE`` when it is set. Requests time out
+after 30 s and are retried with exponential backoff.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +42,17 @@ from protogalaxy.crypto.identity import (
     sign_registration,
     sign_reveal,
 )
-from protogalaxy.crypto.keyring import client_key
+from protogalaxy.crypto.keyring import client_key, parse_keyring
 from protogalaxy.crypto.receipts import Receipt, verify_receipt
-from protogalaxy.crypto.statements import ModelStatement, Signed
+from protogalaxy.crypto.statements import (
+    Acknowledgement,
+    ModelStatement,
+    Signed,
+    SignedDocument,
+)
 from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.simulation import ClientSide
 from services.common import env
 
@@ -77,6 +89,13 @@ class ClientSettings:
     run_id: str
     #: ... an explicit URL per galaxy id (``protogalaxy up``).
     galaxy_urls: tuple[str, ...] = ()
+    #: the global aggregator: acknowledgements go there, the placement comes from
+    #: there (None: neither, e.g. a client runner in a test)
+    global_url: str | None = None
+    #: the galaxies' keyring, to check acknowledgements before forwarding them
+    galaxy_keys_file: str | None = None
+    #: a JSON-lines file every verified receipt is appended to
+    receipts_file: str | None = None
     config_path: str | None = None
     timeout_s: float = 30.0
     retries: int = 8
@@ -97,6 +116,9 @@ class ClientSettings:
             client_seed_file=env("PG_CLIENT_SEED_FILE"),
             global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
             run_id=env("PG_RUN_ID"),
+            global_url=env("PG_GLOBAL_URL", "") or None,
+            galaxy_keys_file=env("PG_GALAXY_KEYS_FILE", "") or None,
+            receipts_file=env("PG_RECEIPTS_FILE", "") or None,
             config_path=env("PG_CONFIG", "") or None,
         )
 
@@ -135,12 +157,20 @@ class ClientRunner:
         self.global_key = VerifyKey.from_bytes(
             bytes.fromhex(settings.global_public_key)
         )
-        self.galaxies = sorted({cfg.galaxy_of(c) for c in settings.client_ids})
+        self.galaxy_keys = (
+            {}
+            if settings.galaxy_keys_file is None
+            else parse_keyring(Path(settings.galaxy_keys_file).read_text())
+        )
+        self.assignment = Assignment(cfg.clients.count, cfg.galaxies.count)
+        self._assignment_checked = 0.0
+        self.galaxies = sorted({self.galaxy_of(c) for c in settings.client_ids})
         self.http = httpx.Client(
             timeout=settings.timeout_s, limits=httpx.Limits(max_connections=16)
         )
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="client")
         self.rounds_done: list[int] = []
+        self._receipts_lock = threading.Lock()
 
     def url(self, galaxy: int, path: str) -> str:
         if self.settings.galaxy_urls:
@@ -166,11 +196,17 @@ class ClientRunner:
             delay = min(delay * 2, 5.0)
         return resp
 
-    def register(self) -> None:
-        """Register every client with its galaxy (again, after a restart: the
-        same key, so the galaxy takes it)."""
-        for c, key in self.keys.items():
-            g = self.config.galaxy_of(c)
+    def galaxy_of(self, client: int) -> int:
+        """``client``'s galaxy under the global aggregator's current placement."""
+        return self.assignment.galaxy_of(client)
+
+    def register(self, clients: list[int] | None = None, *, wait_s: float = 0) -> None:
+        """Register every client (or ``clients``) with its galaxy (again, after a
+        restart: the same key, so the galaxy takes it). ``wait_s``: how long to
+        retry a galaxy that does not admit the client yet (one that has still to
+        take a new placement)."""
+        for c in self.keys if clients is None else clients:
+            key, g = self.keys[c], self.galaxy_of(c)
             body = {
                 "client_id": c,
                 "public_key": key.public_key.to_bytes().hex(),
@@ -178,11 +214,50 @@ class ClientRunner:
                     key, client_id=c, galaxy_id=g, run=self.run_id
                 ).hex(),
             }
-            resp = self.request("POST", self.url(g, "/v1/register"), json=body)
-            if resp.status_code != 201:
-                raise RuntimeError(f"client {c}: registration refused: {resp.text}")
+            deadline = time.monotonic() + wait_s
+            while True:
+                resp = self.request("POST", self.url(g, "/v1/register"), json=body)
+                if resp.status_code == 201:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"client {c}: registration refused: {resp.text}")
+                time.sleep(0.2)
+
+    def refresh_assignment(self) -> None:
+        """Take the global aggregator's signed placement of the clients (at most
+        once a second); register moved clients with their new galaxies."""
+        if (
+            self.settings.global_url is None
+            or time.monotonic() - self._assignment_checked < 1.0
+        ):
+            return
+        self._assignment_checked = time.monotonic()
+        resp = self.request("GET", self.settings.global_url + "/v1/assignment")
+        if resp.status_code != 200:
+            return
+        doc = SignedDocument.from_dict(resp.json(), kind="assignment")
+        try:
+            doc.verify(self.global_key, run=self.run_id)
+        except VerificationError as exc:
+            raise ReceiptRejected(
+                f"the placement of the clients does not verify against the pinned "
+                f"global key ({exc})"
+            ) from exc
+        new = Assignment.from_dict(doc.body["assignment"])
+        if new.isolated == self.assignment.isolated:
+            return
+        moved = [c for c in self.keys if new.galaxy_of(c) != self.galaxy_of(c)]
+        self.assignment = new
+        self.galaxies = sorted({self.galaxy_of(c) for c in self.keys})
+        _log.warning(
+            "galaxies %s isolated: clients %s move to other galaxies",
+            sorted(new.isolated),
+            moved,
+        )
+        self.register(moved, wait_s=120)
 
     def states(self) -> dict[int, dict[str, Any]]:
+        self.refresh_assignment()
         return {
             g: self.request("GET", self.url(g, "/v1/round")).json()
             for g in self.galaxies
@@ -200,6 +275,7 @@ class ClientRunner:
     def run(self, max_rounds: int | None = None) -> list[int]:
         """Take part in rounds until the run is finished; return the rounds joined."""
         self.register()
+        self.refresh_assignment()
         next_round = 0
 
         def opened(x: dict[str, Any], n: int) -> bool:
@@ -242,9 +318,7 @@ class ClientRunner:
         return self.rounds_done
 
     def play_round(self, rnd: int, galaxies: list[int]) -> None:
-        clients = [
-            c for c in self.settings.client_ids if self.config.galaxy_of(c) in galaxies
-        ]
+        clients = [c for c in self.settings.client_ids if self.galaxy_of(c) in galaxies]
         body = self.fetch_model(rnd, galaxies)
         if body is None:
             return  # no galaxy serves round rnd's signed model (any more)
@@ -265,7 +339,7 @@ class ClientRunner:
                 return c, None
             tensors = self.spec.unflatten(updates[i])
             body = encode_update(tensors)
-            g = self.config.galaxy_of(c)
+            g = self.galaxy_of(c)
             commitment, nonce = commit(tensors, client_id=c, galaxy_id=g, round=rnd)
             sig = sign_commitment(self.keys[c], commitment, run=self.run_id)
             out = self.request(
@@ -359,7 +433,7 @@ class ClientRunner:
     ) -> None:
         """Fetch and verify the receipt, then reveal; a bad receipt stops the run."""
         commitment, nonce, body = made
-        g = self.config.galaxy_of(c)
+        g = self.galaxy_of(c)
         got = self.request("GET", self.url(g, f"/v1/rounds/{rnd}/receipts/{c}"))
         if got.status_code != 200:
             _log.info("client %d round %d: no receipt (%d)", c, rnd, got.status_code)
@@ -378,8 +452,12 @@ class ClientRunner:
                 f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
                 f"verification ({type(exc).__name__}: {exc}); not revealing"
             ) from exc
+        if self.settings.receipts_file is not None:
+            line = {"client": c, "round": rnd, "receipt": receipt.to_dict()}
+            with self._receipts_lock, open(self.settings.receipts_file, "a") as f:
+                f.write(json.dumps(line, separators=(",", ":")) + "\n")
         sig = sign_reveal(self.keys[c], commitment, body, nonce, run=self.run_id)
-        self.request(
+        resp = self.request(
             "PUT",
             self.url(g, f"/v1/rounds/{rnd}/reveals/{c}"),
             content=body,
@@ -388,6 +466,37 @@ class ClientRunner:
                 "x-pg-nonce": nonce.hex(),
                 "x-pg-signature": sig.hex(),
             },
+        )
+        if resp.status_code == 202:
+            self.forward(rnd, c, g, resp.json().get("acknowledgement"))
+
+    def forward(self, rnd: int, c: int, g: int, ack: Any) -> None:
+        """Hand the galaxy's acknowledgement of ``c``'s reveal to the global
+        aggregator (checked first against the galaxy's key, when known): the galaxy
+        cannot then drop the update unseen."""
+        if self.settings.global_url is None:
+            return
+        try:
+            signed = Signed.from_dict(Acknowledgement, ack)
+            st = signed.statement
+            if (st.round, st.galaxy_id, st.client_id) != (rnd, g, c):
+                raise ValueError("an acknowledgement of another reveal")
+            key = self.galaxy_keys.get(g)
+            if key is not None:
+                signed.verify(key, run=self.run_id)
+        except (TypeError, ValueError, VerificationError) as exc:
+            _log.warning(
+                "client %d round %d: galaxy %d's acknowledgement is not valid (%s)",
+                c,
+                rnd,
+                g,
+                exc,
+            )
+            return
+        self.request(
+            "POST",
+            f"{self.settings.global_url}/v1/rounds/{rnd}/acks",
+            json=signed.to_dict(),
         )
 
     def train(

@@ -48,6 +48,7 @@ _STATUS = {
     "wrong_galaxy": 403,
     "not_enrolled": 403,
     "unknown_client": 404,
+    "not_found": 404,
     "duplicate": 409,
     "wrong_round": 409,
     "too_large": 413,
@@ -223,8 +224,11 @@ def require_token(request: Request, expected: str, *, what: str) -> None:
     """Bearer-token check in constant time; 401 when missing or wrong."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.encode(), expected.encode()
+    # An unset token admits nobody (not the empty token).
+    if (
+        not expected
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(token.encode(), expected.encode())
     ):
         raise Rejected("bad_signature", f"a valid {what} bearer token is required")
 

@@ -10,6 +10,13 @@ Identities are provisioned, never learned from the network: the galaxy signs wit
 its own key (``PG_SIGNING_KEY_FILE``), pins the global aggregator's public key
 (``PG_GLOBAL_PUBLIC_KEY``) and admits a client only with the public key provisioned
 for its id (``PG_CLIENT_KEYS_FILE``, a keyring), proven by a signed registration.
+
+Every accepted reveal is answered with the galaxy's signed acknowledgement; every
+round it closes ends with a signed transcript it sends the global aggregator with
+its aggregate and evidence; auditors (``PG_AUDITOR_TOKEN``) fetch the revealed
+updates by digest. When the global aggregator isolates a galaxy, this one takes the
+signed placement of the clients (and the reputations of those it adopts) before it
+opens the next round.
 """
 
 import asyncio
@@ -42,9 +49,10 @@ from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import SigningKey, VerifyKey
 from protogalaxy.crypto.keyring import parse_keyring
 from protogalaxy.crypto.merkle import InclusionProof
-from protogalaxy.crypto.statements import ModelStatement, Signed
+from protogalaxy.crypto.statements import ModelStatement, Signed, SignedDocument
 from protogalaxy.defense.pipeline import GalaxyDefense
 from protogalaxy.learning.models import build_model
+from protogalaxy.protocol.compromised import CompromisedGalaxy
 from protogalaxy.protocol.galaxy import (
     ClientRoster,
     GalaxyAggregator,
@@ -61,6 +69,7 @@ from services.common import (
     env,
     install_error_handlers,
     read_body,
+    require_token,
 )
 from services.redis_store import RedisGalaxyStore
 
@@ -82,6 +91,8 @@ class GalaxySettings:
     global_public_key: str
     #: keyring of the clients' provisioned public keys
     client_keys_file: str
+    #: bearer token auditors present to fetch revealed updates
+    auditor_token: str = ""
     config_path: str | None = None
     max_update_bytes: int = 64 << 20
     quorum: float = 1.0
@@ -102,6 +113,7 @@ class GalaxySettings:
             signing_key_file=env("PG_SIGNING_KEY_FILE"),
             global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
             client_keys_file=env("PG_CLIENT_KEYS_FILE"),
+            auditor_token=env("PG_AUDITOR_TOKEN", ""),
             config_path=env("PG_CONFIG", "") or None,
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             quorum=float(env("PG_QUORUM", "1.0")),
@@ -168,6 +180,7 @@ class _Runtime:
         self.global_status: dict[str, Any] | None = None
         self.wake = Signal()  # a commitment or reveal arrived, or the global moved
         self.uploading: set[tuple[int, int]] = set()  # (round, client) reveals staging
+        self.isolated: list[int] = []  # the galaxies isolated, as last applied
 
 
 def create_app(
@@ -272,6 +285,8 @@ def create_app(
         s = r.settings
         if r.finished:
             return
+        if gid in status.get("isolated", []):
+            return  # isolated for misbehaving: its clients are with other galaxies
         if state is not None and state[0] < rnd and state[1] != Phase.DONE:
             # The global aggregator closed that round without us (its deadline):
             # the round is over here too, and its updates are not aggregated.
@@ -282,6 +297,7 @@ def create_app(
             return
         if state is None or (state[1] == Phase.DONE and state[0] < rnd):
             await refresh_model(r, rnd)
+            await refresh_assignment(r, status)
             galaxy.open_round(rnd)
             deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
             if state is not None and state[0] - s.keep_rounds >= 0:
@@ -344,16 +360,18 @@ def create_app(
                 for layer, n in result.report.layer_flags.items():
                     m_flags.labels(layer=layer).inc(n)
                 update_gauges(r)  # the protocol logs each quarantine or ban event
+                # The transcript first: once the global aggregator has every
+                # aggregate, an honest galaxy's transcript is already there.
+                await send_transcript(r, rnd)
                 await send_aggregate(r, rnd)
         elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
             if r.store.get_blob(rnd, "abstained") is None:
                 await abstain(r, rnd)
-        elif (
-            phase == Phase.DONE
-            and not r.store.get_blob(rnd, "aggregate_sent")
-            and status["phase"] == "aggregates"
-        ):
-            await send_aggregate(r, rnd)
+        elif phase == Phase.DONE and status["phase"] == "aggregates":
+            if not r.store.get_blob(rnd, "transcript_sent"):
+                await send_transcript(r, rnd)
+            if not r.store.get_blob(rnd, "aggregate_sent"):
+                await send_aggregate(r, rnd)
 
     async def abstain(r: _Runtime, rnd: int) -> None:
         assert r.galaxy is not None
@@ -386,6 +404,43 @@ def create_app(
             r.store.put_blob(rnd, "aggregate_sent", b"yes")
         else:
             _log.error("global refused the aggregate of round %d: %s", rnd, resp.text)
+
+    async def send_transcript(r: _Runtime, rnd: int) -> None:
+        """The round's signed transcript, the reputation states it starts and ends
+        with, and its signed evidence records, to the global aggregator."""
+        assert r.galaxy is not None
+        published = r.galaxy.transcript(rnd)
+        if published is None:  # (only a galaxy that withholds it)
+            r.store.put_blob(rnd, "transcript_sent", b"none")
+            return
+        doc, before, after = published
+        evidence = [e for e in r.store.evidence() if e.get("round") == rnd]
+        resp = await r.http.post(
+            f"/v1/rounds/{rnd}/transcripts/{gid}",
+            json={
+                "transcript": doc.to_dict(),
+                "reputation_before": before,
+                "reputation_after": after,
+                "evidence": evidence,
+            },
+        )
+        if resp.status_code in (200, 202):
+            r.store.put_blob(rnd, "transcript_sent", b"yes")
+        else:
+            _log.error("global refused the transcript of round %d: %s", rnd, resp.text)
+
+    async def refresh_assignment(r: _Runtime, status: dict[str, Any]) -> None:
+        """After the global aggregator isolated a galaxy: take its signed placement
+        of the clients, and the reputations of the clients this galaxy adopts."""
+        isolated = sorted(status.get("isolated", []))
+        if isolated == r.isolated:
+            return
+        resp = await r.http.get("/v1/assignment")
+        resp.raise_for_status()
+        assert r.galaxy is not None
+        doc = SignedDocument.from_dict(resp.json(), kind="assignment")
+        r.galaxy.apply_assignment(doc)  # verifies the global aggregator's signature
+        r.isolated = sorted(doc.body["assignment"]["isolated"])
 
     async def drive(r: _Runtime) -> None:
         """Step when a client or the global aggregator changed something, and every
@@ -430,8 +485,15 @@ def create_app(
         nonlocal rt
         r = _Runtime(settings, cfg)
         rt = r
-        r.galaxy = GalaxyAggregator(
+        attack = cfg.galaxy_attack_config()
+        extra: dict[str, Any] = {}
+        galaxy_class: type[GalaxyAggregator] = GalaxyAggregator
+        if attack is not None and cfg.galaxy_attack.galaxy == gid:
+            # a scenario: this galaxy is the compromised one (see the config)
+            galaxy_class, extra = CompromisedGalaxy, {"attack": attack}
+        r.galaxy = galaxy_class(
             gid,
+            **extra,
             store=r.store,
             spec=r.spec,
             defense=GalaxyDefense(gid, cfg.defense.build()),
@@ -574,7 +636,7 @@ def create_app(
                 await pump.close()
             # In a worker thread: the commit waits for Redis to catch up with the
             # stage, and other uploads keep arriving meanwhile.
-            await run_in_threadpool(
+            ack = await run_in_threadpool(
                 r.galaxy.submit_reveal,
                 rnd,
                 client,
@@ -590,7 +652,47 @@ def create_app(
                 pump.then(stage.discard)  # a no-op once committed
             r.wake.fire()  # accepted or rejected, it counts toward the quorum
         m_accepted.inc()
-        return {"accepted": True, "round": rnd, "client_id": client}
+        return {
+            "accepted": True,
+            "round": rnd,
+            "client_id": client,
+            # the galaxy's signed word that it took this reveal: the client keeps it
+            # and forwards it to the global aggregator
+            "acknowledgement": ack.to_dict(),
+        }
+
+    @app.get("/v1/audit/rounds/{rnd}/transcript")
+    def audit_transcript(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
+        """The round's signed transcript and the reputation states it starts and
+        ends with, as sent to the global aggregator; for auditors."""
+        require_token(request, r.settings.auditor_token, what="auditor")
+        assert r.galaxy is not None
+        published = r.galaxy.transcript(rnd)
+        if published is None:
+            raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        doc, before, after = published
+        return {
+            "transcript": doc.to_dict(),
+            "reputation_before": before,
+            "reputation_after": after,
+        }
+
+    @app.get("/v1/audit/rounds/{rnd}/updates/{digest}")
+    def audit_update(rnd: int, digest: str, request: Request, r: Rt) -> Response:
+        """A revealed update of ``rnd``, by its reveal digest (hex), for auditors:
+        the bytes the client revealed, which the auditor checks against the
+        client's leaf and signature. Kept for ``PG_KEEP_ROUNDS`` rounds."""
+        require_token(request, r.settings.auditor_token, what="auditor")
+        assert r.galaxy is not None
+        published = r.galaxy.transcript(rnd)
+        if published is None:
+            raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        for e in published[0].body["clients"]:
+            if e.get("reveal_digest") == digest.lower():
+                body = r.galaxy.audit_update(rnd, int(e["client"]))
+                if body is not None:
+                    return Response(body, media_type="application/octet-stream")
+        raise Rejected("not_found", f"no update with digest {digest} is kept")
 
     @app.get("/v1/clients/{client}")
     def client_state(client: int, r: Rt) -> dict[str, Any]:

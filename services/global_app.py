@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import torch
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from prometheus_client import (
@@ -38,15 +39,23 @@ from prometheus_client import (
     generate_latest,
 )
 
+from protogalaxy.artefacts import (
+    ArtefactWriter,
+    GalaxyArtefacts,
+    is_published,
+    published,
+)
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
-from protogalaxy.crypto.identity import SigningKey
+from protogalaxy.crypto.identity import SigningKey, VerifyKey
 from protogalaxy.crypto.keyring import parse_keyring
 from protogalaxy.crypto.statements import (
     Abstention,
+    Acknowledgement,
     AggregateStatement,
     ModelStatement,
     Signed,
+    SignedDocument,
     sign_statement,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf
@@ -54,9 +63,15 @@ from protogalaxy.defense.pipeline import GlobalDefense
 from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.training import evaluate
+from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.checkpoint import CheckpointDir
 from protogalaxy.protocol.galaxy import Rejected, WrongPhase
-from protogalaxy.protocol.global_aggregator import GlobalAggregator
+from protogalaxy.protocol.global_aggregator import (
+    AuditSettings,
+    GlobalAggregator,
+    GlobalRoundResult,
+)
+from protogalaxy.protocol.transcript import digest_hex
 from protogalaxy.spec import UpdateSpec
 from services.common import (
     NotReady,
@@ -80,12 +95,27 @@ class GlobalSettings:
     run_id: str
     #: keyring of the galaxies' public keys (``<galaxy>,<hex>`` lines)
     galaxy_keys_file: str
+    #: keyring of the clients' public keys (their signatures in transcripts)
+    client_keys_file: str = ""
+    #: where the galaxies serve revealed updates to auditors: an explicit URL per
+    #: galaxy, or a template with ``{galaxy}``
+    galaxy_urls: tuple[str, ...] = ()
+    galaxy_url_template: str | None = None
+    #: the bearer token this service presents to galaxies, and auditors to it
+    auditor_token: str = ""
+    #: where the run's artefacts go (``protogalaxy audit``); default
+    #: ``<data_dir>/artefacts``
+    audit_dir: str | None = None
     config_path: str | None = None
     rounds: int | None = None
     checkpoint_every: int = 1
     keep_checkpoints: int = 3
     leaf_deadline_s: float = 120.0
     aggregate_deadline_s: float = 120.0
+    #: once every aggregate is in, how long to wait for the transcripts still
+    #: missing (a galaxy sends its transcript right after its aggregate; one that
+    #: never comes is misbehaviour)
+    transcript_deadline_s: float = 30.0
     max_update_bytes: int = 64 << 20
     evaluate: bool = True
     poll_s: float = 0.25
@@ -100,12 +130,18 @@ class GlobalSettings:
             service_token=env("PG_SERVICE_TOKEN"),
             run_id=env("PG_RUN_ID"),
             galaxy_keys_file=env("PG_GALAXY_KEYS_FILE"),
+            client_keys_file=env("PG_CLIENT_KEYS_FILE", ""),
+            galaxy_urls=tuple(u for u in env("PG_GALAXY_URLS", "").split(",") if u),
+            galaxy_url_template=env("PG_GALAXY_URL_TEMPLATE", "") or None,
+            auditor_token=env("PG_AUDITOR_TOKEN", ""),
+            audit_dir=env("PG_AUDIT_DIR", "") or None,
             config_path=env("PG_CONFIG", "") or None,
             rounds=int(rounds) if rounds else None,
             checkpoint_every=int(env("PG_CHECKPOINT_EVERY", "1")),
             keep_checkpoints=int(env("PG_KEEP_CHECKPOINTS", "3")),
             leaf_deadline_s=float(env("PG_LEAF_DEADLINE_S", "120")),
             aggregate_deadline_s=float(env("PG_AGGREGATE_DEADLINE_S", "120")),
+            transcript_deadline_s=float(env("PG_TRANSCRIPT_DEADLINE_S", "30")),
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             evaluate=env("PG_EVALUATE", "1") == "1",
             poll_s=float(env("PG_POLL_S", "0.25")),
@@ -216,18 +252,47 @@ class _Runtime:
             raise RuntimeError(
                 f"{settings.galaxy_keys_file} has no key for galaxies {missing}"
             )
+        clients: dict[int, VerifyKey] = {}
+        if settings.client_keys_file:
+            clients = parse_keyring(
+                Path(settings.client_keys_file).read_text(encoding="ascii"),
+                what=settings.client_keys_file,
+            )
+        audit = config.audit
+        if audit.enabled and not clients:
+            raise RuntimeError("auditing galaxies needs PG_CLIENT_KEYS_FILE")
         self.agg = GlobalAggregator(
             key=self.key,
             galaxy_keys={g: keyring[g] for g in range(settings.galaxies)},
-            galaxy_sizes={
-                g: len(members) for g, members in config.galaxy_members().items()
-            },
+            assignment=Assignment(config.clients.count, config.galaxies.count),
             run=settings.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(config.defense.build()),
             server_lr=config.training.server_lr,
             server_momentum=config.training.server_momentum,
+            audit=AuditSettings(
+                enabled=audit.enabled,
+                fraction=audit.fraction,
+                client_keys=clients,
+                spec=self.spec,
+                max_update_bytes=settings.max_update_bytes,
+            ),
+            config_digest=digest_hex(config.model_dump()),
         )
+        # What the run publishes for anyone to check (protogalaxy audit).
+        self.artefacts = ArtefactWriter(
+            Path(settings.audit_dir or data / "artefacts"),
+            keep_updates=audit.keep_updates,
+        )
+        public = {"global.pub": self.key.public_key.to_bytes().hex().encode()}
+        public["galaxies.pub"] = Path(settings.galaxy_keys_file).read_bytes()
+        if settings.client_keys_file:
+            public["clients.pub"] = Path(settings.client_keys_file).read_bytes()
+        self.artefacts.write_identity(
+            settings.run_id, config.model_dump(), public, self.spec
+        )
+        #: round -> galaxy -> the signed evidence records it sent with its transcript
+        self.evidence: dict[int, dict[int, list[dict[str, Any]]]] = {}
         #: one record per round applied (or skipped), checkpointed with the model
         self.history: list[dict[str, Any]] = []
         latest = self.checkpoints.latest()
@@ -239,6 +304,8 @@ class _Runtime:
                 extra={"event_record": {"event": "resumed", "round": latest.round}},
             )
         self.phase_since = time.monotonic()
+        #: when the last expected aggregate of the round arrived
+        self.aggregates_in: float | None = None
         #: the served model: PGT1 body, version, signature (see model_body)
         self.model_cache: tuple[bytes, int, bytes] | None = None
         # The driver (a worker thread) and the request handlers (the thread pool)
@@ -256,6 +323,13 @@ class _Runtime:
     def view(self) -> str:
         """What galaxies wait on: it changes when they may have something to do."""
         return f"{self.boot}:{self.agg.round}:{self.agg.phase}:{self.finished}"
+
+    def galaxy_url(self, galaxy: int) -> str:
+        if self.settings.galaxy_urls:
+            return self.settings.galaxy_urls[galaxy]
+        if self.settings.galaxy_url_template:
+            return self.settings.galaxy_url_template.format(galaxy=galaxy)
+        raise RuntimeError("set PG_GALAXY_URLS or PG_GALAXY_URL_TEMPLATE to audit")
 
     @property
     def finished(self) -> bool:
@@ -306,24 +380,28 @@ def create_app(
             r.model_cache = (body, version, signed.signature)
         return r.model_cache
 
-    def step(r: _Runtime) -> None:
+    def step(r: _Runtime) -> tuple[int, dict[int, list[int]]] | None:
+        """Move the round on; when its aggregates are in, the round and the
+        galaxies to replay (with the clients whose updates each replay needs)."""
         with r.lock:
             before = r.view()
-            _step(r)
+            ready = _step(r)
             changed = r.view() != before
         if changed:
             r.changed.fire()
+        return ready
 
-    def _step(r: _Runtime) -> None:
+    def _step(r: _Runtime) -> tuple[int, dict[int, list[int]]] | None:
         if r.finished:
-            return
+            return None
         agg = r.agg
         rnd = agg.round
         waited = time.monotonic() - r.phase_since
         if agg.phase == "leaves":
             n = len(agg.leaves)
             answered = n + len(agg.abstained)
-            if answered >= r.settings.galaxies or waited > r.settings.leaf_deadline_s:
+            waiting_for = len(agg.assignment.active())  # isolated galaxies: none
+            if answered >= waiting_for or waited > r.settings.leaf_deadline_s:
                 if n:
                     agg.close_leaves(rnd)
                 else:
@@ -332,36 +410,103 @@ def create_app(
                         {"round": rnd, "galaxies": [], "excluded": {}, "skipped": True}
                     )
                 r.phase_since = time.monotonic()
+                r.aggregates_in = None
         elif agg.phase == "aggregates":
             expected = set(agg.leaves)
             have = set(agg.aggregates)
-            if have >= expected or waited > r.settings.aggregate_deadline_s:
-                t0 = time.perf_counter()
-                result = agg.finish_round(rnd)
-                m_rounds.inc()
-                m_excluded.inc(len(result.report.excluded))
-                record: dict[str, Any] = {
-                    "round": rnd,
-                    "galaxies": sorted(have),
-                    "excluded": result.report.excluded,
-                    # galaxies whose aggregate norm was scaled down (layer 5)
-                    "clipped": result.report.clipped,
-                    "applied": result.applied,
-                }
-                r.history.append(record)
-                if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
-                    checkpoint = agg.checkpoint()
-                    # The history resumes with the model; accuracies still being
-                    # computed are filled in again after a restart (see resume).
-                    checkpoint.meta["history"] = [dict(h) for h in r.history]
-                    r.checkpoints.save(checkpoint)
-                m_round_s.set(time.perf_counter() - t0 + waited)
-                if r.settings.evaluate:
-                    r.evaluating += 1
-                    evaluate_round(r, record, agg.params.clone())
-                else:
-                    log_completed(record)
-                r.phase_since = time.monotonic()
+            state = agg.round_state
+            if have >= expected and r.aggregates_in is None:
+                r.aggregates_in = time.monotonic()
+            transcripts = not agg.audit.enabled or set(state.transcripts) >= expected
+            late = r.aggregates_in is not None and (
+                time.monotonic() - r.aggregates_in > r.settings.transcript_deadline_s
+            )
+            if (
+                have >= expected and (transcripts or late)
+            ) or waited > r.settings.aggregate_deadline_s:
+                return rnd, agg.audit_targets(rnd)
+        return None
+
+    def finish(r: _Runtime, rnd: int, updates: dict[int, dict[int, bytes]]) -> None:
+        """Audit, apply, log, publish and checkpoint round ``rnd``."""
+        with r.lock:
+            before = r.view()
+            agg = r.agg
+            if (agg.round, agg.phase) != (rnd, "aggregates"):
+                return
+            waited = time.monotonic() - r.phase_since
+            have = set(agg.aggregates)
+            t0 = time.perf_counter()
+            reference = agg.reference_direction
+            result = agg.finish_round(rnd, updates=updates)
+            publish(r, rnd, result, reference, updates)
+            m_rounds.inc()
+            m_excluded.inc(len(result.report.excluded))
+            record: dict[str, Any] = {
+                "round": rnd,
+                "galaxies": sorted(have),
+                "excluded": result.report.excluded,
+                "misbehaved": {m.galaxy: m.kind for m in result.misbehaved},
+                # galaxies whose aggregate norm was scaled down (layer 5)
+                "clipped": result.report.clipped,
+                "applied": result.applied,
+            }
+            r.history.append(record)
+            if (rnd + 1) % r.settings.checkpoint_every == 0 or r.finished:
+                checkpoint = agg.checkpoint()
+                # The history resumes with the model; accuracies still being
+                # computed are filled in again after a restart (see resume).
+                checkpoint.meta["history"] = [dict(h) for h in r.history]
+                r.checkpoints.save(checkpoint)
+            m_round_s.set(time.perf_counter() - t0 + waited)
+            if r.settings.evaluate:
+                r.evaluating += 1
+                evaluate_round(r, record, agg.params.clone())
+            else:
+                log_completed(record)
+            r.phase_since = time.monotonic()
+            r.aggregates_in = None
+            changed = r.view() != before
+        if changed:
+            r.changed.fire()
+
+    def publish(
+        r: _Runtime,
+        rnd: int,
+        result: GlobalRoundResult,
+        reference: torch.Tensor | None,
+        updates: dict[int, dict[int, bytes]],
+    ) -> None:
+        """Write round ``rnd``'s artefacts (see protogalaxy.artefacts)."""
+        state = r.agg.finished
+        if result.record is None or state is None:
+            return
+        galaxies = {}
+        for g, leaf in state.signed_leaves.items():
+            t = state.transcripts.get(g)
+            st = state.statements.get(g)
+            galaxies[g] = GalaxyArtefacts(
+                leaf=leaf.to_dict(),
+                aggregate=None if st is None else st.to_dict(),
+                transcript=None if t is None else t[0],
+                before=None if t is None else t[1],
+                after=None if t is None else t[2],
+                acks=[a.to_dict() for a in state.acks.get(g, [])],
+            )
+        try:
+            for g, served in updates.items():
+                r.artefacts.write_updates(rnd, g, served)
+            r.artefacts.write_round(
+                rnd,
+                record=result.record,
+                galaxies=galaxies,
+                reference=reference,
+                misbehaviour=[m.to_dict() for m in result.misbehaved],
+            )
+            for records in r.evidence.pop(rnd, {}).values():
+                r.artefacts.append_evidence(records)
+        except OSError:
+            _log.exception("round %d: its artefacts could not be written", rnd)
 
     def log_completed(record: dict[str, Any]) -> None:
         _log.warning(
@@ -407,12 +552,52 @@ def create_app(
             else:
                 record.update({"accuracy": None, "loss": None})
 
+    async def fetch_updates(
+        r: _Runtime, rnd: int, targets: dict[int, list[int]]
+    ) -> dict[int, dict[int, bytes]]:
+        """The revealed updates each drawn galaxy's replay needs, by digest, from
+        the galaxy itself (what it does not serve is missing: its replay fails)."""
+        with r.lock:
+            transcripts = {g: r.agg.round_state.transcripts[g][0].body for g in targets}
+        headers = {"authorization": f"Bearer {r.settings.auditor_token}"}
+        out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
+
+        async def one(client: httpx.AsyncClient, g: int, c: int, digest: str) -> None:
+            url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates/{digest}"
+            for attempt in range(3):
+                try:
+                    resp = await client.get(url, headers=headers)
+                except httpx.HTTPError as exc:
+                    _log.info("galaxy %d update %s: %s", g, digest[:12], exc)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                if resp.status_code == 200:
+                    out[g][c] = resp.content
+                return
+
+        async with httpx.AsyncClient(
+            timeout=60.0, limits=httpx.Limits(max_connections=8)
+        ) as client:
+            jobs = []
+            for g, wanted in targets.items():
+                entries = {e["client"]: e for e in transcripts[g]["clients"]}
+                for c in wanted:
+                    jobs.append(one(client, g, c, entries[c]["reveal_digest"]))
+            await asyncio.gather(*jobs)
+        return out
+
     async def drive(r: _Runtime) -> None:
-        """Step when a galaxy sent something, and every ``poll_s`` for deadlines."""
+        """Step when a galaxy sent something, and every ``poll_s`` for deadlines;
+        fetch what the audits need (no lock held) and finish the round."""
         while not r.finished:
             ticket = r.poke.ticket()
             try:
-                await asyncio.to_thread(step, r)
+                ready = await asyncio.to_thread(step, r)
+                if ready is not None:
+                    rnd, targets = ready
+                    updates = await fetch_updates(r, rnd, targets)
+                    await asyncio.to_thread(finish, r, rnd, updates)
+                    continue
             except Exception:
                 _log.exception("driver step failed")
             await Signal.wait(ticket, r.settings.poll_s)
@@ -495,6 +680,7 @@ def create_app(
             # records get "accuracy" and "loss" when it is done.
             "evaluating": r.evaluating,
             "history": r.history,
+            "isolated": sorted(r.agg.isolated),
             "audit_log": {
                 "size": r.agg.audit_log.size,
                 "root": r.agg.audit_log.root.hex(),
@@ -570,6 +756,74 @@ def create_app(
                 "head": signed.to_dict(),
                 "proof": r.agg.proof_for(galaxy).to_dict(),
             }
+
+    @app.post("/v1/rounds/{rnd}/acks", status_code=202)
+    def ack(rnd: int, body: dict[str, Any], r: Rt) -> dict[str, Any]:
+        """A galaxy's signed acknowledgement of a client's reveal, forwarded by the
+        client (no token: clients hold none; the galaxy's signature is what counts):
+        the galaxy's transcript of the round must then take that reveal."""
+        signed = Signed.from_dict(Acknowledgement, body)
+        if signed.statement.round != rnd:
+            raise Rejected(
+                "wrong_round",
+                f"an acknowledgement of round {signed.statement.round} posted to "
+                f"round {rnd}",
+            )
+        with r.lock:
+            fresh = r.agg.submit_ack(signed)
+        return {"accepted": True, "duplicate": not fresh}
+
+    @app.post("/v1/rounds/{rnd}/transcripts/{galaxy}", status_code=202)
+    def transcript(
+        rnd: int, galaxy: int, body: dict[str, Any], request: Request, r: Rt
+    ) -> dict[str, Any]:
+        """A galaxy's signed transcript of the round, the reputation states it
+        starts and ends with, and its signed evidence records."""
+        require_token(request, r.settings.service_token, what="service")
+        try:
+            doc = SignedDocument.from_dict(body["transcript"], kind="transcript")
+            before, after = body["reputation_before"], body["reputation_after"]
+            evidence = body.get("evidence", [])
+        except (KeyError, TypeError) as exc:
+            raise Rejected("malformed", f"transcript: {exc}") from None
+        if (doc.body.get("round"), doc.body.get("galaxy")) != (rnd, galaxy):
+            raise Rejected(
+                "wrong_round", f"a transcript posted for galaxy {galaxy} round {rnd}"
+            )
+        if not isinstance(evidence, list) or not all(
+            isinstance(e, dict) and e.get("round") == rnd and e.get("galaxy") == galaxy
+            for e in evidence
+        ):
+            raise Rejected("malformed", "evidence must be this galaxy's, this round's")
+        with r.lock:
+            fresh = r.agg.submit_transcript(doc, before, after)
+            if fresh:
+                r.evidence.setdefault(rnd, {})[galaxy] = evidence
+        r.poke.fire()
+        return {"accepted": True, "duplicate": not fresh}
+
+    @app.get("/v1/assignment")
+    def assignment(r: Rt) -> dict[str, Any]:
+        """The signed placement of the clients (which galaxies are isolated) and the
+        reputations moved clients start with: verify it with the pinned key."""
+        with r.lock:
+            return r.agg.assignment_document().to_dict()
+
+    @app.get("/v1/audit/files")
+    def audit_files(request: Request, r: Rt) -> list[str]:
+        """The run's published artefacts (protogalaxy audit --url), for auditors:
+        only the published layout, never another file of the data directory."""
+        require_token(request, r.settings.auditor_token, what="auditor")
+        return published(r.artefacts.root)
+
+    @app.get("/v1/audit/files/{path:path}")
+    def audit_file(path: str, request: Request, r: Rt) -> Response:
+        require_token(request, r.settings.auditor_token, what="auditor")
+        root = r.artefacts.root
+        target = root / path
+        if not is_published(path) or target.is_symlink() or not target.is_file():
+            raise Rejected("not_found", f"no artefact {path}")
+        return Response(target.read_bytes(), media_type="application/octet-stream")
 
     @app.post("/v1/rounds/{rnd}/aggregates/{galaxy}")
     async def aggregate(

@@ -7,8 +7,10 @@ loopback. Logs go to ``<out>/logs/<name>.log``. :class:`LocalCluster` is also th
 harness of the service tests (it can kill and restart any process).
 
 Identities are provisioned first, as the chart's key hook does, into
-``<out>/keys/`` (:func:`~protogalaxy.crypto.keyring.provision`): each process gets
-only its own private key (mode 0600) and the public keys it checks others against.
+``<out>/secrets/`` (:func:`~protogalaxy.crypto.keyring.provision`, a 0700
+directory): each process gets only its own private key (mode 0600) and the public
+keys it checks others against. ``<out>/keys/`` holds only the public keys the run
+publishes for auditors, beside the rest of its artefacts.
 The client runner gets the clients' seed and no bearer token; the aggregators share
 a service token that guards transport only.
 """
@@ -99,6 +101,8 @@ class LocalCluster:
     out: Path
     commit_deadline_s: float = 60.0
     reveal_deadline_s: float = 60.0
+    #: the global aggregator's wait for roots and for aggregates and transcripts
+    global_deadline_s: float = 120.0
     max_update_bytes: int = 64 << 20
     log_level: str = "warning"
     #: the run every signature is bound to (default: a fresh ``up-<hex>``)
@@ -119,14 +123,18 @@ class LocalCluster:
         self.redis_port, self.global_port = base, base + 1
         self.galaxy_ports = {i: base + 2 + i for i in range(g)}
         self.service_token = secrets.token_hex(16)
+        #: auditors' bearer token: the global aggregator fetches updates with it,
+        #: and `protogalaxy audit --url` reads the artefacts with it
+        self.auditor_token = secrets.token_hex(16)
         # Redis asks for a password, as the chart's does: a neighbour process on
         # this machine cannot write a galaxy's keys or state.
         self.redis_password = secrets.token_hex(16)
         self.redis_url = f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
         self.global_url = f"http://127.0.0.1:{self.global_port}"
         self.run_id = self.run_id or f"up-{secrets.token_hex(4)}"
-        self.keys = self.out / "keys"
+        self.keys = self.out / "secrets"
         self.keys.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.keys, 0o700)
         existing = {p.name: p.read_bytes() for p in self.keys.iterdir()}
         files = provision(
             galaxies=g, clients=self.config.clients.count, existing=existing
@@ -245,6 +253,16 @@ class LocalCluster:
             PG_SERVICE_TOKEN=self.service_token,
             PG_SIGNING_KEY_FILE=self.keys / "global.key",
             PG_GALAXY_KEYS_FILE=self.keys / "galaxies.pub",
+            PG_CLIENT_KEYS_FILE=self.keys / "clients.pub",
+            PG_GALAXY_URLS=",".join(
+                self.galaxy_url(g) for g in sorted(self.galaxy_ports)
+            ),
+            PG_AUDITOR_TOKEN=self.auditor_token,
+            PG_LEAF_DEADLINE_S=self.global_deadline_s,
+            PG_AGGREGATE_DEADLINE_S=self.global_deadline_s,
+            PG_TRANSCRIPT_DEADLINE_S=min(self.global_deadline_s, 10.0),
+            # the run directory is what `protogalaxy audit` reads
+            PG_AUDIT_DIR=self.out,
             PG_EVALUATE=int(self.evaluate),
             PG_TORCH_THREADS=1,
         )
@@ -260,6 +278,7 @@ class LocalCluster:
                 PG_SIGNING_KEY_FILE=self.keys / f"galaxy-{g}.key",
                 PG_GLOBAL_PUBLIC_KEY=key,
                 PG_CLIENT_KEYS_FILE=self.keys / "clients.pub",
+                PG_AUDITOR_TOKEN=self.auditor_token,
                 PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
                 PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
                 # The aggregators share this machine's cores with the clients:
@@ -282,6 +301,9 @@ class LocalCluster:
             ),
             PG_CLIENT_SEED_FILE=self.keys / "clients.seed",
             PG_GLOBAL_PUBLIC_KEY=pinned_key or self.global_public_key,
+            PG_GLOBAL_URL=self.global_url,
+            PG_GALAXY_KEYS_FILE=self.keys / "galaxies.pub",
+            PG_RECEIPTS_FILE=self.out / "receipts.jsonl",
         )
 
     def start(self, *, clients: bool = True, galaxies: bool = True) -> None:
@@ -289,7 +311,7 @@ class LocalCluster:
         (``clients=False``: the caller plays the clients, as the tests do;
         ``galaxies=False``: the caller plays the galaxies too, with their keys).
 
-        Every key was provisioned in ``keys/`` beforehand, so each party pins the
+        Every key was provisioned in ``secrets/`` beforehand, so each party pins the
         others' public keys from its configuration; galaxies and clients retry
         until their peers answer.
         """
@@ -390,9 +412,70 @@ class LocalCluster:
 
     # -- results -----------------------------------------------------------------
 
+    def galaxy_summary(
+        self, status: dict[str, Any], byzantine: set[int]
+    ) -> dict[str, Any]:
+        """As ``simulate``'s: galaxies compromised, isolated (the round each was
+        caught in), and false attributions: honest clients a compromised galaxy
+        lied about (its ``simulated_galaxy_attack`` log events) in a round it was
+        not caught in, whose reputation fell in the state it published."""
+        attack = self.config.galaxy_attack
+        compromised = [] if attack.galaxy is None else [attack.galaxy]
+        caught: dict[int, tuple[int, str]] = {}
+        for h in status["history"]:
+            for g, kind in (h.get("misbehaved") or {}).items():
+                caught.setdefault(int(g), (int(h["round"]), kind))
+        false: set[int] = set()
+        for g in compromised:
+            log = self.out / "logs" / f"galaxy-{g}.log"
+            lines = log.read_text().splitlines() if log.exists() else []
+            for line in lines:
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e.get("event") != "simulated_galaxy_attack":
+                    continue
+                rnd = int(e["round"])
+                if g in caught and caught[g][0] <= rnd:
+                    continue
+                rep = (
+                    self.out / "audit" / "rounds" / f"{rnd:06d}" / f"galaxy-{g}"
+                    / "reputation.json"
+                )  # fmt: skip
+                if not rep.exists():
+                    continue
+                state = json.loads(rep.read_text())
+                initial = self.config.defense.reputation.initial
+                for c in e["victims"]:
+                    if c in byzantine:
+                        continue
+                    before = (state["before"] or {}).get("clients", {}).get(str(c))
+                    after = (state["after"] or {}).get("clients", {}).get(str(c))
+                    b = before["reputation"] if before else initial
+                    a = after["reputation"] if after else initial
+                    if a < b:
+                        false.add(c)
+        return {
+            "attack": attack.kind if compromised else None,
+            "compromised": compromised,
+            "isolated": {str(g): r for g, (r, _) in sorted(caught.items())},
+            "misbehaviour": {str(g): k for g, (_, k) in sorted(caught.items())},
+            "detection_rate": (
+                len(set(compromised) & set(caught)) / len(compromised)
+                if compromised
+                else None
+            ),
+            "false_isolations": sorted(set(caught) - set(compromised)),
+            "false_attributions": len(false),
+        }
+
     def summary(self, status: dict[str, Any], wall: float) -> dict[str, Any]:
         removed: set[int] = set()
+        isolated = set(status.get("isolated", []))
         for g in self.galaxy_ports:
+            if g in isolated:  # its word counts for nothing (its clients moved)
+                continue
             q = httpx.get(self.galaxy_url(g) + "/v1/quarantine", timeout=10).json()
             removed |= set(q["quarantined"]) | set(q["banned"])
         byz = set(choose_byzantine(self.config))
@@ -410,6 +493,7 @@ class LocalCluster:
             "byzantine_clients": sorted(byz),
             "quarantined_clients": sorted(removed),
             "audit_log": status["audit_log"],
+            "galaxies": self.galaxy_summary(status, byz),
         }
         (self.out / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
         return out

@@ -163,6 +163,15 @@ only (what a galaxy says is signed with its own key). Client pods never get it.
       key: service-token
 {{- end }}
 
+{{/* The auditors' bearer token (aggregators only; clients never get it). */}}
+{{- define "protogalaxy.auditorTokenEnv" -}}
+- name: PG_AUDITOR_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "protogalaxy.authSecretName" . }}
+      key: auditor-token
+{{- end }}
+
 {{/* Fail on settings that cannot work, before anything is installed. */}}
 {{- define "protogalaxy.validateValues" -}}
 {{- $v := .Values }}

@@ -1,12 +1,15 @@
-"""The audit log: every signed round head, as an append-only RFC 9162 Merkle log.
+"""The audit log: every round's signed record, as an append-only RFC 9162 Merkle log.
 
-Leaf ``i`` is ``SignedRoundHead.to_bytes()`` of the ``i``-th round head; rounds are
-strictly increasing. Anyone holding an earlier log head ``(size, root)`` can check
-with a consistency proof that a later head extends it, so history cannot be
-rewritten unseen.
+Leaf ``i`` is the ``i``-th round record, a :class:`SignedDocument` of kind
+``round-record`` signed by the global aggregator (its canonical JSON bytes): the
+round's signed head, every galaxy's transcript and aggregate digests and fate, the
+isolated galaxies and the digest of the model after the round. Rounds are strictly
+increasing. Anyone holding an earlier log head ``(size, root)`` can check with a
+consistency proof that a later head extends it, so history cannot be rewritten
+unseen.
 
-On disk (optional) the log is ``b"PGAL\\x01"`` followed by records
-``u32 length || SignedRoundHead bytes``; each append is flushed and fsynced before it
+On disk (optional) the log is ``b"PGAL\\x02"`` followed by records
+``u32 length || record bytes``; each append is flushed and fsynced before it
 returns. A record torn by a crash at the very end is dropped on open (it was never
 acknowledged); anything else that does not parse is an error.
 """
@@ -21,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import VerifyKey
 from protogalaxy.crypto.merkle import InclusionProof, MerkleTree, verify_consistency
+from protogalaxy.crypto.statements import SignedDocument
 
-__all__ = ["AuditLog", "LogHead", "verify_log_extension"]
+__all__ = ["AuditLog", "LogHead", "record_round", "verify_log_extension"]
 
 _log = logging.getLogger(__name__)
-_FILE_MAGIC: Final = b"PGAL\x01"
+_FILE_MAGIC: Final = b"PGAL\x02"
+_KIND: Final = "round-record"
 _LEN: Final = struct.Struct("<I")
 _MAX_RECORD: Final = 1 << 20
 
@@ -47,18 +51,26 @@ def verify_log_extension(old: LogHead, new: LogHead, proof: Sequence[bytes]) -> 
     verify_consistency(old.size, new.size, old.root, new.root, proof)
 
 
+def record_round(record: SignedDocument) -> int:
+    """The round a round record is for (``ValueError`` when it names none)."""
+    rnd = record.body.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        raise ValueError("round record: no round")
+    return rnd
+
+
 class AuditLog:
-    """Append-only Merkle log of signed round heads.
+    """Append-only Merkle log of signed round records.
 
     Parameters
     ----------
     path
         File to persist to; ``None`` keeps the log in memory only.
     trusted_key
-        When given, every head (loaded or appended) must be signed by this key,
-        as a head of ``run``.
+        When given, every record (loaded or appended) must be signed by this key,
+        in ``run``.
     run
-        The run every head must belong to (required with ``trusted_key``).
+        The run every record must belong to (required with ``trusted_key``).
     """
 
     def __init__(
@@ -73,7 +85,7 @@ class AuditLog:
         self._path = None if path is None else Path(path)
         self._key = trusted_key
         self._run = run
-        self._entries: list[SignedRoundHead] = []
+        self._entries: list[SignedDocument] = []
         self._tree = MerkleTree()
         if self._path is not None:
             self._load()
@@ -114,13 +126,16 @@ class AuditLog:
             if end > len(data):
                 break
             try:
-                head = SignedRoundHead.from_bytes(data[pos + _LEN.size : end])
+                record = SignedDocument.from_bytes(
+                    data[pos + _LEN.size : end], kind=_KIND
+                )
+                record_round(record)
             except ValueError as exc:
                 raise ValueError(
                     f"{where}: corrupt record at byte {pos}: {exc}"
                 ) from None
-            self._check(head)
-            self._add(head)
+            self._check(record)
+            self._add(record)
             pos = good = end
         return good
 
@@ -138,48 +153,49 @@ class AuditLog:
             raise ValueError("audit log bytes: truncated record at the end")
         return log
 
-    def _check(self, head: SignedRoundHead) -> None:
-        if not isinstance(head, SignedRoundHead):
-            raise TypeError(f"expected SignedRoundHead, got {type(head).__name__}")
-        if self._run is not None and head.head.run != self._run:
+    def _check(self, record: SignedDocument) -> None:
+        if not isinstance(record, SignedDocument) or record.kind != _KIND:
+            raise TypeError(f"expected a signed round record, got {record!r:.80}")
+        rnd = record_round(record)
+        if self._run is not None and record.body.get("run") != self._run:
             raise ValueError(
-                f"round {head.head.round} head is of run {head.head.run!r}, "
+                f"round {rnd} record is of run {record.body.get('run')!r}, "
                 f"this log is of run {self._run!r}"
             )
         if self._key is not None:
             assert self._run is not None
-            head.verify(self._key, run=self._run)
-        if self._entries and head.head.round <= self._entries[-1].head.round:
+            record.verify(self._key, run=self._run)
+        if self._entries and rnd <= record_round(self._entries[-1]):
             raise ValueError(
-                f"round {head.head.round} does not follow the last logged round "
-                f"{self._entries[-1].head.round}"
+                f"round {rnd} does not follow the last logged round "
+                f"{record_round(self._entries[-1])}"
             )
 
-    def _add(self, head: SignedRoundHead) -> int:
-        self._entries.append(head)
-        return self._tree.append(head.to_bytes())
+    def _add(self, record: SignedDocument) -> int:
+        self._entries.append(record)
+        return self._tree.append(record.to_bytes())
 
-    def append(self, head: SignedRoundHead) -> int:
-        """Append a signed round head (durably, when persistent); return its index.
+    def append(self, record: SignedDocument) -> int:
+        """Append a signed round record (durably, when persistent); return its index.
 
         The record is on disk before the in-memory log changes, so a failed write
         leaves both as they were.
         """
-        self._check(head)
+        self._check(record)
         if self._path is not None:
-            record = head.to_bytes()
+            data = record.to_bytes()
             with open(self._path, "ab") as f:
-                f.write(_LEN.pack(len(record)) + record)
+                f.write(_LEN.pack(len(data)) + data)
                 f.flush()
                 os.fsync(f.fileno())
-        return self._add(head)
+        return self._add(record)
 
     def to_bytes(self) -> bytes:
         """The log in its file format, for snapshots inside checkpoints."""
         parts = [_FILE_MAGIC]
-        for head in self._entries:
-            record = head.to_bytes()
-            parts += [_LEN.pack(len(record)), record]
+        for record in self._entries:
+            data = record.to_bytes()
+            parts += [_LEN.pack(len(data)), data]
         return b"".join(parts)
 
     # -- queries ---------------------------------------------------------------
@@ -198,11 +214,11 @@ class AuditLog:
             return LogHead(self.size, self.root)
         return LogHead(size, self._tree.root_at(size))
 
-    def entry(self, index: int) -> SignedRoundHead:
+    def entry(self, index: int) -> SignedDocument:
         return self._entries[index]
 
     @property
-    def entries(self) -> tuple[SignedRoundHead, ...]:
+    def entries(self) -> tuple[SignedDocument, ...]:
         return tuple(self._entries)
 
     def inclusion_proof(

@@ -62,6 +62,11 @@ _DOMAINS: Final = frozenset(
         "abstention",
         "registration",
         "model",
+        "acknowledgement",
+        "transcript",
+        "round-record",
+        "assignment",
+        "evidence",
     }
 )
 

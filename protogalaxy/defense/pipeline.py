@@ -5,37 +5,78 @@ Which layers run is configuration: ``{1, 2, 3, 4, 5}`` is ProtoGalaxy-Full,
 A layer that raises is logged and the round falls back to the safe aggregator
 (coordinate-wise median of the integrity-checked updates of active clients) instead
 of crashing; the report says so.
+
+Replay. An auditor runs the same code on the same revealed updates with the
+decisions a galaxy published (:class:`ReplayHints`). Everything that follows from
+exact data is recomputed and must agree; where float kernels may differ between
+machines, the published decision is taken if it is within :data:`TOLERANCE` of
+what the auditor computes (a layer-2 test value within tolerance of its threshold,
+Multi-Krum scores at the selection boundary within tolerance of each other,
+Weiszfeld weights within tolerance), and :class:`ReplayMismatch` is raised
+otherwise. The aggregate itself is exact (:mod:`protogalaxy.defense.exact`), so it
+must then match bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import torch
 
+from protogalaxy.defense.exact import quantize_weights
 from protogalaxy.defense.galaxy import GalaxyScreen, GalaxyScreenConfig
 from protogalaxy.defense.reputation import (
     ReputationConfig,
     ReputationEvent,
     ReputationTracker,
 )
-from protogalaxy.defense.robust import coordinate_median, get_aggregator
+from protogalaxy.defense.robust import (
+    AggregationResult,
+    coordinate_median,
+    get_aggregator,
+    weighted_mean,
+)
 from protogalaxy.defense.statistical import StatisticsConfig, StatisticsReport, screen
 
 __all__ = [
+    "TOLERANCE",
     "ClientOutcome",
     "DefenseConfig",
     "GalaxyDefense",
     "GalaxyDefenseReport",
     "GlobalDefense",
     "GlobalDefenseReport",
+    "ReplayHints",
+    "ReplayMismatch",
 ]
 
 _log = logging.getLogger("protogalaxy.defense")
+
+#: How far a decision value recomputed by an auditor may be from the galaxy's for
+#: the galaxy's published decision to stand: relative to ``max(1, |threshold|)``
+#: for layer-2 tests, to ``max(1, |score|)`` at the Multi-Krum boundary, absolute
+#: on normalized Weiszfeld weights. Float32 kernels on other machines differ by
+#: ~1e-6 relative; 1e-4 leaves room and bounds what a galaxy could bend.
+TOLERANCE: Final = 1e-4
+
+
+class ReplayMismatch(Exception):
+    """A published decision contradicts the auditor's recomputation by more than
+    the tolerance (or cannot be taken at all)."""
+
+
+@dataclass(frozen=True)
+class ReplayHints:
+    """The decisions a galaxy published for one round, per client: the layer-2
+    tests it failed, whether layer 3 selected it and the integer weight it got."""
+
+    flags: Mapping[int, frozenset[str]]
+    selected: frozenset[int]
+    weights: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +109,12 @@ class ClientOutcome:
     status: str = "active"
     #: committed, then never revealed (layer 4 scores the round zero)
     withheld: bool = False
+    #: the layer-2 tests it failed
+    flags: list[str] = field(default_factory=list)
+    #: may take part in layer 3 (not quarantined or banned before the round)
+    active: bool = True
+    #: its integer weight in the aggregate (rules that average rows)
+    weight: int | None = None
 
 
 @dataclass
@@ -81,6 +128,9 @@ class GalaxyDefenseReport:
     layer_flags: dict[str, int]
     fallback: str | None = None
     seconds: float = 0.0
+    #: the rule that made the aggregate (``median`` when too few were left) and f
+    rule: str | None = None
+    f: int | None = None
 
 
 @dataclass
@@ -122,12 +172,15 @@ class GalaxyDefense:
         withheld: list[int] | None = None,
         reference_direction: torch.Tensor | None = None,
         evidence_for: Callable[[int], dict[str, Any]] | None = None,
+        hints: ReplayHints | None = None,
     ) -> GalaxyDefenseReport:
         """Screen, aggregate and score one round.
 
         ``clients`` and the rows of ``updates`` are the reveals that passed layer 1;
         ``rejected`` maps the clients that failed layer 1 to the reason;
-        ``withheld`` are the clients that committed and never revealed.
+        ``withheld`` are the clients that committed and never revealed. With
+        ``hints`` the round is replayed against a galaxy's published decisions
+        (see the module docstring).
         """
         t0 = time.perf_counter()
         cfg = self.config
@@ -152,25 +205,36 @@ class GalaxyDefense:
         fallback = None
         aggregate: torch.Tensor | None = None
         weight = 0
+        rule: str | None = None
+        f: int | None = None
+        for c in clients:
+            outcomes[c].active = self.active(c)
         try:
-            stats = self._layer2(clients, updates, reference_direction, outcomes)
+            stats = self._layer2(clients, updates, reference_direction, outcomes, hints)
             if stats is not None:
-                flags["statistics"] = int(stats.flagged.sum())
+                flags["statistics"] = sum(1 for c in clients if outcomes[c].flagged)
             candidates = [
                 i
                 for i, c in enumerate(clients)
-                if not outcomes[c].flagged and self.active(c)
+                if not outcomes[c].flagged and outcomes[c].active
             ]
-            aggregate, weight = self._layer3(clients, updates, candidates, outcomes)
+            aggregate, weight, rule, f = self._layer3(
+                clients, updates, candidates, outcomes, hints
+            )
             flags["robust"] = sum(
                 1 for i in candidates if not outcomes[clients[i]].selected
             )
+        except ReplayMismatch:
+            raise
         except Exception as exc:  # a defense bug must not take the round down
             _log.exception(
                 "galaxy %d round %d: defense layer failed", self.galaxy, round
             )
             fallback = f"{type(exc).__name__}: {exc}"
-            rows = [i for i, c in enumerate(clients) if self.active(c)]
+            rule, f = "median", None
+            rows = [i for i, c in enumerate(clients) if outcomes[c].active]
+            for o in outcomes.values():
+                o.selected, o.weight = False, None
             if rows:
                 aggregate = coordinate_median(updates[rows]).aggregate
                 weight = len(rows)
@@ -195,6 +259,8 @@ class GalaxyDefense:
             flags,
             fallback,
             time.perf_counter() - t0,
+            rule,
+            f,
         )
 
     def _layer2(
@@ -203,17 +269,25 @@ class GalaxyDefense:
         updates: torch.Tensor,
         reference: torch.Tensor | None,
         outcomes: dict[int, ClientOutcome],
+        hints: ReplayHints | None = None,
     ) -> StatisticsReport | None:
         if 2 not in self.config.layers or len(clients) < 3:
+            if hints is not None and any(hints.flags.get(c) for c in clients):
+                raise ReplayMismatch("layer-2 flags published where layer 2 ran not")
             return None
         stats = screen(
             updates, reference_direction=reference, config=self.config.statistics
         )
+        need = self.config.statistics.min_failures
         for i, c in enumerate(clients):
             o = outcomes[c]
             o.metrics.update(stats.metrics(i))
-            o.flagged = bool(stats.flagged[i])
-            o.reasons += [f"statistics:{r}" for r in stats.reasons(i)]
+            failed = stats.reasons(i)
+            if hints is not None:
+                failed = _replay_tests(c, stats.decisions(i), hints.flags.get(c))
+            o.flags = sorted(failed)
+            o.flagged = len(failed) >= need
+            o.reasons += [f"statistics:{r}" for r in o.flags]
         return stats
 
     def _layer3(
@@ -222,9 +296,10 @@ class GalaxyDefense:
         updates: torch.Tensor,
         candidates: list[int],
         outcomes: dict[int, ClientOutcome],
-    ) -> tuple[torch.Tensor | None, int]:
+        hints: ReplayHints | None = None,
+    ) -> tuple[torch.Tensor | None, int, str | None, int | None]:
         if not candidates:
-            return None, 0
+            return None, 0, None, None
         x = updates[candidates] if len(candidates) < len(clients) else updates
         weights = None
         if self.config.trust_weighted and 4 in self.config.layers:
@@ -243,6 +318,12 @@ class GalaxyDefense:
         if len(candidates) < aggregator.min_clients(f):
             aggregator = get_aggregator("median")  # too few for the configured rule
         result = aggregator(x, weights=weights, f=f)
+        if hints is not None:
+            members = [clients[i] for i in candidates]
+            result = _replay_layer3(aggregator.name, x, members, result, weights, hints)
+        if result.weights is not None:
+            for j, i in enumerate(candidates):
+                outcomes[clients[i]].weight = result.weights[j]
         chosen = (
             [candidates[j] for j in range(len(candidates)) if bool(result.selected[j])]
             if result.selected is not None
@@ -256,7 +337,7 @@ class GalaxyDefense:
         for i in candidates:
             if i not in chosen:
                 outcomes[clients[i]].reasons.append("robust:not_selected")
-        return result.aggregate, len(chosen)
+        return result.aggregate, len(chosen), aggregator.name, f
 
     def _layer4(
         self,
@@ -278,12 +359,13 @@ class GalaxyDefense:
                 reasons=tuple(o.reasons),
                 evidence=evidence,
             )
-            if o.withheld:
-                # Every withholding is on record with the signed commitment that
-                # proves the client took the round, not only status changes.
+            if not o.integrity:
+                # Every withholding and layer-1 rejection is on record (with the
+                # signed commitment, and the client's signed reveal if any), not
+                # only status changes.
                 events.append(
                     ReputationEvent(
-                        "reveal_withheld",
+                        "reveal_withheld" if o.withheld else "reveal_rejected",
                         c,
                         self.galaxy,
                         round,
@@ -295,6 +377,93 @@ class GalaxyDefense:
             if event is not None:
                 events.append(event)
         return events
+
+
+def _near(value: float, threshold: float, scale: float) -> bool:
+    return abs(value - threshold) <= TOLERANCE * max(1.0, abs(scale))
+
+
+def _replay_tests(
+    client: int,
+    decisions: dict[str, tuple[float, float, bool]],
+    published: frozenset[str] | None,
+) -> list[str]:
+    """The layer-2 tests ``client`` failed, as published when every published
+    decision is within tolerance of the recomputed one."""
+    published = published or frozenset()
+    unknown = published - decisions.keys()
+    if unknown:
+        raise ReplayMismatch(f"client {client}: no such layer-2 test {sorted(unknown)}")
+    for test, (value, threshold, above) in decisions.items():
+        fails = value > threshold if above else value < threshold
+        if fails != (test in published) and not _near(value, threshold, threshold):
+            raise ReplayMismatch(
+                f"client {client}: layer-2 test {test} published as "
+                f"{'failed' if test in published else 'passed'}, but its value "
+                f"{value:.6g} is clearly on the other side of {threshold:.6g}"
+            )
+    return sorted(published)
+
+
+def _replay_layer3(
+    rule: str,
+    x: torch.Tensor,
+    members: list[int],
+    result: AggregationResult,
+    trust: torch.Tensor | None,
+    hints: ReplayHints,
+) -> AggregationResult:
+    """Layer 3 with the galaxy's published selection or weights, where they are
+    consistent with the recomputation within tolerance."""
+    chosen = [c in hints.selected for c in members]
+    if result.scores is not None:  # Krum, Multi-Krum: a selection by score
+        assert result.selected is not None
+        m = int(result.selected.sum())
+        if sum(chosen) != m:
+            raise ReplayMismatch(
+                f"{rule}: {sum(chosen)} updates published as selected, {m} expected"
+            )
+        scores = [float(v) for v in result.scores]
+        inside = max(s for s, c in zip(scores, chosen, strict=True) if c)
+        outside = [s for s, c in zip(scores, chosen, strict=True) if not c]
+        if (
+            outside
+            and inside > min(outside)
+            and not _near(inside, min(outside), inside)
+        ):
+            raise ReplayMismatch(
+                f"{rule}: a published selection leaves out a score of "
+                f"{min(outside):.6g} and keeps one of {inside:.6g}"
+            )
+        mask = torch.tensor(chosen, dtype=torch.bool, device=x.device)
+        w = [int(c) for c in chosen]
+        if trust is not None:
+            q = quantize_weights(trust.clamp(min=0))
+            w = (
+                [c * t for c, t in zip(w, q, strict=True)]
+                if sum(c * t for c, t in zip(w, q, strict=True)) > 0
+                else w
+            )
+        if list(result.weights or ()) == w:
+            return result
+        return AggregationResult(weighted_mean(x, w), mask, result.scores, tuple(w))
+    if not all(chosen):
+        raise ReplayMismatch(f"{rule}: every candidate takes part, some published not")
+    if rule == "geometric_median":  # weights from float iterations
+        published = [int((hints.weights or {}).get(c, -1)) for c in members]
+        if any(v < 0 for v in published) or sum(published) <= 0:
+            raise ReplayMismatch("geometric_median: published weights are missing")
+        mine = result.weights or ()
+        total_p, total_m = sum(published), sum(mine)
+        if any(
+            abs(p / total_p - q / total_m) > TOLERANCE
+            for p, q in zip(published, mine, strict=True)
+        ):
+            raise ReplayMismatch("geometric_median: published weights differ")
+        if list(mine) == published:
+            return result
+        return AggregationResult(weighted_mean(x, published), weights=tuple(published))
+    return result
 
 
 class GlobalDefense:
@@ -341,9 +510,10 @@ class GlobalDefense:
                 )
         if not accepted:
             return GlobalDefenseReport(None, [], excluded, metrics, fallback, clipped)
-        w = torch.tensor([float(aggregates[g][1]) for g in accepted])
         rows = torch.stack([aggregates[g][0] * clipped.get(g, 1.0) for g in accepted])
-        combined = (w / w.sum()).to(rows.dtype) @ rows
+        # The galaxies' signed weights (update counts) as integers: the combined
+        # update is the ordered float64 mean, reproducible by anyone.
+        combined = weighted_mean(rows, [int(aggregates[g][1]) for g in accepted])
         return GlobalDefenseReport(
             combined, accepted, excluded, metrics, fallback, clipped
         )

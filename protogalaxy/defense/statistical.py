@@ -70,6 +70,25 @@ class StatisticsReport:
     flagged: torch.Tensor = field(
         default_factory=lambda: torch.zeros(0, dtype=torch.bool)
     )
+    #: robust z-scores of the outlier fractions and of the KL divergences
+    outlier_z: torch.Tensor | None = None
+    kl_z: torch.Tensor | None = None
+    config: StatisticsConfig | None = None
+
+    def decisions(self, i: int) -> dict[str, tuple[float, float, bool]]:
+        """Per test, for update ``i``: ``(value, threshold, fails_above)``: the test
+        fails when the value is above the threshold (or below, for
+        ``fails_above=False``). What an auditor re-checks within a tolerance."""
+        cfg = self.config or StatisticsConfig()
+        assert self.outlier_z is not None and self.kl_z is not None
+        out = {
+            "norm": (abs(float(self.norm_z[i])), cfg.norm_k, True),
+            "coordinate_outliers": (float(self.outlier_z[i]), cfg.norm_k, True),
+            "distribution_shift": (float(self.kl_z[i]), cfg.norm_k, True),
+        }
+        if self.cosine is not None:
+            out["direction"] = (float(self.cosine[i]), cfg.cosine_threshold, False)
+        return out
 
     def reasons(self, i: int) -> list[str]:
         """Names of the tests update ``i`` failed."""
@@ -162,6 +181,7 @@ def screen(
         cosine = (x @ ref) / (norm.clamp(min=1e-12) * torch.linalg.vector_norm(ref))
     fractions = _outlier_fractions(x, cfg.mad_k)
     kl = _kl_to_pooled(x, cfg.bins)
+    outlier_z, kl_z = robust_z(fractions), robust_z(kl)
     failed = {
         "norm": norm_z.abs() > cfg.norm_k,
         "direction": (
@@ -169,11 +189,20 @@ def screen(
             if cosine is not None
             else torch.zeros(len(x), dtype=torch.bool, device=x.device)
         ),
-        "coordinate_outliers": robust_z(fractions) > cfg.norm_k,
-        "distribution_shift": robust_z(kl) > cfg.norm_k,
+        "coordinate_outliers": outlier_z > cfg.norm_k,
+        "distribution_shift": kl_z > cfg.norm_k,
     }
     count = sum(mask.int() for mask in failed.values())
     assert isinstance(count, torch.Tensor)
     return StatisticsReport(
-        norm, norm_z, cosine, fractions, kl, failed, count >= cfg.min_failures
+        norm,
+        norm_z,
+        cosine,
+        fractions,
+        kl,
+        failed,
+        count >= cfg.min_failures,
+        outlier_z,
+        kl_z,
+        cfg,
     )

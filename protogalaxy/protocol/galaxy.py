@@ -15,16 +15,17 @@ Errors are typed so that a transport maps them to status codes in one place:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from protogalaxy.codec import decode_update
-from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.commitment import NONCE_SIZE, Commitment
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead
 from protogalaxy.crypto.identity import (
@@ -40,15 +41,30 @@ from protogalaxy.crypto.merkle import InclusionProof, verify_inclusion
 from protogalaxy.crypto.receipts import Receipt
 from protogalaxy.crypto.statements import (
     Abstention,
+    Acknowledgement,
     AggregateStatement,
     Signed,
+    SignedDocument,
     aggregate_digest,
+    canonical_json,
+    sign_document,
+    sign_inline,
     sign_statement,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
 from protogalaxy.defense.integrity import IntegrityError, check_reveal
 from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
+from protogalaxy.defense.reputation import ClientRecord
+from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, RevealStage
+from protogalaxy.protocol.transcript import VERSION as TRANSCRIPT_VERSION
+from protogalaxy.protocol.transcript import (
+    defense_digest,
+    digest_hex,
+    finite_metrics,
+    reputation_state,
+    tensor_digest,
+)
 from protogalaxy.spec import UpdateSpec
 
 __all__ = [
@@ -121,6 +137,39 @@ class ClientRoster:
 
 
 @dataclass
+class RoundInputs:
+    """What a galaxy closes a round with: the accepted reveals (bodies, and the
+    client's nonce and signature for each), the layer-1 rejections (reason and the
+    client's signed reveal), the withheld leaves and the commitment signatures."""
+
+    clients: list[int]
+    bodies: dict[int, bytes]
+    proofs: dict[int, bytes]  # nonce (32 B) || reveal signature (64 B)
+    rejections: dict[int, dict[str, str]]
+    withheld: list[int]
+    signatures: dict[int, bytes]
+
+    def revealed(self, client: int, committed: bytes) -> dict[str, str] | None:
+        """``client``'s signed reveal (nonce, reveal digest, signature), if any;
+        ``committed`` is its commitment's digest (an accepted reveal's digest)."""
+        if client in self.proofs:
+            proof = self.proofs[client]
+            return {
+                "nonce": proof[:NONCE_SIZE].hex(),
+                "reveal_digest": committed.hex(),
+                "reveal_signature": proof[NONCE_SIZE:].hex(),
+            }
+        rec = self.rejections.get(client)
+        if rec is not None and "nonce" in rec:
+            return {
+                "nonce": rec["nonce"],
+                "reveal_digest": rec["digest"],
+                "reveal_signature": rec["signature"],
+            }
+        return None
+
+
+@dataclass
 class GalaxyRoundResult:
     round: int
     galaxy: int
@@ -132,6 +181,10 @@ class GalaxyRoundResult:
     statement: Signed[AggregateStatement] | None = None
     #: members of the tree that committed and never revealed
     withheld: tuple[int, ...] = ()
+    #: the round's signed transcript
+    transcript: SignedDocument | None = None
+    #: the evidence records of the round, each signed by the galaxy
+    evidence: list[dict[str, Any]] = field(default_factory=list)
 
 
 class GalaxyAggregator:
@@ -203,6 +256,31 @@ class GalaxyAggregator:
             raise WrongPhase(f"round {state[0]} is not done ({state[1]})")
         if not self.store.compare_and_set_state(state, (round, Phase.COMMIT)):
             raise WrongPhase("another aggregator moved the round on")
+
+    def apply_assignment(self, document: SignedDocument) -> None:
+        """Take the global aggregator's signed placement of the clients (after it
+        isolated a galaxy): admit the clients now placed here, starting each from
+        the reputation record the global aggregator hands over for it."""
+        try:
+            document.verify(self.global_key, run=self.run)
+        except SignatureError as exc:
+            raise Rejected("bad_signature", f"assignment: {exc}") from None
+        body = document.body
+        if document.kind != "assignment" or body.get("run") != self.run:
+            raise Rejected("malformed", "not an assignment of this run")
+        assignment = Assignment.from_dict(body["assignment"])
+        self.roster = dataclasses.replace(self.roster, galaxy_of=assignment.galaxy_of)
+        tracker = self.defense.tracker
+        changed = False
+        for c, record in body.get("adopted", {}).items():
+            client = int(c)
+            if assignment.galaxy_of(client) == self.galaxy and (
+                client not in tracker.clients
+            ):
+                tracker.clients[client] = ClientRecord(**record)
+                changed = True
+        if changed:
+            self.store.save_reputation(tracker.state_dict())
 
     # -- clients ---------------------------------------------------------------
 
@@ -361,16 +439,19 @@ class GalaxyAggregator:
         blob = self.store.get_blob(round, "aggregate")
         leaf_blob = self.store.get_blob(round, "leaf")
         weight = self.store.get_blob(round, "weight")
-        if blob is None or leaf_blob is None or weight is None:
+        transcript = self.store.get_blob(round, "transcript")
+        if blob is None or leaf_blob is None or weight is None or transcript is None:
             return None
         leaf = GalaxyLeaf.from_bytes(leaf_blob)
-        signed = self._sign_aggregate(leaf, int(weight), blob)
+        digest = SignedDocument.from_bytes(transcript).digest()
+        signed = self._sign_aggregate(leaf, int(weight), blob, digest)
         return signed, torch.frombuffer(bytearray(blob), dtype=torch.float32)
 
     def _sign_aggregate(
-        self, leaf: GalaxyLeaf, weight: int, values: bytes
+        self, leaf: GalaxyLeaf, weight: int, values: bytes, transcript: bytes
     ) -> Signed[AggregateStatement]:
-        """The aggregate statement of ``values`` (float32 bytes), bound to ``leaf``."""
+        """The aggregate statement of ``values`` (float32 bytes), bound to ``leaf``
+        and to the digest of the round's signed transcript."""
         statement = AggregateStatement(
             leaf.round,
             self.galaxy,
@@ -378,6 +459,7 @@ class GalaxyAggregator:
             leaf.root,
             weight,
             aggregate_digest(values),
+            transcript,
         )
         return sign_statement(self.key, statement, run=self.run)
 
@@ -473,8 +555,10 @@ class GalaxyAggregator:
         *,
         digest: bytes | None = None,
         staged: RevealStage | None = None,
-    ) -> None:
-        """Accept a signed reveal after layer 1.
+    ) -> Signed[Acknowledgement]:
+        """Accept a signed reveal after layer 1; return the galaxy's signed
+        acknowledgement of it (the same one again for an identical resend). With it
+        the client can prove its update was taken, whatever the galaxy says later.
 
         ``digest`` is the body's :func:`~protogalaxy.crypto.identity.reveal_digest`
         when the caller hashed the body as it arrived (:meth:`reveal_hasher`).
@@ -493,8 +577,8 @@ class GalaxyAggregator:
         commitment = tree.commitment_of(client)  # the snapshot's, cached
         existing = self.store.get_reveal(round, client)
         if existing is not None:
-            if existing == (bytes(body), bytes(nonce)):
-                return
+            if existing[0] == bytes(body) and existing[1][:NONCE_SIZE] == bytes(nonce):
+                return self._acknowledge(commitment)
             raise Rejected("duplicate", f"client {client} already revealed")
         if client in self.store.rejections(round):
             raise Rejected(
@@ -534,18 +618,53 @@ class GalaxyAggregator:
                 max_bytes=self.max_update_bytes,
             )
         except IntegrityError as exc:
+            # The client's own signed reveal is kept with the reason, and so is the
+            # body when it matches the commitment (an honestly committed but
+            # malformed update): an auditor can check the rejection.
+            record = {
+                "reason": exc.reason,
+                "nonce": bytes(nonce).hex(),
+                "digest": digest.hex(),
+                "signature": bytes(signature).hex(),
+            }
             try:
-                self.store.add_rejection(round, client, exc.reason)
+                self.store.add_rejection(round, client, json.dumps(record))
             except PhaseClosed:
                 raise self._closed_meanwhile(round) from None
+            if digest == commitment.digest:
+                self.store.put_blob(round, f"rejected:{client}", bytes(body))
             raise Rejected(exc.reason, exc.detail) from None
         try:
-            added = self.store.add_reveal(round, client, body, nonce, staged=staged)
+            added = self.store.add_reveal(
+                round, client, body, bytes(nonce) + bytes(signature), staged=staged
+            )
         except PhaseClosed:
             # The close claimed the phase first: not stored, not aggregated.
             raise self._closed_meanwhile(round) from None
         if not added:
             raise Rejected("duplicate", f"client {client} already revealed")
+        return self._acknowledge(commitment)
+
+    def _acknowledge(self, commitment: Commitment) -> Signed[Acknowledgement]:
+        ack = Acknowledgement(
+            commitment.round,
+            self.galaxy,
+            commitment.client_id,
+            commitment.to_bytes(),
+            commitment.digest,
+        )
+        return sign_statement(self.key, ack, run=self.run)
+
+    def rejection_records(self, round: int) -> dict[int, dict[str, str]]:
+        """Layer-1 rejections of ``round``: reason and the client's signed reveal."""
+        out = {}
+        for c, raw in self.store.rejections(round).items():
+            try:
+                record = json.loads(raw)
+            except ValueError:  # a bare reason (no signed reveal kept)
+                record = {"reason": raw}
+            out[c] = record if isinstance(record, dict) else {"reason": str(raw)}
+        return out
 
     @staticmethod
     def _closed_meanwhile(round: int) -> WrongPhase:
@@ -564,7 +683,8 @@ class GalaxyAggregator:
         reference_direction: torch.Tensor | None = None,
         force: bool = False,
     ) -> GalaxyRoundResult:
-        """Close the reveal phase; run layers 2-4; store reputations and evidence.
+        """Close the reveal phase; run layers 2-4; store reputations and evidence;
+        sign the round's transcript and the aggregate statement bound to it.
 
         A member of the tree that neither revealed nor was rejected withheld its
         update: layer 4 scores it zero for the round, with its signed commitment
@@ -578,49 +698,39 @@ class GalaxyAggregator:
             raise WrongPhase("another aggregator is aggregating this round")
         tree = self._tree(round)
         assert tree is not None  # an empty snapshot ends the round at close_commit
-        reveals = self.store.reveals(round)
-        clients = sorted(reveals)
-        rows = [
-            self.spec.flatten(
-                decode_update(reveals[c][0], max_bytes=self.max_update_bytes)
-            )
-            for c in clients
-        ]
-        updates = torch.stack(rows) if rows else torch.zeros(0, self.spec.numel)
-        rejected = self.store.rejections(round)
-        withheld = [
-            c for c in tree.client_ids if c not in reveals and c not in rejected
-        ]
-        signatures = {c: rec[1] for c, rec in self.store.commitments(round).items()}
-
-        def evidence_for(client: int) -> dict[str, Any]:
-            out: dict[str, Any] = {"round": round, "galaxy_root": tree.root.hex()}
-            if client in tree.client_ids:
-                out["leaf"] = tree.commitment_of(client).to_bytes().hex()
-                out["commitment_signature"] = signatures[client].hex()
-                out["inclusion_proof"] = tree.proof_for(client).to_dict()
-            return out
-
-        report = self.defense.run(
-            round=round,
-            clients=clients,
-            updates=updates,
-            rejected=rejected,
-            withheld=withheld,
-            reference_direction=reference_direction,
-            evidence_for=evidence_for,
+        inputs = self._round_inputs(round, tree)
+        before = reputation_state(self.defense.tracker)
+        report = self._defend(round, tree, inputs, reference_direction)
+        after = reputation_state(self.defense.tracker)
+        transcript = sign_document(
+            self.key,
+            "transcript",
+            self._transcript_body(
+                round, tree, inputs, report, before, after, reference_direction
+            ),
+            run=self.run,
         )
+        self.store.put_blob(round, "transcript", transcript.to_bytes())
+        self.store.put_blob(round, "reputation_before", canonical_json(before))
+        self.store.put_blob(round, "reputation_after", canonical_json(after))
         self.store.save_reputation(self.defense.tracker.state_dict())
+        evidence = []
         for event in report.events:
-            record = {"galaxy": self.galaxy, **event.to_dict()}
+            body = {
+                "galaxy": self.galaxy,
+                **event.to_dict(),
+                "transcript": transcript.digest().hex(),
+            }
+            record = sign_inline(self.key, "evidence", body, run=self.run)
             self.store.append_evidence(record)
+            evidence.append(record)
             _log.warning("%s", event.event, extra={"event_record": record})
         statement = None
         if report.aggregate is not None:
             values = report.aggregate.to(torch.float32).contiguous().numpy().tobytes()
-            self.store.put_blob(round, "aggregate", values)
-            self.store.put_blob(round, "weight", str(report.weight).encode())
-            statement = self._sign_aggregate(tree.leaf(), report.weight, values)
+            statement = self._publish_aggregate(
+                round, tree.leaf(), report.weight, values, transcript.digest()
+            )
         self.store.compare_and_set_state(
             (round, Phase.AGGREGATING), (round, Phase.DONE)
         )
@@ -632,5 +742,162 @@ class GalaxyAggregator:
             report.weight,
             report,
             statement,
-            tuple(withheld),
+            tuple(inputs.withheld),
+            transcript,
+            evidence,
         )
+
+    # -- the steps of a close (a compromised galaxy in a scenario overrides them) --
+
+    def _round_inputs(self, round: int, tree: GalaxyTree) -> RoundInputs:
+        """The round's reveals, rejections and withheld leaves, as stored."""
+        reveals = self.store.reveals(round)
+        rejections = self.rejection_records(round)
+        clients = sorted(reveals)
+        return RoundInputs(
+            clients=clients,
+            bodies={c: reveals[c][0] for c in clients},
+            proofs={c: reveals[c][1] for c in clients},
+            rejections=rejections,
+            withheld=[
+                c for c in tree.client_ids if c not in reveals and c not in rejections
+            ],
+            signatures={c: rec[1] for c, rec in self.store.commitments(round).items()},
+        )
+
+    def _defend(
+        self,
+        round: int,
+        tree: GalaxyTree,
+        inputs: RoundInputs,
+        reference_direction: torch.Tensor | None,
+    ) -> GalaxyDefenseReport:
+        """Layers 2-4 over the decoded reveals."""
+        rows = [
+            self.spec.flatten(
+                decode_update(inputs.bodies[c], max_bytes=self.max_update_bytes)
+            )
+            for c in inputs.clients
+        ]
+        updates = torch.stack(rows) if rows else torch.zeros(0, self.spec.numel)
+
+        def evidence_for(client: int) -> dict[str, Any]:
+            out: dict[str, Any] = {"round": round, "galaxy_root": tree.root.hex()}
+            if client not in tree.client_ids:
+                return out
+            commitment = tree.commitment_of(client)
+            out["leaf"] = commitment.to_bytes().hex()
+            out["commitment_signature"] = inputs.signatures[client].hex()
+            out["inclusion_proof"] = tree.proof_for(client).to_dict()
+            out["update_digest"] = commitment.digest.hex()
+            revealed = inputs.revealed(client, commitment.digest)
+            if revealed is not None:
+                out.update(revealed)
+            return out
+
+        return self.defense.run(
+            round=round,
+            clients=inputs.clients,
+            updates=updates,
+            rejected={c: r["reason"] for c, r in inputs.rejections.items()},
+            withheld=inputs.withheld,
+            reference_direction=reference_direction,
+            evidence_for=evidence_for,
+        )
+
+    def _transcript_body(
+        self,
+        round: int,
+        tree: GalaxyTree,
+        inputs: RoundInputs,
+        report: GalaxyDefenseReport,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        reference_direction: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """The transcript (see :mod:`protogalaxy.protocol.transcript`)."""
+        entries = []
+        for c in tree.client_ids:
+            entry: dict[str, Any] = {
+                "client": c,
+                "commitment": tree.commitment_of(c).to_bytes().hex(),
+                "commitment_signature": inputs.signatures[c].hex(),
+            }
+            o = report.outcomes.get(c)
+            if c in inputs.withheld or o is None:
+                entry["fate"] = "withheld"
+            elif c in inputs.rejections:
+                entry["fate"] = "rejected"
+                entry["reason"] = inputs.rejections[c]["reason"]
+            else:
+                entry["fate"] = "aggregated" if o.selected else "excluded"
+                entry.update(
+                    flags=list(o.flags),
+                    active=o.active,
+                    selected=o.selected,
+                    weight=o.weight,
+                    metrics=finite_metrics(o.metrics),
+                )
+            entry.update(inputs.revealed(c, tree.commitment_of(c).digest) or {})
+            entries.append(entry)
+        values = report.aggregate
+        return {
+            "version": TRANSCRIPT_VERSION,
+            "run": self.run,
+            "round": round,
+            "galaxy": self.galaxy,
+            "root": tree.root.hex(),
+            "tree_size": tree.size,
+            "defense": defense_digest(self.defense.config),
+            "reference": tensor_digest(reference_direction),
+            "reputation_before": digest_hex(before),
+            "reputation_after": digest_hex(after),
+            "rule": report.rule,
+            "f": report.f,
+            "fallback": report.fallback,
+            "aggregate": tensor_digest(values),
+            "weight": report.weight if values is not None else 0,
+            "clients": entries,
+        }
+
+    def _publish_aggregate(
+        self,
+        round: int,
+        leaf: GalaxyLeaf,
+        weight: int,
+        values: bytes,
+        transcript: bytes,
+    ) -> Signed[AggregateStatement]:
+        """Store the aggregate and return its signed statement."""
+        self.store.put_blob(round, "aggregate", values)
+        self.store.put_blob(round, "weight", str(weight).encode())
+        return self._sign_aggregate(leaf, weight, values, transcript)
+
+    # -- what auditors fetch ---------------------------------------------------------
+
+    def transcript(
+        self, round: int
+    ) -> tuple[SignedDocument, dict[str, Any], dict[str, Any]] | None:
+        """The round's signed transcript with the reputation state before and after
+        it (None before the round closed, or after its data expired)."""
+        blobs = [
+            self.store.get_blob(round, k)
+            for k in ("transcript", "reputation_before", "reputation_after")
+        ]
+        if any(b is None for b in blobs):
+            return None
+        doc, before, after = blobs
+        assert doc is not None and before is not None and after is not None
+        return (
+            SignedDocument.from_bytes(doc, kind="transcript"),
+            json.loads(before),
+            json.loads(after),
+        )
+
+    def audit_update(self, round: int, client: int) -> bytes | None:
+        """The body ``client`` revealed in ``round`` (accepted, or rejected while it
+        matched its commitment), for an auditor; None if not kept."""
+        reveal = self.store.get_reveal(round, client)
+        if reveal is not None:
+            return reveal[0]
+        return self.store.get_blob(round, f"rejected:{client}")

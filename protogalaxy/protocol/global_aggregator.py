@@ -1,16 +1,28 @@
 """The global aggregator's round state machine.
 
 ``leaves``: collect galaxy roots -> build the global tree, sign the round head ->
-``aggregates``: collect galaxy aggregates, each bound to the root the galaxy sent ->
-run layer 5, combine, apply the update with the server optimizer, append the head
-to the audit log -> next round (model version r + 1).
+``aggregates``: collect galaxy aggregates, each bound to the root the galaxy sent and
+to its signed transcript -> audit the galaxies, run layer 5, combine, apply the
+update with the server optimizer, append the signed round record to the audit log
+-> next round (model version r + 1).
 
-Nothing a galaxy says is taken on the caller's word: a root, an abstention or an
-aggregate for galaxy ``g`` counts only when galaxy ``g``'s provisioned key signed
-it in this run. An aggregate's weight comes from its signed statement (the updates
-the galaxy aggregated, at most its committed tree size), its values must be float32
-of the model's shape and hash to the signed digest, and a combined update that is
-not finite is never applied.
+Nothing a galaxy says is taken on the caller's word: a root, an abstention, an
+aggregate, a transcript or an acknowledgement for galaxy ``g`` counts only when
+galaxy ``g``'s provisioned key signed it in this run. An aggregate's weight comes
+from its signed statement (the updates the galaxy aggregated, at most its committed
+tree size, at most its clients), its values must be float32 of the model's shape and
+hash to the signed digest, and a step that is not finite is never applied.
+
+Audits (:mod:`protogalaxy.protocol.audit`). Every round, every galaxy's transcript is
+checked against what it signed and against the acknowledgements its clients
+forwarded; the galaxies drawn for a replay (all by default, or a fraction drawn
+after the aggregates arrived, from a keyed hash the galaxies cannot predict) are
+replayed from their revealed updates. A galaxy caught lying has its contribution
+excluded, is isolated from the next round on with the proof logged as a
+``galaxy_misbehaved`` event, and its clients move to the other galaxies with the
+reputations the last verified round left them (:mod:`protogalaxy.protocol.
+assignment`): no client's reputation changes because of the lie. A galaxy that
+sends nothing at all only misses the round.
 
 The server step is FedAvgM (Hsu, Qi, Brown 2019): ``v <- beta v + g``,
 ``w <- w + eta v`` on the combined aggregate ``g``; ``beta = 0`` is plain FedAvg.
@@ -18,8 +30,11 @@ The server step is FedAvgM (Hsu, Qi, Brown 2019): ``v <- beta v + g``,
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
+import random
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,25 +42,62 @@ from typing import Any
 
 import torch
 
-from protogalaxy.crypto.audit import AuditLog
+from protogalaxy.crypto.audit import AuditLog, record_round
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead, sign_round_head
 from protogalaxy.crypto.identity import SigningKey, VerifyKey
 from protogalaxy.crypto.merkle import InclusionProof
 from protogalaxy.crypto.statements import (
     Abstention,
+    Acknowledgement,
     AggregateStatement,
     Signed,
+    SignedDocument,
     aggregate_digest,
+    canonical_json,
+    sign_document,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
 from protogalaxy.defense.pipeline import GlobalDefense, GlobalDefenseReport
+from protogalaxy.protocol.assignment import Assignment
+from protogalaxy.protocol.audit import (
+    AuditContext,
+    GalaxyRound,
+    Misbehaviour,
+    carry_over,
+    check_transcript,
+    replay,
+    updates_needed,
+)
 from protogalaxy.protocol.checkpoint import Checkpoint
 from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
+from protogalaxy.protocol.transcript import digest_hex, tensor_digest
+from protogalaxy.spec import UpdateSpec
 
-__all__ = ["GlobalAggregator", "GlobalRoundResult"]
+__all__ = ["AuditSettings", "GlobalAggregator", "GlobalRoundResult", "keyring_digest"]
 
 _log = logging.getLogger("protogalaxy.global")
+
+
+@dataclass
+class AuditSettings:
+    """How the global aggregator audits the galaxies.
+
+    ``enabled``: check transcripts and replay galaxies at all (off only to show
+    what the audit catches); ``fraction``: of the galaxies with a transcript, the
+    share replayed each round; ``client_keys``: the clients' provisioned keys;
+    ``spec``: the model's tensors (layer 1 of the replay).
+    """
+
+    enabled: bool = True
+    fraction: float = 1.0
+    client_keys: Mapping[int, VerifyKey] = field(default_factory=dict)
+    spec: UpdateSpec | None = None
+    max_update_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
 
 
 @dataclass
@@ -55,6 +107,10 @@ class GlobalRoundResult:
     report: GlobalDefenseReport
     applied: bool
     update_norm: float
+    #: the signed round record appended to the audit log
+    record: SignedDocument | None = None
+    #: galaxies caught misbehaving this round (isolated from the next)
+    misbehaved: list[Misbehaviour] = field(default_factory=list)
 
 
 @dataclass
@@ -62,42 +118,74 @@ class _RoundState:
     round: int
     phase: str = "leaves"
     leaves: dict[int, GalaxyLeaf] = field(default_factory=dict)
+    signed_leaves: dict[int, Signed[GalaxyLeaf]] = field(default_factory=dict)
     abstained: set[int] = field(default_factory=set)
     tree: GlobalTree | None = None
     head: SignedRoundHead | None = None
     aggregates: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    statements: dict[int, Signed[AggregateStatement]] = field(default_factory=dict)
+    #: galaxy -> (signed transcript, reputation state before, after)
+    transcripts: dict[int, tuple[SignedDocument, dict[str, Any], dict[str, Any]]] = (
+        field(default_factory=dict)
+    )
+    #: galaxy -> acknowledgements its clients forwarded this round
+    acks: dict[int, list[Signed[Acknowledgement]]] = field(default_factory=dict)
 
 
 class GlobalAggregator:
-    """The global round logic. ``key`` signs the round heads; ``galaxy_keys`` are
-    the galaxies' provisioned public keys (the galaxies taking part); ``run`` is the
-    run every signature belongs to; ``galaxy_sizes`` the number of clients each
-    galaxy has (no galaxy's tree, so no weight, can be larger)."""
+    """The global round logic. ``key`` signs the round heads and records;
+    ``galaxy_keys`` are the galaxies' provisioned public keys; ``assignment`` places
+    the clients in the galaxies (no galaxy's tree, so no weight, can be larger than
+    its clients); ``run`` is the run every signature belongs to; ``audit`` says how
+    the galaxies are audited."""
 
     def __init__(
         self,
         *,
         key: SigningKey,
         galaxy_keys: Mapping[int, VerifyKey],
-        galaxy_sizes: Mapping[int, int],
+        assignment: Assignment,
         run: str,
         params: torch.Tensor,
         defense: GlobalDefense,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         audit_log: AuditLog | None = None,
+        audit: AuditSettings | None = None,
+        config_digest: str | None = None,
     ) -> None:
         if not galaxy_keys:
             raise ValueError("at least one galaxy is needed")
         if server_lr <= 0 or not 0 <= server_momentum < 1:
             raise ValueError("need server_lr > 0 and 0 <= server_momentum < 1")
-        if set(galaxy_sizes) != set(galaxy_keys):
-            raise ValueError("galaxy_sizes must name exactly the galaxies with keys")
+        if set(galaxy_keys) != set(range(assignment.num_galaxies)):
+            raise ValueError("galaxy_keys must name exactly the assignment's galaxies")
         self.key = key
         self.run = run
         self.galaxy_keys = dict(galaxy_keys)
-        self.galaxy_sizes = {g: int(n) for g, n in galaxy_sizes.items()}
+        self.assignment = assignment
+        self.audit = audit or AuditSettings(enabled=False)
+        if self.audit.enabled and self.audit.spec is None:
+            raise ValueError("auditing needs the model's spec")
+        #: galaxy -> the reputation state its next round must start from
+        self.expected_state: dict[int, dict[str, Any]] = {
+            g: {"galaxy": g, "clients": {}} for g in galaxy_keys
+        }
+        #: galaxy -> the last reputation state a replay verified
+        self.verified_state: dict[int, dict[str, Any]] = {}
+        #: galaxy -> why and when it was isolated
+        self.isolated: dict[int, dict[str, Any]] = {}
+        self._assignment_doc: SignedDocument | None = None
+        #: what was received in the round finished last (for its artefacts)
+        self.finished: _RoundState | None = None
         self.galaxies = sorted(self.galaxy_keys)
+        #: what every round record binds the run to: the configuration's digest and
+        #: the keyrings the galaxies and clients were checked against
+        self.binding = {
+            "config": config_digest,
+            "galaxy_keys": keyring_digest(self.galaxy_keys),
+            "client_keys": keyring_digest(self.audit.client_keys),
+        }
         self.params = params.detach().clone()
         self.defense = defense
         self.server_lr = server_lr
@@ -124,6 +212,11 @@ class GlobalAggregator:
     def leaves(self) -> dict[int, GalaxyLeaf]:
         """The galaxy leaves received this round."""
         return dict(self._state.leaves)
+
+    @property
+    def round_state(self) -> _RoundState:
+        """What the current round has received so far (read it, do not change it)."""
+        return self._state
 
     @property
     def abstained(self) -> set[int]:
@@ -154,13 +247,21 @@ class GlobalAggregator:
                 f"{self._state.phase}, not round {round} {phase}"
             )
 
-    def _authenticate_as(self, galaxy: int, signed: Signed[Any]) -> None:
+    def _authenticate_as(
+        self, galaxy: int, signed: Signed[Any] | SignedDocument
+    ) -> None:
         """Raise ``Rejected("bad_signature")`` (401) unless galaxy ``galaxy``'s key
         signed ``signed`` in this run; ``unknown_client`` for a galaxy not taking
-        part."""
+        part, ``isolated`` (403) for one isolated for misbehaving."""
         key = self.galaxy_keys.get(galaxy)
         if key is None:
             raise Rejected("unknown_client", f"galaxy {galaxy} is not configured")
+        if galaxy in self.isolated:
+            raise Rejected(
+                "isolated",
+                f"galaxy {galaxy} is isolated since round "
+                f"{self.isolated[galaxy]['round']}",
+            )
         try:
             signed.verify(key, run=self.run)
         except SignatureError as exc:
@@ -185,17 +286,18 @@ class GlobalAggregator:
             return False
         self._require(leaf.round, "leaves")
         self._authenticate_as(leaf.galaxy_id, signed)
-        if leaf.tree_size > self.galaxy_sizes[leaf.galaxy_id]:
+        size = self.assignment.sizes()[leaf.galaxy_id]
+        if leaf.tree_size > size:
             _log.error(
                 "galaxy %d claims a tree of %d leaves; it has %d clients",
                 leaf.galaxy_id,
                 leaf.tree_size,
-                self.galaxy_sizes[leaf.galaxy_id],
+                size,
             )
             raise Rejected(
                 "tree_too_large",
-                f"galaxy {leaf.galaxy_id} has {self.galaxy_sizes[leaf.galaxy_id]} "
-                f"clients; a tree of {leaf.tree_size} leaves cannot be",
+                f"galaxy {leaf.galaxy_id} has {size} clients; a tree of "
+                f"{leaf.tree_size} leaves cannot be",
             )
         if leaf.galaxy_id in self._state.abstained:
             raise Rejected(
@@ -208,6 +310,7 @@ class GlobalAggregator:
                 "duplicate", f"galaxy {leaf.galaxy_id} already sent another root"
             )
         self._state.leaves[leaf.galaxy_id] = leaf
+        self._state.signed_leaves[leaf.galaxy_id] = signed
         return True
 
     def submit_abstention(self, signed: Signed[Abstention]) -> None:
@@ -316,15 +419,110 @@ class GlobalAggregator:
                 "duplicate", f"galaxy {galaxy} already sent a different aggregate"
             )
         self._state.aggregates[galaxy] = (aggregate.detach().clone(), int(weight))
+        self._state.statements[galaxy] = signed
         return True
 
-    def finish_round(self, round: int) -> GlobalRoundResult:
-        """Layer 5, combine, apply, log; then open the next round."""
+    def submit_transcript(
+        self,
+        transcript: SignedDocument,
+        before: dict[str, Any],
+        after: dict[str, Any],
+    ) -> bool:
+        """A galaxy's signed transcript of this round, with its reputation state
+        before and after the round (checked when the round is finished). True when
+        taken, False for an identical resend."""
+        body = transcript.body
+        galaxy, round = body.get("galaxy"), body.get("round")
+        if transcript.kind != "transcript" or not isinstance(galaxy, int):
+            raise Rejected("malformed", "not a galaxy transcript")
+        if not isinstance(round, int):
+            raise Rejected("malformed", "a transcript names its round")
+        self._require(round, "aggregates")
+        self._authenticate_as(galaxy, transcript)
+        if galaxy not in self._state.leaves:
+            raise Rejected(
+                "unknown_client", f"galaxy {galaxy} has no root in round {round}"
+            )
+        known = self._state.transcripts.get(galaxy)
+        if known is not None:
+            if known[0].digest() == transcript.digest():
+                return False
+            raise Rejected("duplicate", f"galaxy {galaxy} sent another transcript")
+        self._state.transcripts[galaxy] = (
+            transcript,
+            copy.deepcopy(before),
+            copy.deepcopy(after),
+        )
+        return True
+
+    def submit_ack(self, signed: Signed[Acknowledgement]) -> bool:
+        """An acknowledgement a galaxy signed for a client's reveal, forwarded by
+        the client: the galaxy's transcript must then take that reveal. True when
+        new, False for a resend."""
+        st = signed.statement
+        if st.round != self._state.round:
+            raise WrongPhase(
+                f"acknowledgement of round {st.round}; the round is {self._state.round}"
+            )
+        self._authenticate_as(st.galaxy_id, signed)
+        acks = self._state.acks.setdefault(st.galaxy_id, [])
+        if signed in acks:
+            return False
+        if sum(1 for a in acks if a.statement.client_id == st.client_id) >= 2:
+            raise Rejected("duplicate", f"client {st.client_id} already forwarded")
+        acks.append(signed)
+        return True
+
+    def audit_targets(self, round: int) -> dict[int, list[int]]:
+        """The galaxies drawn for a replay this round, with the clients whose
+        revealed updates each replay needs. Drawn once the aggregates are in, from
+        a hash keyed with the global aggregator's private key over the round and
+        the aggregates: the galaxies cannot know beforehand which are drawn."""
+        self._require(round, "aggregates")
+        if not self.audit.enabled:
+            return {}
+        candidates = sorted(self._state.transcripts)
+        k = round_half_up(self.audit.fraction * len(candidates))
+        if k < len(candidates):
+            seed = hmac.digest(
+                self.key.to_bytes(),
+                b"protogalaxy/v1/audit-sample\x00"
+                + struct.pack("<Q", round)
+                + b"".join(
+                    self._state.statements[g].statement.digest
+                    for g in sorted(self._state.statements)
+                ),
+                "sha256",
+            )
+            candidates = sorted(random.Random(seed).sample(candidates, k))
+        out = {}
+        for g in candidates:
+            try:
+                out[g] = updates_needed(self._state.transcripts[g][0].body)
+            except (KeyError, TypeError, ValueError):
+                out[g] = []  # a malformed transcript: the check will say so
+        return out
+
+    def finish_round(
+        self,
+        round: int,
+        *,
+        updates: Mapping[int, Mapping[int, bytes]] | None = None,
+    ) -> GlobalRoundResult:
+        """Audit, layer 5, combine, apply, log; then open the next round.
+
+        ``updates``: for the galaxies drawn by :meth:`audit_targets`, the revealed
+        updates their replay needs (``{galaxy: {client: body}}``), as each galaxy
+        served them; a drawn galaxy missing here failed to serve them."""
         self._require(round, "aggregates")
         head = self._state.head
         assert head is not None
+        misbehaved, audited = self._audit(round, updates)
+        aggregates = {
+            g: v for g, v in self._state.aggregates.items() if g not in misbehaved
+        }
         report = self.defense.run(
-            self._state.aggregates,
+            aggregates,
             reference_direction=self.reference_direction,
             model_norm=float(
                 torch.linalg.vector_norm(self.params, dtype=torch.float64)
@@ -344,9 +542,162 @@ class GlobalAggregator:
                 applied = True
             else:  # never publish a model that is not finite
                 _log.error("round %d: the step is not finite; not applied", round)
-        self.audit_log.append(head)
+        for m in misbehaved.values():
+            self._isolate(m)
+        record = self._record(round, head, report, misbehaved, audited, applied)
+        self.audit_log.append(record)
+        self.finished = self._state
         self._state = _RoundState(round + 1)
-        return GlobalRoundResult(round, head, report, applied, norm)
+        return GlobalRoundResult(
+            round, head, report, applied, norm, record, list(misbehaved.values())
+        )
+
+    def _audit(
+        self, round: int, updates: Mapping[int, Mapping[int, bytes]] | None
+    ) -> tuple[dict[int, Misbehaviour], dict[int, str]]:
+        """Check every galaxy's round, replay the drawn ones; who misbehaved, and
+        how each galaxy was audited (``checked`` or ``replayed``)."""
+        misbehaved: dict[int, Misbehaviour] = {}
+        audited: dict[int, str] = {}
+        if not self.audit.enabled:
+            return misbehaved, audited
+        assert self.audit.spec is not None
+        drawn = updates or {}
+        for g in sorted(self._state.leaves):
+            if g not in self._state.statements and g not in self._state.transcripts:
+                continue  # sent nothing after its root: it only misses the round
+            t = self._state.transcripts.get(g)
+            gr = GalaxyRound(
+                g,
+                round,
+                self._state.signed_leaves[g],
+                None if t is None else t[0],
+                None if t is None else t[1],
+                None if t is None else t[2],
+                self._state.statements.get(g),
+                list(self._state.acks.get(g, [])),
+            )
+            ctx = AuditContext(
+                run=self.run,
+                galaxy_key=self.galaxy_keys[g],
+                client_keys=self.audit.client_keys,
+                spec=self.audit.spec,
+                defense=self.defense.config,
+                reference=self.reference_direction,
+                max_update_bytes=self.audit.max_update_bytes,
+                expected_before=digest_hex(self.expected_state[g]),
+            )
+            try:
+                body = check_transcript(gr, ctx)
+                audited[g] = "checked"
+                if g in drawn:
+                    self.verified_state[g] = replay(gr, ctx, drawn[g], body)
+                    audited[g] = "replayed"
+            except Misbehaviour as m:
+                misbehaved[g] = m
+                _log.error("galaxy_misbehaved", extra={"event_record": m.to_dict()})
+                continue
+            assert gr.after is not None
+            self.expected_state[g] = copy.deepcopy(gr.after)
+        return misbehaved, audited
+
+    def _isolate(self, m: Misbehaviour) -> None:
+        """Isolate ``m.galaxy`` from the next round on; its clients move to the
+        other galaxies with the reputation records the galaxy's last verified round
+        left them (not the ones of the round it lied in)."""
+        self.isolated[m.galaxy] = {
+            "round": m.round,
+            "kind": m.kind,
+            "detail": m.detail,
+        }
+        self.assignment = carry_over(
+            self.assignment, m.galaxy, self.expected_state, self.verified_state
+        )
+        self._assignment_doc = None
+
+    def assignment_document(self) -> SignedDocument:
+        """The signed placement of the clients (isolated galaxies, the round it
+        holds from) and, for every client that moved, the reputation record its new
+        galaxy starts it with. Galaxies and clients verify it with the pinned key."""
+        if self._assignment_doc is None:
+            adopted: dict[str, Any] = {}
+            for c in self.assignment.moved():
+                state = self.expected_state[self.assignment.galaxy_of(c)]
+                record = state["clients"].get(str(c))
+                if record is not None:
+                    adopted[str(c)] = copy.deepcopy(record)
+            self._assignment_doc = sign_document(
+                self.key,
+                "assignment",
+                {
+                    "run": self.run,
+                    "round": self._state.round,
+                    "assignment": self.assignment.to_dict(),
+                    "isolated": {str(g): v for g, v in sorted(self.isolated.items())},
+                    "adopted": adopted,
+                },
+                run=self.run,
+            )
+        return self._assignment_doc
+
+    def _record(
+        self,
+        round: int,
+        head: SignedRoundHead,
+        report: GlobalDefenseReport,
+        misbehaved: Mapping[int, Misbehaviour],
+        audited: Mapping[int, str],
+        applied: bool,
+    ) -> SignedDocument:
+        """The signed round record: what happened to every galaxy, the model after."""
+        galaxies: dict[str, Any] = {}
+        for g in self.galaxies:
+            st = self._state.statements.get(g)
+            t = self._state.transcripts.get(g)
+            if g in misbehaved:
+                status = "misbehaved"
+            elif g in report.excluded:
+                status = "excluded"
+            elif g in report.accepted:
+                status = "clipped" if g in report.clipped else "aggregated"
+            elif g in self._state.abstained:
+                status = "abstained"
+            elif g in self._state.leaves:
+                status = "absent"  # a root, then nothing in time
+            elif g in self.isolated and g not in misbehaved:
+                status = "isolated"
+            else:
+                status = "absent"
+            galaxies[str(g)] = {
+                "status": status,
+                "leaf": None
+                if g not in self._state.leaves
+                else self._state.leaves[g].to_dict(),
+                "transcript": None if t is None else t[0].digest().hex(),
+                "aggregate": None if st is None else st.statement.digest.hex(),
+                "weight": None if st is None else st.statement.weight,
+                "clip": report.clipped.get(g),
+                "audit": audited.get(g),
+                "acks": digest_hex(
+                    sorted(
+                        (a.to_dict() for a in self._state.acks.get(g, [])),
+                        key=canonical_json,
+                    )
+                ),
+                "misbehaviour": None if g not in misbehaved else misbehaved[g].kind,
+            }
+        body = {
+            "run": self.run,
+            "round": round,
+            "head": head.to_dict(),
+            "galaxies": galaxies,
+            "isolated": sorted(self.isolated),
+            "applied": applied,
+            "model": tensor_digest(self.params),
+            "binding": self.binding,
+            "timestamp_ms": time.time_ns() // 1_000_000,
+        }
+        return sign_document(self.key, "round-record", body, run=self.run)
 
     def checkpoint(self) -> Checkpoint:
         """Everything needed to resume at :attr:`round`: model, server optimizer,
@@ -360,6 +711,10 @@ class GlobalAggregator:
                 "galaxies": self.galaxies,
                 "run": self.run,
                 "signer": self.key.public_key.to_bytes().hex(),
+                "assignment": self.assignment.to_dict(),
+                "isolated": {str(g): v for g, v in self.isolated.items()},
+                "expected_state": {str(g): v for g, v in self.expected_state.items()},
+                "verified_state": {str(g): v for g, v in self.verified_state.items()},
             },
             {
                 "params": self.params.clone(),
@@ -390,6 +745,12 @@ class GlobalAggregator:
         self.direction_sum = t["direction_sum"].clone()
         self.direction_count = int(meta["direction_count"])
         self.defense.screen.load_state_dict(meta["galaxy_screen"])
+        if "assignment" in meta:
+            self.assignment = Assignment.from_dict(meta["assignment"])
+            self.isolated = {int(g): v for g, v in meta["isolated"].items()}
+            self.expected_state = {int(g): v for g, v in meta["expected_state"].items()}
+            self.verified_state = {int(g): v for g, v in meta["verified_state"].items()}
+            self._assignment_doc = None
         self.audit_log = AuditLog.from_bytes(
             t["audit_log"].numpy().tobytes(),
             trusted_key=self.key.public_key,
@@ -397,8 +758,18 @@ class GlobalAggregator:
         )
         if (
             self.audit_log.size
-            and self.audit_log.entry(-1).head.round >= checkpoint.round
+            and record_round(self.audit_log.entry(-1)) >= checkpoint.round
         ):
             # skipped rounds (no roots) leave gaps; a log past the checkpoint is wrong
             raise ValueError("checkpoint's audit log runs past the checkpoint's round")
         self._state = _RoundState(checkpoint.round)
+
+
+def round_half_up(x: float) -> int:
+    """``x`` rounded to the nearest integer, halves up (a sample size)."""
+    return int(x + 0.5)
+
+
+def keyring_digest(keys: Mapping[int, VerifyKey]) -> str:
+    """Digest of a keyring (``{id: public key}``), as round records bind it."""
+    return digest_hex({str(i): k.to_bytes().hex() for i, k in sorted(keys.items())})

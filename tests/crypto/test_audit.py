@@ -1,4 +1,5 @@
-"""The audit log: append-only, persistent, consistent between any two sizes."""
+"""The audit log of round records: append-only, persistent, consistent between any
+two sizes."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import pytest
 
 from protogalaxy.crypto.audit import AuditLog, LogHead, verify_log_extension
 from protogalaxy.crypto.errors import ProofError, SignatureError
-from protogalaxy.crypto.heads import RoundHead, SignedRoundHead, sign_round_head
 from protogalaxy.crypto.identity import SigningKey
+from protogalaxy.crypto.statements import SignedDocument, sign_document
 
 RUN = "r1"
 
 
 def heads(
     key: SigningKey, n: int, start: int = 0, run: str = RUN
-) -> list[SignedRoundHead]:
+) -> list[SignedDocument]:
+    """Signed round records of rounds ``start .. start + n - 1``."""
     return [
-        sign_round_head(key, RoundHead(r, 3, bytes([r % 256]) * 32, 1000 + r, run))
+        sign_document(
+            key,
+            "round-record",
+            {"run": run, "round": r, "model": bytes([r % 256]).hex() * 32},
+            run=run,
+        )
         for r in range(start, start + n)
     ]
 
@@ -43,7 +50,9 @@ def test_rewritten_history_is_detected() -> None:
     seen = honest.head(4)
     rewritten = AuditLog()
     hs = heads(key, 6)
-    hs[2] = sign_round_head(key, RoundHead(2, 3, b"\xee" * 32, 1002, RUN))
+    hs[2] = sign_document(
+        key, "round-record", {"run": RUN, "round": 2, "model": "ee" * 32}, run=RUN
+    )
     for h in hs:
         rewritten.append(h)
     for old_size in (3, 4):
@@ -86,7 +95,7 @@ def test_persistence_and_torn_tail(tmp_path: Path) -> None:
     assert path.read_bytes() == log.to_bytes()
     # A crash in the middle of an append leaves a torn record at the end.
     with open(path, "ab") as f:
-        f.write(b"\xa4\x00\x00\x00" + b"partial")
+        f.write(b"\xa4\x00\x00\x00" + b"partial")  # claims 164 bytes, has 7
     recovered = AuditLog(path, trusted_key=key.public_key, run=RUN)
     assert recovered.size == 5 and recovered.root == root
     assert path.read_bytes() == log.to_bytes()

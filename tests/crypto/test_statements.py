@@ -15,7 +15,9 @@ from protogalaxy.crypto.keyring import (
 )
 from protogalaxy.crypto.statements import (
     Abstention,
+    Acknowledgement,
     AggregateStatement,
+    ModelStatement,
     Signed,
     aggregate_digest,
     sign_statement,
@@ -27,7 +29,11 @@ KEY = SigningKey.generate()
 STATEMENTS = [
     GalaxyLeaf(4, 1, 9, bytes(range(32))),
     Abstention(4, 1),
-    AggregateStatement(4, 1, 9, bytes(range(32)), 7, aggregate_digest(b"\x00" * 16)),
+    AggregateStatement(
+        4, 1, 9, bytes(range(32)), 7, aggregate_digest(b"\x00" * 16), bytes(32)
+    ),
+    Acknowledgement(4, 1, 7, bytes(68), bytes(range(32))),
+    ModelStatement(4, bytes(range(32))),
 ]
 
 
@@ -75,12 +81,12 @@ def test_a_signature_for_one_kind_does_not_pass_as_another() -> None:
 def test_an_aggregate_weight_is_between_one_and_the_tree_size() -> None:
     for weight in (0, 10, 2**64):
         with pytest.raises(ValueError):
-            AggregateStatement(4, 1, 9, bytes(32), weight, bytes(32))
+            AggregateStatement(4, 1, 9, bytes(32), weight, bytes(32), bytes(32))
     for weight in (-1, 1.0, "3", True):
         with pytest.raises((TypeError, ValueError)):
-            AggregateStatement(4, 1, 9, bytes(32), weight, bytes(32))  # type: ignore[arg-type]
+            AggregateStatement(4, 1, 9, bytes(32), weight, bytes(32), bytes(32))  # type: ignore[arg-type]
     # Bytes that claim a weight above the tree size do not parse.
-    st = AggregateStatement(4, 1, 9, bytes(32), 9, bytes(32))
+    st = AggregateStatement(4, 1, 9, bytes(32), 9, bytes(32), bytes(32))
     raw = bytearray(st.to_bytes())
     raw[60:68] = (10).to_bytes(8, "little")
     with pytest.raises(ValueError, match="exceeds"):

@@ -246,18 +246,27 @@ def test_network_policies(helm: Path) -> None:
     nps = by_kind(render(helm), "NetworkPolicy")
     galaxy, glob = nps["pg-protogalaxy-galaxy"], nps["pg-protogalaxy-global"]
     redis, clients = nps["pg-protogalaxy-redis"], nps["pg-protogalaxy-clients"]
-    # Clients reach only galaxies (and DNS); nothing reaches the clients.
+    # Clients reach only galaxies and the global aggregator (and DNS); nothing
+    # reaches the clients.
     assert clients["spec"]["ingress"] == []
-    assert [_peers(r, "to") for r in clients["spec"]["egress"]] == [{"galaxy"}, set()]
-    # Galaxies: reached by clients (and the helm test); reach global and Redis.
+    assert [_peers(r, "to") for r in clients["spec"]["egress"]] == [
+        {"galaxy", "global"},
+        set(),
+    ]
+    # Galaxies: reached by clients, the auditing global aggregator and the helm
+    # test; reach global and Redis.
     assert [_peers(r, "from") for r in galaxy["spec"]["ingress"]] == [
-        {"clients", "test"}
+        {"clients", "global", "test"}
     ]
     assert [_peers(r, "to") for r in galaxy["spec"]["egress"]][:2] == [
         {"global"},
         {"redis"},
     ]
-    assert [_peers(r, "from") for r in glob["spec"]["ingress"]] == [{"galaxy", "test"}]
+    assert [_peers(r, "from") for r in glob["spec"]["ingress"]] == [
+        {"galaxy", "clients", "test"}
+    ]
+    # The global aggregator reaches only the galaxies (replay audits) and DNS.
+    assert [_peers(r, "to") for r in glob["spec"]["egress"]] == [{"galaxy"}, set()]
     # Nothing but galaxies reaches Redis, and Redis reaches nobody.
     assert [_peers(r, "from") for r in redis["spec"]["ingress"]] == [{"galaxy"}]
     assert redis["spec"]["egress"] == [] and "Egress" in redis["spec"]["policyTypes"]
@@ -311,7 +320,7 @@ def test_impossible_settings_are_refused(helm: Path) -> None:
 
 def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> None:
     secret = by_kind(render(helm), "Secret")["pg-protogalaxy-auth"]
-    assert set(secret["data"]) == {"service-token"}
+    assert set(secret["data"]) == {"service-token", "auditor-token"}
     out = subprocess.run(
         [str(helm), "install", "pg", str(CHART), "--dry-run=client", "-n", "fl"],
         capture_output=True,
@@ -368,23 +377,40 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
         assert env["PG_CLIENT_KEYS_FILE"] == "/etc/protogalaxy-keys/clients.pub"
         assert ("pg-protogalaxy-keys", "global.pub") in secret_refs(c)
         assert ("pg-protogalaxy-auth", "service-token") in secret_refs(c)
+        assert ("pg-protogalaxy-auth", "auditor-token") in secret_refs(c)
     glob = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]
+    # The global aggregator also pins the clients' keys: its replay audit checks
+    # every published reveal against its client's signature.
     assert key_items(glob) == [
         ("global.key", "signing.key"),
         ("galaxies.pub", "galaxies.pub"),
+        ("clients.pub", "clients.pub"),
     ]
+    (gc,) = pod_spec(glob)["containers"]
+    genv = env_of(gc)
+    assert genv["PG_CLIENT_KEYS_FILE"] == "/etc/protogalaxy-keys/clients.pub"
+    assert (
+        genv["PG_GALAXY_URL_TEMPLATE"] == "http://pg-protogalaxy-galaxy-{galaxy}:8000"
+    )
+    assert genv["PG_AUDIT_DIR"] == "/data/r1/artefacts"
+    assert ("pg-protogalaxy-auth", "auditor-token") in secret_refs(gc)
     (job,) = [
         d
         for d in docs
         if d["kind"] == "Job" and d["metadata"]["name"].startswith("pg-protogalaxy-cl")
     ]
-    assert key_items(job) == [("clients.seed", "clients.seed")]
+    assert key_items(job) == [
+        ("clients.seed", "clients.seed"),
+        ("galaxies.pub", "galaxies.pub"),
+    ]
     (client,) = pod_spec(job)["containers"]
     env = env_of(client)
     assert not [k for k in env if "TOKEN" in k], env
     assert secret_refs(client) == {("pg-protogalaxy-keys", "global.pub")}
     assert env["PG_RUN_ID"] == "r1"
     assert env["PG_CLIENT_SEED_FILE"] == "/etc/protogalaxy-keys/clients.seed"
+    assert env["PG_GALAXY_KEYS_FILE"] == "/etc/protogalaxy-keys/galaxies.pub"
+    assert env["PG_GLOBAL_URL"] == "http://pg-protogalaxy-global:8000"
     # The hook makes a key for every galaxy and client of the release, and may
     # touch no Secret but its own (besides creating it).
     (keygen,) = [

@@ -16,6 +16,7 @@ from protogalaxy.crypto.statements import (
 )
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import DefenseConfig, GlobalDefense
+from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.checkpoint import (
     Checkpoint,
     CheckpointDir,
@@ -73,7 +74,7 @@ def leaf(r: int, gid: int) -> Signed[GalaxyLeaf]:
 
 def aggregate(r: int, gid: int, values: torch.Tensor) -> Signed[AggregateStatement]:
     digest = aggregate_digest(values.numpy().tobytes())
-    st = AggregateStatement(r, gid, 5, bytes([gid]) * 32, 5, digest)
+    st = AggregateStatement(r, gid, 5, bytes([gid]) * 32, 5, digest, bytes(32))
     return sign_statement(GALAXY_KEYS[gid], st, run=RUN)
 
 
@@ -85,7 +86,7 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
         return GlobalAggregator(
             key=key,
             galaxy_keys=galaxy_keys,
-            galaxy_sizes={0: 5, 1: 5},
+            assignment=Assignment(10, 2),
             run=run,
             params=torch.zeros(6),
             defense=GlobalDefense(DefenseConfig()),
@@ -124,7 +125,7 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
     other = GlobalAggregator(
         key=SigningKey.generate(),
         galaxy_keys=galaxy_keys,
-        galaxy_sizes={0: 5, 1: 5},
+        assignment=Assignment(10, 2),
         run=RUN,
         params=torch.zeros(6),
         defense=GlobalDefense(DefenseConfig()),

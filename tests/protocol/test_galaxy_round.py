@@ -21,6 +21,7 @@ from protogalaxy.crypto.identity import (
     sign_commitment,
     sign_registration,
     sign_reveal,
+    verify_reveal_signature,
 )
 from protogalaxy.crypto.keyring import client_key, parse_keyring, provision
 from protogalaxy.crypto.statements import (
@@ -29,6 +30,7 @@ from protogalaxy.crypto.statements import (
     sign_statement,
 )
 from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense, GlobalDefense
+from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.galaxy import (
     ClientRoster,
     GalaxyAggregator,
@@ -100,7 +102,7 @@ class World:
         self.glob = GlobalAggregator(
             key=self.global_key,
             galaxy_keys=parse_keyring(files["galaxies.pub"].decode()),
-            galaxy_sizes={0: n},
+            assignment=Assignment(n, 1),
             run=RUN,
             params=torch.zeros(D),
             defense=GlobalDefense(cfg),
@@ -244,7 +246,22 @@ def test_reveal_checks_leave_accepted_updates_intact() -> None:
         w.galaxy.submit_reveal(0, 3, b"garbage", bytes(32), forged)
     w.reveal(0, 3, w.secrets[3][0], w.secrets[3][1])
     assert {c: w.store.reveals(0)[c] for c in before} == before
-    assert w.store.rejections(0) == {1: "commitment_mismatch", 2: "commitment_mismatch"}
+    records = w.galaxy.rejection_records(0)
+    assert {c: r["reason"] for c, r in records.items()} == {
+        1: "commitment_mismatch",
+        2: "commitment_mismatch",
+    }
+    # Each with the client's own signed reveal, so an auditor can check it.
+    for c, r in records.items():
+        com = w.secrets[c][2]
+        verify_reveal_signature(
+            w.keys[c].public_key,
+            com,  # type: ignore[arg-type]
+            bytes.fromhex(r["nonce"]),
+            bytes.fromhex(r["signature"]),
+            digest=bytes.fromhex(r["digest"]),
+            run=RUN,
+        )
 
 
 @pytest.mark.parametrize(
@@ -276,7 +293,9 @@ def test_bad_updates_that_match_their_commitment(
     w.secrets[0] = (encode_update(tensors), nonce, com)
     with pytest.raises(Rejected, match=reason):
         w.reveal(0, 0, encode_update(tensors), nonce)
-    assert w.store.rejections(0) == {0: reason}
+    assert w.galaxy.rejection_records(0)[0]["reason"] == reason
+    # The body matches the commitment: it is kept for an auditor to check.
+    assert w.galaxy.audit_update(0, 0) == encode_update(tensors)
 
 
 def test_a_round_is_aggregated_once_and_mismatch_costs_reputation() -> None:
@@ -340,6 +359,7 @@ def restated(w: World, r: object, aggregate: torch.Tensor, **fields: object) -> 
             "root": st.root,
             "weight": st.weight,
             "digest": aggregate_digest(values),
+            "transcript": st.transcript,
             **fields,
         }
     )
@@ -574,3 +594,28 @@ def test_an_empty_round_ends_without_a_leaf() -> None:
     assert w.galaxy.state == (0, "done")
     w.galaxy.open_round(1)
     assert w.galaxy.state == (1, "commit")
+
+
+def test_the_aggregate_bytes_do_not_depend_on_the_arrival_order() -> None:
+    """A galaxy adds its clients' updates in client-id order, whatever order they
+    were committed and revealed in: float addition is not associative (here
+    (1e20 + 1) - 1e20 = 0 but (1e20 - 1e20) + 1 = 1), so without that order the
+    same updates would give different bytes, and a replay could not match them."""
+    ups = honest(3, seed=5)
+    ups[0][0], ups[1][0], ups[2][0] = 1e20, 1.0, -1e20
+    w = World(3, layers=(1,), agg="fedavg")
+    out = []
+    for rnd, order in enumerate(([0, 1, 2], [0, 2, 1], [2, 0, 1])):
+        w.secrets.clear()
+        w.commit_all(rnd, {c: ups[c] for c in order})
+        w.publish_head(rnd)
+        for c in order:
+            body, nonce, _ = w.secrets[c]
+            w.reveal(rnd, c, body, nonce)
+        result = w.galaxy.close_reveal(rnd, force=True)
+        assert result.aggregate is not None and result.statement is not None
+        out.append(result.aggregate.numpy().tobytes())
+        w.glob.submit_aggregate(result.statement, result.aggregate)
+        w.glob.finish_round(rnd)
+    assert out[0] == out[1] == out[2]
+    assert torch.frombuffer(bytearray(out[0]), dtype=torch.float32)[0] == 0.0

@@ -218,8 +218,12 @@ def test_redis_restart_keeps_reputations_quarantine_and_evidence(
         p.wait_global_round(1)
         before = galaxy_store(cluster)
         reputation, evidence = before.load_reputation(), before.evidence()
-        assert evidence and evidence[0]["event"] == "client_quarantined"
-        assert evidence[0]["client"] == 3 and evidence[0]["evidence"]["leaf"]
+        # the rejection, then the quarantine it caused, each on record
+        assert [(e["event"], e["client"]) for e in evidence] == [
+            ("reveal_rejected", 3),
+            ("client_quarantined", 3),
+        ]
+        assert evidence[1]["evidence"]["leaf"] and evidence[1]["signature"]
         # The accepted bodies were streamed into stages and renamed into place.
         bodies = before.reveals(0)
         assert sorted(bodies) == [0, 1, 2]

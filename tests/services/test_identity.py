@@ -1,5 +1,5 @@
 """Every party speaks for itself, over a real global aggregator process: the test
-plays the galaxies with the keys provisioned for them (``<out>/keys``), as an
+plays the galaxies with the keys provisioned for them (``<out>/secrets``), as an
 honest galaxy, a compromised one, or one that holds another galaxy's credentials.
 
 Each attack here was reproduced against the services before galaxies had keys of
@@ -39,7 +39,9 @@ TREE = 10  # each galaxy's committed tree size
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = load_config(overrides={"training.rounds": 2})  # 3 galaxies, layer 5 on
+    # 3 galaxies, layer 5 on; the test plays the galaxies' identities, not their
+    # transcripts (tests/services/test_audit_up.py plays those)
+    config = load_config(overrides={"training.rounds": 2, "audit.enabled": False})
     c = LocalCluster(config, Path(tmp_path_factory.mktemp("identity")), evaluate=False)
     try:
         c.start(clients=False, galaxies=False)  # the test is every galaxy
@@ -96,7 +98,9 @@ class Galaxies:
         ``raw_weight`` writes a weight into the statement's bytes that the
         statement type itself would refuse to hold."""
         digest = aggregate_digest(values.contiguous().numpy().tobytes())
-        st = AggregateStatement(rnd, galaxy, TREE, self.roots[galaxy], weight, digest)
+        st = AggregateStatement(
+            rnd, galaxy, TREE, self.roots[galaxy], weight, digest, bytes(32)
+        )
         raw = bytearray(st.to_bytes())
         if raw_weight is not None:
             raw[60:68] = raw_weight.to_bytes(8, "little")

@@ -96,7 +96,9 @@ def test_up_reports_a_client_runner_that_stops_on_a_bad_proof(tmp_path: Path) ->
         ), pid
     assert str(tmp_path / "logs" / "clients.log") in str(failed.value)
     log = (tmp_path / "logs" / "clients.log").read_text()
-    assert "verifies against the pinned global key" in log
+    # The first thing it checks against the pinned key (the signed placement of
+    # the clients) fails, and it says so.
+    assert "against the pinned global key" in log
 
 
 def test_client_processes_hold_no_service_credential(
@@ -114,7 +116,11 @@ def test_client_processes_hold_no_service_credential(
     assert clients["PG_CLIENT_SEED_FILE"] == str(cluster.keys / "clients.seed")
     assert clients["PG_GLOBAL_PUBLIC_KEY"] == cluster.global_public_key
     named = {v for v in clients.values() if v.startswith(str(cluster.keys))}
-    assert named == {str(cluster.keys / "clients.seed")}
+    # Its only private file is the seed; it pins the galaxies' public keys.
+    assert named == {
+        str(cluster.keys / "clients.seed"),
+        str(cluster.keys / "galaxies.pub"),
+    }
     for g in (0, 1):
         env = procs[f"galaxy-{g}"].env
         assert env["PG_SERVICE_TOKEN"] == cluster.service_token

@@ -1,0 +1,179 @@
+"""`protogalaxy audit RUN_DIR`: 0 on an untouched run, non-zero naming the round and
+the party for any byte changed, or record removed, in any kind of artefact."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from protogalaxy.artefacts import ArtefactWriter
+from protogalaxy.auditor import audit_run
+from protogalaxy.config import load_config
+from protogalaxy.learning.datasets import load_dataset
+from protogalaxy.simulation import Simulation
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three rounds, galaxy 1 dropping an acknowledged reveal from round 1 (so the
+    run holds a misbehaviour and its proof too); every update kept."""
+    root = tmp_path_factory.mktemp("run")
+    config = load_config(
+        overrides={
+            "training.rounds": 3,
+            "clients.samples_per_client": 200,
+            "galaxy_attack.galaxy": 1,
+            "galaxy_attack.kind": "drop",
+            "galaxy_attack.from_round": 1,
+            "audit.keep_updates": 3,
+        }
+    )
+    sim = Simulation(
+        config, dataset=load_dataset("mnist"), artefacts=ArtefactWriter(root)
+    )
+    sim.run()
+    return root
+
+
+def audit(path: Path) -> tuple[int, str]:
+    lines: list[str] = []
+    return audit_run(path, out=lines.append), "\n".join(lines)
+
+
+def test_an_untouched_run_verifies_through_the_command(run_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 1: ok" in done.stdout
+    assert "galaxy 1 misbehaved (dropped_after_ack), proof verified" in done.stdout
+    assert done.stdout.strip().endswith("replay verifies")
+    key = (run_dir / "keys" / "global.pub").read_text().strip()
+    pinned = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", str(run_dir),
+         "--global-key", "00" * 32],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert pinned.returncode == 1 and "pinned" in pinned.stdout
+    assert audit_run(run_dir, global_key=key, out=lambda _: None) == 0
+
+
+def kinds(root: Path) -> dict[str, Path]:
+    r1 = root / "audit" / "rounds" / "000001"
+    return {
+        "transcript": r1 / "galaxy-0" / "transcript.json",
+        "reputation states": r1 / "galaxy-2" / "reputation.json",
+        "signed root": r1 / "galaxy-2" / "leaf.json",
+        "aggregate statement": r1 / "galaxy-0" / "aggregate.json",
+        "acknowledgements": r1 / "galaxy-0" / "acks.jsonl",
+        "misbehaviour proof": r1 / "misbehaviour.jsonl",
+        "evidence": root / "evidence.jsonl",
+        "receipts": root / "receipts.jsonl",
+        "audit log (heads and records)": root / "audit" / "log.bin",
+        "stored update": next((root / "audit" / "updates" / "000001").rglob("*.pgt1")),
+        "reference direction": r1 / "reference.pgt1",
+    }
+
+
+def mutated(run_dir: Path, tmp: Path, change: Callable[[Path], None]) -> Path:
+    copy = tmp / f"run-{random.random():.9f}"
+    shutil.copytree(run_dir, copy)
+    change(copy)
+    return copy
+
+
+KINDS = [
+    "transcript",
+    "reputation states",
+    "signed root",
+    "aggregate statement",
+    "acknowledgements",
+    "misbehaviour proof",
+    "evidence",
+    "receipts",
+    "audit log (heads and records)",
+    "stored update",
+    "reference direction",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_byte_changed_fails_naming_round_and_party(
+    run_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    rng = random.Random(kind)
+    size = kinds(run_dir)[kind].stat().st_size
+    for pos in sorted(rng.sample(range(size), min(4, size))):
+
+        def flip(root: Path, pos: int = pos) -> None:
+            path = kinds(root)[kind]
+            data = bytearray(path.read_bytes())
+            data[pos] ^= 0x01 if data[pos] not in (0x30, 0x31) else 0x03
+            path.write_bytes(bytes(data))
+
+        failures, text = audit(mutated(run_dir, tmp_path, flip))
+        assert failures, f"{kind}: byte {pos} changed and the audit passed\n{text}"
+        fail_lines = [line for line in text.splitlines() if line.startswith("FAIL")]
+        assert any(
+            ("round" in line and any(p in line for p in ("galaxy", "global", "client")))
+            or ".json" in line
+            or ".bin" in line
+            or "line" in line
+            for line in fail_lines
+        ), text
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["acknowledgements", "evidence", "receipts", "misbehaviour proof", "audit log"],
+)
+def test_a_removed_record_fails(run_dir: Path, tmp_path: Path, kind: str) -> None:
+    def drop(root: Path) -> None:
+        if kind == "audit log":  # the last round's record: truncate the log
+            log = root / "audit" / "log.bin"
+            data = log.read_bytes()
+            import struct
+
+            pos, last = 5, 5
+            while pos < len(data):
+                (n,) = struct.unpack_from("<I", data, pos)
+                last, pos = pos, pos + 4 + n
+            log.write_bytes(data[:last])
+            return
+        path = kinds(root)[kind]
+        lines = path.read_text().splitlines(keepends=True)
+        del lines[len(lines) // 2]
+        path.write_text("".join(lines))
+
+    failures, text = audit(mutated(run_dir, tmp_path, drop))
+    assert failures, text
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "audit/rounds/000001/galaxy-0/transcript.json",
+        "audit/rounds/000002/galaxy-2/acks.jsonl",
+        "audit/updates/000002/galaxy-0",
+    ],
+)
+def test_a_removed_file_fails(run_dir: Path, tmp_path: Path, name: str) -> None:
+    def remove(root: Path) -> None:
+        path = root / name
+        if path.is_dir():
+            victim = sorted(path.iterdir())[0]
+            victim.unlink()
+        else:
+            path.unlink()
+
+    failures, text = audit(mutated(run_dir, tmp_path, remove))
+    assert failures and "round" in text, text
