@@ -59,9 +59,8 @@ from protogalaxy.protocol.audit import (
     AuditContext,
     GalaxyRound,
     Misbehaviour,
+    audit_galaxy,
     carry_over,
-    check_transcript,
-    replay,
     updates_needed,
 )
 from protogalaxy.protocol.global_aggregator import keyring_digest
@@ -115,6 +114,8 @@ class _Run:
         )
         self.galaxy_keys = parse_keyring((keys / "galaxies.pub").read_text())
         self.client_keys = parse_keyring((keys / "clients.pub").read_text())
+        #: the last round in the audit log
+        self.last_round = -1
         #: what every round record must bind: run.json's config and the keyrings
         self.binding = {
             "config": digest_hex(self.config_dict),
@@ -127,23 +128,41 @@ def audit_run(
     root: str | Path,
     *,
     global_key: str | None = None,
+    in_progress: bool = False,
     out: Callable[[str], None] = print,
 ) -> int:
     """Verify the run in ``root``; print one line per round; the failure count.
 
     ``global_key`` (hex) pins the global aggregator's key; without it the run's
-    ``keys/global.pub`` is the trust anchor, and is printed to compare."""
-    root = Path(root)
+    ``keys/global.pub`` is the trust anchor, and is printed to compare.
+    ``in_progress``: the run may not have finished, so an audit log that ends
+    before the configured last round is not a failure (it is otherwise: a log
+    with its last records cut off is still a consistent log)."""
     fails = _Failures(out)
+    try:
+        _audit_run(Path(root), global_key, in_progress, fails, out)
+    except Exception as exc:  # whatever the directory holds: a failure, named
+        fails.add(str(root), f"cannot be audited: {type(exc).__name__}: {exc}")
+        out(f"audit: {len(fails.items)} failure(s)")
+    return len(fails.items)
+
+
+def _audit_run(
+    root: Path,
+    global_key: str | None,
+    in_progress: bool,
+    fails: _Failures,
+    out: Callable[[str], None],
+) -> None:
     try:
         run = _Run(root)
     except (OSError, KeyError, TypeError, ValueError) as exc:
         fails.add(str(root), f"run.json or keys/ cannot be read ({exc})")
-        return len(fails.items)
+        return
     served = run.global_key.to_bytes().hex()
     if global_key is not None and global_key.lower() != served:
         fails.add("keys/global.pub", f"is {served}, not the pinned {global_key}")
-        return len(fails.items)
+        return
     out(
         f"run {run.run}, global key {served}"
         + (" (pinned)" if global_key else " (from the run; compare it)")
@@ -156,8 +175,9 @@ def audit_run(
         )
     except (OSError, ValueError, VerificationError) as exc:
         fails.add("global: audit/log.bin", str(exc))
-        return len(fails.items)
+        return
     _check_log(log, fails)
+    run.last_round = max((record_round(r) for r in log.entries), default=-1)
     transcripts: _Transcripts = {}
     expected = {g: {"galaxy": g, "clients": {}} for g in run.galaxy_keys}
     verified: dict[int, dict[str, Any]] = {}
@@ -176,6 +196,14 @@ def audit_run(
     for d in sorted(rounds.iterdir()) if rounds.exists() else ():
         if d.name.isdigit() and int(d.name) not in logged:
             fails.add(f"round {int(d.name)}", "published, but not in the audit log")
+    last = run.config.training.rounds - 1
+    if not in_progress and max(logged, default=-1) != last:
+        fails.add(
+            "global: audit/log.bin",
+            f"the log ends at round {max(logged, default=-1)}, the run's last round "
+            f"is {last}: records are missing at its end (pass --in-progress for a "
+            "run that has not finished)",
+        )
     _check_evidence(run, transcripts, fails)
     _check_receipts(run, transcripts, fails)
     out(
@@ -183,7 +211,6 @@ def audit_run(
         if not fails.items
         else f"audit: {len(fails.items)} failure(s)"
     )
-    return len(fails.items)
 
 
 def _check_log(log: AuditLog, fails: _Failures) -> None:
@@ -229,9 +256,20 @@ def _audit_round(
         fails.add(f"{where} global", f"round head: {exc}")
     d = round_dir(run.root, rnd)
     reference = None
-    if (d / "reference.pgt1").exists():
-        reference = decode_update((d / "reference.pgt1").read_bytes())["direction"]
-    misbehaviour = {m["galaxy"]: m for m in _jsonl(d / "misbehaviour.jsonl")}
+    try:
+        if (d / "reference.pgt1").exists():
+            reference = decode_update(
+                (d / "reference.pgt1").read_bytes(),
+                max_bytes=run.config.max_update_bytes,
+            )["direction"]
+    except (KeyError, ValueError) as exc:
+        fails.add(f"{where} global", f"reference.pgt1: {exc}")
+        return "the reference direction is unreadable"
+    try:
+        misbehaviour = {m["galaxy"]: m for m in _jsonl(d / "misbehaviour.jsonl")}
+    except (KeyError, TypeError, ValueError) as exc:
+        fails.add(f"{where} global", f"misbehaviour.jsonl: {exc}")
+        misbehaviour = {}
     counts = {"checked": 0, "replayed": 0}
     notes = []
     for g_str, g in sorted(body["galaxies"].items(), key=lambda kv: int(kv[0])):
@@ -266,8 +304,8 @@ def _audit_galaxy(
 ) -> str:
     where = f"round {rnd} galaxy {gid}"
     gd = d / f"galaxy-{gid}"
-    key = run.galaxy_keys[gid]
     try:
+        key = run.galaxy_keys[gid]
         leaf = Signed.from_dict(GalaxyLeaf, _json(gd / "leaf.json"))
         leaf.verify(key, run=run.run)
         if leaf.statement.to_dict() != g["leaf"]:
@@ -289,7 +327,6 @@ def _audit_galaxy(
             )
             states = _json(gd / "reputation.json")
             before, after = states["before"], states["after"]
-            transcripts[(rnd, gid)] = (transcript, before, after)
         if (None if transcript is None else transcript.digest().hex()) != g[
             "transcript"
         ]:
@@ -317,16 +354,23 @@ def _audit_galaxy(
     )
     updates_dir = run.root / "audit" / "updates" / f"{rnd:06d}" / f"galaxy-{gid}"
     claimed = g["status"] == "misbehaved"
+    kept = updates_dir.exists()
+    keep = run.config.audit.keep_updates
+    if not kept and g.get("audit") == "replayed" and rnd > run.last_round - keep:
+        # The run keeps the updates of its last rounds: these are gone.
+        fails.add(where, f"the updates of a replayed round are missing ({updates_dir})")
     try:
-        body = check_transcript(gr, ctx)
+        body, _ = audit_galaxy(gr, ctx)
         counts["checked"] += 1
-        if updates_dir.exists():
+        if kept:
             updates = {
                 c: (updates_dir / f"{c}.pgt1").read_bytes()
                 for c in updates_needed(body)
                 if (updates_dir / f"{c}.pgt1").exists()
             }
-            verified[gid] = replay(gr, ctx, updates, body)
+            _, replayed = audit_galaxy(gr, ctx, updates)
+            assert replayed is not None
+            verified[gid] = replayed
             counts["replayed"] += 1
         elif g.get("audit") == "replayed":
             # The updates are no longer kept; the global aggregator replayed this
@@ -348,6 +392,12 @@ def _audit_galaxy(
             fails.add(where, "misbehaved, but its misbehaviour record is missing")
         elif published != json.loads(json.dumps(m.to_dict(), default=str)):
             fails.add(where, "the misbehaviour record is not what the audit finds")
+        if transcript is not None and before is not None and after is not None:
+            try:  # its own signed word: evidence is still held to it
+                transcript.verify(key, run=run.run)
+                transcripts[(rnd, gid)] = (transcript, before, after)
+            except VerificationError:
+                pass
         return f"galaxy {gid} misbehaved ({m.kind}), proof verified"
     if claimed:
         fails.add(
@@ -355,8 +405,10 @@ def _audit_galaxy(
             f"says galaxy {gid} misbehaved; its round verifies",
         )
         return ""
-    assert after is not None
+    assert after is not None and transcript is not None and before is not None
     expected[gid] = after
+    # Only a transcript that verified is what evidence and receipts are held to.
+    transcripts[(rnd, gid)] = (transcript, before, after)
     return ""
 
 
@@ -400,7 +452,7 @@ def _check_evidence(
         except (KeyError, TypeError, ValueError, VerificationError) as exc:
             fails.add(where, str(exc))
             continue
-    if not path.exists() or 4 not in run.config.defense.layers:
+    if 4 not in run.config.defense.layers:
         return
     # Every rejection, withholding and change of status a transcript shows has its
     # record (layer 4 writes one for each): none can be dropped unseen.
@@ -408,20 +460,29 @@ def _check_evidence(
     for (rnd, gid), (doc, before, after) in sorted(transcripts.items()):
         if doc.body.get("fallback"):
             continue
-        wanted = [
-            (
-                e["client"],
-                {"withheld": "reveal_withheld", "rejected": "reveal_rejected"}[
-                    e["fate"]
-                ],
+        try:
+            wanted = [
+                (
+                    e["client"],
+                    {"withheld": "reveal_withheld", "rejected": "reveal_rejected"}[
+                        e["fate"]
+                    ],
+                )
+                for e in doc.body["clients"]
+                if e["fate"] in ("withheld", "rejected")
+            ]
+            for c, rec in after["clients"].items():
+                old = before["clients"].get(c, {}).get("status", "active")
+                if rec["status"] != old:
+                    wanted.append(
+                        (int(c), changes.get(rec["status"], "client_released"))
+                    )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            fails.add(
+                f"round {rnd} galaxy {gid}",
+                f"its transcript cannot be held against the evidence ({exc!r})",
             )
-            for e in doc.body["clients"]
-            if e["fate"] in ("withheld", "rejected")
-        ]
-        for c, rec in after["clients"].items():
-            old = before["clients"].get(c, {}).get("status", "active")
-            if rec["status"] != old:
-                wanted.append((int(c), changes.get(rec["status"], "client_released")))
+            continue
         for c, event in wanted:
             if (rnd, gid, c, event) not in seen:
                 fails.add(
@@ -456,8 +517,13 @@ def _check_receipts(
         except (KeyError, TypeError, ValueError, VerificationError) as exc:
             fails.add(f"receipt line {i + 1}", str(exc))
     for (rnd, _), (t, _, _) in sorted(transcripts.items()):
-        for e in t.body["clients"]:
-            if "nonce" in e and (rnd, e["client"]) not in have:
+        entries = t.body.get("clients")
+        for e in entries if isinstance(entries, list) else ():
+            if (
+                isinstance(e, dict)
+                and "nonce" in e
+                and (rnd, e.get("client")) not in have
+            ):
                 fails.add(
                     f"round {rnd} client {e['client']}",
                     "revealed, but its receipt is missing",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import json
 import logging
 import os
 import queue
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
@@ -38,6 +40,7 @@ __all__ = [
     "env",
     "install_error_handlers",
     "read_body",
+    "read_json",
     "require_token",
 ]
 
@@ -119,6 +122,19 @@ def content_length(request: Request, limit: int) -> int | None:
             "too_large", f"body of {expected} bytes exceeds the limit of {limit}"
         )
     return expected
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """A JSON body of at most ``limit`` bytes: 413 as soon as it is larger (before
+    reading it whole), 422 ``malformed`` when it is not JSON. Bodies above 64 KiB
+    are parsed in a worker thread, so the event loop keeps answering."""
+    raw = bytes(await read_body(request, limit))
+    try:
+        if len(raw) > 1 << 16:
+            return await run_in_threadpool(json.loads, raw)
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejected("malformed", f"the body is not JSON: {exc}") from None
 
 
 async def read_body(

@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import httpx
 import torch
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -79,10 +80,14 @@ from services.common import (
     env,
     install_error_handlers,
     read_body,
+    read_json,
     require_token,
 )
 
-__all__ = ["GlobalSettings", "create_app"]
+__all__ = ["ACK_BYTES", "GlobalSettings", "create_app"]
+
+#: an acknowledgement is ~0.5 KiB of JSON; anything much larger is refused unread
+ACK_BYTES = 4096
 
 _log = logging.getLogger("protogalaxy.global")
 
@@ -116,6 +121,8 @@ class GlobalSettings:
     #: missing (a galaxy sends its transcript right after its aggregate; one that
     #: never comes is misbehaviour)
     transcript_deadline_s: float = 30.0
+    #: the largest transcript upload (with its reputation states and evidence)
+    max_transcript_bytes: int = 64 << 20
     max_update_bytes: int = 64 << 20
     evaluate: bool = True
     poll_s: float = 0.25
@@ -142,6 +149,7 @@ class GlobalSettings:
             leaf_deadline_s=float(env("PG_LEAF_DEADLINE_S", "120")),
             aggregate_deadline_s=float(env("PG_AGGREGATE_DEADLINE_S", "120")),
             transcript_deadline_s=float(env("PG_TRANSCRIPT_DEADLINE_S", "30")),
+            max_transcript_bytes=int(env("PG_MAX_TRANSCRIPT_BYTES", str(64 << 20))),
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             evaluate=env("PG_EVALUATE", "1") == "1",
             poll_s=float(env("PG_POLL_S", "0.25")),
@@ -558,7 +566,11 @@ def create_app(
         """The revealed updates each drawn galaxy's replay needs, by digest, from
         the galaxy itself (what it does not serve is missing: its replay fails)."""
         with r.lock:
-            transcripts = {g: r.agg.round_state.transcripts[g][0].body for g in targets}
+            sent = r.agg.round_state.transcripts
+            # A drawn galaxy that sent no transcript needs nothing: it is caught
+            # as missing.
+            targets = {g: c for g, c in targets.items() if g in sent}
+            transcripts = {g: sent[g][0].body for g in targets}
         headers = {"authorization": f"Bearer {r.settings.auditor_token}"}
         out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
 
@@ -580,9 +592,13 @@ def create_app(
         ) as client:
             jobs = []
             for g, wanted in targets.items():
-                entries = {e["client"]: e for e in transcripts[g]["clients"]}
-                for c in wanted:
-                    jobs.append(one(client, g, c, entries[c]["reveal_digest"]))
+                try:
+                    entries = {e["client"]: e for e in transcripts[g]["clients"]}
+                    digests = {c: str(entries[c]["reveal_digest"]) for c in wanted}
+                except (KeyError, TypeError):  # malformed: its replay says so
+                    continue
+                for c, digest in digests.items():
+                    jobs.append(one(client, g, c, digest))
             await asyncio.gather(*jobs)
         return out
 
@@ -758,28 +774,48 @@ def create_app(
             }
 
     @app.post("/v1/rounds/{rnd}/acks", status_code=202)
-    def ack(rnd: int, body: dict[str, Any], r: Rt) -> dict[str, Any]:
+    async def ack(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
         """A galaxy's signed acknowledgement of a client's reveal, forwarded by the
         client (no token: clients hold none; the galaxy's signature is what counts):
-        the galaxy's transcript of the round must then take that reveal."""
-        signed = Signed.from_dict(Acknowledgement, body)
+        the galaxy's transcript of the round must then take that reveal. The body
+        is at most ``ACK_BYTES`` (413 before it is read whole)."""
+        body = await read_json(request, ACK_BYTES)
+        if not isinstance(body, dict):
+            raise Rejected("malformed", "an acknowledgement is a JSON object")
+        try:
+            signed = Signed.from_dict(Acknowledgement, body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Rejected("malformed", f"acknowledgement: {exc}") from None
         if signed.statement.round != rnd:
             raise Rejected(
                 "wrong_round",
                 f"an acknowledgement of round {signed.statement.round} posted to "
                 f"round {rnd}",
             )
-        with r.lock:
-            fresh = r.agg.submit_ack(signed)
+
+        def take() -> bool:  # the round lock may be held by a finishing round
+            with r.lock:
+                return r.agg.submit_ack(signed)
+
+        fresh = await run_in_threadpool(take)
         return {"accepted": True, "duplicate": not fresh}
 
     @app.post("/v1/rounds/{rnd}/transcripts/{galaxy}", status_code=202)
-    def transcript(
-        rnd: int, galaxy: int, body: dict[str, Any], request: Request, r: Rt
+    async def transcript(
+        rnd: int, galaxy: int, request: Request, r: Rt
     ) -> dict[str, Any]:
         """A galaxy's signed transcript of the round, the reputation states it
-        starts and ends with, and its signed evidence records."""
+        starts and ends with, and its signed evidence records (the token first,
+        then at most ``PG_MAX_TRANSCRIPT_BYTES``, parsed off the event loop)."""
         require_token(request, r.settings.service_token, what="service")
+        body = await read_json(request, r.settings.max_transcript_bytes)
+        return await run_in_threadpool(take_transcript, rnd, galaxy, body, r)
+
+    def take_transcript(
+        rnd: int, galaxy: int, body: Any, r: _Runtime
+    ) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise Rejected("malformed", "a transcript upload is a JSON object")
         try:
             doc = SignedDocument.from_dict(body["transcript"], kind="transcript")
             before, after = body["reputation_before"], body["reputation_after"]

@@ -68,8 +68,9 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 """
 
-# KEYS: state, reveals (nonces), reveal body, stage; ARGV: state, client, nonce,
-# length. The stage is used up whatever the outcome.
+# KEYS: state, reveals (nonces), reveal body, stage, rejections; ARGV: state,
+# client, nonce, length. The stage is used up whatever the outcome; a client with a
+# rejection this round cannot also have a reveal (one fate per client).
 _COMMIT_STAGE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   redis.call('UNLINK', KEYS[4])
@@ -80,13 +81,25 @@ if redis.call('STRLEN', KEYS[4]) ~= tonumber(ARGV[4]) then
   return -2
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1
-    or redis.call('EXISTS', KEYS[3]) == 1 then
+    or redis.call('EXISTS', KEYS[3]) == 1
+    or redis.call('HEXISTS', KEYS[5], ARGV[2]) == 1 then
   redis.call('UNLINK', KEYS[4])
   return 0
 end
 redis.call('RENAME', KEYS[4], KEYS[3])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
+"""
+
+# KEYS: state, rejections, reveals (nonces), reveal body; ARGV: state, client,
+# record. A rejection only for a client with no accepted reveal this round.
+_ADD_REJECTION = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
+    or redis.call('EXISTS', KEYS[4]) == 1 then
+  return 0
+end
+return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 """
 
 _REGISTER = """
@@ -206,6 +219,7 @@ class RedisGalaxyStore(GalaxyStore):
         self._register = self.r.register_script(_REGISTER)
         self._add_if_state = self.r.register_script(_ADD_IF_STATE)
         self._commit_stage = self.r.register_script(_COMMIT_STAGE)
+        self._add_rejection = self.r.register_script(_ADD_REJECTION)
 
     @classmethod
     def from_url(
@@ -300,19 +314,25 @@ class RedisGalaxyStore(GalaxyStore):
         # the nonce to it. WATCH makes the MULTI conditional on the phase without
         # passing the body through a script: if the state changes before EXEC,
         # nothing is written.
+        # The rejections hash is watched too: one fate per client.
         state_key = self._k("state")
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.watch(state_key)
-            if pipe.get(state_key) != _encode_state((round, Phase.REVEAL)):
-                raise PhaseClosed(f"round {round} is not taking reveals")
-            pipe.multi()
-            pipe.set(self._k("r", round, "reveal", client), body, nx=True)
-            pipe.hsetnx(self._k("r", round, "reveals"), str(client), bytes(nonce))
-            try:
-                _, added = pipe.execute()
-            except redis.WatchError:
-                raise PhaseClosed(f"round {round}: the phase changed") from None
-        return bool(added)
+        rejections = self._k("r", round, "rejections")
+        for _ in range(64):  # another client's rejection also changes the hash
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.watch(state_key, rejections)
+                if pipe.get(state_key) != _encode_state((round, Phase.REVEAL)):
+                    raise PhaseClosed(f"round {round} is not taking reveals")
+                if pipe.hexists(rejections, str(client)):
+                    return False
+                pipe.multi()
+                pipe.set(self._k("r", round, "reveal", client), body, nx=True)
+                pipe.hsetnx(self._k("r", round, "reveals"), str(client), bytes(nonce))
+                try:
+                    _, added = pipe.execute()
+                except redis.WatchError:
+                    continue
+            return bool(added)
+        raise PhaseClosed(f"round {round}: the reveal could not be written")
 
     def _add_staged(
         self, round: int, client: int, length: int, nonce: bytes, staged: RevealStage
@@ -345,6 +365,7 @@ class RedisGalaxyStore(GalaxyStore):
                     self._k("r", round, "reveals"),
                     self._k("r", round, "reveal", client),
                     staged.key,
+                    self._k("r", round, "rejections"),
                 ],
                 args=[
                     _encode_state((round, Phase.REVEAL)),
@@ -381,8 +402,13 @@ class RedisGalaxyStore(GalaxyStore):
         return int(self.r.hlen(self._k("r", round, "reveals")))
 
     def add_rejection(self, round: int, client: int, reason: str) -> bool:
-        added = self._add_if_state(  # the commitment script: state, then HSETNX
-            keys=[self._k("state"), self._k("r", round, "rejections")],
+        added = self._add_rejection(
+            keys=[
+                self._k("state"),
+                self._k("r", round, "rejections"),
+                self._k("r", round, "reveals"),
+                self._k("r", round, "reveal", client),
+            ],
             args=[_encode_state((round, Phase.REVEAL)), str(client), reason],
         )
         if added < 0:

@@ -177,3 +177,97 @@ def test_a_removed_file_fails(run_dir: Path, tmp_path: Path, name: str) -> None:
 
     failures, text = audit(mutated(run_dir, tmp_path, remove))
     assert failures and "round" in text, text
+
+
+def _truncate_log_and_round(root: Path) -> None:
+    """The last round cut off everywhere: its record, its files, its evidence."""
+    import json
+    import struct
+
+    log = root / "audit" / "log.bin"
+    data = log.read_bytes()
+    pos, last = 5, 5
+    while pos < len(data):
+        (n,) = struct.unpack_from("<I", data, pos)
+        last, pos = pos, pos + 4 + n
+    log.write_bytes(data[:last])
+    final = sorted((root / "audit" / "rounds").iterdir())[-1]
+    shutil.rmtree(final)
+    shutil.rmtree(root / "audit" / "updates" / final.name, ignore_errors=True)
+    for name in ("evidence.jsonl", "receipts.jsonl"):
+        path = root / name
+        keep = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line).get("round") != int(final.name)
+        ]
+        path.write_text("".join(keep))
+
+
+def _rewrite_json(path: Path, change: Callable[[dict], None]) -> None:
+    import json
+
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+DOCTORED: dict[str, Callable[[Path], None]] = {
+    # (each found by an attack review: a traceback, or an exit 0)
+    "a galaxy's key missing from the keyring": lambda root: (
+        root / "keys" / "galaxies.pub"
+    ).write_text(
+        "".join(
+            line
+            for line in (root / "keys" / "galaxies.pub")
+            .read_text()
+            .splitlines(keepends=True)
+            if not line.startswith("2,")
+        )
+    ),
+    "a transcript's body emptied": lambda root: _rewrite_json(
+        root / "audit/rounds/000001/galaxy-0/transcript.json",
+        lambda t: t.update(body={}),
+    ),
+    "a reputation state made a list": lambda root: _rewrite_json(
+        root / "audit/rounds/000001/galaxy-0/reputation.json",
+        lambda s: s.update(after=[]),
+    ),
+    "the reference direction garbage": lambda root: (
+        root / "audit/rounds/000001/reference.pgt1"
+    ).write_bytes(b"PGT1garbage"),
+    "the misbehaviour records not JSON": lambda root: (
+        root / "audit/rounds/000001/misbehaviour.jsonl"
+    ).write_text("{not json\n"),
+    "every evidence record deleted": lambda root: (root / "evidence.jsonl").unlink(),
+    "every kept update deleted": lambda root: shutil.rmtree(root / "audit/updates"),
+    "the last round cut off everywhere": _truncate_log_and_round,
+}
+
+
+@pytest.mark.parametrize("case", list(DOCTORED))
+def test_a_doctored_run_fails_cleanly(run_dir: Path, tmp_path: Path, case: str) -> None:
+    """Through the command, with the global key pinned: non-zero, naming what
+    failed, never a traceback and never an exit 0."""
+    root = mutated(run_dir, tmp_path, DOCTORED[case])
+    key = (run_dir / "keys" / "global.pub").read_text().strip()
+    done = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", str(root),
+         "--global-key", key],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output and "FAIL" in output, output
+
+
+def test_a_run_in_progress_is_audited_as_far_as_it_went(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    root = mutated(run_dir, tmp_path, _truncate_log_and_round)
+    lines: list[str] = []
+    assert audit_run(root, in_progress=True, out=lines.append) == 0, lines
+    assert audit_run(root, out=lines.append) == 1
+    assert "pass --in-progress" in lines[-2], lines

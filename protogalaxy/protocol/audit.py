@@ -68,9 +68,11 @@ from protogalaxy.protocol.transcript import (
 from protogalaxy.spec import UpdateSpec
 
 __all__ = [
+    "REJECTABLE",
     "AuditContext",
     "GalaxyRound",
     "Misbehaviour",
+    "audit_galaxy",
     "carry_over",
     "check_transcript",
     "replay",
@@ -78,6 +80,11 @@ __all__ = [
 ]
 
 _REVEALED = ("aggregated", "excluded")
+#: the layer-1 reasons a rejection in a transcript may give: those a recomputation
+#: of layer 1 (check_reveal) can reach; anything else cannot be checked
+REJECTABLE: frozenset[str] = frozenset(
+    ("too_large", "commitment_mismatch", "malformed", "shape", "dtype", "non_finite")
+)
 
 
 class Misbehaviour(Exception):
@@ -87,8 +94,9 @@ class Misbehaviour(Exception):
     ``transcript_mismatch``, ``forged_leaf``, ``forged_reveal``,
     ``dropped_after_ack``, ``weight_mismatch``, ``aggregate_mismatch``,
     ``reputation_mismatch``, ``missing_update``, ``tampered_update``,
-    ``false_rejection``, ``false_acceptance``, ``false_decision``); ``proof`` holds
-    the signed statements and the recomputed values that show it.
+    ``false_rejection``, ``false_acceptance``, ``false_decision``,
+    ``malformed_transcript``: a signed transcript the audit cannot even read);
+    ``proof`` holds the signed statements and the recomputed values that show it.
     """
 
     def __init__(
@@ -188,7 +196,42 @@ def check_transcript(gr: GalaxyRound, ctx: AuditContext) -> dict[str, Any]:
     return body
 
 
+_RECORD_FIELDS = frozenset(
+    ("reputation", "status", "rounds", "clean_rounds", "last_round")
+)
+
+
+def _state_problem(state: Any, galaxy: int) -> str | None:
+    """Why ``state`` is not a reputation state of ``galaxy`` (None: it is one)."""
+    if not isinstance(state, dict) or state.get("galaxy") != galaxy:
+        return "not a reputation state of this galaxy"
+    clients = state.get("clients")
+    if not isinstance(clients, dict):
+        return "its clients are not an object"
+    for c, r in clients.items():
+        if not (isinstance(c, str) and c.isdigit() and isinstance(r, dict)):
+            return f"client record {c!r} is malformed"
+        if set(r) != _RECORD_FIELDS:
+            return f"client {c}'s record has fields {sorted(r)}"
+        if not isinstance(r.get("reputation"), (int, float)) or isinstance(
+            r.get("reputation"), bool
+        ):
+            return f"client {c}'s reputation is not a number"
+        if r.get("status") not in ("active", "quarantined", "banned"):
+            return f"client {c}'s status is {r.get('status')!r}"
+        for k in ("rounds", "clean_rounds", "last_round"):
+            if not _is_int(r.get(k)):
+                return f"client {c}'s {k} is not an integer"
+    return None
+
+
 def _check_reputation(gr: GalaxyRound, body: dict[str, Any], ctx: AuditContext) -> None:
+    for name, state in (("before", gr.before), ("after", gr.after)):
+        problem = _state_problem(state, gr.galaxy)
+        if problem is not None:
+            raise _fail(
+                gr, "malformed_transcript", f"the reputation state {name}: {problem}"
+            )
     for name, state in (("before", gr.before), ("after", gr.after)):
         if state is None or digest_hex(state) != body.get(f"reputation_{name}"):
             raise _fail(
@@ -250,6 +293,8 @@ def _check_entries(
     for e in entries:
         try:
             c = e["client"]
+            if not _is_int(c):
+                raise TypeError(f"client {c!r} is not an integer")
             com = Commitment.from_bytes(bytes.fromhex(e["commitment"]))
             sig = bytes.fromhex(e["commitment_signature"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -295,6 +340,7 @@ def _check_entry(
     c, fate = com.client_id, e.get("fate")
     if fate not in FATES:
         raise _fail(gr, "transcript_mismatch", f"client {c}: fate {fate!r}")
+    _check_entry_fields(gr, c, fate, e)
     if fate == "withheld":
         if "nonce" in e:
             raise _fail(gr, "transcript_mismatch", f"client {c}: a withheld reveal")
@@ -327,6 +373,40 @@ def _check_entry(
             f"rejected for {e.get('reason')!r}",
             client=c,
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry_fields(gr: GalaxyRound, c: int, fate: str, e: dict[str, Any]) -> None:
+    """The fields a replay reads, of the types it reads them as: a transcript the
+    audit cannot read is the galaxy's fault, never a reason to stop the round."""
+    problem = None
+    if fate == "rejected":
+        if e.get("reason") not in REJECTABLE:
+            problem = (
+                f"rejected for {e.get('reason')!r}, not a layer-1 reason a "
+                "recomputation can check"
+            )
+    elif fate in _REVEALED:
+        flags, metrics, weight = (
+            e.get("flags", []),
+            e.get("metrics", {}),
+            e.get("weight"),
+        )
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            problem = "flags must be a list of strings"
+        elif not isinstance(metrics, dict):
+            problem = "metrics must be an object"
+        elif weight is not None and not (_is_int(weight) and weight >= 0):
+            problem = f"weight {weight!r} is not a non-negative integer"
+        elif not isinstance(e.get("active", False), bool) or not isinstance(
+            e.get("selected", False), bool
+        ):
+            problem = "active and selected must be booleans"
+    if problem is not None:
+        raise _fail(gr, "transcript_mismatch", f"client {c}: {problem}", client=c)
 
 
 def _check_acks(gr: GalaxyRound, entries: dict[int, dict[str, Any]]) -> None:
@@ -495,6 +575,30 @@ def replay(
             recomputed_reputation_after=after,
         )
     return after
+
+
+def audit_galaxy(
+    gr: GalaxyRound,
+    ctx: AuditContext,
+    updates: Mapping[int, bytes] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """:func:`check_transcript`, then :func:`replay` when ``updates`` are given:
+    the transcript's body and the verified reputation state after the round.
+
+    Whatever the galaxy signed, this ends in a result or a :class:`Misbehaviour`:
+    a transcript that makes the checks fail in any other way (a field of the wrong
+    type, a reputation record that does not load) is ``malformed_transcript``, so
+    no galaxy can stop a round, or ``protogalaxy audit``, with what it signs."""
+    try:
+        body = check_transcript(gr, ctx)
+        after = None if updates is None else replay(gr, ctx, updates, body)
+    except Misbehaviour:
+        raise
+    except Exception as exc:  # the galaxy's input, whatever it holds
+        raise _fail(
+            gr, "malformed_transcript", f"{type(exc).__name__}: {exc}"
+        ) from None
+    return body, after
 
 
 def carry_over(

@@ -628,10 +628,12 @@ class GalaxyAggregator:
                 "signature": bytes(signature).hex(),
             }
             try:
-                self.store.add_rejection(round, client, json.dumps(record))
+                # One fate per client: False when a reveal of it was accepted (or
+                # rejected) meanwhile; this one is refused and recorded nowhere.
+                recorded = self.store.add_rejection(round, client, json.dumps(record))
             except PhaseClosed:
                 raise self._closed_meanwhile(round) from None
-            if digest == commitment.digest:
+            if recorded and digest == commitment.digest:
                 self.store.put_blob(round, f"rejected:{client}", bytes(body))
             raise Rejected(exc.reason, exc.detail) from None
         try:
@@ -642,7 +644,9 @@ class GalaxyAggregator:
             # The close claimed the phase first: not stored, not aggregated.
             raise self._closed_meanwhile(round) from None
         if not added:
-            raise Rejected("duplicate", f"client {client} already revealed")
+            raise Rejected(
+                "duplicate", f"client {client} already revealed or was rejected"
+            )
         return self._acknowledge(commitment)
 
     def _acknowledge(self, commitment: Commitment) -> Signed[Acknowledgement]:
@@ -753,6 +757,10 @@ class GalaxyAggregator:
         """The round's reveals, rejections and withheld leaves, as stored."""
         reveals = self.store.reveals(round)
         rejections = self.rejection_records(round)
+        both = set(reveals) & set(rejections)
+        if both:  # the store broke one-fate-per-client: the reveal was acknowledged
+            _log.error("round %d: clients %s both revealed and rejected", round, both)
+            rejections = {c: r for c, r in rejections.items() if c not in both}
         clients = sorted(reveals)
         return RoundInputs(
             clients=clients,

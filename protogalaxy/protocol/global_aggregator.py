@@ -64,9 +64,8 @@ from protogalaxy.protocol.audit import (
     AuditContext,
     GalaxyRound,
     Misbehaviour,
+    audit_galaxy,
     carry_over,
-    check_transcript,
-    replay,
     updates_needed,
 )
 from protogalaxy.protocol.checkpoint import Checkpoint
@@ -130,6 +129,9 @@ class _RoundState:
     )
     #: galaxy -> acknowledgements its clients forwarded this round
     acks: dict[int, list[Signed[Acknowledgement]]] = field(default_factory=dict)
+    #: the audit's draw (galaxy -> clients whose updates its replay needs), made
+    #: once; transcripts close with it
+    drawn: dict[int, list[int]] | None = None
 
 
 class GlobalAggregator:
@@ -439,6 +441,12 @@ class GlobalAggregator:
             raise Rejected("malformed", "a transcript names its round")
         self._require(round, "aggregates")
         self._authenticate_as(galaxy, transcript)
+        if self._state.drawn is not None:
+            # After the draw a transcript could choose not to be replayed: it
+            # counts as missing (a galaxy sends it before its aggregate).
+            raise WrongPhase(
+                f"round {round}: transcripts closed when the audit drew its sample"
+            )
         if galaxy not in self._state.leaves:
             raise Rejected(
                 "unknown_client", f"galaxy {galaxy} has no root in round {round}"
@@ -481,7 +489,15 @@ class GlobalAggregator:
         self._require(round, "aggregates")
         if not self.audit.enabled:
             return {}
-        candidates = sorted(self._state.transcripts)
+        if self._state.drawn is not None:
+            return {g: list(c) for g, c in self._state.drawn.items()}
+        # Every galaxy that sent anything after its root is a candidate, with a
+        # transcript or not (one without is caught as missing, drawn or not).
+        candidates = sorted(
+            g
+            for g in self._state.leaves
+            if g in self._state.statements or g in self._state.transcripts
+        )
         k = round_half_up(self.audit.fraction * len(candidates))
         if k < len(candidates):
             seed = hmac.digest(
@@ -495,13 +511,15 @@ class GlobalAggregator:
                 "sha256",
             )
             candidates = sorted(random.Random(seed).sample(candidates, k))
-        out = {}
+        out: dict[int, list[int]] = {}
         for g in candidates:
+            t = self._state.transcripts.get(g)
             try:
-                out[g] = updates_needed(self._state.transcripts[g][0].body)
-            except (KeyError, TypeError, ValueError):
-                out[g] = []  # a malformed transcript: the check will say so
-        return out
+                out[g] = [] if t is None else updates_needed(t[0].body)
+            except Exception:  # a malformed transcript: the check will say so
+                out[g] = []
+        self._state.drawn = out
+        return {g: list(c) for g, c in out.items()}
 
     def finish_round(
         self,
@@ -517,7 +535,7 @@ class GlobalAggregator:
         self._require(round, "aggregates")
         head = self._state.head
         assert head is not None
-        misbehaved, audited = self._audit(round, updates)
+        misbehaved, audited, verified, expected = self._audit(round, updates)
         aggregates = {
             g: v for g, v in self._state.aggregates.items() if g not in misbehaved
         }
@@ -542,6 +560,9 @@ class GlobalAggregator:
                 applied = True
             else:  # never publish a model that is not finite
                 _log.error("round %d: the step is not finite; not applied", round)
+        # Everything above only computed; the state changes from here on.
+        self.verified_state.update(verified)
+        self.expected_state.update(expected)
         for m in misbehaved.values():
             self._isolate(m)
         record = self._record(round, head, report, misbehaved, audited, applied)
@@ -554,15 +575,25 @@ class GlobalAggregator:
 
     def _audit(
         self, round: int, updates: Mapping[int, Mapping[int, bytes]] | None
-    ) -> tuple[dict[int, Misbehaviour], dict[int, str]]:
-        """Check every galaxy's round, replay the drawn ones; who misbehaved, and
-        how each galaxy was audited (``checked`` or ``replayed``)."""
+    ) -> tuple[
+        dict[int, Misbehaviour],
+        dict[int, str],
+        dict[int, dict[str, Any]],
+        dict[int, dict[str, Any]],
+    ]:
+        """Check every galaxy's round, replay the drawn ones: who misbehaved, how
+        each galaxy was audited (``checked`` or ``replayed``), and the reputation
+        states to take on (verified by a replay; expected next). Changes nothing:
+        the caller applies it once the whole round is computed."""
         misbehaved: dict[int, Misbehaviour] = {}
         audited: dict[int, str] = {}
+        verified: dict[int, dict[str, Any]] = {}
+        expected: dict[int, dict[str, Any]] = {}
         if not self.audit.enabled:
-            return misbehaved, audited
+            return misbehaved, audited, verified, expected
         assert self.audit.spec is not None
-        drawn = updates or {}
+        drawn = self._state.drawn or {}
+        served = updates or {}
         for g in sorted(self._state.leaves):
             if g not in self._state.statements and g not in self._state.transcripts:
                 continue  # sent nothing after its root: it only misses the round
@@ -587,24 +618,34 @@ class GlobalAggregator:
                 max_update_bytes=self.audit.max_update_bytes,
                 expected_before=digest_hex(self.expected_state[g]),
             )
+            replayed = g in drawn or g in served
             try:
-                body = check_transcript(gr, ctx)
-                audited[g] = "checked"
-                if g in drawn:
-                    self.verified_state[g] = replay(gr, ctx, drawn[g], body)
-                    audited[g] = "replayed"
+                _, after = audit_galaxy(
+                    gr, ctx, served.get(g, {}) if replayed else None
+                )
             except Misbehaviour as m:
                 misbehaved[g] = m
                 _log.error("galaxy_misbehaved", extra={"event_record": m.to_dict()})
                 continue
+            audited[g] = "replayed" if replayed else "checked"
+            if after is not None:
+                verified[g] = after
             assert gr.after is not None
-            self.expected_state[g] = copy.deepcopy(gr.after)
-        return misbehaved, audited
+            expected[g] = copy.deepcopy(gr.after)
+        return misbehaved, audited, verified, expected
 
     def _isolate(self, m: Misbehaviour) -> None:
         """Isolate ``m.galaxy`` from the next round on; its clients move to the
         other galaxies with the reputation records the galaxy's last verified round
-        left them (not the ones of the round it lied in)."""
+        left them (not the ones of the round it lied in). The last galaxy is never
+        isolated (its contribution is still excluded from the round, and its
+        misbehaviour on record): the run needs a galaxy to go on."""
+        if self.assignment.active() == [m.galaxy]:
+            _log.error(
+                "galaxy %d misbehaved but is the last one active: not isolated",
+                m.galaxy,
+            )
+            return
         self.isolated[m.galaxy] = {
             "round": m.round,
             "kind": m.kind,

@@ -116,8 +116,13 @@ class GalaxyStore(ABC):
         another length is a fault of the store, not of the client: ``RuntimeError``,
         nothing written. The stage is used up either way.
 
-        Returns False when the client already revealed this round; raises
-        :class:`PhaseClosed` when the round is not taking reveals.
+        A client has one fate a round: an accepted reveal or a rejection, never
+        both (a valid and an invalid reveal racing each other), decided atomically
+        with the write.
+
+        Returns False when the client already revealed this round, or its reveal
+        was rejected; raises :class:`PhaseClosed` when the round is not taking
+        reveals.
         """
 
     @abstractmethod
@@ -137,7 +142,9 @@ class GalaxyStore(ABC):
         close reads the rejections once, so a later one would cost the client
         nothing while its answer said it did.
 
-        Raises :class:`PhaseClosed` when the round is not taking reveals.
+        Returns False (nothing written) when the client already has a rejection or
+        an accepted reveal this round: one fate per client. Raises
+        :class:`PhaseClosed` when the round is not taking reveals.
         """
 
     @abstractmethod
@@ -269,6 +276,8 @@ class MemoryGalaxyStore(GalaxyStore):
         with self._lock:
             if self._state != (round, Phase.REVEAL):
                 raise PhaseClosed(f"round {round} is at {self._state}")
+            if client in self._rejections.get(round, {}):
+                return False
             return self._set_if_absent(
                 self._reveals, round, client, (bytes(body), bytes(nonce))
             )
@@ -286,6 +295,8 @@ class MemoryGalaxyStore(GalaxyStore):
         with self._lock:
             if self._state != (round, Phase.REVEAL):
                 raise PhaseClosed(f"round {round} is at {self._state}")
+            if client in self._reveals.get(round, {}):
+                return False
             return self._set_if_absent(self._rejections, round, client, reason)
 
     def rejections(self, round: int) -> dict[int, str]:

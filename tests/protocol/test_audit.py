@@ -171,3 +171,164 @@ def test_the_artefacts_hold_no_private_key(tmp_path: Path) -> None:
         sim.global_agg.audit_log.entry(0).to_bytes(), kind="round-record"
     )
     record.verify(sim.global_key.public_key, run=sim.run_id)
+
+
+def _twisted(twist: str) -> type:
+    """A galaxy whose only lie, from round 1, is a malformed signed transcript:
+    what the audit must call misbehaviour instead of crashing on or accepting."""
+    import json
+
+    from protogalaxy.crypto.identity import reveal_digest
+    from protogalaxy.protocol.compromised import CompromisedGalaxy
+    from protogalaxy.protocol.galaxy import Rejected
+    from protogalaxy.protocol.transcript import digest_hex
+
+    class Twisted(CompromisedGalaxy):
+        def lying(self, round: int) -> bool:
+            return False  # none of the built-in attacks: only the twist
+
+        def submit_reveal(self, round: int, client: int, body: Any, nonce: bytes,
+                          signature: bytes, **kw: Any) -> Any:  # fmt: skip
+            tree = self._tree(round)
+            if (
+                twist == "null_reason"
+                and round >= 1
+                and tree is not None
+                and (client == min(tree.client_ids))
+            ):
+                # Refuse a valid reveal (422, so no acknowledgement) and record it
+                # as a layer-1 rejection with no reason, the client's own signed
+                # reveal attached: evidence that looks like a real rejection.
+                com = tree.commitment_of(client)
+                record = {
+                    "reason": None,
+                    "nonce": bytes(nonce).hex(),
+                    "digest": reveal_digest(com, body, nonce).hex(),
+                    "signature": bytes(signature).hex(),
+                }
+                self.store.add_rejection(round, client, json.dumps(record))
+                self.store.put_blob(round, f"rejected:{client}", bytes(body))
+                self._note(round, [client])
+                raise Rejected("shape", "framed")
+            return super().submit_reveal(round, client, body, nonce, signature, **kw)
+
+        def _transcript_body(self, round: int, *args: Any) -> dict[str, Any]:
+            body = super()._transcript_body(round, *args)
+            if round < 1:
+                return body
+            if twist == "weight_text":
+                for e in body["clients"]:
+                    if e["fate"] == "aggregated":
+                        e["weight"] = "x"
+                        break
+            if twist == "state_list":
+                body["reputation_after"] = digest_hex(["not", "a", "state"])
+            if twist == "state_fields":
+                self._extra = {"galaxy": self.galaxy, "clients": {"1": {"x": 1}}}
+                body["reputation_after"] = digest_hex(self._extra)
+            return body
+
+        def transcript(self, round: int) -> Any:
+            published = super().transcript(round)
+            if published is not None and round >= 1 and twist == "state_list":
+                return published[0], published[1], ["not", "a", "state"]
+            if published is not None and round >= 1 and twist == "state_fields":
+                return published[0], published[1], self._extra
+            return published
+
+    return Twisted
+
+
+@pytest.mark.parametrize(
+    ("twist", "kind"),
+    [
+        ("null_reason", "transcript_mismatch"),
+        ("weight_text", "transcript_mismatch"),
+        ("state_list", "malformed_transcript"),
+        ("state_fields", "malformed_transcript"),
+    ],
+)
+def test_a_malformed_transcript_is_misbehaviour_not_a_stuck_round(
+    twist: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A galaxy signs a transcript the replay cannot read (a rejection with no
+    checkable reason, a weight that is not a number, a reputation state that is
+    not one): the round completes, the galaxy is isolated that round, no honest
+    client's reputation falls. (Before, the audit raised KeyError or ValueError
+    and the global aggregator retried the round forever; a null reason even passed
+    the replay and framed a client.)"""
+    import protogalaxy.simulation as simulation
+
+    monkeypatch.setattr(simulation, "CompromisedGalaxy", _twisted(twist))
+    sim = simulate(
+        **{"galaxy_attack.galaxy": 1, "galaxy_attack.kind": "frame_rejection"}
+    )
+    g = sim.result.summary()["galaxies"]  # type: ignore[attr-defined]
+    assert g["isolated"] == {"1": 1}, g
+    assert g["misbehaviour"]["1"] == kind, g
+    assert g["false_attributions"] == 0
+    assert sim.global_agg.round == 3  # every round completed
+
+
+def test_a_transcript_sent_after_the_draw_counts_as_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A galaxy that modifies updates holds its transcript back until the audit
+    has drawn its sample, so it would only be checked, never replayed: the global
+    aggregator refuses a transcript after the draw, and the galaxy is caught as
+    having none."""
+    import protogalaxy.simulation as simulation
+    from protogalaxy.protocol.compromised import CompromisedGalaxy
+    from protogalaxy.protocol.galaxy import WrongPhase
+    from protogalaxy.protocol.global_aggregator import GlobalAggregator
+
+    held: dict[int, Any] = {}
+
+    class Late(CompromisedGalaxy):
+        def transcript(self, round: int) -> Any:
+            published = super().transcript(round)
+            if self.lying(round) and round not in held:
+                held[round] = published
+                return None
+            return published
+
+    draw = GlobalAggregator.audit_targets
+    refused: list[int] = []
+
+    def audit_targets(self: GlobalAggregator, round: int) -> Any:
+        out = draw(self, round)
+        if held.get(round) is not None:
+            try:
+                self.submit_transcript(*held[round])
+            except WrongPhase:
+                refused.append(round)
+        return out
+
+    monkeypatch.setattr(simulation, "CompromisedGalaxy", Late)
+    monkeypatch.setattr(GlobalAggregator, "audit_targets", audit_targets)
+    sim = simulate(**{"galaxy_attack.galaxy": 1, "galaxy_attack.kind": "modify"})
+    g = sim.result.summary()["galaxies"]  # type: ignore[attr-defined]
+    assert refused == [1]
+    assert g["isolated"] == {"1": 1} and g["misbehaviour"]["1"] == "missing_transcript"
+    assert g["false_attributions"] == 0
+
+
+def test_the_last_galaxy_left_is_never_isolated() -> None:
+    """Its misbehaviour is on record and its contribution excluded, round after
+    round, but the run goes on (before, isolating it raised inside the round and
+    the global aggregator retried that round forever)."""
+    sim = simulate(
+        **{
+            "galaxies.count": 1,
+            "clients.count": 10,
+            "byzantine.fraction": 0.0,
+            "galaxy_attack.galaxy": 0,
+            "galaxy_attack.kind": "inflate_weight",
+        }
+    )
+    assert sim.global_agg.round == 3 and sim.global_agg.isolated == {}
+    statuses = [
+        sim.global_agg.audit_log.entry(r).body["galaxies"]["0"]["status"]
+        for r in range(3)
+    ]
+    assert statuses == ["aggregated", "misbehaved", "misbehaved"]

@@ -619,3 +619,54 @@ def test_the_aggregate_bytes_do_not_depend_on_the_arrival_order() -> None:
         w.glob.finish_round(rnd)
     assert out[0] == out[1] == out[2]
     assert torch.frombuffer(bytearray(out[0]), dtype=torch.float32)[0] == 0.0
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+def test_a_client_has_one_fate_a_round_when_its_reveals_race(valid_first: bool) -> None:
+    """A client sends a valid and a garbage reveal at once. Each passes the "no
+    reveal yet" checks before the other is written; the store must still give the
+    client one fate, or its acknowledged update is also recorded as rejected and
+    the honest galaxy's transcript contradicts its own acknowledgement (a client
+    could get honest galaxies isolated this way)."""
+    w = World(4, layers=(1,), agg="fedavg")
+    w.commit_all(0, honest(4))
+    w.publish_head(0)
+    body, nonce, _ = w.secrets[0]
+    junk = (encode_update(SPEC.unflatten(torch.ones(D))), nonce)
+    first, second = ((body, nonce), junk) if valid_first else (junk, (body, nonce))
+    store = w.store
+    answers: dict[str, object] = {}
+    hook = "add_rejection" if valid_first else "add_reveal"
+    original = getattr(store, hook)
+
+    def interleaved(*args: object, **kwargs: object) -> object:
+        # The other reveal runs to its end between this one's checks and write.
+        setattr(store, hook, original)
+        try:
+            w.reveal(0, 0, *first)
+            answers["first"] = "accepted"
+        except Rejected as exc:
+            answers["first"] = exc.reason
+        return original(*args, **kwargs)
+
+    setattr(store, hook, interleaved)
+    try:
+        w.reveal(0, 0, *second)
+        answers["second"] = "accepted"
+    except Rejected as exc:
+        answers["second"] = exc.reason
+    assert answers == (
+        {"first": "accepted", "second": "commitment_mismatch"}
+        if valid_first
+        else {"first": "commitment_mismatch", "second": "duplicate"}
+    )
+    in_reveals = 0 in w.store.reveals(0)
+    in_rejections = 0 in w.store.rejections(0)
+    assert in_reveals != in_rejections and in_reveals == valid_first
+    for c in (1, 2, 3):
+        w.reveal(0, c, *w.secrets[c][:2])
+    w.galaxy.close_reveal(0, force=True)
+    published = w.galaxy.transcript(0)
+    assert published is not None
+    fates = {e["client"]: e["fate"] for e in published[0].body["clients"]}
+    assert fates[0] == ("aggregated" if valid_first else "rejected")

@@ -178,6 +178,26 @@ def test_a_staged_reveal_is_committed_whole_or_not_at_all(
     assert list(store.reveals(2)) == [4]
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "plain"])
+def test_a_client_has_one_fate_a_round(store: GalaxyStore, staged: bool) -> None:
+    """An accepted reveal and a rejection exclude each other, whichever is written
+    first: a client's racing valid and garbage reveals can never leave it both
+    acknowledged and rejected."""
+    body, nonce = bytes(range(256)), bytes(range(32))
+    store.compare_and_set_state(None, (1, Phase.REVEAL))
+
+    def reveal(client: int) -> bool:
+        stage = _staged(store, 1, client, body, True) if staged else None
+        return store.add_reveal(1, client, body, nonce, staged=stage)
+
+    assert reveal(1)
+    assert not store.add_rejection(1, 1, "shape")
+    assert store.add_rejection(1, 2, "shape")
+    assert not reveal(2)
+    assert store.reveals(1) == {1: (body, nonce)}
+    assert store.rejections(1) == {2: "shape"}
+
+
 def test_no_stage_outlives_its_upload(redis_url: str) -> None:
     """Redis: whatever becomes of a staged upload, the only keys left are the
     accepted reveal's, and dropping the round removes those too."""

@@ -108,6 +108,12 @@ def test_audit_url_verifies_the_live_services(
         key = str(cluster.out / "keys" / "global.pub")
         codes["no token"] = main(["audit", "--url", url, "--token", "x" * 32])
         token = cluster.auditor_token
+        # The acknowledgement endpoint needs no token: it reads at most 4 KiB.
+        acks = url + "/v1/rounds/1/acks"
+        big = httpx.post(acks, content=b"[" * (64 << 10), timeout=30)
+        assert big.status_code == 413 and "too_large" in big.text
+        for junk in (b"{", b"[1]", b'{"statement": 3}'):
+            assert httpx.post(acks, content=junk).status_code == 422, junk
         # A galaxy serves its transcripts and kept updates to auditors only.
         g0 = cluster.galaxy_url(0) + "/v1/audit/rounds/1"
         auth = {"authorization": f"Bearer {token}"}
