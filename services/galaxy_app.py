@@ -21,6 +21,7 @@ opens the next round.
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,6 +57,7 @@ from protogalaxy.protocol.compromised import CompromisedGalaxy
 from protogalaxy.protocol.galaxy import (
     ClientRoster,
     GalaxyAggregator,
+    GalaxyRoundResult,
     Rejected,
     WrongPhase,
 )
@@ -101,6 +103,10 @@ class GalaxySettings:
     poll_s: float = 0.25
     keep_rounds: int = 3
     idle_rounds: int = 2
+    #: a round left ``aggregating`` this long is aggregated again by whichever
+    #: replica sees it (its closer was killed); a live closer that is slower
+    #: only costs a second, identical computation that writes nothing
+    aggregate_lease_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> "GalaxySettings":
@@ -122,6 +128,7 @@ class GalaxySettings:
             poll_s=float(env("PG_POLL_S", "0.25")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
             idle_rounds=int(env("PG_IDLE_ROUNDS", "2")),
+            aggregate_lease_s=float(env("PG_AGGREGATE_LEASE_S", "60")),
         )
 
 
@@ -173,6 +180,7 @@ class _Runtime:
         self.galaxy: GalaxyAggregator | None = None
         self.model_version = -1
         self.model_body: bytes | None = None
+        self.model_digest: str | None = None
         self.model_signature = b""  # the global aggregator's, over body and version
         self.reference: torch.Tensor | None = None
         self.finished = False
@@ -231,8 +239,13 @@ def create_app(
 
     Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
 
-    async def refresh_model(r: _Runtime, version: int) -> None:
-        if r.model_version == version:
+    async def refresh_model(
+        r: _Runtime, version: int, digest: str | None = None
+    ) -> None:
+        """Fetch the global model unless the cached one is this version with
+        these bytes (a global aggregator that lost its history may serve other
+        bytes under a version number already seen)."""
+        if r.model_version == version and digest in (None, r.model_digest):
             return
         resp = await r.http.get("/v1/model")
         resp.raise_for_status()
@@ -245,6 +258,7 @@ def create_app(
         )
         r.model_body = resp.content
         r.model_version = got
+        r.model_digest = hashlib.sha256(resp.content).hexdigest()
         r.model_signature = signature
         ref = await r.http.get("/v1/reference")
         r.reference = (
@@ -296,7 +310,7 @@ def create_app(
             r.store.compare_and_set_state(state, (state[0], Phase.DONE))
             return
         if state is None or (state[1] == Phase.DONE and state[0] < rnd):
-            await refresh_model(r, rnd)
+            await refresh_model(r, rnd, status.get("model_digest"))
             await refresh_assignment(r, status)
             galaxy.open_round(rnd)
             deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
@@ -305,8 +319,8 @@ def create_app(
             return
         if state is None or state[0] != rnd:
             return
-        if r.model_body is None:  # a restarted galaxy, mid-round
-            await refresh_model(r, rnd)
+        # A restarted galaxy, mid-round (or the global model changed under us).
+        await refresh_model(r, rnd, status.get("model_digest"))
         phase = state[1]
         leaf_blob = r.store.get_blob(rnd, "leaf")
         if (
@@ -315,12 +329,11 @@ def create_app(
             and leaf_blob is not None
         ):
             # The global aggregator restarted from its checkpoint and lost this
-            # round's roots: send ours again, and the aggregate again after the head.
+            # round's roots: send ours again (and, after the head, the transcript
+            # and aggregate: see unsent).
             signed = galaxy.signed_root(rnd)
             assert signed is not None
-            resp = await r.http.post(f"/v1/rounds/{rnd}/leaves", json=signed.to_dict())
-            if resp.status_code == 202 and r.store.get_blob(rnd, "aggregate_sent"):
-                r.store.put_blob(rnd, "aggregate_sent", b"")
+            await r.http.post(f"/v1/rounds/{rnd}/leaves", json=signed.to_dict())
             return
         if phase in (Phase.COMMIT, Phase.CLOSING):
             late = deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
@@ -355,23 +368,49 @@ def create_app(
                 result = galaxy.close_reveal(
                     rnd, reference_direction=r.reference, force=True
                 )
-                m_phase.labels(phase="aggregate").set(time.perf_counter() - t0)
-                m_rounds.inc()
-                for layer, n in result.report.layer_flags.items():
-                    m_flags.labels(layer=layer).inc(n)
-                update_gauges(r)  # the protocol logs each quarantine or ban event
-                # The transcript first: once the global aggregator has every
-                # aggregate, an honest galaxy's transcript is already there.
-                await send_transcript(r, rnd)
-                await send_aggregate(r, rnd)
+                await aggregated(r, rnd, result, time.perf_counter() - t0)
+        elif phase == Phase.AGGREGATING:
+            since = galaxy.aggregating_since(rnd)
+            if since is None or time.time() - since >= s.aggregate_lease_s:
+                # Its closer was killed (or stalled): every reveal answered 202
+                # is stored, so the round is aggregated again, to the same bytes.
+                t0 = time.perf_counter()
+                result = galaxy.resume_aggregation(rnd, reference_direction=r.reference)
+                await aggregated(r, rnd, result, time.perf_counter() - t0)
         elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
             if r.store.get_blob(rnd, "abstained") is None:
                 await abstain(r, rnd)
         elif phase == Phase.DONE and status["phase"] == "aggregates":
-            if not r.store.get_blob(rnd, "transcript_sent"):
+            if unsent(r, rnd, "transcript", status):
                 await send_transcript(r, rnd)
-            if not r.store.get_blob(rnd, "aggregate_sent"):
+            if unsent(r, rnd, "aggregate", status):
                 await send_aggregate(r, rnd)
+
+    def unsent(r: _Runtime, rnd: int, what: str, status: dict[str, Any]) -> bool:
+        """Whether the round's transcript or aggregate is still to be sent: never
+        sent, or sent to a global aggregator process that has restarted since and
+        does not list it as received (it lost it with its memory)."""
+        sent = r.store.get_blob(rnd, f"{what}_sent")
+        if sent is None:
+            return True
+        if sent == b"none":  # there was nothing to send
+            return False
+        received = status.get("received", {}).get(f"{what}s")
+        boot = str(status.get("view", "")).split(":")[0]
+        return received is not None and gid not in received and sent.decode() != boot
+
+    async def aggregated(
+        r: _Runtime, rnd: int, result: GalaxyRoundResult, seconds: float
+    ) -> None:
+        m_phase.labels(phase="aggregate").set(seconds)
+        m_rounds.inc()
+        for layer, n in result.report.layer_flags.items():
+            m_flags.labels(layer=layer).inc(n)
+        update_gauges(r)  # the protocol logs each quarantine or ban event
+        # The transcript first: once the global aggregator has every aggregate,
+        # an honest galaxy's transcript is already there.
+        await send_transcript(r, rnd)
+        await send_aggregate(r, rnd)
 
     async def abstain(r: _Runtime, rnd: int) -> None:
         assert r.galaxy is not None
@@ -384,6 +423,11 @@ def create_app(
         else:
             resp.raise_for_status()
         r.store.put_blob(rnd, "abstained", b"yes")
+
+    def boot_of(r: _Runtime) -> bytes:
+        """The global aggregator process the status was read from."""
+        status = r.global_status or {}
+        return str(status.get("view", "")).split(":")[0].encode() or b"unknown"
 
     async def send_aggregate(r: _Runtime, rnd: int) -> None:
         assert r.galaxy is not None
@@ -401,7 +445,7 @@ def create_app(
             },
         )
         if resp.status_code in (200, 202):
-            r.store.put_blob(rnd, "aggregate_sent", b"yes")
+            r.store.put_blob(rnd, "aggregate_sent", boot_of(r))
         else:
             _log.error("global refused the aggregate of round %d: %s", rnd, resp.text)
 
@@ -425,7 +469,7 @@ def create_app(
             },
         )
         if resp.status_code in (200, 202):
-            r.store.put_blob(rnd, "transcript_sent", b"yes")
+            r.store.put_blob(rnd, "transcript_sent", boot_of(r))
         else:
             _log.error("global refused the transcript of round %d: %s", rnd, resp.text)
 

@@ -15,6 +15,7 @@ deadline), then evaluates the model and checkpoints every ``checkpoint_every`` r
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -57,6 +58,7 @@ from protogalaxy.crypto.statements import (
     ModelStatement,
     Signed,
     SignedDocument,
+    sign_document,
     sign_statement,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf
@@ -65,7 +67,7 @@ from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.training import evaluate
 from protogalaxy.protocol.assignment import Assignment
-from protogalaxy.protocol.checkpoint import CheckpointDir
+from protogalaxy.protocol.checkpoint import CheckpointDir, HeadDir
 from protogalaxy.protocol.galaxy import Rejected, WrongPhase
 from protogalaxy.protocol.global_aggregator import (
     AuditSettings,
@@ -127,6 +129,9 @@ class GlobalSettings:
     evaluate: bool = True
     poll_s: float = 0.25
     signing_key_file: str | None = None
+    #: start although checkpoints or signed rounds were lost (logged as an
+    #: error); without it the service refuses to start over a lost history
+    accept_checkpoint_loss: bool = False
 
     @classmethod
     def from_env(cls) -> "GlobalSettings":
@@ -154,6 +159,7 @@ class GlobalSettings:
             evaluate=env("PG_EVALUATE", "1") == "1",
             poll_s=float(env("PG_POLL_S", "0.25")),
             signing_key_file=env("PG_SIGNING_KEY_FILE", "") or None,
+            accept_checkpoint_loss=env("PG_ACCEPT_CHECKPOINT_LOSS", "0") == "1",
         )
 
 
@@ -303,19 +309,14 @@ class _Runtime:
         self.evidence: dict[int, dict[int, list[dict[str, Any]]]] = {}
         #: one record per round applied (or skipped), checkpointed with the model
         self.history: list[dict[str, Any]] = []
-        latest = self.checkpoints.latest()
-        if latest is not None:
-            self.agg.restore(latest)
-            self.history = list(latest.meta.get("history", []))
-            _log.warning(
-                "resumed",
-                extra={"event_record": {"event": "resumed", "round": latest.round}},
-            )
+        self.heads = HeadDir(data / "heads")
+        self._resume(settings)
         self.phase_since = time.monotonic()
         #: when the last expected aggregate of the round arrived
         self.aggregates_in: float | None = None
         #: the served model: PGT1 body, version, signature (see model_body)
         self.model_cache: tuple[bytes, int, bytes] | None = None
+        self.model_digest: str | None = None
         # The driver (a worker thread) and the request handlers (the thread pool)
         # share the aggregator: every use of it holds this lock.
         self.lock = threading.Lock()
@@ -327,6 +328,69 @@ class _Runtime:
         self.boot = secrets.token_hex(4)
         self.poke = Signal()  # a leaf, abstention or aggregate arrived
         self.changed = Signal()  # the view (round, phase, finished) changed
+
+    def _resume(self, settings: GlobalSettings) -> None:
+        """Resume from the newest checkpoint, and the head already signed for
+        the round it resumes at. A checkpoint that does not verify, or a round
+        signed after the newest checkpoint that does, is lost history: the
+        service refuses to start unless ``PG_ACCEPT_CHECKPOINT_LOSS=1``, and then
+        goes on past every round it ever signed a head for, never signing a
+        second head for one."""
+        present = self.checkpoints.rounds()
+        latest = self.checkpoints.latest()
+        lost: list[str] = []
+        if present and (latest is None or latest.round != present[-1]):
+            kept = "none" if latest is None else f"round {latest.round}"
+            bad = [r for r in present if latest is None or r > latest.round]
+            lost.append(
+                f"checkpoints of rounds {bad} do not verify (newest usable: {kept})"
+            )
+        if latest is not None:
+            self.agg.restore(latest)
+            self.history = list(latest.meta.get("history", []))
+        signed = self.heads.rounds()
+        beyond = [r for r in signed if r > self.agg.round]
+        if beyond:
+            lost.append(f"rounds {beyond} were signed after round {self.agg.round}")
+        current = None
+        if self.agg.round in signed:
+            try:
+                current = self.heads.load(self.agg.round)
+                if current is not None:
+                    self.agg.resume_signed_round(current)
+            except (ValueError, KeyError, TypeError) as exc:
+                lost.append(f"the signed head of round {self.agg.round}: {exc}")
+                current = None
+                beyond = beyond or [self.agg.round]
+        if lost:
+            record = {"event": "checkpoint_loss", "lost": lost, "signed": signed}
+            if not settings.accept_checkpoint_loss:
+                _log.error("refusing to start", extra={"event_record": record})
+                raise RuntimeError(
+                    "refusing to start over lost history: "
+                    + "; ".join(lost)
+                    + ". Restore the data volume, or set PG_ACCEPT_CHECKPOINT_LOSS=1"
+                    " to go on from what is left (past every round already signed)"
+                )
+            _log.error("checkpoint_loss", extra={"event_record": record})
+            if beyond:
+                resume_at = max(beyond) + 1
+                for rnd in range(self.agg.round, resume_at):
+                    self.history.append(
+                        {"round": rnd, "galaxies": [], "excluded": {}, "lost": True}
+                    )
+                self.agg.skip_to(resume_at)
+        if latest is not None or current is not None:
+            _log.warning(
+                "resumed",
+                extra={
+                    "event_record": {
+                        "event": "resumed",
+                        "round": self.agg.round,
+                        "phase": self.agg.phase,
+                    }
+                },
+            )
 
     def view(self) -> str:
         """What galaxies wait on: it changes when they may have something to do."""
@@ -376,6 +440,13 @@ def create_app(
 
     Rt = Annotated[_Runtime, Depends(runtime)]  # noqa: N806 - a type alias
 
+    def model_digest(r: _Runtime) -> str:
+        """SHA-256 of the served model's bytes: a galaxy that caches the model
+        fetches it again when this changes, even under the same version."""
+        model_body(r)
+        assert r.model_digest is not None
+        return r.model_digest
+
     def model_body(r: _Runtime) -> tuple[bytes, int, bytes]:
         """The served model (``PGT1``), its version and the global aggregator's
         signature over both; encoded and signed once per version."""
@@ -386,6 +457,7 @@ def create_app(
                 r.key, ModelStatement.of(version, body), run=r.settings.run_id
             )
             r.model_cache = (body, version, signed.signature)
+            r.model_digest = hashlib.sha256(body).hexdigest()
         return r.model_cache
 
     def step(r: _Runtime) -> tuple[int, dict[int, list[int]]] | None:
@@ -411,7 +483,8 @@ def create_app(
             waiting_for = len(agg.assignment.active())  # isolated galaxies: none
             if answered >= waiting_for or waited > r.settings.leaf_deadline_s:
                 if n:
-                    agg.close_leaves(rnd)
+                    # Stored before anyone can see it: a restart serves it again.
+                    agg.close_leaves(rnd, persist=r.heads.save)
                 else:
                     agg.skip_round(rnd)
                     r.history.append(
@@ -466,6 +539,7 @@ def create_app(
                 # computed are filled in again after a restart (see resume).
                 checkpoint.meta["history"] = [dict(h) for h in r.history]
                 r.checkpoints.save(checkpoint)
+                r.heads.prune(below=min(r.checkpoints.rounds()) - 1)
             m_round_s.set(time.perf_counter() - t0 + waited)
             if r.settings.evaluate:
                 r.evaluating += 1
@@ -697,6 +771,14 @@ def create_app(
             "evaluating": r.evaluating,
             "history": r.history,
             "isolated": sorted(r.agg.isolated),
+            # What this process holds of the round: a galaxy whose transcript or
+            # aggregate is missing after a restart sends it again.
+            "received": {
+                "leaves": sorted(r.agg.leaves),
+                "transcripts": sorted(r.agg.round_state.transcripts),
+                "aggregates": sorted(r.agg.aggregates),
+            },
+            "model_digest": model_digest(r),
             "audit_log": {
                 "size": r.agg.audit_log.size,
                 "root": r.agg.audit_log.root.hex(),
@@ -844,6 +926,84 @@ def create_app(
         reputations moved clients start with: verify it with the pinned key."""
         with r.lock:
             return r.agg.assignment_document().to_dict()
+
+    # -- the audit log, for anyone (RFC 9162 proofs over the signed records) ------
+
+    def log_size(r: _Runtime, size: int | None, what: str) -> int:
+        n = r.agg.audit_log.size
+        if size is None:
+            return n
+        if not 0 <= size <= n:
+            raise Rejected("not_found", f"{what} {size}: the log has {n} entries")
+        return size
+
+    @app.get("/v1/audit-log")
+    def audit_log_head(r: Rt) -> dict[str, Any]:
+        """The log's size and root, signed by the global aggregator (kind
+        ``log-head``): two different heads for one size are proof of a fork."""
+        with r.lock:
+            log = r.agg.audit_log
+            body = {"run": r.settings.run_id, "size": log.size, "root": log.root.hex()}
+        return sign_document(r.key, "log-head", body, run=r.settings.run_id).to_dict()
+
+    @app.get("/v1/audit-log/entries")
+    def audit_log_entries(
+        r: Rt,
+        start: Annotated[int, Query(ge=0)] = 0,
+        end: Annotated[int | None, Query(ge=0)] = None,
+    ) -> dict[str, Any]:
+        """The signed round records ``start`` to ``end`` (exclusive), at most
+        256 a request."""
+        with r.lock:
+            n = r.agg.audit_log.size
+            stop = min(n, start + 256 if end is None else end, start + 256)
+            if start > n or stop < start:
+                raise Rejected("not_found", f"entries {start}..{end}: the log has {n}")
+            entries = [r.agg.audit_log.entry(i).to_dict() for i in range(start, stop)]
+        return {"start": start, "size": n, "entries": entries}
+
+    @app.get("/v1/audit-log/inclusion/{index}")
+    def audit_log_inclusion(
+        index: int, r: Rt, size: Annotated[int | None, Query(ge=1)] = None
+    ) -> dict[str, Any]:
+        """The inclusion proof of entry ``index`` in the log of ``size`` entries
+        (default: now)."""
+        with r.lock:
+            n = log_size(r, size, "size")
+            if not 0 <= index < n:
+                raise Rejected("not_found", f"entry {index}: the log has {n} entries")
+            proof = r.agg.audit_log.inclusion_proof(index, n)
+            root = r.agg.audit_log.head(n).root
+        return {
+            "leaf_index": proof.leaf_index,
+            "tree_size": proof.tree_size,
+            "path": [h.hex() for h in proof.path],
+            "root": root.hex(),
+        }
+
+    @app.get("/v1/audit-log/consistency")
+    def audit_log_consistency(
+        r: Rt,
+        first: Annotated[int, Query(ge=1)],
+        second: Annotated[int | None, Query(ge=1)] = None,
+    ) -> dict[str, Any]:
+        """The consistency proof between the log of ``first`` entries and the
+        log of ``second`` (default: now), with both roots."""
+        with r.lock:
+            new = log_size(r, second, "second")
+            old = log_size(r, first, "first")
+            if old > new:
+                raise Rejected("malformed", f"first {old} is past second {new}")
+            log = r.agg.audit_log
+            proof = log.consistency_proof(old, new)
+            roots = (log.head(old).root, log.head(new).root)
+        return {
+            "first": old,
+            "second": new,
+            "first_root": roots[0].hex(),
+            "second_root": roots[1].hex(),
+            "proof": [h.hex() for h in proof],
+        }
 
     @app.get("/v1/audit/files")
     def audit_files(request: Request, r: Rt) -> list[str]:

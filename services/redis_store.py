@@ -17,6 +17,7 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 ``r:<round>:blob:<name>``      leaf, head, galaxy proof, aggregate
 ``meta:<name>``                 galaxy-wide bookkeeping (e.g. rounds each client missed)
 ``reputation``                 JSON of the reputation tracker
+``reputation_version``         bumped with every write of ``reputation``
 ``evidence``                   list of JSON records (quarantines and bans)
 =============================  ===============================================
 
@@ -436,7 +437,45 @@ class RedisGalaxyStore(GalaxyStore):
     # -- reputation and evidence ---------------------------------------------------
 
     def save_reputation(self, state: dict[str, Any]) -> None:
-        self.r.set(self._k("reputation"), json.dumps(state))
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("reputation"), json.dumps(state))
+            pipe.incr(self._k("reputation_version"))
+            pipe.execute()
+
+    def reputation_version(self) -> int:
+        return int(self.r.get(self._k("reputation_version")) or 0)
+
+    def finish_round(
+        self,
+        round: int,
+        *,
+        blobs: dict[str, bytes],
+        reputation: dict[str, Any],
+        evidence: list[dict[str, Any]],
+    ) -> bool:
+        state_key = self._k("state")
+        expected = _encode_state((round, Phase.AGGREGATING))
+        while True:
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.watch(state_key)
+                if pipe.get(state_key) != expected:
+                    return False
+                pipe.multi()
+                for key, value in blobs.items():
+                    pipe.set(self._k("r", round, "blob", key), bytes(value))
+                pipe.set(self._k("reputation"), json.dumps(reputation))
+                pipe.incr(self._k("reputation_version"))
+                if evidence:
+                    pipe.rpush(
+                        self._k("evidence"),
+                        *(json.dumps(e, default=str) for e in evidence),
+                    )
+                pipe.set(state_key, _encode_state((round, Phase.DONE)))
+                try:
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # the state moved: look again
+                return True
 
     def load_reputation(self) -> dict[str, Any] | None:
         raw = self.r.get(self._k("reputation"))

@@ -87,21 +87,14 @@ class CheckpointDir:
     def path(self, round: int) -> Path:
         return self.directory / f"ckpt-{round:08d}.pgck"
 
+    def rounds(self) -> list[int]:
+        """The rounds of the checkpoint files present, verified or not."""
+        return self._rounds()
+
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write atomically (temp file, fsync, rename, fsync dir); prune old ones."""
         final = self.path(checkpoint.round)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        data = encode_checkpoint(checkpoint)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(final, encode_checkpoint(checkpoint))
         for old in self._rounds()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return final
@@ -116,3 +109,69 @@ class CheckpointDir:
                     "checkpoint %s is unusable (%s); trying an older one", rnd, exc
                 )
         return None
+
+
+def write_atomically(final: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename into place, fsync the
+    directory: a crash leaves the old file or the new one, never a torn one."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_HEAD_NAME = re.compile(r"^head-(\d{8,})\.json$")
+
+
+class HeadDir:
+    """The signed round documents (roots and head) of the global aggregator, one
+    file per round, each written before its head is handed out: after a
+    restart the same head is served again, and the rounds present beyond the
+    restored checkpoint show what a lost checkpoint took away."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, round: int) -> Path:
+        return self.directory / f"head-{round:08d}.json"
+
+    def rounds(self) -> list[int]:
+        return sorted(
+            int(m.group(1))
+            for p in self.directory.iterdir()
+            if (m := _HEAD_NAME.match(p.name))
+        )
+
+    def save(self, doc: dict[str, Any]) -> None:
+        write_atomically(
+            self.path(int(doc["round"])), json.dumps(doc, sort_keys=True).encode()
+        )
+
+    def load(self, round: int) -> dict[str, Any] | None:
+        """The document of ``round``; None if there is none; ``ValueError`` if
+        the file is not one."""
+        try:
+            raw = self.path(round).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{self.path(round)}: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("round") != round:
+            raise ValueError(f"{self.path(round)} is not the head of round {round}")
+        return doc
+
+    def prune(self, below: int) -> None:
+        """Forget the documents of rounds before ``below``."""
+        for rnd in self.rounds():
+            if rnd < below:
+                self.path(rnd).unlink(missing_ok=True)

@@ -39,8 +39,8 @@ from typing import Any, Final
 import torch
 
 from protogalaxy.codec import decode_update, encode_update
-from protogalaxy.crypto.statements import AggregateStatement, Signed, SignedDocument
-from protogalaxy.crypto.trees import GalaxyLeaf, GalaxyTree
+from protogalaxy.crypto.statements import SignedDocument
+from protogalaxy.crypto.trees import GalaxyTree
 from protogalaxy.defense.pipeline import GalaxyDefenseReport
 from protogalaxy.protocol.galaxy import GalaxyAggregator, RoundInputs
 
@@ -186,23 +186,20 @@ class CompromisedGalaxy(GalaxyAggregator):
         finally:
             del defense._layer2
 
-    def _publish_aggregate(
-        self,
-        round: int,
-        leaf: GalaxyLeaf,
-        weight: int,
-        values: bytes,
-        transcript: bytes,
-    ) -> Signed[AggregateStatement]:
+    def _published_aggregate(
+        self, round: int, weight: int, values: bytes
+    ) -> tuple[int, bytes]:
         kind = self.attack.kind
         if self.lying(round) and kind == "inflate_weight":
             self._note(round, [])
-            weight = leaf.tree_size
+            tree = self._tree(round)
+            assert tree is not None
+            weight = tree.size
         if self.lying(round) and kind == "inconsistent_aggregate":
             self._note(round, [])
             altered = torch.frombuffer(bytearray(values), dtype=torch.float32) * 1.5
             values = altered.numpy().tobytes()
-        return super()._publish_aggregate(round, leaf, weight, values, transcript)
+        return weight, values
 
     def transcript(
         self, round: int

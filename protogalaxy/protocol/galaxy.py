@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,9 +229,20 @@ class GalaxyAggregator:
         self.quorum = quorum
         self.idle_rounds = idle_rounds
         self._tree_cache: GalaxyTree | None = None
-        saved = store.load_reputation()
+        self._reputation_version: int | None = None
+        self._sync_reputation()
+
+    def _sync_reputation(self, *, force: bool = False) -> None:
+        """Take the store's reputation state if it changed since this aggregator
+        last read or wrote it: the store is the one source of truth, and another
+        replica (or this galaxy before a restart) may have written it."""
+        version = self.store.reputation_version()
+        if not force and version == self._reputation_version:
+            return
+        saved = self.store.load_reputation()
         if saved is not None:
-            defense.tracker.load_state_dict(saved)
+            self.defense.tracker.load_state_dict(saved)
+        self._reputation_version = version
 
     # -- state -------------------------------------------------------------------
 
@@ -256,6 +268,7 @@ class GalaxyAggregator:
             raise WrongPhase(f"round {state[0]} is not done ({state[1]})")
         if not self.store.compare_and_set_state(state, (round, Phase.COMMIT)):
             raise WrongPhase("another aggregator moved the round on")
+        self._sync_reputation()
 
     def apply_assignment(self, document: SignedDocument) -> None:
         """Take the global aggregator's signed placement of the clients (after it
@@ -270,6 +283,7 @@ class GalaxyAggregator:
             raise Rejected("malformed", "not an assignment of this run")
         assignment = Assignment.from_dict(body["assignment"])
         self.roster = dataclasses.replace(self.roster, galaxy_of=assignment.galaxy_of)
+        self._sync_reputation()
         tracker = self.defense.tracker
         changed = False
         for c, record in body.get("adopted", {}).items():
@@ -281,6 +295,7 @@ class GalaxyAggregator:
                 changed = True
         if changed:
             self.store.save_reputation(tracker.state_dict())
+            self._sync_reputation()
 
     # -- clients ---------------------------------------------------------------
 
@@ -313,6 +328,7 @@ class GalaxyAggregator:
         and then stays silent would otherwise hold every round to its deadline; it
         counts again from the round it commits."""
         missed = self._missed()
+        self._sync_reputation()
         return sum(
             1
             for c in self.store.clients()
@@ -337,6 +353,7 @@ class GalaxyAggregator:
         key = self.store.client_key(c.client_id)
         if key is None:
             raise UnknownClient(f"client {c.client_id} is not registered")
+        self._sync_reputation()
         if self.defense.banned(c.client_id):
             raise Rejected("bad_signature", f"client {c.client_id} is banned")
         try:
@@ -700,11 +717,49 @@ class GalaxyAggregator:
             (round, Phase.REVEAL), (round, Phase.AGGREGATING)
         ):
             raise WrongPhase("another aggregator is aggregating this round")
+        self.store.put_blob(round, "aggregating_at", repr(time.time()).encode())
+        return self._aggregate(round, reference_direction)
+
+    def aggregating_since(self, round: int) -> float | None:
+        """When the close of ``round`` claimed the phase (None: not recorded, e.g.
+        the process died between the claim and the note)."""
+        blob = self.store.get_blob(round, "aggregating_at")
+        try:
+            return None if blob is None else float(blob.decode())
+        except ValueError:
+            return None
+
+    def resume_aggregation(
+        self, round: int, *, reference_direction: torch.Tensor | None = None
+    ) -> GalaxyRoundResult:
+        """Aggregate a round left ``aggregating`` (its closer was killed, or is a
+        replica that stopped), from the stored reveals and rejections and the
+        stored reputation state. Nothing of a close is stored before its one
+        atomic :meth:`GalaxyStore.finish_round`, and aggregation is exact, so this
+        gives the very bytes the killed close would have given, once: should the
+        other closer still be alive, whichever finishes second writes nothing.
+
+        The caller decides when the claim is stale (see :meth:`aggregating_since`).
+        """
+        self._require(round, Phase.AGGREGATING)
+        _log.warning("round %d: aggregating again from the stored reveals", round)
+        return self._aggregate(round, reference_direction)
+
+    def _aggregate(
+        self, round: int, reference_direction: torch.Tensor | None
+    ) -> GalaxyRoundResult:
         tree = self._tree(round)
         assert tree is not None  # an empty snapshot ends the round at close_commit
+        # The state this round starts from is the store's, not what this process
+        # holds: a stale replica must not write old reputations back.
+        self._sync_reputation(force=True)
         inputs = self._round_inputs(round, tree)
         before = reputation_state(self.defense.tracker)
-        report = self._defend(round, tree, inputs, reference_direction)
+        try:
+            report = self._defend(round, tree, inputs, reference_direction)
+        except BaseException:
+            self._sync_reputation(force=True)  # undo what the failed close changed
+            raise
         after = reputation_state(self.defense.tracker)
         transcript = sign_document(
             self.key,
@@ -714,10 +769,11 @@ class GalaxyAggregator:
             ),
             run=self.run,
         )
-        self.store.put_blob(round, "transcript", transcript.to_bytes())
-        self.store.put_blob(round, "reputation_before", canonical_json(before))
-        self.store.put_blob(round, "reputation_after", canonical_json(after))
-        self.store.save_reputation(self.defense.tracker.state_dict())
+        blobs = {
+            "transcript": transcript.to_bytes(),
+            "reputation_before": canonical_json(before),
+            "reputation_after": canonical_json(after),
+        }
         evidence = []
         for event in report.events:
             body = {
@@ -725,19 +781,28 @@ class GalaxyAggregator:
                 **event.to_dict(),
                 "transcript": transcript.digest().hex(),
             }
-            record = sign_inline(self.key, "evidence", body, run=self.run)
-            self.store.append_evidence(record)
-            evidence.append(record)
-            _log.warning("%s", event.event, extra={"event_record": record})
+            evidence.append(sign_inline(self.key, "evidence", body, run=self.run))
         statement = None
+        weight = report.weight
         if report.aggregate is not None:
             values = report.aggregate.to(torch.float32).contiguous().numpy().tobytes()
-            statement = self._publish_aggregate(
-                round, tree.leaf(), report.weight, values, transcript.digest()
+            weight, values = self._published_aggregate(round, weight, values)
+            blobs["aggregate"] = values
+            blobs["weight"] = str(weight).encode()
+            statement = self._sign_aggregate(
+                tree.leaf(), weight, values, transcript.digest()
             )
-        self.store.compare_and_set_state(
-            (round, Phase.AGGREGATING), (round, Phase.DONE)
+        finished = self.store.finish_round(
+            round,
+            blobs=blobs,
+            reputation=self.defense.tracker.state_dict(),
+            evidence=evidence,
         )
+        self._sync_reputation(force=True)
+        if not finished:
+            raise WrongPhase(f"round {round}: another aggregator finished it")
+        for record in evidence:
+            _log.warning("%s", record["event"], extra={"event_record": record})
         return GalaxyRoundResult(
             round,
             self.galaxy,
@@ -868,18 +933,12 @@ class GalaxyAggregator:
             "clients": entries,
         }
 
-    def _publish_aggregate(
-        self,
-        round: int,
-        leaf: GalaxyLeaf,
-        weight: int,
-        values: bytes,
-        transcript: bytes,
-    ) -> Signed[AggregateStatement]:
-        """Store the aggregate and return its signed statement."""
-        self.store.put_blob(round, "aggregate", values)
-        self.store.put_blob(round, "weight", str(weight).encode())
-        return self._sign_aggregate(leaf, weight, values, transcript)
+    def _published_aggregate(
+        self, round: int, weight: int, values: bytes
+    ) -> tuple[int, bytes]:
+        """The weight and aggregate (float32 bytes) this galaxy publishes for the
+        round: what it computed (a compromised galaxy in a scenario lies here)."""
+        return weight, values
 
     # -- what auditors fetch ---------------------------------------------------------
 

@@ -36,7 +36,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,19 +328,84 @@ class GlobalAggregator:
         self._state.abstained.add(a.galaxy_id)
 
     def close_leaves(
-        self, round: int, *, timestamp_ms: int | None = None
+        self,
+        round: int,
+        *,
+        timestamp_ms: int | None = None,
+        persist: Callable[[dict[str, Any]], None] | None = None,
     ) -> SignedRoundHead:
-        """Build the global tree and sign the round head."""
+        """Build the global tree and sign the round head.
+
+        ``persist`` gets the :meth:`signed_round` document before the head is
+        in force; if it raises, the round stays open to roots, as if the head
+        had not been signed (it was handed to no one)."""
         self._require(round, "leaves")
         if not self._state.leaves:
             raise WrongPhase(f"round {round}: no galaxy sent a root")
         tree = GlobalTree(self._state.leaves.values(), round=round)
         ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         head = sign_round_head(self.key, tree.head(ts, run=self.run))
+        if persist is not None:
+            persist(self._signed_round_doc(head))
         self._state.tree = tree
         self._state.head = head
         self._state.phase = "aggregates"
         return head
+
+    def skip_to(self, round: int) -> None:
+        """Start ``round`` now, leaving the rounds before it unplayed: after a
+        checkpoint loss, past every round whose head was already signed, so that
+        no round ever gets a second head."""
+        if round < self.round:
+            raise ValueError(f"cannot go back from round {self.round} to {round}")
+        self._state = _RoundState(round)
+
+    def signed_round(self) -> dict[str, Any] | None:
+        """The current round's signed roots and the head signed over them (None
+        before :meth:`close_leaves`). A service stores it before it hands the
+        head out: after a restart :meth:`resume_signed_round` takes it back, so
+        the aggregator never signs a second, different head for a round."""
+        head = self._state.head
+        return None if head is None else self._signed_round_doc(head)
+
+    def _signed_round_doc(self, head: SignedRoundHead) -> dict[str, Any]:
+        st = self._state
+        return {
+            "round": st.round,
+            "leaves": [st.signed_leaves[g].to_dict() for g in sorted(st.leaves)],
+            "abstained": sorted(st.abstained),
+            "head": head.to_dict(),
+        }
+
+    def resume_signed_round(self, doc: dict[str, Any]) -> None:
+        """Take back the head this aggregator signed for the current round before
+        a restart (see :meth:`signed_round`): the same roots, the same head, the
+        round at its aggregates phase. Raises ``ValueError`` for a document that
+        is not exactly that (another round, another key, roots that do not make
+        that head)."""
+        self._require(doc["round"], "leaves")
+        head = SignedRoundHead.from_dict(doc["head"])
+        try:
+            head.verify(self.key.public_key, run=self.run)
+        except SignatureError as exc:
+            raise ValueError(f"stored head of round {doc['round']}: {exc}") from None
+        leaves: dict[int, Signed[GalaxyLeaf]] = {}
+        for raw in doc["leaves"]:
+            signed = Signed.from_dict(GalaxyLeaf, raw)
+            self._authenticate_as(signed.statement.galaxy_id, signed)
+            leaves[signed.statement.galaxy_id] = signed
+        tree = GlobalTree((s.statement for s in leaves.values()), round=self.round)
+        if (tree.root, tree.size, head.head.round) != (
+            head.head.root,
+            head.head.tree_size,
+            self.round,
+        ):
+            raise ValueError(f"stored roots of round {self.round} do not make its head")
+        st = self._state
+        st.signed_leaves = leaves
+        st.leaves = {g: s.statement for g, s in leaves.items()}
+        st.abstained = {int(g) for g in doc.get("abstained", [])}
+        st.tree, st.head, st.phase = tree, head, "aggregates"
 
     def skip_round(self, round: int) -> None:
         """End a round that no galaxy sent a root for: nothing is applied or logged."""

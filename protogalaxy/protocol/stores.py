@@ -10,6 +10,7 @@ overwrite an accepted update.
 
 from __future__ import annotations
 
+import json
 import threading
 from abc import ABC, abstractmethod
 from typing import Any
@@ -164,10 +165,35 @@ class GalaxyStore(ABC):
     def get_meta(self, key: str) -> bytes | None: ...
 
     @abstractmethod
-    def save_reputation(self, state: dict[str, Any]) -> None: ...
+    def save_reputation(self, state: dict[str, Any]) -> None:
+        """Replace the reputation state (and bump :meth:`reputation_version`)."""
 
     @abstractmethod
     def load_reputation(self) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def reputation_version(self) -> int:
+        """A counter every reputation write bumps: a replica that holds the state
+        of another version reloads it before using it."""
+
+    @abstractmethod
+    def finish_round(
+        self,
+        round: int,
+        *,
+        blobs: dict[str, bytes],
+        reputation: dict[str, Any],
+        evidence: list[dict[str, Any]],
+    ) -> bool:
+        """Everything a close produces, in one atomic step, only while the state
+        is ``(round, aggregating)``: the round's blobs, the new reputation state,
+        the evidence records, and the move to ``(round, done)``.
+
+        A close killed before this step left nothing behind, so it can be run
+        again from the stored reveals; one racing another replica's close of the
+        same round writes nothing. Returns False (nothing written) when the
+        state is not ``(round, aggregating)``.
+        """
 
     @abstractmethod
     def append_evidence(self, record: dict[str, Any]) -> None: ...
@@ -207,6 +233,7 @@ class MemoryGalaxyStore(GalaxyStore):
         self._blobs: dict[tuple[int, str], bytes] = {}
         self._meta: dict[str, bytes] = {}
         self._reputation: dict[str, Any] | None = None
+        self._reputation_version = 0
         self._evidence: list[dict[str, Any]] = []
 
     def get_state(self) -> State | None:
@@ -315,10 +342,34 @@ class MemoryGalaxyStore(GalaxyStore):
         return self._meta.get(key)
 
     def save_reputation(self, state: dict[str, Any]) -> None:
-        self._reputation = state
+        with self._lock:
+            self._reputation = _copy(state)
+            self._reputation_version += 1
 
     def load_reputation(self) -> dict[str, Any] | None:
-        return self._reputation
+        with self._lock:
+            return None if self._reputation is None else _copy(self._reputation)
+
+    def reputation_version(self) -> int:
+        return self._reputation_version
+
+    def finish_round(
+        self,
+        round: int,
+        *,
+        blobs: dict[str, bytes],
+        reputation: dict[str, Any],
+        evidence: list[dict[str, Any]],
+    ) -> bool:
+        with self._lock:
+            if self._state != (round, Phase.AGGREGATING):
+                return False
+            for key, value in blobs.items():
+                self._blobs[(round, key)] = bytes(value)
+            self.save_reputation(reputation)
+            self._evidence.extend(_copy(e) for e in evidence)
+            self._state = (round, Phase.DONE)
+            return True
 
     def append_evidence(self, record: dict[str, Any]) -> None:
         self._evidence.append(record)
@@ -335,3 +386,8 @@ class MemoryGalaxyStore(GalaxyStore):
             self._rejections.pop(round, None)
             for key in [k for k in self._blobs if k[0] == round]:
                 del self._blobs[key]
+
+
+def _copy(state: Any) -> Any:
+    """A deep copy as a store keeps it (JSON): nothing shared with the caller."""
+    return json.loads(json.dumps(state, default=str))

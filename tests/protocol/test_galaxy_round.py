@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import math
 from collections.abc import Callable
 
@@ -60,7 +62,10 @@ def galaxy_store(request: pytest.FixtureRequest) -> None:
         from services.redis_store import RedisGalaxyStore
 
         url = request.getfixturevalue("redis_url")
-        STORE_FACTORY = lambda: RedisGalaxyStore.from_url(url, galaxy=0)  # noqa: E731
+        worlds = itertools.count()  # each World of a test has a prefix of its own
+        STORE_FACTORY = lambda: RedisGalaxyStore.from_url(  # noqa: E731
+            url, galaxy=0, prefix=f"pg:galaxy:0:{next(worlds)}:"
+        )
 
 
 class World:
@@ -71,28 +76,18 @@ class World:
         n: int = 6,
         layers: tuple[int, ...] = (1, 2, 3, 4, 5),
         agg: str = "multikrum",
+        files: dict[str, bytes] | None = None,
     ):
-        files = provision(galaxies=1, clients=n)
+        files = files or provision(galaxies=1, clients=n)
+        self.n, self.files = n, files
         self.global_key = SigningKey.from_bytes(files["global.key"])
         self.galaxy_key = SigningKey.from_bytes(files["galaxy-0.key"])
         self.keys = {c: client_key(files["clients.seed"], c) for c in range(n)}
-        cfg = DefenseConfig(
+        self.cfg = DefenseConfig(
             layers=frozenset(layers), aggregator=agg, byzantine_fraction=0.2
         )
         self.store = STORE_FACTORY()
-        self.galaxy = GalaxyAggregator(
-            0,
-            store=self.store,
-            spec=SPEC,
-            defense=GalaxyDefense(0, cfg),
-            key=self.galaxy_key,
-            global_key=self.global_key.public_key,
-            roster=ClientRoster(
-                0, n, lambda c: 0, parse_keyring(files["clients.pub"].decode())
-            ),
-            run=RUN,
-            max_update_bytes=4096,
-        )
+        self.galaxy = self.replica()
         for c, k in self.keys.items():
             self.galaxy.register(
                 c,
@@ -105,15 +100,39 @@ class World:
             assignment=Assignment(n, 1),
             run=RUN,
             params=torch.zeros(D),
-            defense=GlobalDefense(cfg),
+            defense=GlobalDefense(self.cfg),
         )
         self.secrets: dict[int, tuple[bytes, bytes, object]] = {}
+        self.replayable = files is not None
+
+    def replica(self) -> GalaxyAggregator:
+        """Another aggregator of galaxy 0 on the same store: a second replica, or
+        the galaxy's process after a restart (it keeps nothing but the store)."""
+        return GalaxyAggregator(
+            0,
+            store=self.store,
+            spec=SPEC,
+            defense=GalaxyDefense(0, self.cfg),
+            key=self.galaxy_key,
+            global_key=self.global_key.public_key,
+            roster=ClientRoster(
+                0,
+                self.n,
+                lambda c: 0,
+                parse_keyring(self.files["clients.pub"].decode()),
+            ),
+            run=RUN,
+            max_update_bytes=4096,
+        )
 
     def commit_all(self, rnd: int, updates: dict[int, torch.Tensor]) -> None:
         self.galaxy.open_round(rnd)
         for c, vec in updates.items():
             tensors = SPEC.unflatten(vec)
-            com, nonce = commit(tensors, client_id=c, galaxy_id=0, round=rnd)
+            fixed = {}
+            if self.replayable:  # the same commitments in every World
+                fixed = {"nonce": bytes([c, rnd]) * 16, "timestamp_ms": 1000 + rnd}
+            com, nonce = commit(tensors, client_id=c, galaxy_id=0, round=rnd, **fixed)
             self.galaxy.submit_commitment(
                 com, sign_commitment(self.keys[c], com, run=RUN)
             )
@@ -670,3 +689,186 @@ def test_a_client_has_one_fate_a_round_when_its_reveals_race(valid_first: bool) 
     assert published is not None
     fates = {e["client"]: e["fate"] for e in published[0].body["clients"]}
     assert fates[0] == ("aggregated" if valid_first else "rejected")
+
+
+# -- faults: a galaxy restarted in every state of a round, and replicas ----------
+
+KILL_POINTS = ["commit", "closing", "committed", "reveal", "aggregating", "done"]
+
+
+class Killed(BaseException):
+    """The process died here (nothing after this point ran)."""
+
+
+def play_two_rounds(w: World, kill: str | None = None) -> list[bytes]:
+    """Round 0 clean; in round 1 client 4 reveals a body that does not match its
+    commitment and client 5 withholds, so reputations and evidence change. With
+    ``kill``, galaxy 0's process dies at that point of round 1 and a fresh one
+    (nothing but the store) finishes the round. The aggregate bytes of each round.
+    """
+    out = []
+    for rnd in range(2):
+        w.secrets.clear()
+        w.commit_all(rnd, honest(6, seed=rnd))
+        faulty = rnd == 1
+        if faulty and kill == "commit":
+            w.galaxy = w.replica()
+        if faulty and kill == "closing":
+            # The close claimed the phase and died before taking the snapshot.
+            assert w.store.compare_and_set_state((1, "commit"), (1, "closing"))
+            w.galaxy = w.replica()
+        leaf = w.galaxy.close_commit(rnd, force=True)
+        assert leaf is not None
+        if faulty and kill == "committed":
+            w.galaxy = w.replica()
+        w.glob.submit_leaf(leaf)
+        head = w.glob.close_leaves(rnd)
+        w.galaxy.accept_head(rnd, head, w.glob.proof_for(0))
+        if faulty:
+            _, nonce, com = w.secrets[4]
+            w.secrets[4] = (encode_update(SPEC.unflatten(torch.ones(D))), nonce, com)
+        for c in range(5 if faulty else 6):
+            if faulty and kill == "reveal" and c == 2:
+                w.galaxy = w.replica()
+                w.reveal(rnd, 1, *w.secrets[1][:2])  # a resend: accepted once
+            try:
+                w.reveal(rnd, c, *w.secrets[c][:2])
+            except Rejected as exc:
+                assert (c, exc.reason) == (4, "commitment_mismatch")
+        if faulty and kill == "aggregating":
+            real = w.store.finish_round
+
+            def dies(*args: object, **kwargs: object) -> bool:
+                raise Killed  # everything computed, nothing stored
+
+            w.store.finish_round = dies  # type: ignore[method-assign]
+            with pytest.raises(Killed):
+                w.galaxy.close_reveal(rnd, force=True)
+            w.store.finish_round = real  # type: ignore[method-assign]
+            assert w.galaxy.state == (1, "aggregating")
+            w.galaxy = w.replica()
+            result = w.galaxy.resume_aggregation(rnd)
+        else:
+            result = w.galaxy.close_reveal(rnd, force=True)
+        if faulty and kill == "done":
+            w.galaxy = w.replica()
+            with pytest.raises(WrongPhase):
+                w.galaxy.resume_aggregation(rnd)
+        assert result.aggregate is not None and result.statement is not None
+        out.append(result.aggregate.numpy().tobytes())
+        w.glob.submit_aggregate(result.statement, result.aggregate)
+        w.glob.finish_round(rnd)
+    return out
+
+
+@pytest.mark.parametrize("kill", KILL_POINTS)
+def test_a_galaxy_killed_in_any_state_finishes_the_round_as_if_it_had_not(
+    kill: str,
+) -> None:
+    """A galaxy process killed in each state of a round, and a fresh one on the
+    same store: the same aggregate bytes, transcript, reputations and evidence as
+    a run without the fault, and every accepted reveal aggregated once."""
+    files = provision(galaxies=1, clients=6)
+    clean = World(6, layers=(1, 2, 4), agg="fedavg", files=files)
+    expected = play_two_rounds(clean)
+    w = World(6, layers=(1, 2, 4), agg="fedavg", files=files)
+    assert play_two_rounds(w, kill) == expected
+    assert w.galaxy.state == (1, "done")
+    got, want = w.galaxy.transcript(1), clean.galaxy.transcript(1)
+    assert got is not None and want is not None
+    assert got[0].to_bytes() == want[0].to_bytes()  # signatures are deterministic
+    fates = {e["client"]: e["fate"] for e in got[0].body["clients"]}
+    assert fates == {
+        0: "aggregated",
+        1: "aggregated",
+        2: "aggregated",
+        3: "aggregated",
+        4: "rejected",
+        5: "withheld",
+    }
+    assert w.store.load_reputation() == clean.store.load_reputation()
+    assert w.store.evidence() == clean.store.evidence()
+    assert [e["event"] for e in w.store.evidence()] == [
+        "reveal_rejected",
+        "reveal_withheld",
+    ]
+
+
+def test_a_stale_replica_never_writes_old_reputations() -> None:
+    """Two replicas of one galaxy: replica A closes round 0, where client 4 loses
+    reputation; replica B, which read the store before that, closes round 1. B
+    must start round 1 from A's state: without that it would write its own,
+    older reputations back, and undo what round 0 did (a quarantine, say)."""
+    w = World(6, layers=(1, 2, 4), agg="fedavg")
+    a, b = w.galaxy, w.replica()
+    for rnd, closer in enumerate((a, b)):
+        w.secrets.clear()
+        w.commit_all(rnd, honest(6, seed=rnd))
+        w.publish_head(rnd)
+        if rnd == 0:
+            _, nonce, com = w.secrets[4]
+            w.secrets[4] = (encode_update(SPEC.unflatten(torch.ones(D))), nonce, com)
+        for c in range(6):
+            try:
+                w.reveal(rnd, c, *w.secrets[c][:2])
+            except Rejected:
+                assert (rnd, c) == (0, 4)
+        result = closer.close_reveal(rnd, force=True)
+        w.glob.submit_aggregate(result.statement, result.aggregate)
+        w.glob.finish_round(rnd)
+        if rnd == 0:
+            after_round_0 = w.store.load_reputation()
+    saved = w.store.load_reputation()
+    assert saved is not None and after_round_0 is not None
+    # Round 1 went from round 0's state: client 4 kept its loss, and round 1
+    # counted on top of round 0 for everyone.
+    assert saved["clients"]["4"]["reputation"] < saved["clients"]["0"]["reputation"]
+    assert all(saved["clients"][str(c)]["rounds"] == 2 for c in range(6))
+    assert json.loads(json.dumps(b.defense.tracker.state_dict())) == saved
+
+
+def test_a_restarted_global_aggregator_serves_the_head_it_signed() -> None:
+    """The signed round (roots and head) is handed to ``persist`` before the head
+    is in force; a fresh aggregator takes it back and serves the same head; a
+    document that is not exactly what was signed is refused."""
+    w = World(4, layers=(1,), agg="fedavg")
+    w.commit_all(0, honest(4))
+    leaf = w.galaxy.close_commit(0, force=True)
+    assert leaf is not None
+    w.glob.submit_leaf(leaf)
+
+    def unwritable(doc: dict[str, object]) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        w.glob.close_leaves(0, persist=unwritable)
+    assert w.glob.phase == "leaves" and w.glob.head is None  # handed to no one
+    stored: list[dict[str, object]] = []
+    head = w.glob.close_leaves(0, persist=stored.append)
+    assert stored == [w.glob.signed_round()]
+
+    def fresh() -> GlobalAggregator:
+        return GlobalAggregator(
+            key=w.global_key,
+            galaxy_keys=parse_keyring(w.files["galaxies.pub"].decode()),
+            assignment=Assignment(4, 1),
+            run=RUN,
+            params=torch.zeros(D),
+            defense=GlobalDefense(w.cfg),
+        )
+
+    again = fresh()
+    again.resume_signed_round(json.loads(json.dumps(stored[0])))
+    assert again.head == head and again.phase == "aggregates"
+    assert again.proof_for(0) == w.glob.proof_for(0)
+    # Anything else is refused: a head of another key, roots that do not make it.
+    forged = dict(stored[0])
+    other = SigningKey.generate()
+    from protogalaxy.crypto.heads import sign_round_head
+
+    forged["head"] = sign_round_head(other, head.head).to_dict()
+    with pytest.raises(ValueError):
+        fresh().resume_signed_round(forged)
+    empty = {**stored[0], "leaves": []}
+    with pytest.raises(ValueError):
+        fresh().resume_signed_round(empty)

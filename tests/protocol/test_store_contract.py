@@ -261,3 +261,50 @@ def test_a_discard_racing_a_commit_never_half_removes_a_reveal(redis_url: str) -
         assert store.get_reveal(0, client) in (None, (body, nonce))
         assert (outcome == [True]) == (store.get_reveal(0, client) is not None)
     assert not [k for k in store.r.scan_iter(match="pg:race:r:0:stage:*")]
+
+
+def test_a_round_finishes_once_and_whole(store: GalaxyStore) -> None:
+    """The close of a round writes its blobs, reputations and evidence and moves
+    to done in one step, only from ``aggregating``: a close racing another (a
+    replica, or a resumed close) writes nothing, and a close killed before the
+    step left nothing to undo."""
+    before = {"galaxy": 3, "clients": {"4": {"reputation": 0.5}}, "events": []}
+    store.save_reputation(before)
+    version = store.reputation_version()
+
+    def finish(tag: str) -> bool:
+        return store.finish_round(
+            2,
+            blobs={"aggregate": tag.encode(), "transcript": tag.encode()},
+            reputation={**before, "clients": {"4": {"reputation": len(tag) / 10}}},
+            evidence=[{"event": "client_quarantined", "client": 4, "by": tag}],
+        )
+
+    store.compare_and_set_state(None, (2, Phase.REVEAL))
+    assert not finish("early")  # not aggregating: nothing written
+    assert store.get_blob(2, "aggregate") is None and store.evidence() == []
+    assert store.load_reputation() == before
+    assert store.reputation_version() == version
+    store.compare_and_set_state((2, Phase.REVEAL), (2, Phase.AGGREGATING))
+    wins: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def attempt(tag: str) -> None:
+        barrier.wait()
+        if finish(tag):
+            wins.append(tag)
+
+    threads = [threading.Thread(target=attempt, args=("x" * n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    (tag,) = wins
+    assert store.get_state() == (2, Phase.DONE)
+    assert store.get_blob(2, "aggregate") == store.get_blob(2, "transcript")
+    assert store.get_blob(2, "aggregate") == tag.encode()
+    assert store.evidence() == [{"event": "client_quarantined", "client": 4, "by": tag}]
+    saved = store.load_reputation()
+    assert saved is not None and saved["clients"]["4"]["reputation"] == len(tag) / 10
+    assert store.reputation_version() > version

@@ -21,7 +21,13 @@ import torch
 from protogalaxy.codec import decode_update
 from protogalaxy.config import load_config
 from protogalaxy.crypto.commitment import Commitment
-from protogalaxy.crypto.identity import verify_commitment_signature
+from protogalaxy.crypto.identity import VerifyKey, verify_commitment_signature
+from protogalaxy.crypto.merkle import (
+    InclusionProof,
+    verify_consistency,
+    verify_inclusion,
+)
+from protogalaxy.crypto.statements import SignedDocument
 from protogalaxy.learning.models import build_model
 from services.redis_store import RedisGalaxyStore
 from services.up import LocalCluster
@@ -102,6 +108,35 @@ def test_galaxy_killed_during_the_reveal_phase(cluster: LocalCluster) -> None:
     assert torch.allclose(served_model(cluster), expected, atol=1e-5)
 
 
+def test_galaxy_killed_while_aggregating(cluster: LocalCluster) -> None:
+    """SIGKILL after the close claimed the round (state ``aggregating``, nothing
+    of the close stored yet): the restarted galaxy aggregates the round from the
+    stored reveals, each answered 202 once, and the global applies it."""
+    p = Players(cluster, N)
+    p.register()
+    ups = {c: update(c) for c in range(N)}
+    play_round(p, 0, ups)
+    for c in range(3):  # client 3 never reveals: the close waits for its deadline
+        assert p.reveal(0, c).status_code == 202
+    cluster.kill("galaxy-0")
+    store = galaxy_store(cluster)
+    # What the killed close left: the claim (its note of when may be lost too).
+    assert store.compare_and_set_state((0, "reveal"), (0, "aggregating"))
+    cluster.procs["galaxy-0"].start()
+    cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
+    assert p.reveal(0, 3).status_code == 409  # the round is closed to reveals
+    p.wait_global_round(1, timeout=60)
+    g0 = torch.stack([flat(ups[c]) for c in range(3)]).mean(0)
+    assert torch.allclose(served_model(cluster), initial_model() + 1.3 * g0, atol=1e-5)
+    transcript = httpx.get(
+        f"{cluster.galaxy_url(0)}/v1/audit/rounds/0/transcript",
+        headers={"authorization": f"Bearer {cluster.auditor_token}"},
+    )
+    assert transcript.status_code == 200
+    fates = [e["fate"] for e in transcript.json()["transcript"]["body"]["clients"]]
+    assert fates == ["aggregated"] * 3 + ["withheld"]
+
+
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (Linux /proc), reaping none."""
     out: list[int] = []
@@ -125,6 +160,9 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
     play_round(p, 1, ups1)  # the round-1 head is signed: the galaxy is revealing
     evaluators = children(cluster.procs["global"].popen.pid)
     assert evaluators, "the global aggregator evaluates in a child process"
+    head = httpx.get(f"{cluster.global_url}/v1/rounds/1/head", params={"galaxy": 0})
+    assert head.status_code == 200
+    log_before = checked_audit_log(cluster)
     cluster.kill("global")
     # The kernel takes the evaluator down with its SIGKILLed parent (no orphans).
     deadline = time.monotonic() + 10
@@ -133,6 +171,10 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
         time.sleep(0.1)
     cluster.procs["global"].start()
     cluster.wait_ready(cluster.global_url, "/readyz")
+    # The head it signed before it was killed, not a second one: the receipts
+    # clients hold stay good.
+    again = httpx.get(f"{cluster.global_url}/v1/rounds/1/head", params={"galaxy": 0})
+    assert again.json() == head.json()
     for c in range(N):
         assert p.reveal(1, c).status_code == 202
     status = p.wait_global_round(2)
@@ -144,12 +186,55 @@ def test_global_killed_mid_round_resumes_without_applying_twice(
         time.sleep(0.1)
         status = cluster.status()
     assert [h["round"] for h in status["history"]] == [0, 1]
+    # The log after the restart extends the log before it (RFC 9162).
+    assert checked_audit_log(cluster, since=log_before)["size"] == 2
     assert all(isinstance(h["accuracy"], float) for h in status["history"])
     g0 = torch.stack([flat(u) for u in ups0.values()]).mean(0)
     g1 = torch.stack([flat(u) for u in ups1.values()]).mean(0)
     w1 = initial_model() + 1.3 * g0
     expected = w1 + 1.3 * (0.5 * g0 + g1)  # server momentum survived the restart
     assert torch.allclose(served_model(cluster), expected, atol=1e-5)
+
+
+def checked_audit_log(
+    cluster: LocalCluster, since: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The global aggregator's audit log as anyone reads it: its signed head,
+    every entry (signed round records) with its inclusion proof, and, from an
+    earlier head ``since``, the consistency proof; each checked with the
+    library's verifiers. The head's body."""
+    url = cluster.global_url
+    key = VerifyKey.from_bytes(bytes.fromhex(cluster.global_public_key))
+    signed = SignedDocument.from_dict(httpx.get(f"{url}/v1/audit-log").json())
+    assert signed.kind == "log-head"
+    signed.verify(key, run=cluster.run_id)
+    head = signed.body
+    size, root = head["size"], bytes.fromhex(head["root"])
+    entries = httpx.get(f"{url}/v1/audit-log/entries").json()["entries"]
+    assert len(entries) == size
+    for i, raw in enumerate(entries):
+        record = SignedDocument.from_dict(raw, kind="round-record")
+        record.verify(key, run=cluster.run_id)
+        got = httpx.get(f"{url}/v1/audit-log/inclusion/{i}", params={"size": size})
+        proof = got.json()
+        verify_inclusion(
+            record.to_bytes(),
+            InclusionProof(i, size, [bytes.fromhex(h) for h in proof["path"]]),
+            root,
+        )
+    if since is not None and since["size"]:
+        got = httpx.get(
+            f"{url}/v1/audit-log/consistency",
+            params={"first": since["size"], "second": size},
+        ).json()
+        verify_consistency(
+            since["size"],
+            size,
+            bytes.fromhex(since["root"]),
+            root,
+            [bytes.fromhex(h) for h in got["proof"]],
+        )
+    return dict(head)
 
 
 def galaxy_store(cluster: LocalCluster) -> RedisGalaxyStore:
@@ -245,3 +330,58 @@ def test_redis_restart_keeps_reputations_quarantine_and_evidence(
         assert state["status"] == "quarantined" and state[
             "reputation"
         ] == pytest.approx(0.45)
+
+
+def refused(proc: Any) -> str:
+    """Start ``proc``; it must exit with an error. Its log so far."""
+    proc.start()
+    assert proc.popen is not None
+    assert proc.popen.wait(timeout=120) != 0
+    return str(proc.log.read_text())
+
+
+def test_lost_checkpoints_fail_loudly(tmp_path: Path) -> None:
+    """A newest checkpoint that does not verify, or none that does: the global
+    aggregator refuses to start (it would rewrite history: an applied round
+    recorded as skipped, or round 0 again, signed with the same key). Told to go
+    on (``PG_ACCEPT_CHECKPOINT_LOSS=1``, logged) it starts past every round it
+    ever signed a head for, so no round gets a second head, and the model it
+    serves has a version number never served before."""
+    for cluster in make_cluster(tmp_path, **{"training.rounds": 4}):
+        p = Players(cluster, N)
+        p.register()
+        for rnd in range(2):
+            play_round(p, rnd, {c: update(10 * rnd + c) for c in range(N)})
+            for c in range(N):
+                assert p.reveal(rnd, c).status_code == 202
+            p.wait_global_round(rnd + 1)
+        proc = cluster.procs["global"]
+        proc.stop()
+        ckpts = sorted((cluster.out / "global" / "checkpoints").glob("ckpt-*"))
+        assert [c.name for c in ckpts][-1] == "ckpt-00000002.pgck"
+
+        data = bytearray(ckpts[-1].read_bytes())
+        data[-1] ^= 0xFF
+        ckpts[-1].write_bytes(bytes(data))
+        assert "refusing to start over lost history" in refused(proc)
+        for ckpt in ckpts:
+            ckpt.write_bytes(b"not a checkpoint")
+        log = refused(proc)
+        assert log.count("refusing to start over lost history") == 2
+        proc.env["PG_ACCEPT_CHECKPOINT_LOSS"] = "1"
+        proc.start()
+        cluster.wait_ready(cluster.global_url, "/readyz")
+        status = cluster.status()
+        # Rounds 0 and 1 were signed: it goes on at round 2, with both on
+        # record as lost, and says so in its log.
+        assert status["round"] == 2 and status["phase"] == "leaves"
+        assert [h.get("lost") for h in status["history"]] == [True, True]
+        assert '"event": "checkpoint_loss"' in proc.log.read_text()
+        model = httpx.get(cluster.global_url + "/v1/model")
+        assert model.headers["x-pg-model-version"] == "2"
+        assert torch.equal(served_model(cluster), initial_model())
+        # The galaxy had version 2 cached with other bytes: it fetches again.
+        deadline = time.monotonic() + 60
+        while httpx.get(cluster.galaxy_url(0) + "/v1/model").content != model.content:
+            assert time.monotonic() < deadline, "the galaxy kept its stale model"
+            time.sleep(0.2)
