@@ -69,13 +69,24 @@ def main(argv: list[str]) -> int:
         from services import global_app
 
         app = global_app.create_app(global_app.GlobalSettings.from_env())
+    from services.server import ServerLimits, guarded_protocol
+
+    limits = ServerLimits(
+        max_per_peer=int(os.environ.get("PG_MAX_CONNECTIONS_PER_PEER", "64")),
+        header_timeout_s=float(os.environ.get("PG_HEADER_TIMEOUT_S", "10")),
+        body_idle_timeout_s=float(os.environ.get("PG_BODY_IDLE_TIMEOUT_S", "30")),
+    )
     uvicorn.run(
         app,
         host=os.environ.get("PG_HOST", "0.0.0.0"),
         port=int(os.environ.get("PG_PORT", "8000")),
         log_config=None,
         access_log=False,
-        limit_concurrency=256,
+        # one peer holds at most max_per_peer of these (services.server)
+        limit_concurrency=int(os.environ.get("PG_MAX_CONNECTIONS", "1024")),
+        http=guarded_protocol(limits),
+        ws="none",  # no upgrades: a connection stays under the limits above
+        timeout_keep_alive=5,
         # Long polls would hold a graceful shutdown for their whole wait.
         timeout_graceful_shutdown=int(os.environ.get("PG_SHUTDOWN_GRACE_S", "3")),
     )

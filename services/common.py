@@ -28,6 +28,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
@@ -55,6 +58,18 @@ _STATUS = {
     "duplicate": 409,
     "wrong_round": 409,
     "too_large": 413,
+    "too_many_waiters": 429,
+    "length_required": 411,
+}
+
+
+#: the reason of a plain HTTP refusal, by status
+_HTTP_REASONS = {
+    400: "malformed",
+    404: "not_found",
+    405: "method_not_allowed",
+    411: "length_required",
+    413: "too_large",
 }
 
 
@@ -133,8 +148,8 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(raw) > 1 << 16:
             return await run_in_threadpool(json.loads, raw)
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Rejected("malformed", f"the body is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise Rejected("malformed", f"the body is not JSON: {exc!r:.200}") from None
 
 
 async def read_body(
@@ -249,6 +264,36 @@ def require_token(request: Request, expected: str, *, what: str) -> None:
         raise Rejected("bad_signature", f"a valid {what} bearer token is required")
 
 
+class ErrorBody(BaseModel):
+    """Every refusal of both services: a reason (a fixed word, counted by it in
+    ``/metrics``) and a human-readable detail."""
+
+    error: str
+    detail: str
+
+
+#: what any endpoint may answer besides its own success (in the OpenAPI document)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what}
+    for code, what in {
+        400: "malformed input (`malformed`), or the client went away",
+        401: "a bad signature or token (`bad_signature`, `verification_failed`)",
+        403: "not this galaxy's client (`wrong_galaxy`, `not_enrolled`)",
+        404: "nothing of that name (`not_found`, `unknown_client`)",
+        409: "wrong round or phase, a duplicate (`wrong_phase`, `duplicate`)",
+        411: "a body without a Content-Length (`length_required`)",
+        413: "a body over its limit (`too_large`), refused before it is read",
+        422: "a value that fails a check (`malformed`, `shape`, `dtype`, ...)",
+        429: "too many long polls waiting (`too_many_waiters`)",
+        503: "not ready, or the store is down (`not_ready`, `store_unavailable`)",
+    }.items()
+}
+
+#: the largest JSON body of a request with no limit of its own (roots, abstentions,
+#: commitments, registrations are a few hundred bytes)
+JSON_LIMIT = 8 << 10
+
+
 def install_error_handlers(
     app: FastAPI,
     *,
@@ -256,11 +301,18 @@ def install_error_handlers(
     registry: CollectorRegistry,
     context: dict[str, Any],
     unavailable: tuple[type[Exception], ...] = (),
+    streamed: Callable[[str, str], bool] = lambda method, path: False,
+    json_limit: int = JSON_LIMIT,
 ) -> Counter:
     """Map domain errors to status codes; log and count each rejection.
 
     ``unavailable``: errors of a backing store that is down or too slow (503,
     ``store_unavailable``), so a client retries instead of giving up.
+
+    Every request body is capped at ``json_limit`` bytes before any of it is
+    read (411 without a Content-Length, 413 above the limit), except for the
+    requests ``streamed(method, path)`` names: they read their bodies with
+    limits of their own (:func:`read_body`, :func:`read_json`).
     """
     rejected = Counter(
         f"protogalaxy_{service}_rejected_total",
@@ -294,9 +346,12 @@ def install_error_handlers(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return refuse(request, 422, "malformed", str(exc.errors())[:500])
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return refuse(request, exc.status_code, "http_error", str(exc.detail))
+    # Starlette's own (unknown route, wrong method, a body FastAPI could not
+    # parse) as well as ours: every refusal in the one format, logged, counted.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = _HTTP_REASONS.get(exc.status_code, "http_error")
+        return refuse(request, exc.status_code, reason, str(exc.detail))
 
     def answer(status: int, reason: str, *, name_it: bool = False) -> Any:
         """A handler answering every error of a kind with one status and reason;
@@ -309,6 +364,9 @@ def install_error_handlers(
         return handler
 
     fixed: dict[type[Exception], Any] = {
+        # The peer went away mid-body (or was cut off by services.server's
+        # timeouts): nobody reads the answer, but it is logged and counted.
+        ClientDisconnect: answer(400, "client_disconnected"),
         WrongPhase: answer(409, "wrong_phase"),
         UnknownClient: answer(404, "unknown_client"),
         VerificationError: answer(401, "verification_failed"),
@@ -319,5 +377,65 @@ def install_error_handlers(
         fixed[error] = answer(503, "store_unavailable", name_it=True)
     for error, handler in fixed.items():
         app.add_exception_handler(error, handler)
+    # Routes declared after this list the error responses in the OpenAPI document.
+    app.router.responses.update(ERROR_RESPONSES)
 
+    class _BodyLimit:
+        """Refuses an oversized body from its Content-Length, before the
+        framework reads (and parses) any of it."""
+
+        def __init__(self, app: Any) -> None:
+            self.inner = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if (
+                scope["type"] != "http"
+                or scope["method"] in ("GET", "HEAD")
+                or streamed(scope["method"], scope["path"])
+            ):
+                await self.inner(scope, receive, send)
+                return
+            headers = dict(scope.get("headers") or [])
+            declared = headers.get(b"content-length")
+            encoded = b"transfer-encoding" in headers
+            request = Request(scope)
+            if encoded:
+                # With a Transfer-Encoding the body is not framed by its
+                # Content-Length (it wins over one): the size would be a claim.
+                response = (
+                    refuse(
+                        request, 411, "length_required", "a Content-Length is required"
+                    )
+                    if declared is None
+                    else refuse(
+                        request,
+                        400,
+                        "malformed",
+                        "Transfer-Encoding with a Content-Length is not accepted",
+                    )
+                )
+                await response(scope, receive, send)
+                return
+            try:
+                size = int(declared or b"0")
+            except ValueError:
+                size = -1
+            if size < 0:
+                response = refuse(
+                    request, 400, "malformed", "Content-Length is not a size"
+                )
+                await response(scope, receive, send)
+                return
+            if size > json_limit:
+                response = refuse(
+                    request,
+                    413,
+                    "too_large",
+                    f"body of {size} bytes exceeds the limit of {json_limit}",
+                )
+                await response(scope, receive, send)
+                return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(_BodyLimit)
     return rejected

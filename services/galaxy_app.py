@@ -45,9 +45,9 @@ from pydantic import BaseModel, StrictInt
 
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
-from protogalaxy.crypto.commitment import Commitment
+from protogalaxy.crypto.commitment import NONCE_SIZE, Commitment
 from protogalaxy.crypto.heads import SignedRoundHead
-from protogalaxy.crypto.identity import SigningKey, VerifyKey
+from protogalaxy.crypto.identity import SIGNATURE_SIZE, SigningKey, VerifyKey
 from protogalaxy.crypto.keyring import parse_keyring
 from protogalaxy.crypto.merkle import InclusionProof
 from protogalaxy.crypto.statements import ModelStatement, Signed, SignedDocument
@@ -63,6 +63,7 @@ from protogalaxy.protocol.galaxy import (
 )
 from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
+from services import server
 from services.common import (
     NotReady,
     Pump,
@@ -153,6 +154,10 @@ class _Runtime:
         self.settings = settings
         model = build_model(config.model, seed=config.seed)
         self.spec = UpdateSpec.from_params(dict(model.named_parameters()))
+        #: the exact size of a reveal (PGT1 of the model's float32 tensors)
+        self.reveal_size = len(
+            encode_update(self.spec.unflatten(torch.zeros(self.spec.numel)))
+        )
         self.key = SigningKey.from_bytes(Path(settings.signing_key_file).read_bytes())
         self.global_key = VerifyKey.from_bytes(
             bytes.fromhex(settings.global_public_key)
@@ -314,8 +319,8 @@ def create_app(
             await refresh_assignment(r, status)
             galaxy.open_round(rnd)
             deadline_passed(r, rnd, "opened_at", s.commit_deadline_s)
-            if state is not None and state[0] - s.keep_rounds >= 0:
-                r.store.drop_round(state[0] - s.keep_rounds)
+            # Every round older than the window, skipped ones included.
+            r.store.drop_rounds_before(rnd - s.keep_rounds)
             return
         if state is None or state[0] != rnd:
             return
@@ -365,8 +370,12 @@ def create_app(
             late = deadline_passed(r, rnd, "reveal_opened_at", s.reveal_deadline_s)
             if galaxy.reveal_quorum_reached(rnd) or late:
                 t0 = time.perf_counter()
-                result = galaxy.close_reveal(
-                    rnd, reference_direction=r.reference, force=True
+                # Off the event loop: the galaxy keeps answering meanwhile.
+                result = await asyncio.to_thread(
+                    galaxy.close_reveal,
+                    rnd,
+                    reference_direction=r.reference,
+                    force=True,
                 )
                 await aggregated(r, rnd, result, time.perf_counter() - t0)
         elif phase == Phase.AGGREGATING:
@@ -375,7 +384,9 @@ def create_app(
                 # Its closer was killed (or stalled): every reveal answered 202
                 # is stored, so the round is aggregated again, to the same bytes.
                 t0 = time.perf_counter()
-                result = galaxy.resume_aggregation(rnd, reference_direction=r.reference)
+                result = await asyncio.to_thread(
+                    galaxy.resume_aggregation, rnd, reference_direction=r.reference
+                )
                 await aggregated(r, rnd, result, time.perf_counter() - t0)
         elif phase == Phase.DONE and r.store.get_blob(rnd, "leaf") is None:
             if r.store.get_blob(rnd, "abstained") is None:
@@ -567,6 +578,8 @@ def create_app(
         registry=registry,
         context={"galaxy": gid},
         unavailable=(redis.ConnectionError, redis.TimeoutError),
+        # a reveal's body is read with PG_MAX_UPDATE_BYTES as its limit
+        streamed=lambda method, path: method == "PUT" and "/reveals/" in path,
     )
 
     @app.get("/livez")
@@ -585,7 +598,10 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(registry) + generate_latest(server.REGISTRY),
+            media_type=CONTENT_TYPE_LATEST,
+        )
 
     @app.post("/v1/register", status_code=201)
     def register(body: Registration, r: Rt) -> dict[str, Any]:
@@ -657,6 +673,12 @@ def create_app(
             raise Rejected(
                 "malformed", "X-PG-Nonce and X-PG-Signature must be hex"
             ) from None
+        if len(nonce) != NONCE_SIZE or len(signature) != SIGNATURE_SIZE:
+            raise Rejected(
+                "malformed",
+                f"X-PG-Nonce must be {NONCE_SIZE} bytes and X-PG-Signature "
+                f"{SIGNATURE_SIZE}",
+            )
         # While the body arrives, a thread hashes it (the one pass the reveal needs)
         # and streams it into a stage in the store; both release the GIL, so they
         # overlap the transfer. Accepting the reveal is then one O(1) commit.
@@ -665,6 +687,18 @@ def create_app(
         # while the first is still arriving (it is checked after it arrived).
         limit = r.settings.max_update_bytes
         size = content_length(request, limit)  # a 413 before anything is staged
+        # A reveal of this model has one exact size: anything else is refused
+        # before a byte of it is read or staged.
+        if size is None:
+            raise Rejected(
+                "length_required",
+                f"a reveal needs a Content-Length ({r.reveal_size} bytes)",
+            )
+        if size != r.reveal_size:
+            raise Rejected(
+                "wrong_size",
+                f"a reveal of this model is {r.reveal_size} bytes, not {size}",
+            )
         upload = (rnd, client)
         hasher = None
         if upload not in r.uploading:

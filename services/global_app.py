@@ -76,7 +76,9 @@ from protogalaxy.protocol.global_aggregator import (
 )
 from protogalaxy.protocol.transcript import digest_hex
 from protogalaxy.spec import UpdateSpec
+from services import server
 from services.common import (
+    JSON_LIMIT,
     NotReady,
     Signal,
     env,
@@ -132,6 +134,11 @@ class GlobalSettings:
     #: start although checkpoints or signed rounds were lost (logged as an
     #: error); without it the service refuses to start over a lost history
     accept_checkpoint_loss: bool = False
+    #: long polls of /v1/status waiting at once (each holds a connection)
+    max_long_polls: int = 32
+    #: how long a drawn galaxy may give no answer to the audit's fetches before
+    #: its round is left out as unaudited (a restart takes a few seconds)
+    audit_fetch_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> "GlobalSettings":
@@ -160,6 +167,8 @@ class GlobalSettings:
             poll_s=float(env("PG_POLL_S", "0.25")),
             signing_key_file=env("PG_SIGNING_KEY_FILE", "") or None,
             accept_checkpoint_loss=env("PG_ACCEPT_CHECKPOINT_LOSS", "0") == "1",
+            max_long_polls=int(env("PG_MAX_LONG_POLLS", "32")),
+            audit_fetch_s=float(env("PG_AUDIT_FETCH_S", "30")),
         )
 
 
@@ -326,6 +335,7 @@ class _Runtime:
         self.evaluating = 0  # rounds applied and not yet evaluated
         # This process's start: a restart changes the view galaxies wait on.
         self.boot = secrets.token_hex(4)
+        self.long_polls = 0  # /v1/status requests waiting (event loop only)
         self.poke = Signal()  # a leaf, abstention or aggregate arrived
         self.changed = Signal()  # the view (round, phase, finished) changed
 
@@ -508,7 +518,12 @@ def create_app(
                 return rnd, agg.audit_targets(rnd)
         return None
 
-    def finish(r: _Runtime, rnd: int, updates: dict[int, dict[int, bytes]]) -> None:
+    def finish(
+        r: _Runtime,
+        rnd: int,
+        updates: dict[int, dict[int, bytes]],
+        unreachable: set[int] | None = None,
+    ) -> None:
         """Audit, apply, log, publish and checkpoint round ``rnd``."""
         with r.lock:
             before = r.view()
@@ -519,7 +534,9 @@ def create_app(
             have = set(agg.aggregates)
             t0 = time.perf_counter()
             reference = agg.reference_direction
-            result = agg.finish_round(rnd, updates=updates)
+            result = agg.finish_round(
+                rnd, updates=updates, unreachable=unreachable or set()
+            )
             publish(r, rnd, result, reference, updates)
             m_rounds.inc()
             m_excluded.inc(len(result.report.excluded))
@@ -636,9 +653,12 @@ def create_app(
 
     async def fetch_updates(
         r: _Runtime, rnd: int, targets: dict[int, list[int]]
-    ) -> dict[int, dict[int, bytes]]:
+    ) -> tuple[dict[int, dict[int, bytes]], set[int]]:
         """The revealed updates each drawn galaxy's replay needs, by digest, from
-        the galaxy itself (what it does not serve is missing: its replay fails)."""
+        the galaxy itself: what it answers without is missing (its replay fails);
+        a galaxy that gives no answer at all within ``PG_AUDIT_FETCH_S`` is
+        unreachable (a fault, not proof: its round is left out unaudited)."""
+        unreachable: set[int] = set()
         with r.lock:
             sent = r.agg.round_state.transcripts
             # A drawn galaxy that sent no transcript needs nothing: it is caught
@@ -648,14 +668,21 @@ def create_app(
         headers = {"authorization": f"Bearer {r.settings.auditor_token}"}
         out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
 
+        give_up = time.monotonic() + r.settings.audit_fetch_s
+
         async def one(client: httpx.AsyncClient, g: int, c: int, digest: str) -> None:
             url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates/{digest}"
-            for attempt in range(3):
+            pause = 0.2
+            while True:
                 try:
                     resp = await client.get(url, headers=headers)
                 except httpx.HTTPError as exc:
                     _log.info("galaxy %d update %s: %s", g, digest[:12], exc)
-                    await asyncio.sleep(0.2 * (attempt + 1))
+                    if time.monotonic() + pause > give_up:
+                        unreachable.add(g)
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 2.0)
                     continue
                 if resp.status_code == 200:
                     out[g][c] = resp.content
@@ -674,7 +701,9 @@ def create_app(
                 for c, digest in digests.items():
                     jobs.append(one(client, g, c, digest))
             await asyncio.gather(*jobs)
-        return out
+        for g in unreachable:
+            out.pop(g, None)
+        return out, unreachable
 
     async def drive(r: _Runtime) -> None:
         """Step when a galaxy sent something, and every ``poll_s`` for deadlines;
@@ -685,8 +714,8 @@ def create_app(
                 ready = await asyncio.to_thread(step, r)
                 if ready is not None:
                     rnd, targets = ready
-                    updates = await fetch_updates(r, rnd, targets)
-                    await asyncio.to_thread(finish, r, rnd, updates)
+                    updates, unreachable = await fetch_updates(r, rnd, targets)
+                    await asyncio.to_thread(finish, r, rnd, updates, unreachable)
                     continue
             except Exception:
                 _log.exception("driver step failed")
@@ -710,7 +739,16 @@ def create_app(
                 _stop_evaluator(rt.evaluator)
 
     app = FastAPI(title="ProtoGalaxy global aggregator", lifespan=lifespan)
-    install_error_handlers(app, service="global", registry=registry, context={})
+    install_error_handlers(
+        app,
+        service="global",
+        registry=registry,
+        context={},
+        # aggregates and transcripts are read with limits of their own
+        streamed=lambda method, path: (
+            method == "POST" and ("/aggregates/" in path or "/transcripts/" in path)
+        ),
+    )
 
     @app.get("/livez")
     def livez() -> dict[str, str]:
@@ -722,7 +760,10 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(registry) + generate_latest(server.REGISTRY),
+            media_type=CONTENT_TYPE_LATEST,
+        )
 
     @app.get("/v1/identity")
     def identity(r: Rt) -> dict[str, Any]:
@@ -738,21 +779,39 @@ def create_app(
 
     @app.get("/v1/status")
     async def status(
+        request: Request,
         r: Rt,
         view: Annotated[str | None, Query(max_length=200)] = None,
         wait_s: Annotated[float, Query(ge=0, le=30)] = 0.0,
     ) -> dict[str, Any]:
         """The run's status. With ``view`` (from an earlier answer) and ``wait_s``,
         answer once the view differs from it or ``wait_s`` has passed: galaxies
-        wait for the next thing to do without polling."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            ticket = r.changed.ticket()
-            out = await asyncio.to_thread(locked_status, r)
-            left = deadline - time.monotonic()
-            if view is None or out["view"] != view or left <= 0:
-                return out
-            await Signal.wait(ticket, left)
+        wait for the next thing to do without polling. A wait holds a connection:
+        it needs the service or auditor token, and at most
+        ``PG_MAX_LONG_POLLS`` wait at once (429 ``too_many_waiters``)."""
+        if view is None or wait_s <= 0:
+            return await asyncio.to_thread(locked_status, r)
+        try:
+            require_token(request, r.settings.service_token, what="service")
+        except Rejected:
+            require_token(request, r.settings.auditor_token, what="service or auditor")
+        if r.long_polls >= r.settings.max_long_polls:
+            raise Rejected(
+                "too_many_waiters",
+                f"{r.long_polls} long polls are waiting; ask again without wait_s",
+            )
+        r.long_polls += 1
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                ticket = r.changed.ticket()
+                out = await asyncio.to_thread(locked_status, r)
+                left = deadline - time.monotonic()
+                if out["view"] != view or left <= 0:
+                    return out
+                await Signal.wait(ticket, left)
+        finally:
+            r.long_polls -= 1
 
     def locked_status(r: _Runtime) -> dict[str, Any]:
         with r.lock:  # a finished round and its history record appear together
@@ -810,10 +869,14 @@ def create_app(
         )
 
     @app.post("/v1/rounds/{rnd}/leaves", status_code=202)
-    def leaf(rnd: int, body: dict[str, Any], request: Request, r: Rt) -> dict[str, Any]:
+    async def leaf(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
         """A galaxy's root: ``{statement: <galaxy leaf>, signature}``, signed with the
-        galaxy's key (401 otherwise)."""
+        galaxy's key (401 otherwise; the token is checked before the body is read)."""
         require_token(request, r.settings.service_token, what="service")
+        body = await read_json(request, JSON_LIMIT)
+        return await run_in_threadpool(take_leaf, rnd, body, r)
+
+    def take_leaf(rnd: int, body: Any, r: _Runtime) -> dict[str, Any]:
         signed = Signed.from_dict(GalaxyLeaf, body)
         galaxy_leaf = signed.statement
         if galaxy_leaf.round != rnd:
@@ -826,12 +889,16 @@ def create_app(
         return {"accepted": True, "duplicate": not fresh}
 
     @app.post("/v1/rounds/{rnd}/abstentions/{galaxy}", status_code=202)
-    def abstain(
-        rnd: int, galaxy: int, body: dict[str, Any], request: Request, r: Rt
-    ) -> dict[str, Any]:
+    async def abstain(rnd: int, galaxy: int, request: Request, r: Rt) -> dict[str, Any]:
         """A galaxy had no commitments this round (``{statement, signature}``, signed
         with its key): the round need not wait for its root."""
         require_token(request, r.settings.service_token, what="service")
+        body = await read_json(request, JSON_LIMIT)
+        return await run_in_threadpool(take_abstention, rnd, galaxy, body, r)
+
+    def take_abstention(
+        rnd: int, galaxy: int, body: Any, r: _Runtime
+    ) -> dict[str, Any]:
         signed = Signed.from_dict(Abstention, body)
         if (signed.statement.round, signed.statement.galaxy_id) != (rnd, galaxy):
             raise Rejected(

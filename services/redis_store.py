@@ -126,11 +126,18 @@ class RedisRevealStage(RevealStage):
     its own without waiting for the reply; :meth:`flush` reads the replies. The
     caller batches writes (about 1 MB each is the sweet spot).
 
-    With the size known, the first write reserves the whole string (``SETRANGE`` at
-    its last byte) and each write fills its place (``SETRANGE``): Redis allocates
-    once. Growing it by ``APPEND`` reallocates and copies it over and over, which
-    costs Redis about three times the CPU for 45 MB; that is the way without a size.
+    With the size known, the string is reserved ahead of the writes (``SETRANGE`` at
+    the last byte of the reservation) and each write fills its place (``SETRANGE``).
+    The reservation doubles as the body arrives (at least 1 MiB, at most the size),
+    so Redis holds at most twice what was sent, never the whole declared size on
+    the first piece (a sender could otherwise make it hold 64 MiB for a few bytes),
+    and reallocates only about log2(size / 1 MiB) times. Growing it by ``APPEND``
+    reallocates and copies it over and over, which costs Redis about three times
+    the CPU for 45 MB; that is the way without a size.
     """
+
+    #: the first reservation
+    FIRST: int = 1 << 20
 
     def __init__(self, client: Any, key: str, size: int | None = None) -> None:
         self._r = client
@@ -139,6 +146,7 @@ class RedisRevealStage(RevealStage):
         self._conn: Any = None
         self._pending = 0  # commands sent whose reply is unread
         self._length = 0
+        self._reserved = 0
         self.done = False  # committed or discarded
         # Held while the stage is committed: a discard from another thread (a
         # request's clean-up) waits for the commit instead of cutting into it.
@@ -153,8 +161,10 @@ class RedisRevealStage(RevealStage):
         try:
             if self._conn is None:
                 self._conn = self._r.connection_pool.get_connection()
-                if self.size:
-                    self._send("SETRANGE", self.key, self.size - 1, b"\0")
+            if self.size and end > self._reserved:
+                grown = min(self.size, max(end, 2 * self._reserved, self.FIRST))
+                self._send("SETRANGE", self.key, grown - 1, b"\0")
+                self._reserved = grown
             if self.size is None:
                 self._send("APPEND", self.key, data)
             else:
@@ -492,6 +502,22 @@ class RedisGalaxyStore(GalaxyStore):
         return [e for e in records if client is None or e.get("client") == client]
 
     def drop_round(self, round: int) -> None:
-        keys = list(self.r.scan_iter(match=self._k("r", round, "*")))
-        if keys:
-            self.r.delete(*keys)
+        self._drop(self._k("r", round, "*"))
+
+    def drop_rounds_before(self, round: int) -> None:
+        start = len(self._k("r", ""))
+        doomed = []
+        for key in self.r.scan_iter(match=self._k("r", "*"), count=1000):
+            number = bytes(key)[start:].split(b":", 1)[0]
+            if number.isdigit() and int(number) < round:
+                doomed.append(key)
+        for i in range(0, len(doomed), 1000):
+            self.r.unlink(*doomed[i : i + 1000])
+
+    def drop_stages(self, round: int) -> None:
+        self._drop(self._k("r", round, "stage", "*"))
+
+    def _drop(self, pattern: str) -> None:
+        keys = list(self.r.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 1000):
+            self.r.unlink(*keys[i : i + 1000])

@@ -105,6 +105,8 @@ class LocalCluster:
     global_deadline_s: float = 120.0
     max_update_bytes: int = 64 << 20
     log_level: str = "warning"
+    #: more settings for every service process (``PG_*``), e.g. limits in tests
+    extra_env: dict[str, str] = field(default_factory=dict)
     #: the run every signature is bound to (default: a fresh ``up-<hex>``)
     run_id: str = ""
     #: the global aggregator evaluates each round's model (a child process)
@@ -163,9 +165,13 @@ class LocalCluster:
                 "PG_LOG_LEVEL": self.log_level,
                 "PG_RUN_ID": self.run_id,
                 "PG_MAX_UPDATE_BYTES": str(self.max_update_bytes),
+                # Every party is on 127.0.0.1 here: the per-peer limit would
+                # count them all as one (in a cluster each pod has its address).
+                "PG_MAX_CONNECTIONS_PER_PEER": "1024",
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(self.extra_env)
         env.update({k: str(v) for k, v in extra.items()})
         return env
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -230,19 +231,23 @@ class GalaxyAggregator:
         self.idle_rounds = idle_rounds
         self._tree_cache: GalaxyTree | None = None
         self._reputation_version: int | None = None
+        # The tracker is read by request handlers (threads) while a close runs:
+        # a reload never lands in the middle of a close.
+        self._reputation_lock = threading.RLock()
         self._sync_reputation()
 
     def _sync_reputation(self, *, force: bool = False) -> None:
         """Take the store's reputation state if it changed since this aggregator
         last read or wrote it: the store is the one source of truth, and another
         replica (or this galaxy before a restart) may have written it."""
-        version = self.store.reputation_version()
-        if not force and version == self._reputation_version:
-            return
-        saved = self.store.load_reputation()
-        if saved is not None:
-            self.defense.tracker.load_state_dict(saved)
-        self._reputation_version = version
+        with self._reputation_lock:
+            version = self.store.reputation_version()
+            if not force and version == self._reputation_version:
+                return
+            saved = self.store.load_reputation()
+            if saved is not None:
+                self.defense.tracker.load_state_dict(saved)
+            self._reputation_version = version
 
     # -- state -------------------------------------------------------------------
 
@@ -748,6 +753,12 @@ class GalaxyAggregator:
     def _aggregate(
         self, round: int, reference_direction: torch.Tensor | None
     ) -> GalaxyRoundResult:
+        with self._reputation_lock:
+            return self._aggregate_locked(round, reference_direction)
+
+    def _aggregate_locked(
+        self, round: int, reference_direction: torch.Tensor | None
+    ) -> GalaxyRoundResult:
         tree = self._tree(round)
         assert tree is not None  # an empty snapshot ends the round at close_commit
         # The state this round starts from is the store's, not what this process
@@ -799,6 +810,7 @@ class GalaxyAggregator:
             evidence=evidence,
         )
         self._sync_reputation(force=True)
+        self.store.drop_stages(round)  # what killed uploads left: no use now
         if not finished:
             raise WrongPhase(f"round {round}: another aggregator finished it")
         for record in evidence:

@@ -36,7 +36,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -591,18 +591,29 @@ class GlobalAggregator:
         round: int,
         *,
         updates: Mapping[int, Mapping[int, bytes]] | None = None,
+        unreachable: Collection[int] = (),
     ) -> GlobalRoundResult:
         """Audit, layer 5, combine, apply, log; then open the next round.
 
         ``updates``: for the galaxies drawn by :meth:`audit_targets`, the revealed
         updates their replay needs (``{galaxy: {client: body}}``), as each galaxy
-        served them; a drawn galaxy missing here failed to serve them."""
+        served them; a drawn galaxy missing here failed to serve them.
+
+        ``unreachable``: drawn galaxies that could not be asked at all (no answer
+        within the fetch's time: a restart, a network fault). A fault is not proof
+        of misbehaviour, so such a galaxy is not isolated; but its aggregate was
+        not verified, so it is left out of this round (status ``unaudited``) and
+        its transcript is checked without the replay."""
         self._require(round, "aggregates")
         head = self._state.head
         assert head is not None
-        misbehaved, audited, verified, expected = self._audit(round, updates)
+        drawn = set(self._state.drawn or {})
+        unaudited = {g for g in unreachable if g in drawn}
+        misbehaved, audited, verified, expected = self._audit(round, updates, unaudited)
         aggregates = {
-            g: v for g, v in self._state.aggregates.items() if g not in misbehaved
+            g: v
+            for g, v in self._state.aggregates.items()
+            if g not in misbehaved and g not in unaudited
         }
         report = self.defense.run(
             aggregates,
@@ -639,7 +650,10 @@ class GlobalAggregator:
         )
 
     def _audit(
-        self, round: int, updates: Mapping[int, Mapping[int, bytes]] | None
+        self,
+        round: int,
+        updates: Mapping[int, Mapping[int, bytes]] | None,
+        unreachable: Collection[int] = (),
     ) -> tuple[
         dict[int, Misbehaviour],
         dict[int, str],
@@ -683,7 +697,7 @@ class GlobalAggregator:
                 max_update_bytes=self.audit.max_update_bytes,
                 expected_before=digest_hex(self.expected_state[g]),
             )
-            replayed = g in drawn or g in served
+            replayed = (g in drawn or g in served) and g not in unreachable
             try:
                 _, after = audit_galaxy(
                     gr, ctx, served.get(g, {}) if replayed else None
@@ -692,7 +706,23 @@ class GlobalAggregator:
                 misbehaved[g] = m
                 _log.error("galaxy_misbehaved", extra={"event_record": m.to_dict()})
                 continue
-            audited[g] = "replayed" if replayed else "checked"
+            audited[g] = (
+                "unreachable"
+                if g in unreachable
+                else ("replayed" if replayed else "checked")
+            )
+            if g in unreachable:
+                _log.error(
+                    "galaxy_unaudited",
+                    extra={
+                        "event_record": {
+                            "event": "galaxy_unaudited",
+                            "galaxy": g,
+                            "round": round,
+                            "why": "drawn for a replay and unreachable",
+                        }
+                    },
+                )
             if after is not None:
                 verified[g] = after
             assert gr.after is not None
@@ -762,6 +792,8 @@ class GlobalAggregator:
             t = self._state.transcripts.get(g)
             if g in misbehaved:
                 status = "misbehaved"
+            elif audited.get(g) == "unreachable":
+                status = "unaudited"  # drawn, not replayable: left out
             elif g in report.excluded:
                 status = "excluded"
             elif g in report.accepted:

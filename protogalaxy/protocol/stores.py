@@ -205,6 +205,16 @@ class GalaxyStore(ABC):
     def drop_round(self, round: int) -> None:
         """Forget a finished round's commitments, reveals and blobs."""
 
+    @abstractmethod
+    def drop_rounds_before(self, round: int) -> None:
+        """Forget every round before ``round``, whichever this galaxy took part in
+        (a galaxy that skipped rounds has no single round to drop)."""
+
+    @abstractmethod
+    def drop_stages(self, round: int) -> None:
+        """Forget the round's staged uploads (left by an upload whose process was
+        killed; a live upload's commit then fails as it would after the close)."""
+
 
 class _MemoryStage(RevealStage):
     def __init__(self) -> None:
@@ -386,6 +396,16 @@ class MemoryGalaxyStore(GalaxyStore):
             self._rejections.pop(round, None)
             for key in [k for k in self._blobs if k[0] == round]:
                 del self._blobs[key]
+
+    def drop_rounds_before(self, round: int) -> None:
+        with self._lock:
+            held = set(self._commitments) | set(self._reveals) | set(self._rejections)
+            held |= {k[0] for k in self._blobs}
+            for rnd in sorted(r for r in held if r < round):
+                self.drop_round(rnd)
+
+    def drop_stages(self, round: int) -> None:
+        pass  # a memory stage lives only as long as its upload
 
 
 def _copy(state: Any) -> Any:

@@ -332,3 +332,34 @@ def test_the_last_galaxy_left_is_never_isolated() -> None:
         for r in range(3)
     ]
     assert statuses == ["aggregated", "misbehaved", "misbehaved"]
+
+
+def test_an_unreachable_galaxy_is_left_out_not_isolated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Galaxy 1 cannot be asked for its updates in round 1 (a restart, a network
+    fault): that is no proof of misbehaviour, so it is not isolated; but its
+    aggregate was not verified, so round 1 goes on without it (``unaudited``),
+    its transcript still checked, and the run passes the offline audit."""
+    from protogalaxy.auditor import audit_run
+    from protogalaxy.protocol.global_aggregator import GlobalAggregator
+
+    finish = GlobalAggregator.finish_round
+
+    def cut_off(self: GlobalAggregator, round: int, **kwargs: Any) -> Any:
+        if round == 1:
+            kwargs["unreachable"] = {1}
+            kwargs["updates"] = {
+                g: u for g, u in (kwargs.get("updates") or {}).items() if g != 1
+            }
+        return finish(self, round, **kwargs)
+
+    monkeypatch.setattr(GlobalAggregator, "finish_round", cut_off)
+    sim = simulate(tmp_path)
+    g = sim.result.summary()["galaxies"]  # type: ignore[attr-defined]
+    assert g["isolated"] == {} and g["false_attributions"] == 0
+    records = [sim.global_agg.audit_log.entry(r).body["galaxies"] for r in range(3)]
+    assert records[1]["1"]["status"] == "unaudited"
+    assert records[1]["1"]["audit"] == "unreachable"
+    assert {v["status"] for v in records[2].values()} <= {"aggregated", "clipped"}
+    assert audit_run(tmp_path, out=lambda line: None) == 0

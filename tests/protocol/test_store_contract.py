@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -308,3 +309,48 @@ def test_a_round_finishes_once_and_whole(store: GalaxyStore) -> None:
     saved = store.load_reputation()
     assert saved is not None and saved["clients"]["4"]["reputation"] == len(tag) / 10
     assert store.reputation_version() > version
+
+
+def test_a_stage_holds_what_arrived_not_what_was_declared(redis_url: str) -> None:
+    """A reveal that declares 64 MiB and sends a little: Redis holds at most
+    twice what arrived (at least 1 MiB), not the declared size (a sender with
+    no valid signature yet could otherwise make it hold 64 MiB for a few bytes)."""
+    from services.redis_store import RedisGalaxyStore, RedisRevealStage
+
+    store = RedisGalaxyStore.from_url(redis_url, galaxy=3)
+    stage = store.stage_reveal(0, 1, 64 << 20)
+    assert isinstance(stage, RedisRevealStage)
+    piece = b"\x01" * (1 << 20)
+    for sent in range(1, 6):
+        stage.write(piece)
+        with pytest.raises(RuntimeError):
+            stage.flush()  # not all of it arrived
+        deadline = time.monotonic() + 10
+        while (held := int(store.r.strlen(stage.key))) < sent * len(piece):
+            assert time.monotonic() < deadline  # the pipelined writes land
+            time.sleep(0.01)
+        assert held <= 2 * sent * len(piece), (sent, held)
+    stage.discard()
+    assert not store.r.exists(stage.key)
+
+
+def test_every_round_before_the_window_is_dropped(store: GalaxyStore) -> None:
+    """A galaxy that skipped rounds (it took part in 1, 2 and 7) drops all the
+    rounds before the window, not one a round; staged uploads left by killed
+    uploads go when their round closes."""
+    store.register_client(4, b"k" * 32)
+    for rnd in (1, 2, 7):
+        store.compare_and_set_state(store.get_state(), (rnd, Phase.COMMIT))
+        store.add_commitment(rnd, 4, bytes(68), bytes(64))
+        store.put_blob(rnd, "leaf", b"x")
+    stage = store.stage_reveal(7, 4, 3)
+    stage.write(b"abc")
+    stage.flush()
+    store.drop_rounds_before(7)
+    assert store.commitments(1) == {} and store.commitments(2) == {}
+    assert store.get_blob(2, "leaf") is None
+    assert store.commitments(7) != {} and store.get_blob(7, "leaf") == b"x"
+    store.drop_stages(7)
+    if hasattr(store, "r"):  # Redis: the stage key itself is gone
+        assert list(store.r.scan_iter(match="*stage*")) == []
+    assert store.client_key(4) == b"k" * 32

@@ -9,6 +9,8 @@ that every update answered 2xx was aggregated and that no round was applied twic
 
 from __future__ import annotations
 
+import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +139,27 @@ def test_galaxy_killed_while_aggregating(cluster: LocalCluster) -> None:
     assert fates == ["aggregated"] * 3 + ["withheld"]
 
 
+def test_redis_killed_right_after_a_202(cluster: LocalCluster) -> None:
+    """SIGKILL Redis the moment a reveal is answered 202: the append-only file
+    is written (not yet fsynced: the page cache outlives the process) before
+    Redis replies, so the restarted Redis has the reveal, and the round
+    aggregates every update answered 2xx, once."""
+    p = Players(cluster, N)
+    p.register()
+    ups = {c: update(c) for c in range(N)}
+    play_round(p, 0, ups)
+    for c in range(N - 1):
+        assert p.reveal(0, c).status_code == 202
+    cluster.kill("redis")
+    cluster.procs["redis"].start()
+    cluster.wait_ready(cluster.galaxy_url(0), "/readyz")
+    assert sorted(galaxy_store(cluster).reveals(0)) == [0, 1, 2]
+    assert p.reveal(0, N - 1).status_code == 202
+    p.wait_global_round(1, timeout=60)
+    g0 = torch.stack([flat(u) for u in ups.values()]).mean(0)
+    assert torch.allclose(served_model(cluster), initial_model() + 1.3 * g0, atol=1e-5)
+
+
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (Linux /proc), reaping none."""
     out: list[int] = []
@@ -235,6 +258,35 @@ def checked_audit_log(
             [bytes.fromhex(h) for h in got["proof"]],
         )
     return dict(head)
+
+
+def test_global_killed_while_waiting_for_roots(cluster: LocalCluster) -> None:
+    """SIGKILL the global aggregator in its leaves phase (round 1 open, no head
+    signed yet): it resumes from round 1's checkpoint, signs the round's one
+    head once the roots come again, and the log extends the one before."""
+    p = Players(cluster, N)
+    p.register()
+    ups0 = {c: update(c) for c in range(N)}
+    play_round(p, 0, ups0)
+    for c in range(N):
+        assert p.reveal(0, c).status_code == 202
+    status = p.wait_global_round(1)
+    assert status["phase"] == "leaves"
+    log_before = checked_audit_log(cluster)
+    cluster.kill("global")
+    cluster.procs["global"].start()
+    cluster.wait_ready(cluster.global_url, "/readyz")
+    ups1 = {c: update(10 + c) for c in range(N)}
+    play_round(p, 1, ups1)
+    for c in range(N):
+        assert p.reveal(1, c).status_code == 202
+    p.wait_global_round(2)
+    g0 = torch.stack([flat(u) for u in ups0.values()]).mean(0)
+    g1 = torch.stack([flat(u) for u in ups1.values()]).mean(0)
+    w1 = initial_model() + 1.3 * g0
+    expected = w1 + 1.3 * (0.5 * g0 + g1)
+    assert torch.allclose(served_model(cluster), expected, atol=1e-5)
+    assert checked_audit_log(cluster, since=log_before)["size"] == 2
 
 
 def galaxy_store(cluster: LocalCluster) -> RedisGalaxyStore:
@@ -385,3 +437,108 @@ def test_lost_checkpoints_fail_loudly(tmp_path: Path) -> None:
         while httpx.get(cluster.galaxy_url(0) + "/v1/model").content != model.content:
             assert time.monotonic() < deadline, "the galaxy kept its stale model"
             time.sleep(0.2)
+
+
+class Via(Players):
+    """The same players, talking to another replica of galaxy 0."""
+
+    def __init__(self, players: Players, base: str) -> None:
+        self.__dict__.update(players.__dict__)  # keys and commitments shared
+        self.base = base
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+def play_on_replicas(tmp_path: Path, *, kill: bool) -> tuple[bytes, Any, Any]:
+    """Three rounds on two replicas of galaxy 0 (one Redis), clients on both. In
+    round 0 client 3 reveals another update than it committed to. With
+    ``kill``, replica B is stopped (SIGSTOP) after round 0 and round 1 runs on
+    replica A alone; then B goes on (SIGCONT) holding in memory what it knew
+    after round 0, A is stopped, and round 2 runs on B alone, which must close
+    it from round 1's state. (The audit is off here: it fetches updates from
+    one URL per galaxy, A's; in Kubernetes that is the Service, which picks a
+    live replica.) The served model's bytes, the stored reputations and the
+    evidence."""
+    for cluster in make_cluster(
+        tmp_path,
+        **{
+            "training.rounds": 3,
+            "defense.layers": [1, 4],
+            "defense.reputation.quarantine_below": 0.47,
+            "audit.enabled": False,
+        },
+    ):
+        a = Players(cluster, N)
+        proc_a = cluster.procs["galaxy-0"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = cluster.out / "logs" / "galaxy-0b.log"
+        proc_b = type(proc_a)(
+            "galaxy-0b", proc_a.argv, dict(proc_a.env, PG_PORT=str(port)), log
+        )
+        proc_b.start()
+        try:
+            b = Via(a, f"http://127.0.0.1:{port}")
+            cluster.wait_ready(b.base, "/readyz")
+            a.register()
+            for rnd in range(3):
+                sides = {0: a, 1: b, 2: a, 3: b}
+                if kill and rnd:
+                    sides = dict.fromkeys(range(N), a if rnd == 1 else b)
+                ups = {c: update(100 * rnd + c) for c in range(N)}
+                sides[0].wait_phase(rnd, "commit")
+                for c in range(N):
+                    sides[c].commit(rnd, c, ups[c])
+                sides[0].wait_phase(rnd, "reveal")
+                for c in range(N):
+                    if rnd == 0 and c == 3:
+                        bad = sides[c].reveal(rnd, c, body=a.made[0][2])
+                        assert bad.status_code == 422
+                    else:
+                        assert sides[c].reveal(rnd, c).status_code == 202
+                sides[0].wait_global_round(rnd + 1, timeout=60)
+                if kill and rnd == 0:
+                    proc_b.send(signal.SIGSTOP)
+                if kill and rnd == 1:
+                    proc_b.send(signal.SIGCONT)
+                    proc_a.send(signal.SIGSTOP)
+                if kill and rnd == 2:
+                    proc_a.send(signal.SIGCONT)
+            for base in (cluster.galaxy_url(0), b.base):
+                state = httpx.get(base + "/v1/clients/3").json()
+                assert state["status"] == "quarantined"
+            store = galaxy_store(cluster)
+            body = httpx.get(cluster.global_url + "/v1/model").content
+            history = cluster.status()["history"]
+            assert [h["applied"] for h in history] == [True] * 3
+            assert all(not h["misbehaved"] for h in history)
+            return body, store.load_reputation(), store.evidence()
+        finally:
+            proc_b.stop()
+    raise AssertionError("no cluster")
+
+
+def test_two_galaxy_replicas_one_stopped_and_restarted(tmp_path: Path) -> None:
+    """Reputations live in Redis only: with a replica stopped mid-run that goes
+    on with what it held, the model bytes, the reputations and the evidence are
+    those of the same run without the fault; the quarantine is never rolled
+    back by a stale replica, and each record is on file once."""
+    model, reputation, evidence = play_on_replicas(tmp_path / "faulty", kill=True)
+    want = play_on_replicas(tmp_path / "clean", kill=False)
+    assert model == want[0]
+    # The same records (their evidence holds each run's own commitments).
+    assert reputation["clients"] == want[1]["clients"]
+    assert saved_rounds(reputation) == {c: 3 for c in range(N)}
+
+    def events(records: Any) -> list[tuple[str, int, int]]:
+        return [(e["event"], e["client"], e["round"]) for e in records]
+
+    assert events(evidence) == events(want[2])
+    assert events(evidence).count(("reveal_rejected", 3, 0)) == 1
+    assert events(evidence).count(("client_quarantined", 3, 0)) == 1
+
+
+def saved_rounds(reputation: Any) -> dict[int, int]:
+    return {int(c): r["rounds"] for c, r in reputation["clients"].items()}

@@ -7,10 +7,14 @@ as they were; the service keeps serving and the round completes.
 
 from __future__ import annotations
 
+import json
 import math
+import socket
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -175,11 +179,12 @@ def test_a_round_with_every_kind_of_bad_input(
         409,
         "wrong_phase",
     )
-    # Client 2 commits honestly to a NaN update; client 3 to a wrong-shape update.
+    # Client 2 commits honestly to a NaN update; client 3 to a wrong-shape update
+    # of the right size (a reveal of another size is refused before it is read).
     nan = update(2)
     nan["fc2.bias"] = torch.full((10,), math.nan)
     wrong_shape = {k: v for k, v in update(3).items()}
-    wrong_shape["fc2.bias"] = torch.zeros(11)
+    wrong_shape["fc2.weight"] = wrong_shape["fc2.weight"].T.contiguous()
     for c, tensors in enumerate([update(0), update(1), nan, wrong_shape]):
         players.commit(0, c, tensors)
     made = players.made
@@ -195,8 +200,20 @@ def test_a_round_with_every_kind_of_bad_input(
         )
     accepted_before = metric(cluster, "protogalaxy_galaxy_updates_accepted_total")
     body0 = made[0][2]
-    # Sent in pieces without a Content-Length: read as it streams, hashed as it lands.
-    assert players.reveal(0, 0, chunked=True).status_code == 202
+    # A reveal has one exact size: without a Content-Length, or with another,
+    # it is refused before a byte of it is read or staged.
+    refused(players.reveal(0, 0, chunked=True), 411, "length_required")
+    refused(players.reveal(0, 0, body=body0 + b"\x00"), 422, "wrong_size")
+    refused(
+        httpx.put(
+            url(cluster, "/v1/rounds/0/reveals/0"),
+            content=body0,
+            headers={"x-pg-nonce": "00" * 31, "x-pg-signature": "00" * 64},
+        ),
+        422,
+        "malformed",
+    )
+    assert players.reveal(0, 0).status_code == 202
     # Same-round refusals first: the fourth answered reveal completes the quorum,
     # and the galaxy then closes the round at once.
     refused(players.reveal(0, 0, body=encode_update(update(8))), 409, "duplicate")
@@ -222,7 +239,7 @@ def test_a_round_with_every_kind_of_bad_input(
         content=(b"\x00" * 50_000 for _ in range(6)),  # no Content-Length
         headers={"x-pg-nonce": "00" * 32, "x-pg-signature": "00" * 64},
     )
-    refused(streamed_big, 413, "too_large")
+    refused(streamed_big, 411, "length_required")
     refused(
         players.reveal(0, 1, body=encode_update(update(7))), 422, "commitment_mismatch"
     )
@@ -286,3 +303,117 @@ def test_an_old_commitment_replayed_in_a_later_round(
     )
     text = httpx.get(url(cluster, "/metrics")).text
     assert "protogalaxy_galaxy_rounds_completed_total 1.0" in text
+
+
+def raw_post(
+    target: str,
+    *,
+    declared: int,
+    sent: int = 0,
+    body: bytes | None = None,
+    extra: str = "",
+) -> tuple[int, Any]:
+    """POST declaring ``declared`` bytes and sending ``sent`` of them, or
+    ``body`` (a client library would refuse to), with ``extra`` header lines:
+    the status and JSON of the answer."""
+    parts = urllib.parse.urlsplit(target)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        head = (
+            f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        payload = b"{" + b" " * (sent - 1) if body is None else body
+        sock.sendall(head.encode() + payload)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            data.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]
+        ):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_odd_framing_and_odd_json_are_refused_in_the_error_format(
+    cluster: LocalCluster,
+) -> None:
+    """What an attack review found: a Content-Length with a Transfer-Encoding
+    (h11 frames by the encoding: the declared size would be a claim, and 64 MiB
+    went into a capped endpoint), JSON nested 2000 deep (a RecursionError was a
+    500 with a traceback), and Starlette's own refusals (unknown route, wrong
+    method) that skipped the error format, the log and the count."""
+    chunk = json.dumps(
+        {"client_id": 0, "public_key": "00" * 32, "signature": "00" * 64}
+        | {"pad": "x" * (64 << 10)}  # over the cap: it must never be read
+    ).encode()
+    encoded = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk)
+    status, answer = raw_post(
+        url(cluster, "/v1/register"),
+        declared=2,
+        body=encoded,
+        extra="Transfer-Encoding: chunked\r\n",
+    )
+    assert (status, answer["error"]) == (400, "malformed"), answer
+    deep = b"[" * 2000 + b"]" * 2000
+    token = {"authorization": f"Bearer {cluster.service_token}"}
+    for target, want, headers in (
+        (f"{cluster.global_url}/v1/rounds/0/acks", 422, {}),
+        (f"{cluster.global_url}/v1/rounds/0/leaves", 422, token),
+        (url(cluster, "/v1/register"), 400, {}),
+        (url(cluster, "/v1/commitments"), 400, {}),
+    ):
+        typed = {"content-type": "application/json", **headers}
+        resp = httpx.post(target, content=deep, headers=typed)
+        refused(resp, want, "malformed")
+    refused(httpx.get(url(cluster, "/v1/no-such-thing")), 404, "not_found")
+    refused(httpx.delete(url(cluster, "/v1/commitments")), 405, "method_not_allowed")
+    assert metric(cluster, "protogalaxy_galaxy_rejected_total", reason="not_found")
+    lines = (cluster.out / "logs" / "global.log").read_text().splitlines()
+    deep_ones = [line for line in lines if "RecursionError" in line]
+    assert deep_ones and all('"request_rejected"' in line for line in deep_ones)
+    assert not any("Exception in ASGI application" in line for line in lines)
+
+
+def test_json_bodies_are_capped_before_they_are_read(cluster: LocalCluster) -> None:
+    """Every JSON endpoint of both services refuses a body over its cap (8 KiB;
+    4 KiB for acknowledgements) from its Content-Length, before reading or
+    parsing any of it (413), and one without a Content-Length (411); the
+    refusal is in the project's error format, logged and counted. Bounded: one
+    request per endpoint, each declaring 200 MB and sending 64 KiB at most."""
+    glob = cluster.global_url
+    endpoints = [
+        (url(cluster, "/v1/register"), 0),
+        (url(cluster, "/v1/commitments"), 0),
+        (f"{glob}/v1/rounds/0/leaves", 1),
+        (f"{glob}/v1/rounds/0/abstentions/0", 1),
+        (f"{glob}/v1/rounds/0/acks", 1),
+    ]
+    before = metric(cluster, "protogalaxy_galaxy_rejected_total", reason="too_large")
+    for target, _ in endpoints:
+        status, answer = raw_post(target, declared=200 << 20, sent=64 << 10)
+        assert (status, answer["error"]) == (413, "too_large"), answer
+        chunked = httpx.post(target, content=iter([b"{", b"}"]))
+        refused(chunked, 411, "length_required")
+    # counted (the galaxy's two endpoints; the global counts its own)
+    after = metric(cluster, "protogalaxy_galaxy_rejected_total", reason="too_large")
+    assert after == before + 2
+    text = httpx.get(f"{glob}/metrics").text
+    assert 'protogalaxy_global_rejected_total{reason="length_required"}' in text
+
+
+def test_the_openapi_documents_list_the_error_responses(cluster: LocalCluster) -> None:
+    """Both services' OpenAPI documents list the refusals they really give, in
+    the one error format."""
+    for base, path, method in (
+        (cluster.galaxy_url(0), "/v1/rounds/{rnd}/reveals/{client}", "put"),
+        (cluster.galaxy_url(0), "/v1/commitments", "post"),
+        (cluster.global_url, "/v1/rounds/{rnd}/leaves", "post"),
+        (cluster.global_url, "/v1/status", "get"),
+    ):
+        doc = httpx.get(base + "/openapi.json").json()
+        responses = doc["paths"][path][method]["responses"]
+        for code in ("400", "401", "409", "411", "413", "422", "429", "503"):
+            assert code in responses, (path, code)
+        schema = responses["413"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith("/ErrorBody")
