@@ -88,6 +88,7 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
     class Guarded(H11Protocol):
         _peer: str | None = None
         _timer: asyncio.TimerHandle | None = None
+        _body_at = 0.0  # when the last piece of a body arrived
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -120,7 +121,11 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
             super().data_received(data)
             state = self.conn.their_state
             if state is h11.SEND_BODY:
-                self._arm(limits.body_idle_timeout_s)  # idle time between pieces
+                # Idle time between pieces: note the time (a body comes in
+                # hundreds of pieces: no timer per piece); the timer looks at it.
+                self._body_at = self.loop.time()
+                if self._timer is None or self._timer_for != "body":
+                    self._arm(limits.body_idle_timeout_s, "body")
             elif state is not h11.IDLE:
                 self._disarm()  # the request is in: the wait is ours now
             # IDLE: headers still arriving; their timer keeps running (a total,
@@ -131,8 +136,11 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
             if self._peer is not None:
                 self._arm(limits.header_timeout_s)  # for the next request
 
-        def _arm(self, seconds: float) -> None:
+        _timer_for = ""
+
+        def _arm(self, seconds: float, what: str = "headers") -> None:
             self._disarm()
+            self._timer_for = what
             self._timer = self.loop.call_later(seconds, self._expired)
 
         def _disarm(self) -> None:
@@ -143,6 +151,16 @@ def guarded_protocol(limits: ServerLimits) -> type[H11Protocol]:
         def _expired(self) -> None:
             self._timer = None
             state = self.conn.their_state
+            if state is h11.SEND_BODY and self._timer_for == "body":
+                idle = self.loop.time() - self._body_at
+                if self.flow is not None and self.flow.read_paused:
+                    # We stopped reading (the handler is behind): not the peer's
+                    # stall. Wait a whole period again.
+                    self._body_at = self.loop.time()
+                    idle = 0.0
+                if idle < limits.body_idle_timeout_s:  # a piece came meanwhile
+                    self._arm(limits.body_idle_timeout_s - idle, "body")
+                    return
             if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
                 return
             if (

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
 from protogalaxy.codec import encode_update
+from protogalaxy.config import load_config
 from protogalaxy.crypto import commit
 from protogalaxy.crypto.identity import sign_commitment, sign_registration, sign_reveal
 from protogalaxy.crypto.keyring import client_key
@@ -18,6 +20,45 @@ from protogalaxy.spec import UpdateSpec
 from services.up import LocalCluster
 
 SPEC = UpdateSpec.from_params(dict(build_model("mnist_cnn").named_parameters()))
+
+
+def played_cluster(
+    out: Path,
+    *,
+    clients: int = 4,
+    reveal_deadline_s: float = 600,
+    extra_env: dict[str, str] | None = None,
+    max_update_bytes: int = 64 << 20,
+    **overrides: Any,
+) -> Iterator[LocalCluster]:
+    """One galaxy of ``clients`` clients that the test plays (FedAvg, layer 1
+    only, no Byzantine clients unless ``overrides`` say so), with deadlines long
+    enough that only the test moves the rounds on; stopped when done."""
+    config = load_config(
+        overrides={
+            "clients.count": clients,
+            "galaxies.count": 1,
+            "byzantine.fraction": 0.0,
+            "defense.byzantine_fraction": 0.0,
+            "defense.layers": [1],
+            "defense.aggregator": "fedavg",
+            "training.rounds": 2,
+            **overrides,
+        }
+    )
+    cluster = LocalCluster(
+        config,
+        out,
+        commit_deadline_s=600,
+        reveal_deadline_s=reveal_deadline_s,
+        max_update_bytes=max_update_bytes,
+        extra_env=extra_env or {},
+    )
+    try:
+        cluster.start(clients=False)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def update(seed: int) -> dict[str, torch.Tensor]:

@@ -20,9 +20,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from protogalaxy.config import load_config
 from services.up import LocalCluster
-from tests.services.players import Players, update
+from tests.services.players import Players, played_cluster, update
 
 pytestmark = pytest.mark.slow
 
@@ -32,34 +31,17 @@ ABUSER = ("127.0.0.2", 0)
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    config = load_config(
-        overrides={
-            "clients.count": N,
-            "galaxies.count": 1,
-            "byzantine.fraction": 0.0,
-            "defense.byzantine_fraction": 0.0,
-            "defense.layers": [1],
-            "defense.aggregator": "fedavg",
-            "training.rounds": 3,
-        }
-    )
-    cluster = LocalCluster(
-        config,
+    yield from played_cluster(
         tmp_path,
-        commit_deadline_s=600,
-        reveal_deadline_s=600,
+        clients=N,
         extra_env={
             "PG_MAX_CONNECTIONS_PER_PEER": "32",
             "PG_HEADER_TIMEOUT_S": "3",
             "PG_BODY_IDLE_TIMEOUT_S": "3",
             "PG_MAX_LONG_POLLS": "8",
         },
+        **{"training.rounds": 3},
     )
-    try:
-        cluster.start(clients=False)
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def connect(url: str) -> socket.socket:
@@ -140,6 +122,7 @@ def test_long_polls_need_a_credential_and_have_their_own_limit(
     the galaxy, which long-polls too, keeps the run going."""
     p = Players(cluster, N)
     p.register()
+    rss = peak_rss_mb(cluster, "global")
     status_url = cluster.global_url + "/v1/status"
     view = cluster.status()["view"]
     with httpx.Client(timeout=10) as client:
@@ -175,6 +158,7 @@ def test_long_polls_need_a_credential_and_have_their_own_limit(
         t.join(timeout=30)
     assert len(answers) == pollers and set(answers) == {200, 429}
     assert answers.count(200) <= 8
+    assert peak_rss_mb(cluster, "global") < rss + 100
 
 
 def test_partial_reveals_hold_no_more_than_they_sent(cluster: LocalCluster) -> None:
@@ -189,6 +173,7 @@ def test_partial_reveals_hold_no_more_than_they_sent(cluster: LocalCluster) -> N
     for c in range(N):
         p.commit(0, c, update(c))
     p.wait_phase(0, "reveal")
+    rss = peak_rss_mb(cluster, "galaxy-0")
     _, nonce, body = p.made[3]
     size = len(body)  # what every reveal of this model is
     honest_bytes = N * size
@@ -229,3 +214,4 @@ def test_partial_reveals_hold_no_more_than_they_sent(cluster: LocalCluster) -> N
     line = 'protogalaxy_galaxy_rejected_total{reason="client_disconnected"}'
     assert float(metrics.split(line, 1)[1].split()[0]) >= 32
     assert "Traceback" not in (cluster.out / "logs" / "galaxy-0.log").read_text()
+    assert peak_rss_mb(cluster, "galaxy-0") < rss + 100

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from protogalaxy.codec import decode_update
-from protogalaxy.config import load_config
 from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.identity import VerifyKey, verify_commitment_signature
 from protogalaxy.crypto.merkle import (
@@ -33,7 +32,7 @@ from protogalaxy.crypto.statements import SignedDocument
 from protogalaxy.learning.models import build_model
 from services.redis_store import RedisGalaxyStore
 from services.up import LocalCluster
-from tests.services.players import SPEC, Players, update
+from tests.services.players import SPEC, Players, played_cluster, update
 
 pytestmark = pytest.mark.slow
 
@@ -41,27 +40,7 @@ N = 4
 
 
 def make_cluster(tmp_path: Path, **overrides: Any) -> Iterator[LocalCluster]:
-    reveal_deadline = overrides.pop("reveal_deadline_s", 600)
-    config = load_config(
-        overrides={
-            "clients.count": N,
-            "galaxies.count": 1,
-            "byzantine.fraction": 0.0,
-            "defense.byzantine_fraction": 0.0,
-            "defense.layers": [1],
-            "defense.aggregator": "fedavg",
-            "training.rounds": 2,
-            **overrides,
-        }
-    )
-    cluster = LocalCluster(
-        config, tmp_path, commit_deadline_s=600, reveal_deadline_s=reveal_deadline
-    )
-    try:
-        cluster.start(clients=False)
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from played_cluster(tmp_path, clients=N, **overrides)
 
 
 def served_model(cluster: LocalCluster) -> torch.Tensor:

@@ -400,6 +400,24 @@ def test_json_bodies_are_capped_before_they_are_read(cluster: LocalCluster) -> N
     assert after == before + 2
     text = httpx.get(f"{glob}/metrics").text
     assert 'protogalaxy_global_rejected_total{reason="length_required"}' in text
+    # The POST endpoints with limits of their own (transcripts: 64 MiB; an
+    # aggregate or a reveal: the update limit) refuse 200 MB the same way,
+    # with the service token (without it: 401, before the body is read).
+    bearer = f"Authorization: Bearer {cluster.service_token}\r\n"
+    statement = "X-PG-Statement: 00\r\nX-PG-Signature: 00\r\n"
+    for target, extra, want in (
+        (f"{glob}/v1/rounds/0/transcripts/0", "", (413, "too_large")),
+        # the statement is checked before the body: it does not parse
+        (f"{glob}/v1/rounds/0/aggregates/0", statement, (422, "malformed")),
+    ):
+        status, answer = raw_post(
+            target, declared=200 << 20, sent=64 << 10, extra=extra
+        )
+        assert (status, answer["error"]) == (401, "bad_signature"), answer
+        status, answer = raw_post(
+            target, declared=200 << 20, sent=64 << 10, extra=extra + bearer
+        )
+        assert (status, answer["error"]) == want, answer
 
 
 def test_the_openapi_documents_list_the_error_responses(cluster: LocalCluster) -> None:

@@ -12,8 +12,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from protogalaxy.config import load_config
 from services.up import LocalCluster
+from tests.services.players import played_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -22,29 +22,9 @@ EXAMPLES = 12
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = load_config(
-        overrides={
-            "clients.count": 4,
-            "galaxies.count": 1,
-            "byzantine.fraction": 0.0,
-            "defense.byzantine_fraction": 0.0,
-            "defense.layers": [1],
-            "defense.aggregator": "fedavg",
-            "training.rounds": 2,
-        }
+    yield from played_cluster(
+        Path(tmp_path_factory.mktemp("fuzz")), max_update_bytes=200_000
     )
-    cluster = LocalCluster(
-        config,
-        Path(tmp_path_factory.mktemp("fuzz")),
-        commit_deadline_s=600,
-        reveal_deadline_s=600,
-        max_update_bytes=200_000,
-    )
-    try:
-        cluster.start(clients=False)
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def fuzz(url: str) -> int:
