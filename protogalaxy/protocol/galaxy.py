@@ -245,8 +245,9 @@ class GalaxyAggregator:
             if not force and version == self._reputation_version:
                 return
             saved = self.store.load_reputation()
-            if saved is not None:
-                self.defense.tracker.load_state_dict(saved)
+            if saved is None:  # nothing stored yet: every client at its start
+                saved = {"galaxy": self.galaxy, "clients": {}, "events": []}
+            self.defense.tracker.load_state_dict(saved)
             self._reputation_version = version
 
     # -- state -------------------------------------------------------------------
@@ -754,7 +755,13 @@ class GalaxyAggregator:
         self, round: int, reference_direction: torch.Tensor | None
     ) -> GalaxyRoundResult:
         with self._reputation_lock:
-            return self._aggregate_locked(round, reference_direction)
+            try:
+                return self._aggregate_locked(round, reference_direction)
+            except BaseException:
+                # The tracker may hold a close that was never stored: it is not
+                # the store's state any more; the next use reloads it.
+                self._reputation_version = None
+                raise
 
     def _aggregate_locked(
         self, round: int, reference_direction: torch.Tensor | None
@@ -766,11 +773,7 @@ class GalaxyAggregator:
         self._sync_reputation(force=True)
         inputs = self._round_inputs(round, tree)
         before = reputation_state(self.defense.tracker)
-        try:
-            report = self._defend(round, tree, inputs, reference_direction)
-        except BaseException:
-            self._sync_reputation(force=True)  # undo what the failed close changed
-            raise
+        report = self._defend(round, tree, inputs, reference_direction)
         after = reputation_state(self.defense.tracker)
         transcript = sign_document(
             self.key,

@@ -872,3 +872,30 @@ def test_a_restarted_global_aggregator_serves_the_head_it_signed() -> None:
     empty = {**stored[0], "leaves": []}
     with pytest.raises(ValueError):
         fresh().resume_signed_round(empty)
+
+
+def test_a_close_that_could_not_be_stored_leaves_no_reputation_behind() -> None:
+    """The store fails at the close's one write (Redis went away): the round is
+    still ``aggregating``, nothing of it is stored, and this process's tracker
+    does not keep the reputations of a close that never happened (its banned
+    checks and gauges would use them); a later close does the round once."""
+    w = World(6, layers=(1, 2, 4), agg="fedavg")
+    w.commit_all(0, honest(6))
+    w.publish_head(0)
+    for c in range(5):  # client 5 withholds: its reputation falls at the close
+        w.reveal(0, c, *w.secrets[c][:2])
+    real = w.store.finish_round
+
+    def down(*args: object, **kwargs: object) -> bool:
+        raise ConnectionError("the store went away")
+
+    w.store.finish_round = down  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        w.galaxy.close_reveal(0, force=True)
+    w.store.finish_round = real  # type: ignore[method-assign]
+    assert w.galaxy.state == (0, "aggregating")
+    w.galaxy.active_clients()  # any use of the tracker
+    assert w.galaxy.defense.tracker.reputation(5) == 0.5
+    w.galaxy.resume_aggregation(0)
+    assert w.galaxy.defense.tracker.reputation(5) < 0.5
+    assert [e["event"] for e in w.store.evidence()] == ["reveal_withheld"]
