@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -40,14 +41,27 @@ from protogalaxy.simulation import choose_byzantine
 __all__ = ["LocalCluster"]
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (Linux; the IANA
+    range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(49152, 65536)
+
+
 def _port_block(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports."""
+    """The first of ``n`` consecutive free loopback ports, below the ephemeral
+    range: a port found free there can be taken by any outgoing connection (of
+    another test, a client) before the service binds it."""
+    ephemeral = _ephemeral_ports()
+    top = min(ephemeral.start, 65535) - n
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n >= 65535:
-            continue
+        base = (
+            rng.randrange(10000, top) if top > 10000 else rng.randrange(1024, 65535 - n)
+        )
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:
