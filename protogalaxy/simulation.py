@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from protogalaxy.artefacts import ArtefactWriter, GalaxyArtefacts
+from protogalaxy.artefacts import ArtefactWriter
 from protogalaxy.codec import encode_update
 from protogalaxy.config import SimulationConfig
 from protogalaxy.crypto.commitment import commit
@@ -522,16 +522,8 @@ class Simulation:
         assert state is not None
         galaxies = {}
         for gid, leaf in leaves.items():
+            galaxies[gid] = state.artefacts_of(gid, leaf)
             t = state.transcripts.get(gid)
-            st = state.statements.get(gid)
-            galaxies[gid] = GalaxyArtefacts(
-                leaf=leaf.to_dict(),
-                aggregate=None if st is None else st.to_dict(),
-                transcript=None if t is None else t[0],
-                before=None if t is None else t[1],
-                after=None if t is None else t[2],
-                acks=[a.to_dict() for a in state.acks.get(gid, [])],
-            )
             if t is not None:
                 try:
                     wanted = updates_needed(t[0].body)

@@ -43,7 +43,6 @@ from prometheus_client import (
 
 from protogalaxy.artefacts import (
     ArtefactWriter,
-    GalaxyArtefacts,
     is_published,
     published,
 )
@@ -582,16 +581,7 @@ def create_app(
             return
         galaxies = {}
         for g, leaf in state.signed_leaves.items():
-            t = state.transcripts.get(g)
-            st = state.statements.get(g)
-            galaxies[g] = GalaxyArtefacts(
-                leaf=leaf.to_dict(),
-                aggregate=None if st is None else st.to_dict(),
-                transcript=None if t is None else t[0],
-                before=None if t is None else t[1],
-                after=None if t is None else t[2],
-                acks=[a.to_dict() for a in state.acks.get(g, [])],
-            )
+            galaxies[g] = state.artefacts_of(g, leaf)
         try:
             for g, served in updates.items():
                 r.artefacts.write_updates(rnd, g, served)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from protogalaxy.artefacts import GalaxyArtefacts
 from protogalaxy.crypto.audit import AuditLog, record_round
 from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.heads import SignedRoundHead, sign_round_head
@@ -132,6 +133,20 @@ class _RoundState:
     #: the audit's draw (galaxy -> clients whose updates its replay needs), made
     #: once; transcripts close with it
     drawn: dict[int, list[int]] | None = None
+
+    def artefacts_of(self, galaxy: int, leaf: Signed[GalaxyLeaf]) -> GalaxyArtefacts:
+        """What ``galaxy`` signed this round, with the acknowledgements its
+        clients forwarded: its part of the run's artefacts."""
+        t = self.transcripts.get(galaxy)
+        st = self.statements.get(galaxy)
+        return GalaxyArtefacts(
+            leaf=leaf.to_dict(),
+            aggregate=None if st is None else st.to_dict(),
+            transcript=None if t is None else t[0],
+            before=None if t is None else t[1],
+            after=None if t is None else t[2],
+            acks=[a.to_dict() for a in self.acks.get(galaxy, [])],
+        )
 
 
 class GlobalAggregator:
