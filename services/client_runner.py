@@ -54,7 +54,7 @@ from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.simulation import ClientSide
-from services.common import env
+from services.common import RUN_HEADER, env
 
 __all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "parse_ids"]
 
@@ -99,7 +99,10 @@ class ClientSettings:
     config_path: str | None = None
     timeout_s: float = 30.0
     retries: int = 8
+    #: how often a waiting client asks its galaxies for their phase (PG_POLL_S)
     poll_s: float = 0.05
+    #: how long a pod of another run may answer (409 wrong_run) before giving up
+    wrong_run_patience_s: float = 600.0
 
     @classmethod
     def from_env(cls) -> ClientSettings:
@@ -120,6 +123,8 @@ class ClientSettings:
             galaxy_keys_file=env("PG_GALAXY_KEYS_FILE", "") or None,
             receipts_file=env("PG_RECEIPTS_FILE", "") or None,
             config_path=env("PG_CONFIG", "") or None,
+            poll_s=float(env("PG_POLL_S", "0.05")),
+            wrong_run_patience_s=float(env("PG_WRONG_RUN_PATIENCE_S", "600")),
         )
 
 
@@ -149,7 +154,19 @@ class ClientRunner:
         self.spec = side.spec
         self.trainer = side.trainer
         self.attack = side.attack
-        self.parts = {c: side.parts[c] for c in settings.client_ids}
+        # Keep only this pod's clients' rows (a pod holds a few clients of many):
+        # the whole training set stays loaded in no client pod.
+        own = {c: side.parts[c] for c in settings.client_ids}
+        rows = torch.unique(torch.cat(list(own.values())))  # sorted
+        self.parts = {c: torch.searchsorted(rows, p) for c, p in own.items()}
+        self.data = Dataset(
+            self.data.name,
+            self.data.x_train[rows].clone(),
+            self.data.y_train[rows].clone(),
+            self.data.x_test[:0].clone(),
+            self.data.y_test[:0].clone(),
+            self.data.num_classes,
+        )
         self.byzantine = set(side.byzantine) & set(settings.client_ids)
         seed = Path(settings.client_seed_file).read_bytes()
         self.keys = {c: client_key(seed, c) for c in settings.client_ids}
@@ -166,7 +183,9 @@ class ClientRunner:
         self._assignment_checked = 0.0
         self.galaxies = sorted({self.galaxy_of(c) for c in settings.client_ids})
         self.http = httpx.Client(
-            timeout=settings.timeout_s, limits=httpx.Limits(max_connections=16)
+            timeout=settings.timeout_s,
+            limits=httpx.Limits(max_connections=16),
+            headers={RUN_HEADER: settings.run_id},
         )
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="client")
         self.rounds_done: list[int] = []
@@ -180,11 +199,26 @@ class ClientRunner:
         return self.settings.galaxy_url_template.format(galaxy=galaxy) + path
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One request with retries on connection errors and 5xx, backing off."""
+        """One request with retries on connection errors and 5xx, backing off.
+        A 409 ``wrong_run`` (a pod of another run answered: an upgrade is rolling
+        out) is retried for up to ``wrong_run_patience_s`` without using up the
+        retries."""
         delay = 0.1
-        for attempt in range(self.settings.retries + 1):
+        attempt = 0
+        patience = time.monotonic() + self.settings.wrong_run_patience_s
+        while attempt <= self.settings.retries:
             try:
                 resp = self.http.request(method, url, **kwargs)
+                if (
+                    resp.status_code == 409
+                    and resp.headers.get(RUN_HEADER, self.run_id) != self.run_id
+                    and time.monotonic() < patience
+                ):
+                    _log.info("%s %s: answered by run %s, waiting for ours",
+                              method, url, resp.headers.get(RUN_HEADER))  # fmt: skip
+                    time.sleep(min(delay, 2.0))
+                    delay = min(delay * 2, 5.0)
+                    continue
                 if resp.status_code < 500:
                     return resp
                 _log.info("%s %s: %d, retrying", method, url, resp.status_code)
@@ -192,6 +226,7 @@ class ClientRunner:
                 if attempt == self.settings.retries:
                     raise
                 _log.info("%s %s: %s, retrying", method, url, exc)
+            attempt += 1
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
         return resp

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
 
 __all__ = [
+    "RUN_HEADER",
     "NotReady",
     "Pump",
     "Signal",
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("protogalaxy.http")
+
+#: the header that names the run a request is for, and the run that answers
+RUN_HEADER = "x-pg-run"
 
 _STATUS = {
     "bad_signature": 401,
@@ -114,9 +119,20 @@ class Signal:
 
 
 def env(name: str, default: str | None = None) -> str:
-    value = os.environ.get(name, default)
+    """``$name``, else the contents of the file ``$name_FILE`` names (a mounted
+    Secret: credentials stay out of the environment, which child processes and
+    crash reports inherit), else ``default``."""
+    value = os.environ.get(name)
+    if value is None and os.environ.get(f"{name}_FILE"):
+        path = os.environ[f"{name}_FILE"]
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise RuntimeError(f"{name}_FILE={path}: cannot read it ({exc})") from None
     if value is None:
-        raise RuntimeError(f"environment variable {name} is required")
+        value = default
+    if value is None:
+        raise RuntimeError(f"environment variable {name} (or {name}_FILE) is required")
     return value
 
 
@@ -303,6 +319,7 @@ def install_error_handlers(
     unavailable: tuple[type[Exception], ...] = (),
     streamed: Callable[[str, str], bool] = lambda method, path: False,
     json_limit: int = JSON_LIMIT,
+    run: str | None = None,
 ) -> Counter:
     """Map domain errors to status codes; log and count each rejection.
 
@@ -313,6 +330,13 @@ def install_error_handlers(
     read (411 without a Content-Length, 413 above the limit), except for the
     requests ``streamed(method, path)`` names: they read their bodies with
     limits of their own (:func:`read_body`, :func:`read_json`).
+
+    ``run``: the run this service serves. Every answer names it (``x-pg-run``),
+    and a request that names another run (a client or galaxy of the next run
+    reaching a pod of the last one during a ``helm upgrade``) gets 409
+    ``wrong_run`` before anything reads it; the sender retries until the new
+    pods answer. (Signatures bind the run too: this makes the mix-up visible
+    and harmless, not just unforgeable.)
     """
     rejected = Counter(
         f"protogalaxy_{service}_rejected_total",
@@ -438,4 +462,41 @@ def install_error_handlers(
             await self.inner(scope, receive, send)
 
     app.add_middleware(_BodyLimit)
+
+    if run is not None:
+        this_run: str = run
+        ours = run.encode()
+
+        class _RunCheck:
+            def __init__(self, app: Any) -> None:
+                self.inner = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    await self.inner(scope, receive, send)
+                    return
+                theirs = dict(scope.get("headers") or []).get(RUN_HEADER.encode())
+                if theirs is not None and theirs != ours:
+                    response = refuse(
+                        Request(scope),
+                        409,
+                        "wrong_run",
+                        f"this {service} serves run {run!r}, the request is for run "
+                        f"{theirs.decode('latin-1')[:80]!r}",
+                    )
+                    response.headers[RUN_HEADER] = this_run
+                    await response(scope, receive, send)
+                    return
+
+                async def named(message: Any) -> None:
+                    if message["type"] == "http.response.start":
+                        message["headers"] = [
+                            *message.get("headers", []),
+                            (RUN_HEADER.encode(), ours),
+                        ]
+                    await send(message)
+
+                await self.inner(scope, receive, named)
+
+        app.add_middleware(_RunCheck)
     return rejected

@@ -23,11 +23,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import redis
@@ -65,6 +66,7 @@ from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
 from services import server
 from services.common import (
+    RUN_HEADER,
     NotReady,
     Pump,
     Signal,
@@ -74,7 +76,7 @@ from services.common import (
     read_body,
     require_token,
 )
-from services.redis_store import RedisGalaxyStore
+from services.redis_store import RedisGalaxyStore, RunSuperseded
 
 __all__ = ["GalaxySettings", "create_app"]
 
@@ -96,6 +98,10 @@ class GalaxySettings:
     client_keys_file: str
     #: bearer token auditors present to fetch revealed updates
     auditor_token: str = ""
+    #: Redis password when the URL carries none (``PG_REDIS_PASSWORD``)
+    redis_password: str = ""
+    #: CA of the Redis server's certificate for a rediss:// URL (``PG_REDIS_CA_FILE``)
+    redis_ca_file: str = ""
     config_path: str | None = None
     max_update_bytes: int = 64 << 20
     quorum: float = 1.0
@@ -121,6 +127,8 @@ class GalaxySettings:
             global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
             client_keys_file=env("PG_CLIENT_KEYS_FILE"),
             auditor_token=env("PG_AUDITOR_TOKEN", ""),
+            redis_password=env("PG_REDIS_PASSWORD", ""),
+            redis_ca_file=env("PG_REDIS_CA_FILE", ""),
             config_path=env("PG_CONFIG", "") or None,
             max_update_bytes=int(env("PG_MAX_UPDATE_BYTES", str(64 << 20))),
             quorum=float(env("PG_QUORUM", "1.0")),
@@ -175,12 +183,17 @@ class _Runtime:
         self.store = RedisGalaxyStore.from_url(
             settings.redis_url,
             galaxy=settings.galaxy_id,
-            prefix=f"pg:galaxy:{settings.galaxy_id}:{settings.run_id}:",
+            run=settings.run_id,
+            password=settings.redis_password or None,
+            ca_file=settings.redis_ca_file or None,
         )
         self.http = httpx.AsyncClient(
             base_url=settings.global_url,
             timeout=30.0,
-            headers={"authorization": f"Bearer {settings.service_token}"},
+            headers={
+                "authorization": f"Bearer {settings.service_token}",
+                RUN_HEADER: settings.run_id,
+            },
         )
         self.galaxy: GalaxyAggregator | None = None
         self.model_version = -1
@@ -506,6 +519,18 @@ def create_app(
                 await step(r)
             except (httpx.HTTPError, WrongPhase) as exc:
                 _log.info("driver: %s", exc)
+            except redis.exceptions.OutOfMemoryError as exc:
+                # noeviction: Redis refuses writes rather than drop updates
+                _log.error(
+                    "redis_out_of_memory",
+                    extra={
+                        "event_record": {
+                            "event": "redis_out_of_memory",
+                            "galaxy": gid,
+                            "detail": str(exc),
+                        }
+                    },
+                )
             except Exception:
                 _log.exception("driver step failed")
             await Signal.wait(ticket, r.settings.poll_s)
@@ -535,18 +560,46 @@ def create_app(
             if status["finished"]:
                 await asyncio.sleep(5 * r.settings.poll_s)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal rt
-        r = _Runtime(settings, cfg)
-        rt = r
+    def begin_run(r: _Runtime) -> None:
+        """Register the run in Redis and delete this galaxy's older runs' keys."""
+        try:
+            deleted = r.store.begin_run()
+        except RunSuperseded as exc:
+            _log.error(
+                "run_superseded",
+                extra={
+                    "event_record": {
+                        "event": "run_superseded",
+                        "galaxy": gid,
+                        "run": settings.run_id,
+                        "detail": str(exc),
+                    }
+                },
+            )
+            raise
+        if deleted:
+            _log.warning(
+                "old_runs_deleted",
+                extra={
+                    "event_record": {
+                        "event": "old_runs_deleted",
+                        "galaxy": gid,
+                        "run": settings.run_id,
+                        "deleted": deleted,
+                    }
+                },
+            )
+
+    def build_galaxy(r: _Runtime) -> GalaxyAggregator:
+        """The aggregator over the store: reads (resumes) the run's state in Redis."""
+        begin_run(r)
         attack = cfg.galaxy_attack_config()
         extra: dict[str, Any] = {}
         galaxy_class: type[GalaxyAggregator] = GalaxyAggregator
         if attack is not None and cfg.galaxy_attack.galaxy == gid:
             # a scenario: this galaxy is the compromised one (see the config)
             galaxy_class, extra = CompromisedGalaxy, {"attack": attack}
-        r.galaxy = galaxy_class(
+        return galaxy_class(
             gid,
             **extra,
             store=r.store,
@@ -560,15 +613,59 @@ def create_app(
             quorum=settings.quorum,
             idle_rounds=settings.idle_rounds,
         )
-        tasks = [asyncio.create_task(drive(r)), asyncio.create_task(watch_global(r))]
+
+    async def start(r: _Runtime) -> None:
+        """Open the run once Redis answers, then drive it. The server is already
+        listening meanwhile: /livez says alive, /readyz and the API say 503
+        not_ready, and SIGTERM stops it at once (a pod waiting for Redis or the
+        global aggregator neither fails its startup probe nor hangs)."""
+        delay = 0.2
+        while r.galaxy is None:
+            try:
+                r.galaxy = await asyncio.to_thread(build_galaxy, r)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if isinstance(exc, redis.AuthenticationError):
+                    fatal(exc)
+                log = _log.warning if delay == 0.2 else _log.info
+                log("waiting for Redis: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception as exc:
+                fatal(exc)
+        await asyncio.gather(drive(r), watch_global(r))
+
+    def fatal(exc: BaseException) -> NoReturn:
+        """A galaxy that cannot open its run (a newer run took over, Redis refuses
+        its credentials or permissions, a corrupt state) exits non-zero with the
+        reason logged: the pod restarts visibly (CrashLoopBackOff) instead of
+        staying not-ready forever."""
+        _log.critical(
+            "galaxy_start_failed",
+            exc_info=exc,
+            extra={
+                "event_record": {
+                    "event": "galaxy_start_failed",
+                    "galaxy": gid,
+                    "run": settings.run_id,
+                    "detail": f"{type(exc).__name__}: {exc}",
+                }
+            },
+        )
+        logging.shutdown()
+        os._exit(3)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal rt
+        r = _Runtime(settings, cfg)
+        rt = r
+        task = asyncio.create_task(start(r))
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             await r.http.aclose()
 
     app = FastAPI(title=f"ProtoGalaxy galaxy {gid}", lifespan=lifespan)
@@ -577,9 +674,15 @@ def create_app(
         service="galaxy",
         registry=registry,
         context={"galaxy": gid},
-        unavailable=(redis.ConnectionError, redis.TimeoutError),
+        # Redis at maxmemory (noeviction) refuses writes: 503, logged, retried
+        unavailable=(
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.exceptions.OutOfMemoryError,
+        ),
         # a reveal's body is read with PG_MAX_UPDATE_BYTES as its limit
         streamed=lambda method, path: method == "PUT" and "/reveals/" in path,
+        run=settings.run_id,
     )
 
     @app.get("/livez")

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -78,6 +79,7 @@ from protogalaxy.spec import UpdateSpec
 from services import server
 from services.common import (
     JSON_LIMIT,
+    RUN_HEADER,
     NotReady,
     Signal,
     env,
@@ -138,12 +140,21 @@ class GlobalSettings:
     #: how long a drawn galaxy may give no answer to the audit's fetches before
     #: its round is left out as unaudited (a restart takes a few seconds)
     audit_fetch_s: float = 30.0
+    #: other runs' directories beside ``data_dir`` kept (the newest; older ones,
+    #: with their checkpoints and audit artefacts, are deleted at start); None
+    #: keeps every one
+    keep_previous_runs: int | None = None
 
     @classmethod
     def from_env(cls) -> "GlobalSettings":
         rounds = env("PG_ROUNDS", "")
         return cls(
             data_dir=env("PG_DATA_DIR"),
+            keep_previous_runs=(
+                int(env("PG_KEEP_PREVIOUS_RUNS"))
+                if env("PG_KEEP_PREVIOUS_RUNS", "")
+                else None
+            ),
             galaxies=int(env("PG_GALAXIES")),
             service_token=env("PG_SERVICE_TOKEN"),
             run_id=env("PG_RUN_ID"),
@@ -246,6 +257,31 @@ def _stop_evaluator(pool: ProcessPoolExecutor) -> None:
         proc.terminate()
 
 
+#: a directory holding one of these was a run's (nothing else is ever deleted)
+_RUN_MARKERS = ("checkpoints", "heads", "artefacts")
+
+
+def prune_previous_runs(current: Path, keep: int) -> list[Path]:
+    """Delete the oldest run directories beside ``current`` (one per run on the
+    global aggregator's volume) so that ``keep`` others remain; return them.
+    Only directories with a run's layout are candidates: a volume's
+    ``lost+found`` or a user's file stays."""
+    runs = [
+        d
+        for d in current.parent.iterdir()
+        if d.is_dir()
+        and not d.is_symlink()
+        and d.resolve() != current.resolve()
+        and any((d / m).is_dir() for m in _RUN_MARKERS)
+    ]
+    runs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    doomed = runs[max(keep, 0) :]
+    for d in doomed:
+        _log.warning("deleting the directory of an old run: %s", d)
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
+
+
 class _Runtime:
     def __init__(self, settings: GlobalSettings, config: SimulationConfig) -> None:
         self.settings = settings
@@ -253,6 +289,8 @@ class _Runtime:
         self.rounds = settings.rounds or config.training.rounds
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
+        if settings.keep_previous_runs is not None:
+            prune_previous_runs(data, settings.keep_previous_runs)
         if settings.signing_key_file:  # provisioned (Kubernetes: a Secret)
             self.key = SigningKey.from_bytes(
                 Path(settings.signing_key_file).read_bytes()
@@ -655,7 +693,10 @@ def create_app(
             # as missing.
             targets = {g: c for g, c in targets.items() if g in sent}
             transcripts = {g: sent[g][0].body for g in targets}
-        headers = {"authorization": f"Bearer {r.settings.auditor_token}"}
+        headers = {
+            "authorization": f"Bearer {r.settings.auditor_token}",
+            RUN_HEADER: r.settings.run_id,  # a galaxy pod of another run says 409
+        }
         out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
 
         give_up = time.monotonic() + r.settings.audit_fetch_s
@@ -738,6 +779,7 @@ def create_app(
         streamed=lambda method, path: (
             method == "POST" and ("/aggregates/" in path or "/transcripts/" in path)
         ),
+        run=settings.run_id,
     )
 
     @app.get("/livez")

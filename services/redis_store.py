@@ -1,7 +1,8 @@
 """The galaxy store on Redis: the same contract as the in-memory store.
 
-Keys live under ``{prefix}`` (default ``pg:galaxy:<id>:``), so one Redis can hold
-many galaxies and an ACL user per galaxy can be limited to its own prefix:
+Keys live under ``{prefix}``: ``pg:galaxy:<id>:<run>:`` for a run's store
+(:meth:`RedisGalaxyStore.from_url` with ``run=``), so one Redis can hold many
+galaxies and runs, and an ACL user per galaxy can be limited to ``pg:galaxy:<id>:*``:
 
 =============================  ===============================================
 ``state``                      ``"<round>:<phase>"``; changed only by a Lua CAS
@@ -21,6 +22,30 @@ many galaxies and an ACL user per galaxy can be limited to its own prefix:
 ``evidence``                   list of JSON records (quarantines and bans)
 =============================  ===============================================
 
+Every key a store writes can be named without listing the keyspace, so the
+galaxy's ACL user needs neither ``SCAN`` nor ``KEYS`` (and cannot list other
+galaxies' key names). Names that are not fixed are kept in small index sets,
+written in the same step as the key they name (``MULTI``, or the same script):
+
+=============================  ===============================================
+``stages``                     the stage keys of uploads in flight (any round);
+                               empty, and so absent, when no upload runs
+``r:<round>:blobs``            the names of the round's blobs
+``metas``                      the names of the ``meta:`` keys
+``gc_floor``                   every round below it is already dropped
+=============================  ===============================================
+
+The reveal bodies of a round are named by the clients in its ``commitments`` and
+``reveals`` hashes, and the rounds of a run go from 0 to the round in ``state`` (it
+only moves forward). So dropping a round, or a whole run, reads a few hashes and
+sets and unlinks the names they give.
+
+Runs: ``pg:galaxy:<id>:runs`` is a hash run id -> the order in which this galaxy
+started it. :meth:`RedisGalaxyStore.begin_run` registers the store's run there and
+deletes the keys of every run started before it (they stay in the hash, so a pod
+of an old run that comes back cannot pass for the newest one:
+:class:`RunSuperseded`).
+
 Every per-client write is set-if-absent (``HSETNX``; a reveal's body and nonce go
 together in one ``MULTI`` or script) and every phase change a compare-and-set
 script, so two replicas or a restarted pod can neither aggregate a round twice nor
@@ -32,13 +57,20 @@ request is still arriving (:class:`RedisRevealStage`), so Redis stores and logs 
 script. Besides starting late (only once the body was verified), one 45 MB ``SET``
 with AOF on cost Redis about 170 ms of CPU here, against about 50 ms for the same
 bytes in 1 MB pieces of a string reserved at its full size.
+
+Redis runs with ``maxmemory-policy noeviction``: a write it has no memory for is
+refused (:class:`redis.exceptions.OutOfMemoryError`) rather than evicting another
+key, and deletes still work, so dropping old rounds frees memory.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -52,7 +84,13 @@ from protogalaxy.protocol.stores import (
     State,
 )
 
-__all__ = ["RedisGalaxyStore", "RedisRevealStage"]
+__all__ = ["RedisGalaxyStore", "RedisRevealStage", "RunSuperseded", "connect"]
+
+#: a run id: it becomes part of key names (and, elsewhere, of paths and Job names)
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+#: keys unlinked per command when a round or a run is dropped
+_BATCH = 1000
 
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
@@ -69,10 +107,12 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
 """
 
-# KEYS: state, reveals (nonces), reveal body, stage, rejections; ARGV: state,
-# client, nonce, length. The stage is used up whatever the outcome; a client with a
-# rejection this round cannot also have a reveal (one fate per client).
+# KEYS: state, reveals (nonces), reveal body, stage, rejections, stages index;
+# ARGV: state, client, nonce, length. The stage is used up whatever the outcome
+# (and leaves the index); a client with a rejection this round cannot also have a
+# reveal (one fate per client).
 _COMMIT_STAGE = """
+redis.call('SREM', KEYS[6], KEYS[4])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   redis.call('UNLINK', KEYS[4])
   return -1
@@ -109,6 +149,20 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 1 end
 return 0
 """
 
+# KEYS: the galaxy's runs hash; ARGV: this run. Registers the run (once, as the
+# newest so far) and answers every run with its order.
+_BEGIN_RUN = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], redis.call('HLEN', KEYS[1]) + 1)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+class RunSuperseded(RuntimeError):
+    """This galaxy already started a newer run: the store's run is over (and its
+    keys may be deleted), so it must not be served again."""
+
 
 def _encode_state(state: State | None) -> bytes:
     return b"" if state is None else f"{state[0]}:{state[1]}".encode()
@@ -119,6 +173,60 @@ def _decode_state(raw: bytes | None) -> State | None:
         return None
     rnd, _, phase = raw.decode().partition(":")
     return int(rnd), phase
+
+
+def _quiet() -> dict[str, Any]:
+    """Client options that keep redis-py from sending ``CLIENT SETINFO`` on
+    connect: a galaxy's ACL user is allowed no ``CLIENT`` subcommand."""
+    try:
+        from redis.driver_info import DriverInfo  # noqa: F401  (redis-py >= 7)
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
+def _without_password(url: str, password: str) -> str:
+    """``url`` without ``password`` where it stands in the URL's user info.
+
+    The chart writes ``redis://<user>:$(PG_REDIS_PASSWORD)@host...``: Kubernetes
+    puts the password in verbatim, not URL-encoded, so a password with ``@``, ``/``
+    or ``%`` would not parse. Knowing it, the galaxy takes it out again and sends it
+    as it is."""
+    scheme, sep, rest = url.partition("://")
+    user, colon, tail = rest.partition(":")
+    if not colon or "@" in user or "/" in user or not tail.startswith(password + "@"):
+        return url
+    host = tail[len(password) + 1 :]
+    return f"{scheme}{sep}{user}@{host}" if user else f"{scheme}{sep}{host}"
+
+
+def connect(
+    url: str, *, password: str | None = None, ca_file: str | None = None
+) -> redis.Redis:
+    """A binary-safe client of the Redis at ``url``.
+
+    ``password``: used when the URL carries none (it then need not be
+    URL-encoded); ``ca_file``: the CA that signed the server's certificate, for a
+    ``rediss://`` URL (e.g. Memorystore's server CA).
+    """
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
+        raise ValueError(
+            f"PG_REDIS_URL must be a redis:// or rediss:// URL, got {url!r}"
+        )
+    options: dict[str, Any] = {"decode_responses": False, **_quiet()}
+    if password:
+        url = _without_password(url, password)
+        options["password"] = password
+    if ca_file:
+        if not url.startswith("rediss://"):
+            raise ValueError(
+                "PG_REDIS_CA_FILE is set but PG_REDIS_URL is not a rediss:// URL:"
+                " a CA is only used over TLS"
+            )
+        if not Path(ca_file).is_file():
+            raise ValueError(f"PG_REDIS_CA_FILE {ca_file!r} is not a readable file")
+        options["ssl_ca_certs"] = ca_file
+    return redis.Redis.from_url(url, **options)
 
 
 class RedisRevealStage(RevealStage):
@@ -134,19 +242,32 @@ class RedisRevealStage(RevealStage):
     and reallocates only about log2(size / 1 MiB) times. Growing it by ``APPEND``
     reallocates and copies it over and over, which costs Redis about three times
     the CPU for 45 MB; that is the way without a size.
+
+    ``index``: a set the stage key is added to before its first byte is written
+    and removed from when the stage is used up, so a stage left by a killed
+    process can be found without listing the keyspace.
     """
 
     #: the first reservation
     FIRST: int = 1 << 20
 
-    def __init__(self, client: Any, key: str, size: int | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        key: str,
+        size: int | None = None,
+        *,
+        index: str | None = None,
+    ) -> None:
         self._r = client
         self.key = key
         self.size = size
+        self.index = index
         self._conn: Any = None
         self._pending = 0  # commands sent whose reply is unread
         self._length = 0
         self._reserved = 0
+        self._indexed = False
         self.done = False  # committed or discarded
         # Held while the stage is committed: a discard from another thread (a
         # request's clean-up) waits for the commit instead of cutting into it.
@@ -161,6 +282,10 @@ class RedisRevealStage(RevealStage):
         try:
             if self._conn is None:
                 self._conn = self._r.connection_pool.get_connection()
+            if self.index is not None and not self._indexed:
+                # On the same connection, so before any byte of the stage.
+                self._send("SADD", self.index, self.key)
+                self._indexed = True
             if self.size and end > self._reserved:
                 grown = min(self.size, max(end, 2 * self._reserved, self.FIRST))
                 self._send("SETRANGE", self.key, grown - 1, b"\0")
@@ -207,7 +332,11 @@ class RedisRevealStage(RevealStage):
                 return
             self.done = True
             self._drop_connection()
-            self._r.unlink(self.key)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.unlink(self.key)
+            if self.index is not None:
+                pipe.srem(self.index, self.key)
+            pipe.execute()
 
     def _drop_connection(self) -> None:
         # Replies may be unread: the connection cannot go back to the pool.
@@ -219,34 +348,138 @@ class RedisRevealStage(RevealStage):
 
 
 class RedisGalaxyStore(GalaxyStore):
-    """:class:`GalaxyStore` on a Redis server (binary-safe, no decoded responses)."""
+    """:class:`GalaxyStore` on a Redis server (binary-safe, no decoded responses).
+
+    ``run``: the run whose keys this store holds, under ``pg:galaxy:<galaxy>:<run>:``
+    (see :meth:`begin_run`); ``prefix``: any other prefix (tests), without runs.
+    """
 
     def __init__(
-        self, client: redis.Redis, *, galaxy: int, prefix: str | None = None
+        self,
+        client: redis.Redis,
+        *,
+        galaxy: int,
+        run: str | None = None,
+        prefix: str | None = None,
     ) -> None:
+        if isinstance(galaxy, bool) or not isinstance(galaxy, int):
+            raise TypeError(f"galaxy must be an int, got {type(galaxy).__name__}")
+        if galaxy < 0:
+            raise ValueError(f"galaxy must be >= 0, got {galaxy}")
+        if run is not None and prefix is not None:
+            raise ValueError("give run or prefix, not both")
+        if run is not None and not RUN_ID.fullmatch(run):
+            raise ValueError(
+                f"run id {run!r} must be 1-128 characters of A-Z a-z 0-9 . _ -,"
+                " starting with a letter or digit"
+            )
         self.r: Any = client  # binary responses; redis-py types them as bytes | str
-        self.prefix = prefix if prefix is not None else f"pg:galaxy:{galaxy}:"
+        self.galaxy = galaxy
+        self.run = run
+        #: the galaxy's own keys, every run's included (its ACL user's pattern)
+        self.galaxy_prefix = f"pg:galaxy:{galaxy}:"
+        if prefix is not None:
+            self.prefix = prefix
+        elif run is not None:
+            self.prefix = self._run_prefix(run)
+        else:
+            self.prefix = self.galaxy_prefix
         self._cas = self.r.register_script(_CAS)
         self._register = self.r.register_script(_REGISTER)
         self._add_if_state = self.r.register_script(_ADD_IF_STATE)
         self._commit_stage = self.r.register_script(_COMMIT_STAGE)
         self._add_rejection = self.r.register_script(_ADD_REJECTION)
+        self._begin_run = self.r.register_script(_BEGIN_RUN)
 
     @classmethod
     def from_url(
-        cls, url: str, *, galaxy: int, prefix: str | None = None
+        cls,
+        url: str,
+        *,
+        galaxy: int,
+        run: str | None = None,
+        prefix: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> RedisGalaxyStore:
         return cls(
-            redis.Redis.from_url(url, decode_responses=False),
+            connect(url, password=password, ca_file=ca_file),
             galaxy=galaxy,
+            run=run,
             prefix=prefix,
         )
 
     def _k(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
 
+    def _run_prefix(self, run: str) -> str:
+        return f"{self.galaxy_prefix}{run}:"
+
     def ping(self) -> bool:
         return bool(self.r.ping())
+
+    # -- runs --------------------------------------------------------------------
+
+    def begin_run(self) -> list[str]:
+        """Register this store's run as started by its galaxy and delete the keys
+        of every run the galaxy started before it; the runs that still had keys,
+        oldest first.
+
+        Idempotent: a restarted or second replica of the same run deletes nothing
+        more. Raises :class:`RunSuperseded` when the galaxy already started a newer
+        run (a pod of an old run must not serve, nor recreate, that run).
+        """
+        if self.run is None:
+            raise ValueError("begin_run needs a store made with run=")
+        raw = self._begin_run(keys=[self.galaxy_prefix + "runs"], args=[self.run])
+        order = {bytes(raw[i]).decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
+        mine = order[self.run]
+        newer = sorted((n, r) for r, n in order.items() if n > mine)
+        if newer:
+            raise RunSuperseded(
+                f"galaxy {self.galaxy}: run {self.run!r} was superseded by run"
+                f" {newer[-1][1]!r}; its keys may be deleted. Start a new run id"
+                " instead of resuming an old one"
+            )
+        older = [r for n, r in sorted((n, r) for r, n in order.items() if n < mine)]
+        # Every time, not once: a pod of an old run still up may write again.
+        return [run for run in older if self._delete_run(self._run_prefix(run))]
+
+    def _delete_run(self, prefix: str) -> int:
+        """Unlink every key a store with ``prefix`` can have written; how many
+        there were."""
+
+        def k(*parts: object) -> str:
+            return prefix + ":".join(str(p) for p in parts)
+
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(k("state"))
+        pipe.smembers(k("metas"))
+        pipe.smembers(k("stages"))
+        raw_state, metas, stages = pipe.execute()
+        state = _decode_state(raw_state)
+        names = [
+            k(name)
+            for name in (
+                "state",
+                "keys",
+                "reputation",
+                "reputation_version",
+                "evidence",
+                "gc_floor",
+                "metas",
+                "stages",
+            )
+        ]
+        names += [k("meta", bytes(m).decode()) for m in metas]
+        names += [bytes(s).decode() for s in stages]
+        removed = self._unlink(names)
+        last = -1 if state is None else state[0]
+        for start in range(0, last + 1, 100):  # every round of the run
+            removed += self._unlink(
+                self._round_keys(prefix, range(start, min(start + 100, last + 1)))
+            )
+        return removed
 
     # -- round state -----------------------------------------------------------
 
@@ -302,7 +535,7 @@ class RedisGalaxyStore(GalaxyStore):
     ) -> RedisRevealStage:
         token = secrets.token_hex(8)  # concurrent uploads never share a stage
         key = self._k("r", round, "stage", client, token)
-        return RedisRevealStage(self.r, key, size)
+        return RedisRevealStage(self.r, key, size, index=self._k("stages"))
 
     def add_reveal(
         self,
@@ -377,6 +610,7 @@ class RedisGalaxyStore(GalaxyStore):
                     self._k("r", round, "reveal", client),
                     staged.key,
                     self._k("r", round, "rejections"),
+                    self._k("stages"),
                 ],
                 args=[
                     _encode_state((round, Phase.REVEAL)),
@@ -431,14 +665,20 @@ class RedisGalaxyStore(GalaxyStore):
         return {int(c): v.decode() for c, v in raw.items()}
 
     def put_blob(self, round: int, key: str, value: bytes) -> None:
-        self.r.set(self._k("r", round, "blob", key), bytes(value))
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.sadd(self._k("r", round, "blobs"), key)
+            pipe.set(self._k("r", round, "blob", key), bytes(value))
+            pipe.execute()
 
     def get_blob(self, round: int, key: str) -> bytes | None:
         value = self.r.get(self._k("r", round, "blob", key))
         return None if value is None else bytes(value)
 
     def put_meta(self, key: str, value: bytes) -> None:
-        self.r.set(self._k("meta", key), bytes(value))
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.sadd(self._k("metas"), key)
+            pipe.set(self._k("meta", key), bytes(value))
+            pipe.execute()
 
     def get_meta(self, key: str) -> bytes | None:
         value = self.r.get(self._k("meta", key))
@@ -471,6 +711,8 @@ class RedisGalaxyStore(GalaxyStore):
                 if pipe.get(state_key) != expected:
                     return False
                 pipe.multi()
+                if blobs:
+                    pipe.sadd(self._k("r", round, "blobs"), *blobs)
                 for key, value in blobs.items():
                     pipe.set(self._k("r", round, "blob", key), bytes(value))
                 pipe.set(self._k("reputation"), json.dumps(reputation))
@@ -501,23 +743,80 @@ class RedisGalaxyStore(GalaxyStore):
         records = [json.loads(x) for x in self.r.lrange(self._k("evidence"), 0, -1)]
         return [e for e in records if client is None or e.get("client") == client]
 
+    # -- clean-up (by index: no SCAN) ------------------------------------------------
+
     def drop_round(self, round: int) -> None:
-        self._drop(self._k("r", round, "*"))
+        self.drop_stages(round)
+        self._unlink(self._round_keys(self.prefix, [round]))
 
     def drop_rounds_before(self, round: int) -> None:
-        start = len(self._k("r", ""))
-        doomed = []
-        for key in self.r.scan_iter(match=self._k("r", "*"), count=1000):
-            number = bytes(key)[start:].split(b":", 1)[0]
-            if number.isdigit() and int(number) < round:
-                doomed.append(key)
-        for i in range(0, len(doomed), 1000):
-            self.r.unlink(*doomed[i : i + 1000])
+        """Drop every round from the last call's ``round`` (``gc_floor``) up to
+        ``round``: each round once, however many a galaxy skipped."""
+        floor = int(self.r.get(self._k("gc_floor")) or 0)
+        if round <= floor:
+            return
+        self._drop_stages_where(lambda n: n < round)
+        for start in range(floor, round, 100):
+            self._unlink(
+                self._round_keys(self.prefix, range(start, min(start + 100, round)))
+            )
+        self.r.set(self._k("gc_floor"), round)
 
     def drop_stages(self, round: int) -> None:
-        self._drop(self._k("r", round, "stage", "*"))
+        self._drop_stages_where(lambda n: n == round)
 
-    def _drop(self, pattern: str) -> None:
-        keys = list(self.r.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(keys), 1000):
-            self.r.unlink(*keys[i : i + 1000])
+    def _drop_stages_where(self, doomed: Callable[[int], bool]) -> None:
+        """Unlink the staged uploads of the rounds ``doomed(round)`` names."""
+        start = len(self._k("r", ""))
+        stages = []
+        for raw in self.r.smembers(self._k("stages")):
+            key = bytes(raw)
+            number = key[start:].split(b":", 1)[0]
+            if (
+                key.startswith(self._k("r", "").encode())
+                and number.isdigit()
+                and doomed(int(number))
+            ):
+                stages.append(key)
+        for i in range(0, len(stages), _BATCH):
+            batch = stages[i : i + _BATCH]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.unlink(*batch)
+            pipe.srem(self._k("stages"), *batch)
+            pipe.execute()
+
+    def _round_keys(self, prefix: str, rounds: Iterable[int]) -> list[str]:
+        """Every key of ``rounds`` under ``prefix`` but their stages: the fixed
+        names, the reveal bodies of the clients that committed or revealed, and
+        the blobs in the round's index."""
+        rounds = list(rounds)
+        if not rounds:
+            return []
+
+        def k(*parts: object) -> str:
+            return prefix + ":".join(str(p) for p in parts)
+
+        pipe = self.r.pipeline(transaction=False)
+        for n in rounds:
+            pipe.hkeys(k("r", n, "commitments"))
+            pipe.hkeys(k("r", n, "reveals"))
+            pipe.smembers(k("r", n, "blobs"))
+        replies = pipe.execute()
+        names = []
+        for i, n in enumerate(rounds):
+            committed, revealed, blobs = replies[3 * i : 3 * i + 3]
+            names += [
+                k("r", n, what)
+                for what in ("commitments", "reveals", "rejections", "blobs")
+            ]
+            clients = {bytes(c).decode() for c in (*committed, *revealed)}
+            names += [k("r", n, "reveal", c) for c in sorted(clients)]
+            names += [k("r", n, "blob", bytes(b).decode()) for b in blobs]
+        return names
+
+    def _unlink(self, names: list[str] | list[bytes]) -> int:
+        """Unlink ``names``; how many existed."""
+        return sum(
+            int(self.r.unlink(*names[i : i + _BATCH]))
+            for i in range(0, len(names), _BATCH)
+        )
