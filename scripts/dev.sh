@@ -31,6 +31,7 @@ setup() {
     # the chart and workflow tests use the real binaries.
     "$ROOT/scripts/install-helm.sh"
     "$ROOT/scripts/install-actionlint.sh"
+    "$ROOT/scripts/install-checkov.sh"
     if [ ! -x "$PY" ]; then
         log "creating $VENV"
         python3 -m venv "$VENV"

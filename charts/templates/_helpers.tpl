@@ -3,16 +3,21 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Fully qualified app name: the release name, with the chart name unless it holds it. */}}
+{{/*
+Fully qualified app name: the release name, with the chart name unless it holds
+it. At most 40 characters: the longest name composed from it (a StatefulSet's
+controller-revision-hash label, "<fullname>-global-" plus 10 characters; a
+galaxy "<fullname>-galaxy-NNN") then stays within Kubernetes' 63.
+*/}}
 {{- define "protogalaxy.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -56,16 +61,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "protogalaxy.keySecretName" -}}
 {{- printf "%s-keys" (include "protogalaxy.fullname" .) }}
 {{- end }}
-{{- define "protogalaxy.redisSecretName" -}}
-{{- if .Values.redis.enabled }}
-{{- printf "%s-redis" (include "protogalaxy.fullname" .) }}
-{{- else }}
-{{- default (printf "%s-external-redis" (include "protogalaxy.fullname" .)) .Values.externalRedis.existingSecret }}
-{{- end }}
-{{- end }}
-
 {{- define "protogalaxy.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The client pods' image: the CUDA build when they run on GPUs (only they do). */}}
+{{- define "protogalaxy.clientImage" -}}
+{{- $v := .Values }}
+{{- if $v.clients.gpu.enabled }}
+{{- $tag := default (printf "%s-cuda" (default .Chart.AppVersion $v.image.tag)) $v.clients.gpu.image.tag }}
+{{- printf "%s:%s" (default $v.image.repository $v.clients.gpu.image.repository) $tag }}
+{{- else }}
+{{- include "protogalaxy.image" . }}
+{{- end }}
 {{- end }}
 
 {{/* In-cluster URLs. */}}
@@ -74,30 +82,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- define "protogalaxy.galaxyUrlTemplate" -}}
 {{- printf "http://%s-galaxy-{galaxy}:%d" (include "protogalaxy.fullname" .) (int .Values.galaxies.service.port) }}
-{{- end }}
-
-{{/*
-The Redis URL of galaxy .galaxy; the password comes from $(PG_REDIS_PASSWORD), which
-Kubernetes expands from the env var set just before it (a secretKeyRef).
-*/}}
-{{- define "protogalaxy.redisUrl" -}}
-{{- $v := .root.Values }}
-{{- if $v.redis.enabled }}
-{{- $user := ternary (printf "galaxy-%d" (int .galaxy)) "default" $v.redis.perGalaxyUsers }}
-{{- printf "redis://%s:$(PG_REDIS_PASSWORD)@%s:6379/0" $user (include "protogalaxy.redisName" .root) }}
-{{- else }}
-{{- $scheme := ternary "rediss" "redis" $v.externalRedis.tls }}
-{{- printf "%s://%s:$(PG_REDIS_PASSWORD)@%s:%d/%d" $scheme $v.externalRedis.username $v.externalRedis.host (int $v.externalRedis.port) (int $v.externalRedis.db) }}
-{{- end }}
-{{- end }}
-
-{{/* The key in the Redis Secret holding galaxy .galaxy's password. */}}
-{{- define "protogalaxy.redisPasswordKey" -}}
-{{- if .root.Values.redis.enabled }}
-{{- ternary (printf "galaxy-%d-password" (int .galaxy)) "redis-password" .root.Values.redis.perGalaxyUsers }}
-{{- else }}
-{{- .root.Values.externalRedis.existingSecretPasswordKey }}
-{{- end }}
 {{- end }}
 
 {{/*
@@ -136,19 +120,23 @@ imagePullSecrets:
 {{/*
 Environment every ProtoGalaxy process gets, clients included: the run's config and
 id, and the global aggregator's public key, which everyone pins. No credential.
+PG_HOST and PG_PORT are set outright (service links are off as well).
 */}}
 {{- define "protogalaxy.commonEnv" -}}
 - name: PG_CONFIG
   value: /etc/protogalaxy/config.yaml
 - name: PG_RUN_ID
   value: {{ include "protogalaxy.runId" . | quote }}
-- name: PG_GLOBAL_PUBLIC_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "protogalaxy.keySecretName" . }}
-      key: global.pub
+# Public, but read from the mounted key Secret like every credential: no
+# Secret value is in any container's environment.
+- name: PG_GLOBAL_PUBLIC_KEY_FILE
+  value: /etc/protogalaxy-keys/global.pub
 - name: PG_MAX_UPDATE_BYTES
   value: {{ .Values.galaxies.maxUpdateBytes | int64 | quote }}
+- name: PG_HOST
+  value: "0.0.0.0"
+- name: PG_PORT
+  value: "8000"
 {{- end }}
 
 {{/*
@@ -156,35 +144,109 @@ The bearer token between galaxies and the global aggregator: it guards transport
 only (what a galaxy says is signed with its own key). Client pods never get it.
 */}}
 {{- define "protogalaxy.serviceTokenEnv" -}}
-- name: PG_SERVICE_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "protogalaxy.authSecretName" . }}
-      key: service-token
+- name: PG_SERVICE_TOKEN_FILE
+  value: /etc/protogalaxy-auth/service-token
 {{- end }}
 
 {{/* The auditors' bearer token (aggregators only; clients never get it). */}}
 {{- define "protogalaxy.auditorTokenEnv" -}}
-- name: PG_AUDITOR_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "protogalaxy.authSecretName" . }}
-      key: auditor-token
+- name: PG_AUDITOR_TOKEN_FILE
+  value: /etc/protogalaxy-auth/auditor-token
 {{- end }}
 
-{{/* Fail on settings that cannot work, before anything is installed. */}}
-{{- define "protogalaxy.validateValues" -}}
-{{- $v := .Values }}
-{{- $G := int $v.galaxies.count }}
-{{- $N := int $v.clients.count }}
-{{- if lt $G 1 }}
-{{- fail "galaxies.count must be at least 1" }}
+{{/* The aggregators' tokens as files (clients never mount them). */}}
+{{- define "protogalaxy.authVolume" -}}
+- name: auth
+  secret:
+    secretName: {{ include "protogalaxy.authSecretName" . }}
+    defaultMode: 0400
+    items:
+      - key: service-token
+        path: service-token
+      - key: auditor-token
+        path: auditor-token
 {{- end }}
+{{- define "protogalaxy.authVolumeMount" -}}
+- name: auth
+  mountPath: /etc/protogalaxy-auth
+  readOnly: true
+{{- end }}
+
+{{/*
+The run's config.yaml (as a dict, in YAML): the chart's values mapped onto the
+config keys, then run.extraConfig merged over them.
+*/}}
+{{- define "protogalaxy.runConfig" -}}
+{{- $v := .Values }}
+{{- $dataset := dict "name" $v.run.dataset }}
+{{- with $v.run.datasetRoot }}{{ $_ := set $dataset "root" . }}{{ end }}
+{{- $config := dict
+  "seed" (int $v.run.seed)
+  "dataset" $dataset
+  "model" $v.run.model
+  "clients" (dict "count" (int $v.clients.count) "partition" $v.run.partition)
+  "galaxies" (dict "count" (int $v.galaxies.count))
+  "byzantine" (dict "fraction" $v.clients.byzantine.fraction "attack" $v.clients.byzantine.attack)
+  "training" (dict "rounds" (int $v.run.rounds))
+  "defense" (dict "aggregator" $v.defense.aggregator "byzantine_fraction" $v.defense.byzantineFraction "layers" $v.defense.layers)
+}}
+{{- $config = mustMergeOverwrite $config (deepCopy $v.run.extraConfig) }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+Python's round(): half to even (Sprig's round goes half away from zero, which
+would count 0.5 Byzantine clients as 1 where the app counts 0).
+*/}}
+{{- define "protogalaxy.roundHalfEven" -}}
+{{- $x := float64 . }}
+{{- $lo := floor $x }}
+{{- $frac := subf $x $lo }}
+{{- if gt $frac 0.5 }}{{ add1 (int $lo) }}
+{{- else if lt $frac 0.5 }}{{ int $lo }}
+{{- else if eq (mod (int $lo) 2) 0 }}{{ int $lo }}
+{{- else }}{{ add1 (int $lo) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse at render time what the app would refuse when it starts: the schema
+(generated from the app's config model, scripts/chart-config.py) checks each
+value; this checks what spans values, on the config the pods will load. Kept
+equal to the app's rules by tests/deploy/test_chart_config.py.
+*/}}
+{{- define "protogalaxy.validateValues" -}}
+{{- include "protogalaxy.init" . }}
+{{- $v := .Values }}
+{{- $c := .Values._pg.config }}
+{{- $G := int $c.galaxies.count }}
+{{- $N := int $c.clients.count }}
+{{- $layers := list }}
+{{- range (dig "defense" "layers" (list 1 2 3 4 5) $c) }}{{ $layers = append $layers (int .) }}{{ end }}
 {{- if lt $N $G }}
 {{- fail (printf "clients.count (%d) is smaller than galaxies.count (%d): every galaxy needs clients" $N $G) }}
 {{- end }}
+{{- $ds := dig "dataset" "name" "mnist" $c }}
+{{- if and (ne $ds "mnist") (not (dig "dataset" "root" "" $c)) }}
+{{- fail (printf "dataset %s is not in the image: mount its files (extraVolumes, extraVolumeMounts) and set run.datasetRoot" $ds) }}
+{{- end }}
+{{- if eq $ds "cifar10" }}
+{{- fail "dataset cifar10 needs torchvision, which the image does not carry" }}
+{{- end }}
+{{- $attacked := dig "galaxy_attack" "galaxy" nil $c }}
+{{- if and (not (kindIs "invalid" $attacked)) (ge (int $attacked) $G) }}
+{{- fail (printf "galaxy_attack.galaxy %d does not exist (galaxies.count %d)" (int $attacked) $G) }}
+{{- end }}
+{{- $rep := dig "defense" "reputation" dict $c }}
+{{- $w := addf (dig "w_integrity" 0.1 $rep) (dig "w_statistics" 0.3 $rep) (dig "w_selected" 0.4 $rep) (dig "w_history" 0.2 $rep) }}
+{{- if gt (maxf (subf $w 1.0) (subf 1.0 $w)) 1e-9 }}
+{{- fail (printf "defense.reputation weights must sum to 1, got %v" $w) }}
+{{- end }}
+{{- if gt (float64 (dig "ban_below" 0.1 $rep)) (float64 (dig "quarantine_below" 0.3 $rep)) }}
+{{- fail "defense.reputation.ban_below must not exceed quarantine_below" }}
+{{- end }}
 {{- if and (not $v.redis.enabled) (not $v.externalRedis.host) }}
-{{- fail "redis.enabled is false: set externalRedis.host (and its password or existingSecret)" }}
+{{- fail "redis.enabled is false: set externalRedis.host" }}
 {{- end }}
 {{- if and (not $v.redis.enabled) $v.externalRedis.password $v.externalRedis.existingSecret }}
 {{- fail "externalRedis: set password or existingSecret, not both" }}
@@ -192,28 +254,73 @@ only (what a galaxy says is signed with its own key). Client pods never get it.
 {{- if gt (int $v.clients.perPod) $N }}
 {{- fail (printf "clients.perPod (%d) exceeds clients.count (%d)" (int $v.clients.perPod) $N) }}
 {{- end }}
-{{- $agg := $v.defense.aggregator }}
-{{- $layers := list }}
-{{- range $v.defense.layers }}{{ $layers = append $layers (int .) }}{{ end }}
-{{- if and (has $agg (list "multikrum" "krum")) (has 3 $layers) }}
-{{- /* The same check as the config's: per galaxy, the Byzantine clients placed
-       there (round(fraction * n)) must be within f = floor(beta * n), and
-       Multi-Krum needs n >= 2f + 3. */}}
+{{- $agg := dig "defense" "aggregator" "multikrum" $c }}
+{{- $offsets := include "protogalaxy.aggregatorMinClients" . | fromJson }}
+{{- if and (ne $agg "fedavg") (has 3 $layers) }}
+{{- /* The config's feasibility check, per galaxy: its Byzantine clients
+       (round half to even of fraction x n) within f = floor(beta x n), and
+       at least min_clients(f) = 2f + offset clients. */}}
+{{- $beta := float64 (dig "defense" "byzantine_fraction" 0.3 $c) }}
+{{- $frac := float64 (dig "byzantine" "fraction" 0.3 $c) }}
+{{- $seen := dict }}
 {{- range $g := until $G }}
 {{- $n := div $N $G }}
 {{- if lt $g (mod $N $G) }}{{- $n = add1 $n }}{{- end }}
-{{- $b := int (round (mulf (float64 $v.clients.byzantine.fraction) (float64 $n)) 0) }}
-{{- $f := int (floor (mulf (float64 $v.defense.byzantineFraction) (float64 $n))) }}
-{{- if or (gt $b $f) (lt $n (add (mul 2 $f) 3)) }}
-{{- fail (printf "clients.byzantine.fraction %v puts %d Byzantine clients in galaxy %d of %d clients, but %s tolerates f = %d there (defense.byzantineFraction %v; it needs at least %d clients)" $v.clients.byzantine.fraction $b $g $n $agg $f $v.defense.byzantineFraction (add (mul 2 (max $b $f)) 3)) }}
+{{- if not (hasKey $seen (toString $n)) }}
+{{- $_ := set $seen (toString $n) true }}
+{{- $b := include "protogalaxy.roundHalfEven" (mulf $frac (float64 $n)) | int }}
+{{- $f := int (floor (mulf $beta (float64 $n))) }}
+{{- $off := int (index $offsets $agg) }}
+{{- if or (gt $b $f) (lt $n (add (mul 2 $f) $off)) }}
+{{- fail (printf "byzantine.fraction %v puts %d Byzantine clients in galaxy %d of %d clients, but %s tolerates f = %d there (defense.byzantineFraction %v; it needs at least %d clients)" $frac $b $g $n $agg $f $beta (add (mul 2 (max $b $f)) $off)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{/* The run: one per release revision unless run.id pins it. */}}
+{{/*
+The run's family: run.id when set, else the one this release already has (the
+<fullname>-run ConfigMap, kept across upgrades, deleted by uninstall), else a
+new random one. A reinstall under the same name is therefore a new run, never a
+resumed one.
+*/}}
+{{- define "protogalaxy.runFamily" -}}
+{{- if .Values.run.id }}
+{{- .Values.run.id }}
+{{- else }}
+{{- $existing := lookup "v1" "ConfigMap" .Release.Namespace (printf "%s-run" (include "protogalaxy.fullname" .)) }}
+{{- if and $existing $existing.data (index $existing.data "family") }}
+{{- index $existing.data "family" }}
+{{- else }}
+{{- randAlphaNum 8 | lower }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The run id every party signs with: "<family>-<first 8 hex of the SHA-256 of
+the run's config.yaml>". An upgrade that changes what the run computes (any key
+of the config) starts a new run; one that changes only how it runs (log levels,
+deadlines, resources, the image) continues it. Computed once per render into
+.Values (see configmap-run.yaml's caller, protogalaxy.init).
+*/}}
 {{- define "protogalaxy.runId" -}}
-{{- default (printf "r%d" (int .Release.Revision)) .Values.run.id }}
+{{- include "protogalaxy.init" . }}
+{{- .Values._pg.runId }}
+{{- end }}
+
+{{/*
+Render-wide state, computed once: the run config, its family and its id (a
+lookup and a random draw must not differ between the objects of one render).
+*/}}
+{{- define "protogalaxy.init" -}}
+{{- if not (hasKey .Values "_pg") }}
+{{- $config := include "protogalaxy.runConfig" . | fromYaml }}
+{{- $family := include "protogalaxy.runFamily" . }}
+{{- $yaml := toYaml $config }}
+{{- $_ := set .Values "_pg" (dict "config" $config "configYaml" $yaml "family" $family "runId" (printf "%s-%s" $family (sha256sum $yaml | trunc 8))) }}
+{{- end }}
 {{- end }}
 
 {{/* A NetworkPolicy peer: pods of this release with the given component. */}}
@@ -224,16 +331,66 @@ only (what a galaxy says is signed with its own key). Client pods never get it.
       app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* Egress to the cluster DNS. */}}
+{{/*
+Egress to the cluster DNS: networkPolicy.dns.peers (kube-dns pods, and the
+link-local addresses of NodeLocal DNSCache and GKE's Cloud DNS by default).
+*/}}
 {{- define "protogalaxy.dnsEgress" -}}
 - to:
-    - namespaceSelector: {}
-      podSelector:
-        matchLabels:
-          k8s-app: kube-dns
+    {{- toYaml .Values.networkPolicy.dns.peers | nindent 4 }}
   ports:
     - port: 53
       protocol: UDP
     - port: 53
       protocol: TCP
+{{- end }}
+
+{{/*
+Pod-level settings every ProtoGalaxy pod shares: no service links (a Service
+named like a PG_* variable would inject one), no API token, the service account.
+*/}}
+{{- define "protogalaxy.podCommon" -}}
+enableServiceLinks: false
+automountServiceAccountToken: false
+serviceAccountName: {{ include "protogalaxy.serviceAccountName" . }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{- define "protogalaxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "protogalaxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Threads for torch from a container's CPU request (.cpu: "250m", "2", 1.5):
+rounded up, at least 1. torch would otherwise start one per host core.
+*/}}
+{{- define "protogalaxy.threads" -}}
+{{- $cpu := toString (default "1" .) }}
+{{- if hasSuffix "m" $cpu }}
+{{- max 1 (div (add (atoi (trimSuffix "m" $cpu)) 999) 1000) }}
+{{- else }}
+{{- max 1 (ceil (float64 $cpu) | int) }}
+{{- end }}
+{{- end }}
+
+{{/* The user's extra env entries and mounts, for every ProtoGalaxy container. */}}
+{{- define "protogalaxy.extraEnv" -}}
+{{- with .Values.extraEnv }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+{{- define "protogalaxy.extraVolumeMounts" -}}
+{{- with .Values.extraVolumeMounts }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+{{- define "protogalaxy.extraVolumes" -}}
+{{- with .Values.extraVolumes }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,16 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def run_id_of(docs: list[dict[str, Any]]) -> str:
+    """The run id the render recorded in its <fullname>-run ConfigMap."""
+    (run,) = [
+        d["data"]["id"]
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-run")
+    ]
+    return str(run)
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
@@ -109,14 +120,12 @@ def test_topology_per_galaxy_count(helm: Path, galaxies: int) -> None:
         env = env_of(c)
         assert c["args"] == ["galaxy"]
         assert env["PG_GALAXY_ID"] == str(g)
-        assert env["PG_RUN_ID"] == "r1"  # the release revision: one run each
+        # "<family>-<config hash>": one id for every party of the render
+        assert re.fullmatch(r"[a-z0-9]{8}-[0-9a-f]{8}", env["PG_RUN_ID"])
+        assert env["PG_RUN_ID"] == run_id_of(docs)
         assert env["PG_GLOBAL_URL"] == "http://pg-protogalaxy-global:8000"
-        assert env["PG_REDIS_URL"] == (
-            f"redis://galaxy-{g}:$(PG_REDIS_PASSWORD)@pg-protogalaxy-redis:6379/0"
-        )
-        assert env["PG_REDIS_PASSWORD"]["secretKeyRef"]["key"] == (
-            f"galaxy-{g}-password"
-        )
+        assert env["PG_REDIS_URL"] == f"redis://galaxy-{g}@pg-protogalaxy-redis:6379/0"
+        assert env["PG_REDIS_PASSWORD_FILE"] == "/etc/protogalaxy-redis/password"
         # The Service selects exactly this galaxy's pods.
         sel = services[f"pg-protogalaxy-galaxy-{g}"]["spec"]["selector"]
         labels = dep["spec"]["template"]["metadata"]["labels"]
@@ -147,7 +156,7 @@ def test_topology_per_galaxy_count(helm: Path, galaxies: int) -> None:
     for g in range(galaxies):
         url = cenv["PG_GALAXY_URL_TEMPLATE"].format(galaxy=g)
         assert url == f"http://pg-protogalaxy-galaxy-{g}:8000"
-    assert cenv["PG_GLOBAL_PUBLIC_KEY"]["secretKeyRef"]["key"] == "global.pub"
+    assert cenv["PG_GLOBAL_PUBLIC_KEY_FILE"] == "/etc/protogalaxy-keys/global.pub"
     # The config every service reads has the same galaxy count.
     config = yaml.safe_load(
         by_kind(docs, "ConfigMap")["pg-protogalaxy-config"]["data"]["config.yaml"]
@@ -213,11 +222,8 @@ def test_external_redis(helm: Path) -> None:
     assert "pg-protogalaxy-redis" not in by_kind(docs, "StatefulSet")
     dep = by_kind(docs, "Deployment")["pg-protogalaxy-galaxy-0"]
     env = env_of(pod_spec(dep)["containers"][0])
-    assert env["PG_REDIS_URL"] == "rediss://:$(PG_REDIS_PASSWORD)@10.0.0.3:6378/0"
-    assert env["PG_REDIS_PASSWORD"]["secretKeyRef"] == {
-        "name": "memorystore-auth",
-        "key": "auth-string",
-    }
+    assert env["PG_REDIS_URL"] == "rediss://10.0.0.3:6378/0"
+    assert env["PG_REDIS_PASSWORD_FILE"] == "/etc/protogalaxy-redis/password"
     np = by_kind(docs, "NetworkPolicy")["pg-protogalaxy-galaxy"]
     assert {"ports": [{"port": 6378}]} in np["spec"]["egress"]
 
@@ -312,10 +318,13 @@ def test_impossible_settings_are_refused(helm: Path) -> None:
     assert "multikrum tolerates f = 0" in err
     assert "additional" in refused(helm, "--set", "galaxies.typo=1").lower()
     assert "externalRedis.host" in refused(helm, "--set", "redis.enabled=false")
-    # The same fraction is fine for a rule that is not Krum-based.
-    render(
+    # Trimmed mean cannot trim the one Byzantine client of 3 either (the app
+    # refuses it); FedAvg tolerates no one and is not checked.
+    err = refused(
         helm, "--set", "galaxies.count=10", "--set", "defense.aggregator=trimmed_mean"
     )
+    assert "trimmed_mean tolerates f = 0" in err
+    render(helm, "--set", "galaxies.count=10", "--set", "defense.aggregator=fedavg")
 
 
 def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> None:
@@ -351,6 +360,16 @@ def key_items(obj: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def auth_items(obj: dict[str, Any]) -> list[str]:
+    """The bearer tokens a pod mounts from the release's auth Secret."""
+    out = []
+    for vol in pod_spec(obj).get("volumes", []):
+        secret = vol.get("secret")
+        if secret and secret["secretName"] == "pg-protogalaxy-auth":
+            out += [i["key"] for i in secret["items"]]
+    return sorted(out)
+
+
 def secret_refs(container: dict[str, Any]) -> set[tuple[str, str]]:
     return {
         (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
@@ -370,14 +389,14 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
         assert key_items(dep) == [
             (f"galaxy-{g}.key", "signing.key"),
             ("clients.pub", "clients.pub"),
+            ("global.pub", "global.pub"),
         ]
         (c,) = pod_spec(dep)["containers"]
         env = env_of(c)
         assert env["PG_SIGNING_KEY_FILE"] == "/etc/protogalaxy-keys/signing.key"
         assert env["PG_CLIENT_KEYS_FILE"] == "/etc/protogalaxy-keys/clients.pub"
-        assert ("pg-protogalaxy-keys", "global.pub") in secret_refs(c)
-        assert ("pg-protogalaxy-auth", "service-token") in secret_refs(c)
-        assert ("pg-protogalaxy-auth", "auditor-token") in secret_refs(c)
+        assert auth_items(dep) == ["auditor-token", "service-token"]
+        assert not secret_refs(c)  # no credential in the environment
     glob = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]
     # The global aggregator also pins the clients' keys: its replay audit checks
     # every published reveal against its client's signature.
@@ -385,6 +404,7 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
         ("global.key", "signing.key"),
         ("galaxies.pub", "galaxies.pub"),
         ("clients.pub", "clients.pub"),
+        ("global.pub", "global.pub"),
     ]
     (gc,) = pod_spec(glob)["containers"]
     genv = env_of(gc)
@@ -392,8 +412,9 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
     assert (
         genv["PG_GALAXY_URL_TEMPLATE"] == "http://pg-protogalaxy-galaxy-{galaxy}:8000"
     )
-    assert genv["PG_AUDIT_DIR"] == "/data/r1/artefacts"
-    assert ("pg-protogalaxy-auth", "auditor-token") in secret_refs(gc)
+    assert genv["PG_AUDIT_DIR"] == f"/data/{run_id_of(docs)}/artefacts"
+    assert auth_items(glob) == ["auditor-token", "service-token"]
+    assert genv["PG_AUDITOR_TOKEN_FILE"] == "/etc/protogalaxy-auth/auditor-token"
     (job,) = [
         d
         for d in docs
@@ -402,12 +423,14 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
     assert key_items(job) == [
         ("clients.seed", "clients.seed"),
         ("galaxies.pub", "galaxies.pub"),
+        ("global.pub", "global.pub"),
     ]
     (client,) = pod_spec(job)["containers"]
     env = env_of(client)
     assert not [k for k in env if "TOKEN" in k], env
-    assert secret_refs(client) == {("pg-protogalaxy-keys", "global.pub")}
-    assert env["PG_RUN_ID"] == "r1"
+    assert not secret_refs(client) and not auth_items(job)
+    assert env["PG_GLOBAL_PUBLIC_KEY_FILE"] == "/etc/protogalaxy-keys/global.pub"
+    assert env["PG_RUN_ID"] == run_id_of(docs)
     assert env["PG_CLIENT_SEED_FILE"] == "/etc/protogalaxy-keys/clients.seed"
     assert env["PG_GALAXY_KEYS_FILE"] == "/etc/protogalaxy-keys/galaxies.pub"
     assert env["PG_GLOBAL_URL"] == "http://pg-protogalaxy-global:8000"
