@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from protogalaxy.defense.galaxy import GalaxyScreenConfig
 from protogalaxy.defense.pipeline import DefenseConfig
 from protogalaxy.defense.reputation import ReputationConfig
-from protogalaxy.defense.robust import available_aggregators, get_aggregator
+from protogalaxy.defense.robust import available_aggregators, get_aggregator, share_of
 from protogalaxy.defense.statistical import StatisticsConfig
 from protogalaxy.learning.attacks import ATTACKS, AttackConfig
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
@@ -226,9 +226,10 @@ class SimulationConfig(_Section):
         return members
 
     def byzantine_per_galaxy(self) -> dict[int, int]:
-        """Byzantine clients in each galaxy: ``round(fraction * galaxy size)``."""
+        """Byzantine clients in each galaxy: ``fraction * galaxy size`` rounded half
+        to even (the product in exact decimal arithmetic, as :func:`share_of`)."""
         return {
-            g: round(self.byzantine.fraction * len(m))
+            g: round(share_of(self.byzantine.fraction, len(m)))
             for g, m in self.galaxy_members().items()
         }
 

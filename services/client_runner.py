@@ -56,7 +56,7 @@ from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.simulation import ClientSide
 from services.common import RUN_HEADER, env
 
-__all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "parse_ids"]
+__all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "WrongRun", "parse_ids"]
 
 _log = logging.getLogger("protogalaxy.client")
 
@@ -126,6 +126,10 @@ class ClientSettings:
             poll_s=float(env("PG_POLL_S", "0.05")),
             wrong_run_patience_s=float(env("PG_WRONG_RUN_PATIENCE_S", "600")),
         )
+
+
+class WrongRun(RuntimeError):
+    """Pods of another run kept answering for longer than the client waits."""
 
 
 class ClientRunner:
@@ -200,22 +204,26 @@ class ClientRunner:
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One request with retries on connection errors and 5xx, backing off.
-        A 409 ``wrong_run`` (a pod of another run answered: an upgrade is rolling
-        out) is retried for up to ``wrong_run_patience_s`` without using up the
-        retries."""
+        Only an answer that names this client's run counts (``x-pg-run``): one
+        from a pod of another run (an upgrade rolling out, whatever its status,
+        409 ``wrong_run`` or a 200 saying that run is over) is retried for up to
+        ``wrong_run_patience_s`` without using up the retries, then refused with
+        :class:`WrongRun`."""
         delay = 0.1
         attempt = 0
         patience = time.monotonic() + self.settings.wrong_run_patience_s
         while attempt <= self.settings.retries:
             try:
                 resp = self.http.request(method, url, **kwargs)
-                if (
-                    resp.status_code == 409
-                    and resp.headers.get(RUN_HEADER, self.run_id) != self.run_id
-                    and time.monotonic() < patience
-                ):
+                theirs = resp.headers.get(RUN_HEADER)
+                if theirs != self.run_id:
+                    if time.monotonic() >= patience:
+                        raise WrongRun(
+                            f"{method} {url}: answered by run {theirs!r} "
+                            f"(status {resp.status_code}), not run {self.run_id!r}"
+                        )
                     _log.info("%s %s: answered by run %s, waiting for ours",
-                              method, url, resp.headers.get(RUN_HEADER))  # fmt: skip
+                              method, url, theirs)  # fmt: skip
                     time.sleep(min(delay, 2.0))
                     delay = min(delay * 2, 5.0)
                     continue

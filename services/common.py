@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import hmac
 import json
 import logging
@@ -267,16 +268,23 @@ class Pump:
             self._done.set_exception(failure)
 
 
-def require_token(request: Request, expected: str, *, what: str) -> None:
-    """Bearer-token check in constant time; 401 when missing or wrong."""
+def require_token(
+    request: Request, expected: str, *, what: str, sha256: str = ""
+) -> None:
+    """Bearer-token check in constant time; 401 when missing or wrong.
+
+    ``sha256``: the hex SHA-256 of the token, checked instead of ``expected``
+    when given, so a service that only checks a token never holds it (a galaxy
+    holding the auditors' token could read every galaxy's published updates)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    # An unset token admits nobody (not the empty token).
-    if (
-        not expected
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(token.encode(), expected.encode())
-    ):
+    if sha256:
+        presented = hashlib.sha256(token.encode()).hexdigest().encode()
+        ok = hmac.compare_digest(presented, sha256.strip().lower().encode())
+    else:
+        # An unset token admits nobody (not the empty token).
+        ok = bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+    if scheme.lower() != "bearer" or not ok:
         raise Rejected("bad_signature", f"a valid {what} bearer token is required")
 
 

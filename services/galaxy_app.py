@@ -98,6 +98,8 @@ class GalaxySettings:
     client_keys_file: str
     #: bearer token auditors present to fetch revealed updates
     auditor_token: str = ""
+    #: or only its SHA-256 (hex): the galaxy checks it without holding it
+    auditor_token_sha256: str = ""
     #: Redis password when the URL carries none (``PG_REDIS_PASSWORD``)
     redis_password: str = ""
     #: CA of the Redis server's certificate for a rediss:// URL (``PG_REDIS_CA_FILE``)
@@ -127,6 +129,7 @@ class GalaxySettings:
             global_public_key=env("PG_GLOBAL_PUBLIC_KEY"),
             client_keys_file=env("PG_CLIENT_KEYS_FILE"),
             auditor_token=env("PG_AUDITOR_TOKEN", ""),
+            auditor_token_sha256=env("PG_AUDITOR_TOKEN_SHA256", ""),
             redis_password=env("PG_REDIS_PASSWORD", ""),
             redis_ca_file=env("PG_REDIS_CA_FILE", ""),
             config_path=env("PG_CONFIG", "") or None,
@@ -166,6 +169,12 @@ class _Runtime:
         self.reveal_size = len(
             encode_update(self.spec.unflatten(torch.zeros(self.spec.numel)))
         )
+        if self.reveal_size > settings.max_update_bytes:
+            raise ValueError(
+                f"PG_MAX_UPDATE_BYTES={settings.max_update_bytes} is below the size "
+                f"of one update of model {config.model} ({self.reveal_size} bytes): "
+                "every reveal would be refused"
+            )
         self.key = SigningKey.from_bytes(Path(settings.signing_key_file).read_bytes())
         self.global_key = VerifyKey.from_bytes(
             bytes.fromhex(settings.global_public_key)
@@ -187,9 +196,21 @@ class _Runtime:
             password=settings.redis_password or None,
             ca_file=settings.redis_ca_file or None,
         )
+
+        async def same_run(response: httpx.Response) -> None:
+            # An answer of a global aggregator of another run (an upgrade rolling
+            # out) is no answer: the caller retries as after any HTTP error.
+            theirs = response.headers.get(RUN_HEADER)
+            if theirs != settings.run_id:
+                raise httpx.HTTPError(
+                    f"{response.request.url.path}: answered by run {theirs!r}, "
+                    f"not {settings.run_id!r}"
+                )
+
         self.http = httpx.AsyncClient(
             base_url=settings.global_url,
             timeout=30.0,
+            event_hooks={"response": [same_run]},
             headers={
                 "authorization": f"Bearer {settings.service_token}",
                 RUN_HEADER: settings.run_id,
@@ -623,14 +644,16 @@ def create_app(
         while r.galaxy is None:
             try:
                 r.galaxy = await asyncio.to_thread(build_galaxy, r)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if isinstance(exc, redis.AuthenticationError):
-                    fatal(exc)
+            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as e:
+                fatal(e)  # credentials or the ACL: waiting does not heal them
+            except redis.RedisError as exc:
+                # Down, loading, busy (a neighbour's script), full, read-only or
+                # failing over: Redis heals, the galaxy waits for it.
                 log = _log.warning if delay == 0.2 else _log.info
-                log("waiting for Redis: %s", exc)
+                log("waiting for Redis: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except Exception as exc:
+            except Exception as exc:  # a newer run took over, a corrupt state
                 fatal(exc)
         await asyncio.gather(drive(r), watch_global(r))
 
@@ -638,7 +661,8 @@ def create_app(
         """A galaxy that cannot open its run (a newer run took over, Redis refuses
         its credentials or permissions, a corrupt state) exits non-zero with the
         reason logged: the pod restarts visibly (CrashLoopBackOff) instead of
-        staying not-ready forever."""
+        staying not-ready forever. Nothing a peer sends reaches this: the API
+        answers 503 until the run is open."""
         _log.critical(
             "galaxy_start_failed",
             exc_info=exc,
@@ -846,7 +870,12 @@ def create_app(
     def audit_transcript(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
         """The round's signed transcript and the reputation states it starts and
         ends with, as sent to the global aggregator; for auditors."""
-        require_token(request, r.settings.auditor_token, what="auditor")
+        require_token(
+            request,
+            r.settings.auditor_token,
+            what="auditor",
+            sha256=r.settings.auditor_token_sha256,
+        )
         assert r.galaxy is not None
         published = r.galaxy.transcript(rnd)
         if published is None:
@@ -863,7 +892,12 @@ def create_app(
         """A revealed update of ``rnd``, by its reveal digest (hex), for auditors:
         the bytes the client revealed, which the auditor checks against the
         client's leaf and signature. Kept for ``PG_KEEP_ROUNDS`` rounds."""
-        require_token(request, r.settings.auditor_token, what="auditor")
+        require_token(
+            request,
+            r.settings.auditor_token,
+            what="auditor",
+            sha256=r.settings.auditor_token_sha256,
+        )
         assert r.galaxy is not None
         published = r.galaxy.transcript(rnd)
         if published is None:

@@ -431,7 +431,15 @@ class RedisGalaxyStore(GalaxyStore):
         """
         if self.run is None:
             raise ValueError("begin_run needs a store made with run=")
-        raw = self._begin_run(keys=[self.galaxy_prefix + "runs"], args=[self.run])
+        runs = self.galaxy_prefix + "runs"
+        known = {bytes(r).decode() for r in self.r.hkeys(runs)}
+        freed = set()
+        if self.run not in known:
+            # A new run: every run the galaxy started is older. Free their keys
+            # before registering, so a Redis full of the last run's updates
+            # (noeviction refuses writes, never deletions) still takes it.
+            freed = {r for r in known if self._delete_run(self._run_prefix(r))}
+        raw = self._begin_run(keys=[runs], args=[self.run])
         order = {bytes(raw[i]).decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
         mine = order[self.run]
         newer = sorted((n, r) for r, n in order.items() if n > mine)
@@ -443,7 +451,11 @@ class RedisGalaxyStore(GalaxyStore):
             )
         older = [r for n, r in sorted((n, r) for r, n in order.items() if n < mine)]
         # Every time, not once: a pod of an old run still up may write again.
-        return [run for run in older if self._delete_run(self._run_prefix(run))]
+        return [
+            run
+            for run in older
+            if self._delete_run(self._run_prefix(run)) or run in freed
+        ]
 
     def _delete_run(self, prefix: str) -> int:
         """Unlink every key a store with ``prefix`` can have written; how many

@@ -17,6 +17,7 @@ a service token that guards transport only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -298,7 +299,11 @@ class LocalCluster:
                 PG_SIGNING_KEY_FILE=self.keys / f"galaxy-{g}.key",
                 PG_GLOBAL_PUBLIC_KEY=key,
                 PG_CLIENT_KEYS_FILE=self.keys / "clients.pub",
-                PG_AUDITOR_TOKEN=self.auditor_token,
+                # It checks the auditors' token without holding it (with it, a
+                # galaxy could read every galaxy's published updates).
+                PG_AUDITOR_TOKEN_SHA256=hashlib.sha256(
+                    self.auditor_token.encode()
+                ).hexdigest(),
                 PG_COMMIT_DEADLINE_S=self.commit_deadline_s,
                 PG_REVEAL_DEADLINE_S=self.reveal_deadline_s,
                 # The aggregators share this machine's cores with the clients:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from decimal import Decimal
+from fractions import Fraction
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
@@ -55,6 +57,7 @@ __all__ = [
     "multi_krum",
     "pairwise_sq_distances",
     "register_aggregator",
+    "share_of",
     "trimmed_mean",
     "weighted_mean",
 ]
@@ -209,7 +212,7 @@ def trimmed_mean(
     """Coordinate-wise mean after dropping the ``k`` largest and ``k`` smallest values,
     ``k = f`` when given, else ``floor(beta * n)``."""
     n = _check_updates(updates).shape[0]
-    k = f if f is not None else math.floor(beta * n)
+    k = f if f is not None else math.floor(share_of(beta, n))
     if not 0 <= 2 * k < n:
         raise ValueError(f"trimmed mean cannot drop 2*{k} of {n} values")
     if updates.dtype == torch.float32:
@@ -274,6 +277,14 @@ def mean(
 # -- registry ------------------------------------------------------------------
 
 
+def share_of(fraction: float, n: int) -> Fraction:
+    """``fraction * n`` exactly, reading ``fraction`` as the decimal it is written
+    as: 0.29 of 100 is 29, not the 28.999999999999996 of binary floats (which
+    floor would make 28). The Helm chart computes the same way (Sprig's decimal
+    arithmetic), so both refuse the same settings."""
+    return Fraction(Decimal(repr(float(fraction)))) * n
+
+
 class Aggregator(ABC):
     """A named aggregation rule: a thin wrapper around one of the functions above.
 
@@ -291,7 +302,7 @@ class Aggregator(ABC):
         self.byzantine_fraction = byzantine_fraction
 
     def f_for(self, n: int) -> int:
-        return math.floor(self.byzantine_fraction * n)
+        return math.floor(share_of(self.byzantine_fraction, n))
 
     def __call__(
         self,

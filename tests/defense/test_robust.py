@@ -145,3 +145,17 @@ def test_input_validation() -> None:
         pairwise_sq_distances(torch.zeros(3, 3, dtype=torch.int64))
     with pytest.raises(TypeError):
         pairwise_sq_distances([[1.0]])  # type: ignore[arg-type]
+
+
+def test_shares_are_decimal_products() -> None:
+    """0.29 of 100 clients tolerates 29 (binary floats would floor 28.999... to
+    28); the chart does the same arithmetic, so both accept the same settings."""
+    from fractions import Fraction
+
+    from protogalaxy.defense.robust import get_aggregator, share_of
+
+    assert share_of(0.29, 100) == 29
+    assert share_of(0.1, 5) == Fraction(1, 2) and round(share_of(0.1, 5)) == 0
+    assert round(share_of(0.3, 5)) == 2 and round(share_of(0.25, 10)) == 2
+    assert get_aggregator("multikrum", byzantine_fraction=0.29).f_for(100) == 29
+    assert get_aggregator("multikrum", byzantine_fraction=0.14).f_for(75) == 10

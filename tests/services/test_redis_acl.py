@@ -459,6 +459,28 @@ def test_old_runs_are_deleted_when_a_galaxy_starts_a_run(
     assert denied(server) == []
 
 
+def test_a_new_run_starts_on_a_redis_full_of_the_last_one(
+    server: RedisServer, secret: dict[str, bytes]
+) -> None:
+    """noeviction refuses writes at maxmemory, never deletions: the new run frees
+    the old run's keys before it registers, so it starts (the review found it
+    could not, and the galaxy crash-looped for good)."""
+    old = galaxy_store(server, secret, 0, "a")
+    old.begin_run()
+    for i in range(32):
+        old.put_meta(f"fill{i}", b"x" * (256 * 1024))  # 8 MiB of run a
+    used = int(server.admin.info("memory")["used_memory"])
+    server.admin.config_set("maxmemory", used - 2 * 1024 * 1024)  # now full
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            old.put_meta("one-more", b"x")
+        new = galaxy_store(server, secret, 0, "b")
+        assert new.begin_run() == ["a"]
+        assert keys(server, "pg:galaxy:0:a:*") == set()
+    finally:
+        server.admin.config_set("maxmemory", 0)
+
+
 def test_bad_run_ids_and_arguments_are_refused(server: RedisServer) -> None:
     client = server.admin
     for run in ("", "a:b", "a*", "../x", "a b", "x" * 129):

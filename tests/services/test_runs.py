@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.client_runner import ClientRunner, ClientSettings
+from services.client_runner import ClientRunner, ClientSettings, WrongRun
 from services.common import RUN_HEADER
 from services.up import LocalCluster
 from tests.services.players import Players, played_cluster
@@ -56,9 +56,8 @@ def test_a_client_of_the_next_run_waits_for_its_run(cluster: LocalCluster) -> No
     )
     runner = ClientRunner(settings)
     # It retries past its (zero) retries while the old run answers, then gives
-    # up with the old run's refusal: it never registered with the old run.
-    resp = runner.request("GET", cluster.galaxy_url(0) + "/v1/round")
-    assert resp.status_code == 409
-    assert resp.headers[RUN_HEADER] == cluster.run_id
-    with pytest.raises(RuntimeError, match="wrong_run"):
+    # up: it never registered with the old run, nor read its state as its own.
+    with pytest.raises(WrongRun, match=f"answered by run '{cluster.run_id}'"):
+        runner.request("GET", cluster.galaxy_url(0) + "/v1/round")
+    with pytest.raises(WrongRun):
         runner.register()

@@ -125,3 +125,37 @@ def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch) -> None:  # ty
     monkeypatch.setenv("PG_X_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(RuntimeError, match="PG_X_TOKEN_FILE"):
         env("PG_X_TOKEN")
+
+
+def test_a_galaxy_waits_out_a_full_redis(tmp_path: Path) -> None:
+    """OOM (noeviction), like BUSY or LOADING, heals: the galaxy waits, not
+    exits (a neighbour filling Redis must not be able to crash-loop it)."""
+    cluster = LocalCluster(load_config(overrides={"training.rounds": 1}), tmp_path)
+    plan = cluster.plan()
+    galaxy = plan["galaxy-0"]
+    try:
+        cluster.start_redis()
+        admin = cluster.redis_client()
+        for i in range(16):
+            admin.set(f"someone-else:{i}", b"x" * (256 * 1024))
+        used = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory", used - 1024 * 1024)
+        plan["global"].start()
+        galaxy.start()
+        url = cluster.galaxy_url(0)
+        _until("the galaxy never answered /livez", lambda: _get(url + "/livez"))
+        log = tmp_path / "logs" / "galaxy-0.log"
+        _until("the galaxy never met the full Redis",
+               lambda: "OutOfMemoryError" in log.read_text())  # fmt: skip
+        assert galaxy.alive()
+        ready = _get(url + "/readyz")
+        assert ready is not None and ready.status_code == 503
+        admin.config_set("maxmemory", 0)
+        _until(
+            "the galaxy did not open its run once Redis had room",
+            lambda: (r := _get(url + "/readyz")) is not None and r.status_code == 200,
+            timeout=120,
+        )
+        assert galaxy.alive()
+    finally:
+        cluster.stop()
