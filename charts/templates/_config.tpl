@@ -3,3 +3,11 @@
 {{- define "protogalaxy.aggregatorMinClients" -}}
 {"fedavg": 0, "geometric_median": 1, "krum": 3, "median": 1, "multikrum": 3, "trimmed_mean": 1}
 {{- end }}
+{{/* Bytes of one update of each model (galaxies.maxUpdateBytes floor). */}}
+{{- define "protogalaxy.revealBytes" -}}
+{"mnist_cnn": 87608, "resnet18": 44698288}
+{{- end }}
+{{/* Config keys chart values set (config key -> value). */}}
+{{- define "protogalaxy.ownedConfigKeys" -}}
+{"byzantine.attack": "clients.byzantine.attack", "byzantine.fraction": "clients.byzantine.fraction", "clients.count": "clients.count", "clients.partition": "run.partition", "dataset.name": "run.dataset", "dataset.root": "run.datasetRoot", "defense.aggregator": "defense.aggregator", "defense.byzantine_fraction": "defense.byzantineFraction", "defense.layers": "defense.layers", "galaxies.count": "galaxies.count", "model": "run.model", "seed": "run.seed", "training.rounds": "run.rounds"}
+{{- end }}

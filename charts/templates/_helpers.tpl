@@ -153,18 +153,30 @@ only (what a galaxy says is signed with its own key). Client pods never get it.
 - name: PG_AUDITOR_TOKEN_FILE
   value: /etc/protogalaxy-auth/auditor-token
 {{- end }}
+{{- define "protogalaxy.auditorTokenHashEnv" -}}
+- name: PG_AUDITOR_TOKEN_SHA256_FILE
+  value: /etc/protogalaxy-auth/auditor-token-sha256
+{{- end }}
 
-{{/* The aggregators' tokens as files (clients never mount them). */}}
+{{/*
+The aggregators' tokens as files (clients never mount them): the global
+aggregator gets the auditors' token, a galaxy (.galaxy true) only its SHA-256.
+*/}}
 {{- define "protogalaxy.authVolume" -}}
 - name: auth
   secret:
-    secretName: {{ include "protogalaxy.authSecretName" . }}
+    secretName: {{ include "protogalaxy.authSecretName" .root }}
     defaultMode: 0400
     items:
       - key: service-token
         path: service-token
+      {{- if .galaxy }}
+      - key: auditor-token-sha256
+        path: auditor-token-sha256
+      {{- else }}
       - key: auditor-token
         path: auditor-token
+      {{- end }}
 {{- end }}
 {{- define "protogalaxy.authVolumeMount" -}}
 - name: auth
@@ -223,6 +235,15 @@ equal to the app's rules by tests/deploy/test_chart_config.py.
 {{- $N := int $c.clients.count }}
 {{- $layers := list }}
 {{- range (dig "defense" "layers" (list 1 2 3 4 5) $c) }}{{ $layers = append $layers (int .) }}{{ end }}
+{{- range $key, $value := include "protogalaxy.ownedConfigKeys" . | fromJson }}
+{{- $node := $v.run.extraConfig }}
+{{- range $part := splitList "." $key }}
+{{- if and (kindIs "map" $node) (hasKey $node $part) }}{{ $node = index $node $part }}{{ else }}{{ $node = "<absent>" }}{{ end }}
+{{- end }}
+{{- if not (and (kindIs "string" $node) (eq $node "<absent>")) }}
+{{- fail (printf "run.extraConfig sets %s: set %s instead (the chart's objects follow it)" $key $value) }}
+{{- end }}
+{{- end }}
 {{- if lt $N $G }}
 {{- fail (printf "clients.count (%d) is smaller than galaxies.count (%d): every galaxy needs clients" $N $G) }}
 {{- end }}
@@ -250,6 +271,11 @@ equal to the app's rules by tests/deploy/test_chart_config.py.
 {{- end }}
 {{- if and (not $v.redis.enabled) $v.externalRedis.password $v.externalRedis.existingSecret }}
 {{- fail "externalRedis: set password or existingSecret, not both" }}
+{{- end }}
+{{- $model := dig "model" "mnist_cnn" $c }}
+{{- $reveal := int64 (index (include "protogalaxy.revealBytes" . | fromJson) $model) }}
+{{- if lt (int64 $v.galaxies.maxUpdateBytes) $reveal }}
+{{- fail (printf "galaxies.maxUpdateBytes (%d) is below one update of %s (%d bytes): every reveal would be refused" (int64 $v.galaxies.maxUpdateBytes) $model $reveal) }}
 {{- end }}
 {{- if gt (int $v.clients.perPod) $N }}
 {{- fail (printf "clients.perPod (%d) exceeds clients.count (%d)" (int $v.clients.perPod) $N) }}
@@ -280,47 +306,42 @@ equal to the app's rules by tests/deploy/test_chart_config.py.
 {{- end }}
 
 {{/*
-The run's family: run.id when set, else the one this release already has (the
-<fullname>-run ConfigMap, kept across upgrades, deleted by uninstall), else a
-new random one. A reinstall under the same name is therefore a new run, never a
-resumed one.
-*/}}
-{{- define "protogalaxy.runFamily" -}}
-{{- if .Values.run.id }}
-{{- .Values.run.id }}
-{{- else }}
-{{- $existing := lookup "v1" "ConfigMap" .Release.Namespace (printf "%s-run" (include "protogalaxy.fullname" .)) }}
-{{- if and $existing $existing.data (index $existing.data "family") }}
-{{- index $existing.data "family" }}
-{{- else }}
-{{- randAlphaNum 8 | lower }}
-{{- end }}
-{{- end }}
-{{- end }}
+The run's identity, computed once per render into .Values._pg (a lookup and a
+random draw must not differ between the objects of one render):
 
-{{/*
-The run id every party signs with: "<family>-<first 8 hex of the SHA-256 of
-the run's config.yaml>". An upgrade that changes what the run computes (any key
-of the config) starts a new run; one that changes only how it runs (log levels,
-deadlines, resources, the image) continues it. Computed once per render into
-.Values (see configmap-run.yaml's caller, protogalaxy.init).
-*/}}
-{{- define "protogalaxy.runId" -}}
-{{- include "protogalaxy.init" . }}
-{{- .Values._pg.runId }}
-{{- end }}
-
-{{/*
-Render-wide state, computed once: the run config, its family and its id (a
-lookup and a random draw must not differ between the objects of one render).
+- family: run.id when set, else the one this release already has (the
+  <fullname>-run ConfigMap, kept across upgrades, deleted by uninstall), else a
+  new random one. A reinstall under the same name is therefore a new run, never
+  a resumed one.
+- id, what every party signs with: the previous id when the run's config.yaml
+  is unchanged (an upgrade of log levels, deadlines, resources or the image
+  continues the run); "<family>-<8 random characters>" when it changed (a new
+  run, also when a config comes back: the galaxies deleted the old run's state
+  when the next one started); "<family>-<first 8 hex of the config's SHA-256>"
+  where there is no previous one (a first install, or `helm template`, which
+  cannot look anything up).
 */}}
 {{- define "protogalaxy.init" -}}
 {{- if not (hasKey .Values "_pg") }}
 {{- $config := include "protogalaxy.runConfig" . | fromYaml }}
-{{- $family := include "protogalaxy.runFamily" . }}
 {{- $yaml := toYaml $config }}
-{{- $_ := set .Values "_pg" (dict "config" $config "configYaml" $yaml "family" $family "runId" (printf "%s-%s" $family (sha256sum $yaml | trunc 8))) }}
+{{- $hash := sha256sum $yaml }}
+{{- $prev := (lookup "v1" "ConfigMap" .Release.Namespace (printf "%s-run" (include "protogalaxy.fullname" .))).data | default dict }}
+{{- $family := .Values.run.id | default (get $prev "family") | default (randAlphaNum 8 | lower) }}
+{{- $id := printf "%s-%s" $family (trunc 8 $hash) }}
+{{- if and $prev (eq (get $prev "family") $family) (eq (get $prev "configHash") $hash) (get $prev "id") }}
+{{- $id = get $prev "id" }}
+{{- else if $prev }}
+{{- $id = printf "%s-%s" $family (randAlphaNum 8 | lower) }}
 {{- end }}
+{{- $_ := set .Values "_pg" (dict "config" $config "configYaml" $yaml "configHash" $hash "family" $family "runId" $id) }}
+{{- end }}
+{{- end }}
+
+{{/* The run id every party signs with (see protogalaxy.init). */}}
+{{- define "protogalaxy.runId" -}}
+{{- include "protogalaxy.init" . }}
+{{- .Values._pg.runId }}
 {{- end }}
 
 {{/* A NetworkPolicy peer: pods of this release with the given component. */}}
@@ -347,9 +368,20 @@ link-local addresses of NodeLocal DNSCache and GKE's Cloud DNS by default).
 
 {{/*
 Pod-level settings every ProtoGalaxy pod shares: no service links (a Service
-named like a PG_* variable would inject one), no API token, the service account.
+named like a PG_* variable would inject one), no API token, a service account
+with no cloud identity (the clients, Byzantine ones included, Redis, the test).
 */}}
 {{- define "protogalaxy.podCommon" -}}
+enableServiceLinks: false
+automountServiceAccountToken: false
+serviceAccountName: {{ include "protogalaxy.workloadServiceAccountName" . }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/* The same for the aggregators: the service account serviceAccount.* names,
+     with its annotations (e.g. a Workload Identity) for them alone. */}}
+{{- define "protogalaxy.aggregatorPodCommon" -}}
 enableServiceLinks: false
 automountServiceAccountToken: false
 serviceAccountName: {{ include "protogalaxy.serviceAccountName" . }}
@@ -362,6 +394,14 @@ securityContext:
 {{- default (include "protogalaxy.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
 {{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "protogalaxy.workloadServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- printf "%s-workload" (include "protogalaxy.fullname" .) }}
+{{- else }}
+{{- "default" }}
 {{- end }}
 {{- end }}
 

@@ -205,9 +205,15 @@ handler the user sets (tcpSocket, httpGet, grpc) replaces the default exec.
 {{- $ver := regexFind "^[0-9]+\\.[0-9]+\\.[0-9]+" $tag }}
 {{- if $ver }}
 {{- $p := splitList "." $ver }}
-{{- $n := add (mul (int (index $p 0)) 1000000) (mul (int (index $p 1)) 1000) (int (index $p 2)) }}
-{{- if lt $n 7002011 }}
-{{- fail (printf "redis.image.tag %s predates Redis 7.2.11, the first 7.2 release with the fixes for CVE-2025-49844, CVE-2025-46817, CVE-2025-46818 and CVE-2025-46819 (Lua scripts, which galaxy users run); use 7.2.11 or later" $tag) }}
+{{- $line := printf "%s.%s" (index $p 0) (index $p 1) }}
+{{- /* The first release of each line with the fixes for CVE-2025-49844 and
+       CVE-2025-46817/8/9 (and the older CVE-2025-21605, CVE-2024-46981). */}}
+{{- $fixed := dict "7.2" 11 "7.4" 6 "8.0" 4 "8.2" 2 }}
+{{- $major := int (index $p 0) }}
+{{- $minor := int (index $p 1) }}
+{{- $newer := or (gt $major 8) (and (eq $major 8) (gt $minor 2)) }}
+{{- if not (or $newer (and (hasKey $fixed $line) (ge (int (index $p 2)) (int (index $fixed $line))))) }}
+{{- fail (printf "redis.image.tag %s predates the fixes for CVE-2025-49844, CVE-2025-46817, CVE-2025-46818 and CVE-2025-46819 (Lua scripts, which galaxy users run): use 7.2.11, 7.4.6, 8.0.4, 8.2.2 or later in their lines" $tag) }}
 {{- end }}
 {{- end }}
 {{- $max := include "protogalaxy.bytes" (dict "value" $v.redis.maxmemory "redis" true) }}

@@ -10,6 +10,7 @@ schema must refuse impossible settings.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -329,7 +330,14 @@ def test_impossible_settings_are_refused(helm: Path) -> None:
 
 def test_tokens_are_generated_and_notes_name_the_logs_command(helm: Path) -> None:
     secret = by_kind(render(helm), "Secret")["pg-protogalaxy-auth"]
-    assert set(secret["data"]) == {"service-token", "auditor-token"}
+    assert set(secret["data"]) == {
+        "service-token",
+        "auditor-token",
+        "auditor-token-sha256",
+    }
+    token = base64.b64decode(secret["data"]["auditor-token"])
+    digest = base64.b64decode(secret["data"]["auditor-token-sha256"]).decode()
+    assert digest == hashlib.sha256(token).hexdigest()
     out = subprocess.run(
         [str(helm), "install", "pg", str(CHART), "--dry-run=client", "-n", "fl"],
         capture_output=True,
@@ -395,7 +403,8 @@ def test_every_party_holds_its_own_key_and_clients_hold_no_token(helm: Path) -> 
         env = env_of(c)
         assert env["PG_SIGNING_KEY_FILE"] == "/etc/protogalaxy-keys/signing.key"
         assert env["PG_CLIENT_KEYS_FILE"] == "/etc/protogalaxy-keys/clients.pub"
-        assert auth_items(dep) == ["auditor-token", "service-token"]
+        # the auditors' token only as its hash: a galaxy checks it, never holds it
+        assert auth_items(dep) == ["auditor-token-sha256", "service-token"]
         assert not secret_refs(c)  # no credential in the environment
     glob = by_kind(docs, "StatefulSet")["pg-protogalaxy-global"]
     # The global aggregator also pins the clients' keys: its replay audit checks

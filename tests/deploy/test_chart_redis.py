@@ -6,6 +6,7 @@ loading its append-only file), and the galaxies' wiring to an external Redis
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -398,3 +399,59 @@ def test_an_external_password_value_gets_a_secret_of_the_release(helm: Path) -> 
         "key": "redis-password",
     }
     assert secret_refs(docs) <= set(by_kind(docs, "Secret")) | {"pg-protogalaxy-keys"}
+
+
+def test_one_galaxy_cannot_take_redis_down_for_the_others(
+    helm: Path, tmp_path: Path
+) -> None:
+    """What the review did as galaxy 0's user: a SETRANGE at a huge offset (past
+    maxmemory and the memory limit in one command) is refused by the rendered
+    proto-max-bulk-len, and a script that keeps Redis BUSY for everyone is
+    killed by the rendered liveness probe (the probe passes; PING answers
+    again), not left to block every galaxy until the kubelet restarts Redis."""
+    import threading
+
+    import redis
+
+    docs = render(helm, "--set", "galaxies.maxUpdateBytes=4194304")
+    c = redis_container(docs)
+    command = c["command"]
+    assert command[0] == "redis-server"
+    server_args = [a.replace("/etc/redis/users.acl", str(tmp_path / "users.acl"))
+                   for a in command[1:]]  # fmt: skip
+    for drop in ("--port", "--dir"):  # RedisServer sets its own
+        i = server_args.index(drop)
+        del server_args[i : i + 2]
+    data = by_kind(docs, "Secret")["pg-protogalaxy-redis"]["data"]
+    (tmp_path / "users.acl").write_bytes(base64.b64decode(data["users.acl"]))
+    admin = base64.b64decode(data["redis-password"]).decode()
+    pw = base64.b64decode(data["galaxy-0-password"]).decode()
+    server = RedisServer(tmp_path / "data", *server_args, password=admin)
+    try:
+        server.wait()
+        galaxy = redis.Redis(port=server.port, username="galaxy-0", password=pw)
+        try:
+            galaxy.setrange("pg:galaxy:0:x", 300 * 1024 * 1024, b"x")
+            raise AssertionError("a 300 MB SETRANGE was accepted")
+        except redis.ResponseError as exc:
+            assert "maximum allowed size" in str(exc)
+        assert int(server.admin.info("memory")["used_memory"]) < 64 * 1024 * 1024
+        sha = galaxy.script_load("while true do end")
+        blocked = threading.Thread(
+            target=lambda: _swallow(lambda: galaxy.evalsha(sha, 0)), daemon=True
+        )
+        blocked.start()
+        deadline = time.monotonic() + 30
+        while "BUSY" not in _cli(server.port, admin, "ping"):
+            assert time.monotonic() < deadline, "the script never made Redis BUSY"
+            time.sleep(0.2)
+        assert _probe(c, "livenessProbe", server.port, admin).returncode == 0
+        assert "PONG" in _cli(server.port, admin, "ping")
+        blocked.join(timeout=10)
+    finally:
+        server.stop()
+
+
+def _swallow(call: Any) -> None:
+    with contextlib.suppress(Exception):  # the killed script's error is expected
+        call()

@@ -5,12 +5,15 @@ no service links, DNS that resolves on GKE."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from protogalaxy.config import ConfigError, load_config
@@ -25,6 +28,35 @@ from tests.deploy.test_chart import (
 )
 
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+def _owned() -> set[str]:
+    """The config keys chart values own (scripts/chart-config.py's OWNED)."""
+    spec = importlib.util.spec_from_file_location(
+        "chart_config", CHART.parent / "scripts" / "chart-config.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set(module.OWNED)
+
+
+OWNED = _owned()
+
+
+def _reveal_sizes() -> dict[str, int]:
+    from protogalaxy.codec import encode_update
+    from protogalaxy.learning.models import build_model
+    from protogalaxy.spec import UpdateSpec
+
+    out = {}
+    for name in ("mnist_cnn", "resnet18"):
+        spec = UpdateSpec.from_params(dict(build_model(name).named_parameters()))
+        out[name] = len(encode_update(spec.unflatten(torch.zeros(spec.numel))))
+    return out
+
+
+REVEAL = _reveal_sizes()
 
 
 def helm_template(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -73,11 +105,18 @@ def app_refuses(values: dict[str, Any]) -> str | None:
     """Why the app would refuse to start on what ``values`` render, or None:
     its config validation, then what its image can load (MNIST is in it; any
     other dataset needs a mounted root; CIFAR-10 needs torchvision, absent)."""
+    extra = _dotted(values.get("run", {}).get("extraConfig", {}))
+    owned = sorted(set(extra) & set(OWNED))
+    if owned:  # the Deployments, Job and keys would not follow the config
+        return f"run.extraConfig sets {owned}, which chart values own"
     config = config_of(values)
     try:
         cfg = load_config(overrides=_dotted(config))
     except ConfigError as exc:
         return str(exc)
+    limit = values.get("galaxies", {}).get("maxUpdateBytes", 64 << 20)
+    if limit < REVEAL[cfg.model]:  # the galaxy refuses to start (PG_MAX_UPDATE_BYTES)
+        return f"maxUpdateBytes {limit} < one update of {cfg.model}"
     name = cfg.dataset.name
     if name == "cifar10":
         try:
@@ -148,6 +187,19 @@ CASES: dict[str, dict[str, Any]] = {
         "clients": {"count": 15, "byzantine": {"fraction": 0.3}},
         "defense": {"byzantineFraction": 0.3, "aggregator": "median"},
     },
+    # Decimal, not binary, products (the review's cases): 0.29 x 100 is 29.
+    **{
+        f"one galaxy of {n} at {f}": {
+            "galaxies": {"count": 1},
+            "clients": {"count": n, "byzantine": {"fraction": f}},
+            "defense": {"byzantineFraction": f},
+        }
+        for n, f in ((100, 0.29), (75, 0.14), (90, 0.35), (100, 0.07), (30, 0.1))
+    },
+    "updates larger than the galaxies take": {"galaxies": {"maxUpdateBytes": 50000}},
+    "updates exactly as large as the galaxies take": {
+        "galaxies": {"maxUpdateBytes": 87608}
+    },
     "unknown attack": {"clients": {"byzantine": {"attack": "labelflip"}}},
     "unknown model": {"run": {"model": "resnet50"}},
     "reputation weights off": {
@@ -165,7 +217,16 @@ CASES: dict[str, dict[str, Any]] = {
     "extraConfig unknown key": {"run": {"extraConfig": {"training": {"epochs": 3}}}},
     "extraConfig out of range": {"run": {"extraConfig": {"training": {"lr": 0}}}},
     "extraConfig overrides the galaxy count": {
-        "run": {"extraConfig": {"galaxies": {"count": 10}}}
+        "run": {"extraConfig": {"galaxies": {"count": 2}}}
+    },
+    "extraConfig overrides the client count": {
+        "run": {"extraConfig": {"clients": {"count": 60}}}
+    },
+    "extraConfig overrides the rounds": {
+        "run": {"extraConfig": {"training": {"rounds": 3}}}
+    },
+    "extraConfig sets what no value owns": {
+        "run": {"extraConfig": {"clients": {"samples_per_client": 1000}}}
     },
     "more galaxies than clients": {"clients": {"count": 2, "perPod": 1}},
 }
@@ -358,3 +419,42 @@ def test_only_gpu_client_pods_use_the_cuda_image(helm: Path) -> None:
     assert clients and all(images[n].endswith("-cuda") for n in clients), images
     others = [n for n in images if n not in clients and "redis" not in n]
     assert others and not any(images[n].endswith("-cuda") for n in others), images
+
+
+@pytest.mark.parametrize(
+    ("tag", "ok"),
+    [("7.2.16-alpine", True), ("7.2.10", False), ("7.4.5", False), ("7.4.6", True),
+     ("8.0.3-alpine", False), ("8.0.4", True), ("8.2.2", True), ("6.2.14", False)],
+)  # fmt: skip
+def test_redis_tags_without_the_lua_fixes_are_refused(
+    helm: Path, tag: str, ok: bool
+) -> None:
+    done = helm_template(helm, "--set", f"redis.image.tag={tag}")
+    assert (done.returncode == 0) == ok, done.stderr
+
+
+def test_only_the_aggregators_carry_a_cloud_identity(helm: Path) -> None:
+    key = "iam.gke.io/gcp-service-account"
+    docs = render(helm, "--set-json", f'serviceAccount.annotations={{"{key}":"a@b"}}')
+    accounts = by_kind(docs, "ServiceAccount")
+    annotated = {
+        n for n, a in accounts.items() if key in a["metadata"].get("annotations", {})
+    }
+    assert annotated == {"pg-protogalaxy"}
+    for kind in ("Deployment", "StatefulSet", "Job"):
+        for name, obj in by_kind(docs, kind).items():
+            account = pod_spec(obj).get("serviceAccountName")
+            aggregator = "-galaxy-" in name or name.endswith("-global")
+            assert (account in annotated) == aggregator, (name, account)
+
+
+def test_the_keygen_hook_reaches_only_the_api_server_it_is_given(helm: Path) -> None:
+    peer = {"ipBlock": {"cidr": "10.0.0.1/32"}}
+    docs = render(helm, "--set-json", f"networkPolicy.apiServer=[{json.dumps(peer)}]")
+    policy = by_kind(docs, "NetworkPolicy")["pg-protogalaxy-keygen"]
+    api = [
+        r
+        for r in policy["spec"]["egress"]
+        if {"port": 443, "protocol": "TCP"} in r["ports"]
+    ]
+    assert [r["to"] for r in api] == [[peer]]
