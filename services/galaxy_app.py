@@ -337,6 +337,10 @@ def create_app(
         state = galaxy.state
         s = r.settings
         if r.finished:
+            # A galaxy (re)started after the run ended still takes the final
+            # model: it is what makes it ready, and a rollout waits for that.
+            if r.model_body is None:
+                await refresh_model(r, rnd, status.get("model_digest"))
             return
         if gid in status.get("isolated", []):
             return  # isolated for misbehaving: its clients are with other galaxies

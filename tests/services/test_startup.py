@@ -159,3 +159,21 @@ def test_a_galaxy_waits_out_a_full_redis(tmp_path: Path) -> None:
         assert galaxy.alive()
     finally:
         cluster.stop()
+
+
+def test_a_galaxy_restarted_after_the_run_ended_becomes_ready(tmp_path: Path) -> None:
+    """A rollout of the galaxies after a finished run (an upgrade of their log
+    level, a node drain) waits for them to be ready: the rendered-chart driver
+    found they never were (no model once the run was over)."""
+    config = load_config(
+        overrides={"training.rounds": 1, "clients.samples_per_client": 100}
+    )
+    cluster = LocalCluster(config, tmp_path)
+    try:
+        cluster.start()
+        cluster.wait_finished(timeout=600)
+        cluster.kill("galaxy-0")
+        cluster.restart("galaxy-0")
+        cluster.wait_ready(cluster.galaxy_url(0), "/readyz", timeout=60)
+    finally:
+        cluster.stop()
