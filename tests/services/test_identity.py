@@ -338,6 +338,8 @@ def test_a_client_trains_only_on_the_model_the_global_aggregator_signed(
     class Evil(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200)
+            # a compromised galaxy of this run: it names the run like any other
+            self.send_header("x-pg-run", cluster.run_id)
             self.send_header("x-pg-model-version", str(version))
             self.send_header(
                 "x-pg-model-signature", real.headers["x-pg-model-signature"]
