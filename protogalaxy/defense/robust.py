@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from decimal import Decimal
-from fractions import Fraction
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, ClassVar, Final
 
 import torch
