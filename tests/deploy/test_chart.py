@@ -488,10 +488,15 @@ def test_values_are_all_documented() -> None:
         assert f"`{key}`" in readme, f"{key} is missing from charts/README.md"
 
 
-def test_chart_readme_is_current() -> None:
+def script_check(name: str) -> None:
+    """``scripts/<name> --check``: a generated file is current."""
     out = subprocess.run(
-        [sys.executable, str(CHART.parent / "scripts" / "chart-readme.py"), "--check"],
+        [sys.executable, str(CHART.parent / "scripts" / name), "--check"],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_chart_readme_is_current() -> None:
+    script_check("chart-readme.py")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.deploy.test_chart import (
     pod_spec,
     render,
     run_id_of,
+    script_check,
 )
 
 CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -266,12 +266,7 @@ def test_the_chart_refuses_at_render_time_exactly_what_the_app_refuses(
 
 
 def test_the_schema_and_aggregator_table_come_from_the_app() -> None:
-    out = subprocess.run(
-        [sys.executable, str(CHART.parent / "scripts" / "chart-config.py"), "--check"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    script_check("chart-config.py")
 
 
 # -- the run's identity --------------------------------------------------------
