@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense", "learning", "ingest", "up", "audit"]
+SUITES = ["crypto", "defense", "learning", "ingest", "up", "audit", "scale"]
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ class DatasetSection(_Section):
 
 class ClientsSection(_Section):
     count: int = Field(30, ge=1, le=100_000)
-    samples_per_client: int = Field(2000, ge=32)
+    samples_per_client: int = Field(2000, ge=1)
     partition: Literal["iid", "dirichlet", "powerlaw"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     powerlaw_exponent: float = Field(1.5, gt=0)
@@ -76,6 +76,15 @@ class ByzantineSection(_Section):
 class TrainingSection(_Section):
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
+    #: Local SGD steps per round for every client, whatever its data size (batches
+    #: of min(batch_size, samples), reshuffled pass after pass); replaces
+    #: local_epochs when set.
+    local_steps: int | None = Field(None, ge=1)
+    #: Floor on a client's local SGD steps per round: a client whose local_epochs
+    #: give fewer batches takes further passes over its data (docs/scale.md: with
+    #: 1,000 clients of 45 samples, one epoch is 2 steps and the model stays at
+    #: chance). Clients of the default size take 47 steps an epoch, unaffected.
+    min_local_steps: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -184,6 +184,8 @@ class ClientSide:
             momentum=config.training.momentum,
             batch_size=config.training.batch_size,
             epochs=config.training.local_epochs,
+            local_steps=config.training.local_steps,
+            min_steps=config.training.min_local_steps,
             device=device,
         )
         return cls(
@@ -325,7 +327,18 @@ class Simulation:
         )
 
     def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:
+        """One round; ``info["phases"]`` splits its seconds (``train``, ``commit``,
+        ``trees``, ``receipts``, ``reveal``, ``statistics``, ``robust``,
+        ``reputation``, ``galaxy_other``, ``audit``, ``publish``, ``eval``)."""
         t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+        mark = [t0]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - mark[0]
+            mark[0] = now
+
         active = {
             g: agg
             for g, agg in self.galaxies.items()
@@ -339,6 +352,7 @@ class Simulation:
             if not self.galaxy_of(c).defense.banned(c)
         ]
         updates = self._train(round, clients) if clients else torch.zeros(0)
+        lap("train")
         # Commit: only the hash travels.
         secrets: dict[int, tuple[bytes, bytes, Any]] = {}
         for i, c in enumerate(clients):
@@ -353,6 +367,7 @@ class Simulation:
                 sign_commitment(self.client_keys[c], commitment, run=self.run_id),
             )
             secrets[c] = (body, nonce, commitment)
+        lap("commit")
         # Galaxy roots -> signed global head -> receipts.
         leaves = {}
         for gid, g in active.items():
@@ -366,6 +381,7 @@ class Simulation:
         for gid, g in active.items():
             if g.state == (round, "committed"):
                 g.accept_head(round, head, self.global_agg.proof_for(gid))
+        lap("trees")
         # Each client verifies its receipt before revealing, and forwards the
         # galaxy's acknowledgement of its reveal to the global aggregator.
         receipts = []
@@ -384,6 +400,7 @@ class Simulation:
                 self.receipt_failures += 1
                 continue
             receipts.append({"client": c, "round": round, "receipt": receipt.to_dict()})
+            lap("receipts")
             try:
                 signature = sign_reveal(
                     self.client_keys[c], commitment, body, nonce, run=self.run_id
@@ -393,6 +410,8 @@ class Simulation:
                 _log.info("client %d reveal rejected: %s", c, exc)
                 continue
             self.global_agg.submit_ack(ack)
+            lap("reveal")
+        lap("reveal")
         # Galaxy defense and aggregation, then the audits and the global step.
         agg_seconds = 0.0
         reference = self.global_agg.reference_direction
@@ -404,6 +423,8 @@ class Simulation:
                 continue
             result = g.close_reveal(round, reference_direction=reference, force=True)
             reports[gid] = result.report
+            for layer, sec in result.report.layer_seconds.items():
+                phases[layer] = phases.get(layer, 0.0) + sec
             agg_seconds += result.report.seconds
             events += result.evidence
             # What the galaxy publishes, as a transport would carry it (a
@@ -417,6 +438,7 @@ class Simulation:
                     self.global_agg.submit_transcript(*published)
             except Rejected as exc:
                 _log.warning("galaxy %d round %d refused: %s", gid, round, exc)
+        lap("galaxy")
         t_global = time.perf_counter()
         targets = self.global_agg.audit_targets(round)
         served = {
@@ -432,12 +454,19 @@ class Simulation:
         self._attribute(round, secrets, before, global_result)
         if global_result.misbehaved:
             self._fail_over()
+        lap("audit")
         round_seconds = time.perf_counter() - t0
         self._publish(round, leaves, global_result, reference, receipts, events)
+        lap("publish")
         # Evaluate the new global model.
         t_eval = time.perf_counter()
         accuracy, loss, asr = self._evaluate()
         eval_seconds = time.perf_counter() - t_eval
+        lap("eval")
+        # the galaxies' own time, less the defense layers timed inside it
+        phases["galaxy_other"] = phases.pop("galaxy") - sum(
+            phases.get(k, 0.0) for k in ("statistics", "robust", "reputation")
+        )
         statuses = [
             self.galaxy_of(c).defense.tracker.status(c)
             for c in range(self.config.clients.count)
@@ -468,6 +497,7 @@ class Simulation:
             "events": events,
             "excluded_galaxies": global_result.report.excluded,
             "misbehaved": [m.to_dict() for m in global_result.misbehaved],
+            "phases": phases,
         }
         return metrics, info
 

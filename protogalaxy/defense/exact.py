@@ -39,7 +39,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
 import torch
+
+from protogalaxy.defense.select import for_blocks, order_statistics
 
 __all__ = [
     "MAX_WEIGHT",
@@ -127,16 +130,13 @@ def exact_median(updates: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise median: the middle value for odd ``n``, the float64 mean of
     the two middle values rounded once to float32 for even ``n``."""
     x = _check(updates)
-    n, d = x.shape
-    out = torch.empty(d, dtype=torch.float32, device=x.device)
-    for start in range(0, d, _SORT_BLOCK):
-        s = x[:, start : start + _SORT_BLOCK].sort(dim=0).values
-        if n % 2:
-            mid = s[n // 2]
-        else:
-            mid = ((s[n // 2 - 1].double() + s[n // 2].double()) / 2).float()
-        out[start : start + _SORT_BLOCK] = mid + 0.0  # -0.0 -> +0.0
-    return out
+    n = x.shape[0]
+    if n % 2:
+        mid = order_statistics(x, [n // 2])[0]
+    else:
+        lo, hi = order_statistics(x, [n // 2 - 1, n // 2]).double()
+        mid = ((lo + hi) / 2).float()
+    return (mid + 0.0).to(x.device)  # -0.0 -> +0.0
 
 
 def exact_trimmed_mean(updates: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,12 +147,26 @@ def exact_trimmed_mean(updates: torch.Tensor, k: int) -> torch.Tensor:
     n, d = x.shape
     if not 0 <= 2 * k < n:
         raise ValueError(f"trimmed mean cannot drop 2*{k} of {n} values")
-    out = torch.empty(d, dtype=torch.float32, device=x.device)
     keep = n - 2 * k
-    for start in range(0, d, _SORT_BLOCK):
-        middle = x[:, start : start + _SORT_BLOCK].sort(dim=0).values[k : n - k]
-        acc = middle[0].double()
+    if x.device.type != "cpu":
+        out = torch.empty(d, dtype=torch.float32, device=x.device)
+        for start in range(0, d, _SORT_BLOCK):
+            middle = x[:, start : start + _SORT_BLOCK].sort(dim=0).values[k : n - k]
+            acc = middle[0].double()
+            for i in range(1, keep):
+                acc.add_(middle[i])
+            out[start : start + _SORT_BLOCK] = acc.div_(keep)
+        return out.add_(0.0)
+    src = x.detach().numpy()
+    result = np.empty(d, dtype=np.float32)
+
+    def work(start: int) -> None:
+        block = np.sort(np.ascontiguousarray(src[:, start : start + _SORT_BLOCK].T))
+        middle = np.ascontiguousarray(block[:, k : n - k].T)  # (keep, columns)
+        acc = middle[0].astype(np.float64)
         for i in range(1, keep):
-            acc.add_(middle[i])
-        out[start : start + _SORT_BLOCK] = acc.div_(keep)
-    return out.add_(0.0)
+            acc += middle[i]  # one IEEE binary64 addition per element, in order
+        result[start : start + _SORT_BLOCK] = acc / keep
+
+    for_blocks(work, range(0, d, _SORT_BLOCK))
+    return torch.from_numpy(result).add_(0.0)

@@ -131,6 +131,8 @@ class GalaxyDefenseReport:
     #: the rule that made the aggregate (``median`` when too few were left) and f
     rule: str | None = None
     f: int | None = None
+    #: seconds in layers 2, 3 and 4 (``statistics``, ``robust``, ``reputation``)
+    layer_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -209,8 +211,11 @@ class GalaxyDefense:
         f: int | None = None
         for c in clients:
             outcomes[c].active = self.active(c)
+        timing: dict[str, float] = {}
         try:
+            t_layer = time.perf_counter()
             stats = self._layer2(clients, updates, reference_direction, outcomes, hints)
+            timing["statistics"] = time.perf_counter() - t_layer
             if stats is not None:
                 flags["statistics"] = sum(1 for c in clients if outcomes[c].flagged)
             candidates = [
@@ -218,9 +223,11 @@ class GalaxyDefense:
                 for i, c in enumerate(clients)
                 if not outcomes[c].flagged and outcomes[c].active
             ]
+            t_layer = time.perf_counter()
             aggregate, weight, rule, f = self._layer3(
                 clients, updates, candidates, outcomes, hints
             )
+            timing["robust"] = time.perf_counter() - t_layer
             flags["robust"] = sum(
                 1 for i in candidates if not outcomes[clients[i]].selected
             )
@@ -242,7 +249,9 @@ class GalaxyDefense:
                     outcomes[clients[i]].selected = True
         events: list[ReputationEvent] = []
         if 4 in cfg.layers and fallback is None:
+            t_layer = time.perf_counter()
             events = self._layer4(round, outcomes, evidence_for)
+            timing["reputation"] = time.perf_counter() - t_layer
         for o in outcomes.values():
             o.reputation = (
                 self.tracker.reputation(o.client) if 4 in cfg.layers else None
@@ -261,6 +270,7 @@ class GalaxyDefense:
             time.perf_counter() - t0,
             rule,
             f,
+            timing,
         )
 
     def _layer2(

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protogalaxy.defense.select import order_statistics
+
 __all__ = [
     "StatisticsConfig",
     "StatisticsReport",
@@ -126,15 +128,34 @@ def robust_z(values: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
 
 
 def _outlier_fractions(x: torch.Tensor, mad_k: float) -> torch.Tensor:
+    """Per row, the share of its coordinates further than ``mad_k`` robust standard
+    deviations from the coordinate-wise (lower) median."""
     n, d = x.shape
+    k = (n - 1) // 2  # the lower median, as torch.median
     counts = torch.zeros(n, dtype=torch.float64, device=x.device)
     for start in range(0, d, _BLOCK):
         b = x[:, start : start + _BLOCK]
-        med = b.median(dim=0).values
+        med = order_statistics(b, [k])[0].to(b.device)
         dev = (b - med).abs()
-        mad = _MAD_SCALE * dev.median(dim=0).values
+        mad = _MAD_SCALE * order_statistics(dev, [k])[0].to(b.device)
         counts += (dev > mad_k * mad.clamp(min=1e-12)).sum(dim=1).double()
     return (counts / d).to(x.dtype)
+
+
+def _quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:
+    """Linear-interpolation quantiles of a 1-D float64 tensor (``torch.quantile``'s
+    definition), by selection instead of a full sort."""
+    m = values.numel()
+    pos = [q * (m - 1) for q in qs]
+    ks = sorted({int(p) for p in pos} | {min(int(p) + 1, m - 1) for p in pos})
+    picked = order_statistics(values.view(-1, 1), ks)[:, 0].tolist()
+    at = dict(zip(ks, picked, strict=True))
+    out = []
+    for p in pos:
+        lo = int(p)
+        a, b = at[lo], at[min(lo + 1, m - 1)]
+        out.append(a + (b - a) * (p - lo))
+    return out
 
 
 def _kl_to_pooled(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -143,17 +164,14 @@ def _kl_to_pooled(x: torch.Tensor, bins: int) -> torch.Tensor:
     sample = flat[
         torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1 << 18)).long()
     ]
-    lo, hi = torch.quantile(
-        sample.double(), torch.tensor([0.001, 0.999], dtype=torch.float64)
-    )
+    lo, hi = _quantiles(sample.double().cpu(), [0.001, 0.999])
     if hi <= lo:
         hi = lo + 1.0
     # Values outside [lo, hi] land in the two edge bins, so heavy tails count.
-    idx = ((x.double() - lo) / (hi - lo) * (bins - 2)).floor().clamp(
-        -1, bins - 2
-    ).long() + 1
-    hist = torch.zeros(n, bins, dtype=torch.float64, device=x.device)
-    hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    idx = (x.double() - lo).mul_((bins - 2) / (hi - lo)).floor_().clamp_(-1, bins - 2)
+    rows = torch.arange(n, device=x.device).unsqueeze(1) * bins + 1
+    flat_idx = idx.long().add_(rows).view(-1)
+    hist = torch.bincount(flat_idx, minlength=n * bins).view(n, bins).double()
     p = (hist + 0.5) / (hist + 0.5).sum(dim=1, keepdim=True)
     q = hist.sum(dim=0) + 0.5
     q = q / q.sum()

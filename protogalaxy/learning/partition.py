@@ -23,7 +23,8 @@ def partition(
     * ``dirichlet``: per client, class proportions drawn from Dirichlet(``alpha``)
       (Hsu et al. 2019); ``samples_per_client`` each.
     * ``powerlaw``: client sizes proportional to ``rank ** -power`` (quantity
-      skew), ``num_clients * samples_per_client`` in all, at least 32 each; IID labels.
+      skew), ``num_clients * samples_per_client`` in all, at least
+      ``min(32, samples_per_client)`` each; IID labels.
     """
     n = labels.shape[0]
     total = num_clients * samples_per_client
@@ -39,7 +40,9 @@ def partition(
     if scheme == "powerlaw":
         ranks = torch.arange(1, num_clients + 1, dtype=torch.float64)
         share = ranks.pow(-power)
-        sizes = (share / share.sum() * (total - 32 * num_clients)).floor().long() + 32
+        least = min(32, samples_per_client)
+        spread = total - least * num_clients
+        sizes = (share / share.sum() * spread).floor().long() + least
         perm = torch.randperm(n, generator=generator)
         return list(torch.split(perm[: int(sizes.sum())], sizes.tolist()))
     if scheme == "dirichlet":

@@ -159,3 +159,36 @@ def test_shares_are_decimal_products() -> None:
     assert round(share_of(0.3, 5)) == 2 and round(share_of(0.25, 10)) == 2
     assert get_aggregator("multikrum", byzantine_fraction=0.29).f_for(100) == 29
     assert get_aggregator("multikrum", byzantine_fraction=0.14).f_for(75) == 10
+
+
+def test_geometric_median_converges_to_the_float64_minimizer() -> None:
+    # Weiszfeld on the weights (Gram form) must land on the same point as plain
+    # float64 Weiszfeld over the rows, within 1e-6 of the data's scale, and say
+    # how many iterations it took.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3000, generator=g) + 5.0  # a large common component
+    x[:8] += 50 * torch.randn(8, 3000, generator=g)
+    ref = x.double().mean(0)
+    for _ in range(5000):
+        w = 1 / (x.double() - ref).norm(dim=1).clamp(min=1e-12)
+        ref = (w[:, None] * x.double()).sum(0) / w.sum()
+    got = geometric_median(x)
+    scale = float(x.double().norm(dim=1).median())
+    assert got.iterations is not None and 1 < got.iterations < 1000
+    assert float((got.aggregate.double() - ref).norm()) <= 1e-6 * scale
+    assert max(got.weights or ()) == (1 << 29) - 1
+
+
+def test_median_and_trimmed_mean_match_float64_references() -> None:
+    g = torch.Generator().manual_seed(6)
+    for n in (9, 10):
+        x = torch.randn(n, 20_000, generator=g)
+        # ties and signed zeros
+        x[0, :7] = torch.tensor([0.0, -0.0, 1.0, 3.0, 2.0, 2.0, 2.0])
+        srt = x.double().sort(dim=0).values
+        med = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+        assert torch.equal(coordinate_median(x).aggregate, med.float())
+        k = 2
+        tm = srt[k : n - k].mean(0)
+        got = trimmed_mean(x, f=k).aggregate.double()
+        assert float((got - tm).abs().max()) <= 1e-6 * float(x.abs().max())

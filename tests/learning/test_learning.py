@@ -159,6 +159,117 @@ def test_batched_training_matches_per_client_sgd() -> None:
     del g
 
 
+def _replay_sgd(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+) -> torch.Tensor:
+    """Plain torch SGD over ``batches`` from ``params``; returns the update."""
+    ref = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    ref.load_state_dict({"1." + k.split(".", 1)[1]: v for k, v in params.items()})
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum)
+    for idx in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    return flatten_params(dict(ref.named_parameters())) - flatten_params(params)
+
+
+def test_partial_batches_and_quantity_skew_train_like_per_client_sgd() -> None:
+    # Clients of 50, 13 and 32 samples with batch 32 over 2 epochs: each epoch the
+    # 50-sample client takes a batch of 32 and one of 18 (no sample dropped), the
+    # 13-sample client one batch of 13 (it used to take none), and a client that
+    # sits out a step keeps its momentum for its next epoch.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.randn(95, 1, 4, 4)
+    y = torch.randint(0, 3, (95,))
+    sizes = [50, 13, 32]
+    starts = [0, 50, 63]
+    tasks = [
+        ClientTask(torch.arange(a, a + n)) for a, n in zip(starts, sizes, strict=True)
+    ]
+    trainer = BatchedTrainer(model, lr=0.1, momentum=0.9, batch_size=32, epochs=2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    updates = trainer.train(
+        params, tasks, x, y, generator=torch.Generator().manual_seed(5)
+    )
+    gg = torch.Generator().manual_seed(5)
+    perms: list[list[torch.Tensor]] = [[] for _ in tasks]
+    for _ in range(2):
+        for i, t in enumerate(tasks):
+            perms[i].append(t.indices[torch.randperm(len(t.indices), generator=gg)])
+    for i in range(len(tasks)):
+        batches = [b for perm in perms[i] for b in torch.split(perm, 32)]
+        assert len(batches) == 2 * -(-sizes[i] // 32)
+        expected = _replay_sgd(model, params, x, y, batches, lr=0.1, momentum=0.9)
+        assert torch.allclose(updates[i], expected, atol=1e-5), i
+    # trained one client at a time (chunk 1), the clients' updates are the same
+    one = BatchedTrainer(
+        model, lr=0.1, momentum=0.9, batch_size=32, epochs=2, chunk=1
+    ).train(params, tasks, x, y, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(one, updates, atol=1e-6)
+
+
+def test_local_steps_take_that_many_batches_whatever_the_data_size() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.randn(70, 1, 4, 4)
+    y = torch.randint(0, 3, (70,))
+    tasks = [ClientTask(torch.arange(0, 50)), ClientTask(torch.arange(50, 70))]
+    trainer = BatchedTrainer(model, lr=0.1, batch_size=32, local_steps=3)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    updates = trainer.train(
+        params, tasks, x, y, generator=torch.Generator().manual_seed(2)
+    )
+    gg = torch.Generator().manual_seed(2)
+    for i, t in enumerate(tasks):
+        n = len(t.indices)
+        size = min(32, n)
+        passes = -(-3 * size // n)
+        stream = torch.cat(
+            [t.indices[torch.randperm(n, generator=gg)] for _ in range(passes)]
+        )
+        batches = list(torch.split(stream[: 3 * size], size))
+        assert len(batches) == 3
+        expected = _replay_sgd(model, params, x, y, batches, lr=0.1, momentum=0.0)
+        assert torch.allclose(updates[i], expected, atol=1e-5), i
+    with pytest.raises(ValueError, match="local_steps"):
+        BatchedTrainer(model, local_steps=0)
+
+
+def test_min_steps_gives_small_clients_further_passes() -> None:
+    # A 20-sample client with batch 8 and one epoch has 3 batches; min_steps 7
+    # gives it passes 2 and 3 (cut to 7 batches). The 64-sample client's epoch
+    # already has 8 batches: unchanged, and no extra draws.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.randn(84, 1, 4, 4)
+    y = torch.randint(0, 3, (84,))
+    tasks = [ClientTask(torch.arange(0, 20)), ClientTask(torch.arange(20, 84))]
+    trainer = BatchedTrainer(model, lr=0.1, batch_size=8, min_steps=7)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    updates = trainer.train(
+        params, tasks, x, y, generator=torch.Generator().manual_seed(3)
+    )
+    gg = torch.Generator().manual_seed(3)
+    first = [t.indices[torch.randperm(len(t.indices), generator=gg)] for t in tasks]
+    small = list(torch.split(first[0], 8))
+    for _ in range(2):
+        perm = tasks[0].indices[torch.randperm(20, generator=gg)]
+        small += list(torch.split(perm, 8))
+    expected = [small[:7], list(torch.split(first[1], 8))]
+    assert [len(b) for b in expected[0]] == [8, 8, 4, 8, 8, 4, 8]
+    for i in range(2):
+        ref = _replay_sgd(model, params, x, y, expected[i], lr=0.1, momentum=0.0)
+        assert torch.allclose(updates[i], ref, atol=1e-5), i
+
+
 def test_training_learns_and_poisoning_transform_applies() -> None:
     torch.manual_seed(0)
     x = torch.randn(400, 1, 4, 4)
