@@ -148,3 +148,27 @@ def test_key_validation() -> None:
         SigningKey.from_bytes("00" * 32)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="32 bytes"):
         SigningKey.from_bytes(bytes(33))
+
+
+def test_verification_memo_never_accepts_what_does_not_verify() -> None:
+    # The memo of verified signatures must not turn a forgery into a pass: the
+    # same signature over another message, another run or under another key
+    # still fails after the genuine one was verified (and remembered).
+    from protogalaxy.crypto.identity import _VERIFIED, SigningKey
+
+    key, other = SigningKey.generate(), SigningKey.generate()
+    sig = key.sign("round-head", b"head", run="r1")
+    key.public_key.verify("round-head", b"head", sig, run="r1")
+    key.public_key.verify("round-head", b"head", sig, run="r1")  # remembered
+    assert len(_VERIFIED) >= 1
+    for args in (
+        ("round-head", b"head2", sig),
+        ("model", b"head", sig),
+        ("round-head", b"head", bytes(64)),
+    ):
+        with pytest.raises(SignatureError):
+            key.public_key.verify(*args, run="r1")
+    with pytest.raises(SignatureError):
+        key.public_key.verify("round-head", b"head", sig, run="r2")
+    with pytest.raises(SignatureError):
+        other.public_key.verify("round-head", b"head", sig, run="r1")
