@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-SUITES = ["crypto", "defense", "learning", "ingest", "up", "audit", "scale"]
+SUITES = ["crypto", "defense", "learning", "ingest", "up", "audit", "scale", "peers"]
 
 
 def main() -> int:

@@ -81,16 +81,17 @@ def _check_updates(updates: torch.Tensor) -> torch.Tensor:
 
 
 def _centred_gram(
-    x: torch.Tensor, block: int = BLOCK
+    x: torch.Tensor, block: int = BLOCK, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G, mean)``: the Gram matrix of the rows less ``mean``, the mean of at most
     8 evenly spaced rows (any centre inside the cloud keeps the products small
     where rows are close), accumulated block by block of columns into a small
-    buffer."""
+    buffer, in ``dtype`` (default: the rows' own)."""
     n, d = x.shape
-    mean = x[:: max(1, n // 8)][:8].mean(dim=0)
-    gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    buf = torch.empty(n, min(block, d), dtype=x.dtype, device=x.device)
+    dtype = dtype or x.dtype
+    mean = x[:: max(1, n // 8)][:8].to(dtype).mean(dim=0)
+    gram = torch.zeros(n, n, dtype=dtype, device=x.device)
+    buf = torch.empty(n, min(block, d), dtype=dtype, device=x.device)
     for start in range(0, d, block):
         stop = min(start + block, d)
         b = buf[:, : stop - start]
@@ -265,13 +266,17 @@ def geometric_median(
         else weights.detach().to(device="cpu", dtype=torch.float64)
         / float(weights.sum())
     )
-    gram32, centre = _centred_gram(x)
-    gram = gram32.double().cpu()
-    # |z|^2 = |c|^2 + 2 c.(C'b) + b'Gb with c the centre and C the centred rows
-    centre_dot = (x.to(torch.float64) @ centre.to(torch.float64)).cpu() - float(
-        centre.double() @ centre.double()
-    )
-    centre_sq = float(centre.double() @ centre.double())
+    # In float64: a float32 Gram's rounding (1e-7 of the centred norms, large when
+    # far outliers shift the centre) bounds the result's accuracy near 1e-5.
+    gram64, centre = _centred_gram(x, dtype=torch.float64)
+    gram = gram64.cpu()
+    # |z|^2 = |c|^2 + 2 c.(C'b) + b'Gb with c the centre and C the centred rows;
+    # c.C_j = c.x_j - |c|^2 (the rows times the centre, block by block)
+    centre_sq = float(centre @ centre)
+    centre_dot = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[1], BLOCK):
+        centre_dot += x[:, s : s + BLOCK].double() @ centre[s : s + BLOCK]
+    centre_dot = centre_dot.cpu() - centre_sq
     diag = gram.diagonal()
     beta = alpha
     iterations = 0
