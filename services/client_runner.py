@@ -24,7 +24,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,13 @@ class ClientSettings:
     config_path: str | None = None
     timeout_s: float = 30.0
     retries: int = 8
-    #: how often a waiting client asks its galaxies for their phase (PG_POLL_S)
+    #: how often a waiting client asks its galaxies for their phase (PG_POLL_S),
+    #: when it cannot wait on them (long polls off or refused)
     poll_s: float = 0.05
+    #: how long one request waits on a galaxy's next phase (PG_LONG_POLL_S; 0:
+    #: poll every poll_s instead). A waiting runner sends each galaxy one request
+    #: per phase change, and one per long_poll_s while nothing changes.
+    long_poll_s: float = 20.0
     #: how long a pod of another run may answer (409 wrong_run) before giving up
     wrong_run_patience_s: float = 600.0
 
@@ -124,6 +130,7 @@ class ClientSettings:
             receipts_file=env("PG_RECEIPTS_FILE", "") or None,
             config_path=env("PG_CONFIG", "") or None,
             poll_s=float(env("PG_POLL_S", "0.05")),
+            long_poll_s=float(env("PG_LONG_POLL_S", "20")),
             wrong_run_patience_s=float(env("PG_WRONG_RUN_PATIENCE_S", "600")),
         )
 
@@ -186,12 +193,18 @@ class ClientRunner:
         self.assignment = Assignment(cfg.clients.count, cfg.galaxies.count)
         self._assignment_checked = 0.0
         self.galaxies = sorted({self.galaxy_of(c) for c in settings.client_ids})
+        waiters = min(len(self.galaxies), 64)
         self.http = httpx.Client(
             timeout=settings.timeout_s,
-            limits=httpx.Limits(max_connections=16),
+            limits=httpx.Limits(max_connections=16 + waiters),
             headers={RUN_HEADER: settings.run_id},
         )
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="client")
+        #: one long poll per galaxy at most, kept across waits
+        self._waiters = ThreadPoolExecutor(
+            max_workers=max(1, waiters), thread_name_prefix="wait"
+        )
+        self._polls: dict[int, Future[dict[str, Any]]] = {}
         self.rounds_done: list[int] = []
         self._receipts_lock = threading.Lock()
 
@@ -306,14 +319,50 @@ class ClientRunner:
             for g in self.galaxies
         }
 
+    def _long_poll(self, galaxy: int, view: str | None) -> dict[str, Any]:
+        """``galaxy``'s state once it differs from ``view`` (or after
+        ``long_poll_s``); a galaxy with too many waiters is asked plainly."""
+        url = self.url(galaxy, "/v1/round")
+        wait_s = self.settings.long_poll_s
+        if view is not None:
+            resp = self.request(
+                "GET",
+                url,
+                params={"view": view, "wait_s": wait_s},
+                timeout=wait_s + self.settings.timeout_s,
+            )
+            if resp.status_code != 429:
+                return resp.json()  # type: ignore[no-any-return]
+            time.sleep(self.settings.poll_s)
+        return self.request("GET", url).json()  # type: ignore[no-any-return]
+
     def wait(
         self, until: Callable[[dict[int, dict[str, Any]]], bool]
     ) -> dict[int, dict[str, Any]]:
-        while True:
-            states = self.states()
-            if until(states):
-                return states
-            time.sleep(self.settings.poll_s)
+        """The galaxies' states once ``until`` holds for them. Each galaxy is
+        asked with a long poll (one at a time per galaxy), so a waiting runner
+        costs a galaxy one request per phase change, not one per ``poll_s``."""
+        states = self.states()
+        while not until(states):
+            if self.settings.long_poll_s <= 0:
+                time.sleep(self.settings.poll_s)
+                states = self.states()
+                continue
+            for g in self.galaxies:
+                if g not in self._polls:
+                    view = states.get(g, {}).get("view")
+                    self._polls[g] = self._waiters.submit(self._long_poll, g, view)
+            futures.wait(self._polls.values(), return_when=futures.FIRST_COMPLETED)
+            for g, fut in list(self._polls.items()):
+                if fut.done():
+                    del self._polls[g]
+                    states[g] = fut.result()
+            self.refresh_assignment()  # an isolation moves clients to other galaxies
+            states = {g: states[g] for g in self.galaxies if g in states}
+            for g in self.galaxies:
+                if g not in states:
+                    states[g] = self.request("GET", self.url(g, "/v1/round")).json()
+        return states
 
     def run(self, max_rounds: int | None = None) -> list[int]:
         """Take part in rounds until the run is finished; return the rounds joined."""
@@ -358,6 +407,10 @@ class ClientRunner:
                 self.play_round(rnd, playing)
                 self.rounds_done.append(rnd)
             next_round = rnd + 1
+        # the run is over: every galaxy's view changed, so the polls answer now
+        for fut in self._polls.values():
+            fut.cancel()
+        self._polls.clear()
         return self.rounds_done
 
     def play_round(self, rnd: int, galaxies: list[int]) -> None:

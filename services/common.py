@@ -471,6 +471,26 @@ def install_error_handlers(
 
     app.add_middleware(_BodyLimit)
 
+    requests = Counter(
+        f"protogalaxy_{service}_http_requests_total",
+        "HTTP requests received, by method (the request rate a service carries)",
+        ["method"],
+        registry=registry,
+    )
+
+    class _Count:
+        def __init__(self, app: Any) -> None:
+            self.inner = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                method = scope["method"]
+                known = ("GET", "HEAD", "POST", "PUT", "DELETE")
+                requests.labels(method=method if method in known else "other").inc()
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(_Count)
+
     if run is not None:
         this_run: str = run
         ours = run.encode()

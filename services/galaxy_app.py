@@ -33,7 +33,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import redis
 import torch
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -110,6 +110,8 @@ class GalaxySettings:
     commit_deadline_s: float = 60.0
     reveal_deadline_s: float = 60.0
     poll_s: float = 0.25
+    #: clients waiting at once on ``GET /v1/round?view=..&wait_s=..`` (429 beyond)
+    max_long_polls: int = 1024
     keep_rounds: int = 3
     idle_rounds: int = 2
     #: a round left ``aggregating`` this long is aggregated again by whichever
@@ -138,6 +140,7 @@ class GalaxySettings:
             commit_deadline_s=float(env("PG_COMMIT_DEADLINE_S", "60")),
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
             poll_s=float(env("PG_POLL_S", "0.25")),
+            max_long_polls=int(env("PG_MAX_LONG_POLLS", "1024")),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
             idle_rounds=int(env("PG_IDLE_ROUNDS", "2")),
             aggregate_lease_s=float(env("PG_AGGREGATE_LEASE_S", "60")),
@@ -226,6 +229,11 @@ class _Runtime:
         #: the global aggregator's latest status, kept fresh by a long poll
         self.global_status: dict[str, Any] | None = None
         self.wake = Signal()  # a commitment or reveal arrived, or the global moved
+        #: what ``GET /v1/round`` answers, as of the driver's last step, and a
+        #: signal fired when its view changes (long polls wait on it)
+        self.round_status: dict[str, Any] | None = None
+        self.round_changed = Signal()
+        self.long_polls = 0  # /v1/round requests waiting (event loop only)
         self.uploading: set[tuple[int, int]] = set()  # (round, client) reveals staging
         self.isolated: list[int] = []  # the galaxies isolated, as last applied
 
@@ -558,7 +566,38 @@ def create_app(
                 )
             except Exception:
                 _log.exception("driver step failed")
+            await publish_round(r)
             await Signal.wait(ticket, r.settings.poll_s)
+
+    async def publish_round(r: _Runtime) -> None:
+        """Keep ``r.round_status`` fresh (one store read a driver step, whatever
+        the number of clients waiting) and wake the long polls when it changed."""
+        if r.galaxy is None:
+            return
+        try:
+            status = await asyncio.to_thread(read_round, r)
+        except redis.exceptions.RedisError as exc:
+            _log.info("round status: %s", exc)
+            return
+        old = r.round_status
+        r.round_status = status
+        if old is None or old["view"] != status["view"]:
+            r.round_changed.fire()
+
+    def read_round(r: _Runtime) -> dict[str, Any]:
+        assert r.galaxy is not None
+        state = r.galaxy.state
+        out: dict[str, Any] = {
+            "galaxy": gid,
+            "round": None if state is None else state[0],
+            "phase": None if state is None else state[1],
+            "model_version": r.model_version,
+            "finished": r.finished,
+        }
+        out["view"] = (
+            f"{out['round']}:{out['phase']}:{out['model_version']}:{int(r.finished)}"
+        )
+        return out
 
     async def watch_global(r: _Runtime) -> None:
         """Long-poll the global aggregator's status; wake the driver on a change."""
@@ -751,16 +790,38 @@ def create_app(
         return {"client_id": body.client_id, "galaxy": gid}
 
     @app.get("/v1/round")
-    def current_round(r: Rt) -> dict[str, Any]:
-        assert r.galaxy is not None
-        state = r.galaxy.state
-        return {
-            "galaxy": gid,
-            "round": None if state is None else state[0],
-            "phase": None if state is None else state[1],
-            "model_version": r.model_version,
-            "finished": r.finished,
-        }
+    async def current_round(
+        r: Rt,
+        view: Annotated[str | None, Query(max_length=100)] = None,
+        wait_s: Annotated[float, Query(ge=0, le=30)] = 0.0,
+    ) -> dict[str, Any]:
+        """The galaxy's round, phase and model version. With ``view`` (from an
+        earlier answer) and ``wait_s``, answer once the view differs from it or
+        ``wait_s`` has passed: clients wait for the next phase without polling,
+        so a galaxy's request rate is set by its phases, not by its clients'
+        patience. At most ``PG_MAX_LONG_POLLS`` wait at once (429
+        ``too_many_waiters``)."""
+        if view is None or wait_s <= 0:
+            return await asyncio.to_thread(read_round, r)
+        if r.long_polls >= r.settings.max_long_polls:
+            raise Rejected(
+                "too_many_waiters",
+                f"{r.long_polls} long polls are waiting; ask again without wait_s",
+            )
+        r.long_polls += 1
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                ticket = r.round_changed.ticket()
+                out = r.round_status
+                if out is None:
+                    out = await asyncio.to_thread(read_round, r)
+                left = deadline - time.monotonic()
+                if out["view"] != view or left <= 0:
+                    return out
+                await Signal.wait(ticket, left)
+        finally:
+            r.long_polls -= 1
 
     @app.get("/v1/model")
     def model(r: Rt) -> Response:
