@@ -9,10 +9,16 @@
    rounds and wall time until test accuracy 0.95, and the defense's figures at the
    end. The goal (under 30 minutes each on a 2-core machine) is reported, not gated.
    Skipped with ``--quick``.
+3. ``protogalaxy up``'s processes at 1000/20, 3 rounds, same config as 1: round
+   time against the simulation's (goal <= 3x), every client in every round, the
+   largest process's peak memory (goal < 2 GiB) and the GET requests a galaxy
+   serves per second, quietest and busiest 2-second window (goal < 50 when
+   idle). Skipped with ``--quick``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import subprocess
@@ -99,6 +105,92 @@ def _worker_scenario(path: str, target: float) -> dict[str, Any]:
     }
 
 
+def _peak_mib(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _gets(url: str) -> float:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith('protogalaxy_galaxy_http_requests_total{method="GET"} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _worker_up(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
+    """``protogalaxy up``'s processes (Redis, global, galaxies, one client runner)
+    at the same config as the cost run: round times, every process's peak memory,
+    the galaxies' request rates, and how many clients took part in each round."""
+    import tempfile
+    import threading
+
+    from protogalaxy.config import load_config
+    from services.up import LocalCluster
+
+    cfg = load_config(
+        overrides={
+            "clients.count": clients,
+            "galaxies.count": galaxies,
+            "clients.samples_per_client": TOTAL_SAMPLES // clients,
+            "training.rounds": rounds,
+            "training.local_epochs": 1,
+            "training.min_local_steps": 1,
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cluster = LocalCluster(cfg, out, commit_deadline_s=600, reveal_deadline_s=600)
+        t0 = time.perf_counter()
+        cluster.start()
+        started = time.perf_counter() - t0
+        urls = [cluster.galaxy_url(g) for g in range(galaxies)]
+        samples: list[tuple[float, float]] = []  # (time, GETs summed over galaxies)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(2.0):
+                try:
+                    samples.append((time.perf_counter(), sum(_gets(u) for u in urls)))
+                except Exception:  # a galaxy stopping mid-sample
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        ends: list[float] = []
+        cluster.wait_finished(
+            3600, progress=lambda rec: ends.append(time.perf_counter())
+        )
+        stop.set()
+        sampler.join()
+        peaks = {
+            name: _peak_mib(proc.popen.pid)
+            for name, proc in cluster.procs.items()
+            if proc.popen is not None and proc.alive()
+        }
+        cluster.stop()
+        took_part: dict[int, set[int]] = {}
+        for line in (out / "receipts.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            took_part.setdefault(int(rec["round"]), set()).add(int(rec["client"]))
+    rates = [
+        (b[1] - a[1]) / (b[0] - a[0]) / galaxies for a, b in itertools.pairwise(samples)
+    ]
+    rounds_s = [b - a for a, b in zip([t0 + started, *ends], ends, strict=False)]
+    return {
+        "start_seconds": started,
+        "round_seconds": rounds_s,
+        "peak_mib": peaks,
+        "requests_per_second_per_galaxy": rates,
+        "clients_per_round": {r: len(c) for r, c in sorted(took_part.items())},
+    }
+
+
 def _spawn(*args: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.scale", *args],
@@ -148,6 +240,43 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     results.append({"name": "cost by scale", "detail": costs})
     if quick:
         return results
+    up = _spawn("up", "1000", "20", "3")
+    up_round = statistics.median(up["round_seconds"][1:] or up["round_seconds"])
+    worst = max(up["peak_mib"].values())
+    idle = min(up["requests_per_second_per_galaxy"] or [float("nan")])
+    busiest = max(up["requests_per_second_per_galaxy"] or [float("nan")])
+    every = all(n == 1000 for n in up["clients_per_round"].values())
+    print(
+        f"  up 1000/20: rounds {[round(x, 1) for x in up['round_seconds']]} s, "
+        f"clients per round {up['clients_per_round']}, peak memory by process "
+        f"{ {k: round(v) for k, v in up['peak_mib'].items()} } MiB, requests/s per "
+        f"galaxy {idle:.1f}-{busiest:.1f}"
+    )
+    results += [
+        report(
+            "up 1000/20 round vs simulate's (same config)",
+            up_round / big,
+            "<= 3",
+            up_round / big <= 3 and every,
+            f"{up_round:.1f} s vs {big:.2f} s (rounds after the first); every "
+            f"client in every round: {every}",
+        ),
+        report(
+            "up 1000/20 largest process (GiB)",
+            worst / 1024,
+            "< 2",
+            worst < 2048,
+            f"{max(up['peak_mib'], key=up['peak_mib'].__getitem__)}",
+        ),
+        report(
+            "up 1000/20 GET requests/s per galaxy, quietest 2 s",
+            idle,
+            "< 50",
+            idle < 50,
+            f"busiest 2 s: {busiest:.1f}",
+        ),
+        {"name": "up 1000/20", "detail": up},
+    ]
     for name in ("paper-scenario-1", "paper-scenario-2"):
         print(f"  {name}:")
         res = _spawn("scenario", f"configs/{name}.yaml", "0.95")
@@ -173,6 +302,8 @@ if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
     if kind == "cost":
         out = _worker_cost(int(rest[0]), int(rest[1]), int(rest[2]))
+    elif kind == "up":
+        out = _worker_up(int(rest[0]), int(rest[1]), int(rest[2]))
     else:
         out = _worker_scenario(rest[0], float(rest[1]))
     print(json.dumps(out))

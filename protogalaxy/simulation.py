@@ -53,6 +53,10 @@ __all__ = ["ClientSide", "RoundMetrics", "Simulation", "SimulationResult"]
 
 _log = logging.getLogger("protogalaxy.simulation")
 
+#: rounds of state (revealed updates, trees) a galaxy keeps, as the services'
+#: default ``PG_KEEP_ROUNDS``
+KEEP_ROUNDS = 3
+
 
 @dataclass
 class RoundMetrics:
@@ -457,6 +461,11 @@ class Simulation:
         lap("audit")
         round_seconds = time.perf_counter() - t0
         self._publish(round, leaves, global_result, reference, receipts, events)
+        # Keep the galaxies' last rounds only, as the services do (PG_KEEP_ROUNDS):
+        # every round's revealed updates stayed in memory, 87 MB a round at 1,000
+        # clients, until a 30-round run held 3.4 GB.
+        for g in self.galaxies.values():
+            g.store.drop_rounds_before(round - (KEEP_ROUNDS - 1))
         lap("publish")
         # Evaluate the new global model.
         t_eval = time.perf_counter()

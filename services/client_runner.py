@@ -110,6 +110,16 @@ class ClientSettings:
     #: how long a pod of another run may answer (409 wrong_run) before giving up
     wrong_run_patience_s: float = 600.0
 
+    def __post_init__(self) -> None:
+        # the galaxies wait at most 30 s a request (wait_s <= 30); NaN is refused
+        if not 0 <= self.long_poll_s <= 30:
+            raise ValueError(
+                f"long_poll_s (PG_LONG_POLL_S) must be in [0, 30], got "
+                f"{self.long_poll_s}"
+            )
+        if not self.poll_s > 0:
+            raise ValueError(f"poll_s (PG_POLL_S) must be > 0, got {self.poll_s}")
+
     @classmethod
     def from_env(cls) -> ClientSettings:
         ids = env("PG_CLIENT_IDS", "")
@@ -204,7 +214,8 @@ class ClientRunner:
         self._waiters = ThreadPoolExecutor(
             max_workers=max(1, waiters), thread_name_prefix="wait"
         )
-        self._polls: dict[int, Future[dict[str, Any]]] = {}
+        #: per galaxy, the view a pending long poll was asked with, and the poll
+        self._polls: dict[int, tuple[str | None, Future[dict[str, Any]]]] = {}
         self.rounds_done: list[int] = []
         self._receipts_lock = threading.Lock()
 
@@ -319,21 +330,23 @@ class ClientRunner:
             for g in self.galaxies
         }
 
-    def _long_poll(self, galaxy: int, view: str | None) -> dict[str, Any]:
+    def _long_poll(self, galaxy: int, view: str) -> dict[str, Any]:
         """``galaxy``'s state once it differs from ``view`` (or after
-        ``long_poll_s``); a galaxy with too many waiters is asked plainly."""
+        ``long_poll_s``); a galaxy that refuses the wait (too many waiters) is
+        asked plainly after ``poll_s``."""
         url = self.url(galaxy, "/v1/round")
         wait_s = self.settings.long_poll_s
-        if view is not None:
-            resp = self.request(
-                "GET",
-                url,
-                params={"view": view, "wait_s": wait_s},
-                timeout=wait_s + self.settings.timeout_s,
-            )
-            if resp.status_code != 429:
-                return resp.json()  # type: ignore[no-any-return]
-            time.sleep(self.settings.poll_s)
+        resp = self.request(
+            "GET",
+            url,
+            params={"view": view, "wait_s": wait_s},
+            timeout=wait_s + self.settings.timeout_s,
+        )
+        if resp.status_code == 200:
+            return resp.json()  # type: ignore[no-any-return]
+        _log.info("galaxy %d refused a long poll (%d): %s", galaxy,
+                  resp.status_code, resp.text[:200])  # fmt: skip
+        time.sleep(self.settings.poll_s)
         return self.request("GET", url).json()  # type: ignore[no-any-return]
 
     def wait(
@@ -341,21 +354,39 @@ class ClientRunner:
     ) -> dict[int, dict[str, Any]]:
         """The galaxies' states once ``until`` holds for them. Each galaxy is
         asked with a long poll (one at a time per galaxy), so a waiting runner
-        costs a galaxy one request per phase change, not one per ``poll_s``."""
+        costs a galaxy one request per phase change, not one per ``poll_s``.
+
+        A poll's answer is taken only if it was asked with the view this runner
+        holds for that galaxy now: an answer to an older view (a poll left from an
+        earlier wait) may predate what a later plain request read, and is
+        dropped. Polls of galaxies no longer this runner's are dropped unread."""
         states = self.states()
         while not until(states):
-            if self.settings.long_poll_s <= 0:
+            views: dict[int, str] = {
+                g: v
+                for g in self.galaxies
+                if isinstance(v := states.get(g, {}).get("view"), str)
+            }
+            if self.settings.long_poll_s <= 0 or len(views) < len(self.galaxies):
+                # no long polls (off, or a galaxy that does not offer them)
                 time.sleep(self.settings.poll_s)
                 states = self.states()
                 continue
             for g in self.galaxies:
                 if g not in self._polls:
-                    view = states.get(g, {}).get("view")
-                    self._polls[g] = self._waiters.submit(self._long_poll, g, view)
-            futures.wait(self._polls.values(), return_when=futures.FIRST_COMPLETED)
-            for g, fut in list(self._polls.items()):
-                if fut.done():
-                    del self._polls[g]
+                    self._polls[g] = (
+                        views[g],
+                        self._waiters.submit(self._long_poll, g, views[g]),
+                    )
+            futures.wait(
+                [f for g, (_, f) in self._polls.items() if g in views],
+                return_when=futures.FIRST_COMPLETED,
+            )
+            for g, (asked, fut) in list(self._polls.items()):
+                if not fut.done():
+                    continue
+                del self._polls[g]
+                if g in views and asked == views[g]:
                     states[g] = fut.result()
             self.refresh_assignment()  # an isolation moves clients to other galaxies
             states = {g: states[g] for g in self.galaxies if g in states}
@@ -408,7 +439,7 @@ class ClientRunner:
                 self.rounds_done.append(rnd)
             next_round = rnd + 1
         # the run is over: every galaxy's view changed, so the polls answer now
-        for fut in self._polls.values():
+        for _, fut in self._polls.values():
             fut.cancel()
         self._polls.clear()
         return self.rounds_done

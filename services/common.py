@@ -118,6 +118,33 @@ class Signal:
             return False
         return True
 
+    @staticmethod
+    async def wait_for_peer(
+        request: Request, ticket: asyncio.Event, timeout: float
+    ) -> str:
+        """Like :meth:`wait`, but also over the peer hanging up: ``"fired"``,
+        ``"timeout"`` or ``"gone"``. A long poll whose peer left must end at once
+        and give back its slot: otherwise a client opening and closing one
+        connection after another holds every waiter slot (and, through the
+        server's concurrency limit, takes the service off the air)."""
+
+        async def hung_up() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        fired = asyncio.ensure_future(ticket.wait())
+        gone = asyncio.ensure_future(hung_up())
+        try:
+            done, _ = await asyncio.wait(
+                {fired, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            fired.cancel()
+            gone.cancel()
+        if gone in done:
+            return "gone"
+        return "fired" if fired in done else "timeout"
+
 
 def env(name: str, default: str | None = None) -> str:
     """``$name``, else the contents of the file ``$name_FILE`` names (a mounted

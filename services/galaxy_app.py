@@ -110,8 +110,9 @@ class GalaxySettings:
     commit_deadline_s: float = 60.0
     reveal_deadline_s: float = 60.0
     poll_s: float = 0.25
-    #: clients waiting at once on ``GET /v1/round?view=..&wait_s=..`` (429 beyond)
-    max_long_polls: int = 1024
+    #: clients waiting at once on ``GET /v1/round?view=..&wait_s=..`` (429 beyond);
+    #: from the environment at most half of ``PG_MAX_CONNECTIONS``
+    max_long_polls: int = 512
     keep_rounds: int = 3
     idle_rounds: int = 2
     #: a round left ``aggregating`` this long is aggregated again by whichever
@@ -140,7 +141,12 @@ class GalaxySettings:
             commit_deadline_s=float(env("PG_COMMIT_DEADLINE_S", "60")),
             reveal_deadline_s=float(env("PG_REVEAL_DEADLINE_S", "60")),
             poll_s=float(env("PG_POLL_S", "0.25")),
-            max_long_polls=int(env("PG_MAX_LONG_POLLS", "1024")),
+            # Waiters hold connections: at most half of the server's (the rest
+            # serve commits, reveals and probes).
+            max_long_polls=min(
+                int(env("PG_MAX_LONG_POLLS", "512")),
+                int(env("PG_MAX_CONNECTIONS", "1024")) // 2,
+            ),
             keep_rounds=int(env("PG_KEEP_ROUNDS", "3")),
             idle_rounds=int(env("PG_IDLE_ROUNDS", "2")),
             aggregate_lease_s=float(env("PG_AGGREGATE_LEASE_S", "60")),
@@ -579,6 +585,9 @@ def create_app(
         except redis.exceptions.RedisError as exc:
             _log.info("round status: %s", exc)
             return
+        except Exception:  # the driver loop must outlive any bug here
+            _log.exception("round status failed")
+            return
         old = r.round_status
         r.round_status = status
         if old is None or old["view"] != status["view"]:
@@ -791,6 +800,7 @@ def create_app(
 
     @app.get("/v1/round")
     async def current_round(
+        request: Request,
         r: Rt,
         view: Annotated[str | None, Query(max_length=100)] = None,
         wait_s: Annotated[float, Query(ge=0, le=30)] = 0.0,
@@ -802,6 +812,10 @@ def create_app(
         patience. At most ``PG_MAX_LONG_POLLS`` wait at once (429
         ``too_many_waiters``)."""
         if view is None or wait_s <= 0:
+            # the driver's status when it has one, so a plain answer and a long
+            # poll's never disagree on which phase came first
+            if r.round_status is not None:
+                return r.round_status
             return await asyncio.to_thread(read_round, r)
         if r.long_polls >= r.settings.max_long_polls:
             raise Rejected(
@@ -819,7 +833,8 @@ def create_app(
                 left = deadline - time.monotonic()
                 if out["view"] != view or left <= 0:
                     return out
-                await Signal.wait(ticket, left)
+                if await Signal.wait_for_peer(request, ticket, left) == "gone":
+                    return out  # nobody reads it; the slot is free again
         finally:
             r.long_polls -= 1
 

@@ -841,7 +841,8 @@ def create_app(
                 left = deadline - time.monotonic()
                 if out["view"] != view or left <= 0:
                     return out
-                await Signal.wait(ticket, left)
+                if await Signal.wait_for_peer(request, ticket, left) == "gone":
+                    return out  # nobody reads it; the slot is free again
         finally:
             r.long_polls -= 1
 

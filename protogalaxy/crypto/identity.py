@@ -132,19 +132,19 @@ class VerifyKey:
         SignatureError
             If the signature is malformed or does not verify.
         """
-        if (
-            not isinstance(signature, (bytes, bytearray))
-            or len(signature) != SIGNATURE_SIZE
-        ):
+        if not isinstance(signature, (bytes, bytearray)):
+            raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes")
+        sig = bytes(signature)  # one copy: what is checked is what is remembered
+        if len(sig) != SIGNATURE_SIZE:
             raise SignatureError(f"signature must be {SIGNATURE_SIZE} bytes")
         signed = domain_message(domain, message, run=run)
-        memo = hashlib.sha256(self._raw + bytes(signature) + signed).digest()
+        memo = hashlib.sha256(self._raw + sig + signed).digest()
         with _VERIFIED_LOCK:
             if memo in _VERIFIED:
                 _VERIFIED.move_to_end(memo)
                 return
         try:
-            self._key.verify(bytes(signature), signed)
+            self._key.verify(sig, signed)
         except InvalidSignature:
             raise SignatureError(f"{domain} signature does not verify") from None
         with _VERIFIED_LOCK:

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import torch
 
-from protogalaxy.defense.exact import quantize_weights
+from protogalaxy.defense.exact import MAX_WEIGHT, quantize_weights
 from protogalaxy.defense.galaxy import GalaxyScreen, GalaxyScreenConfig
 from protogalaxy.defense.reputation import (
     ReputationConfig,
@@ -463,6 +463,11 @@ def _replay_layer3(
         published = [int((hints.weights or {}).get(c, -1)) for c in members]
         if any(v < 0 for v in published) or sum(published) <= 0:
             raise ReplayMismatch("geometric_median: published weights are missing")
+        if max(published) >= MAX_WEIGHT:
+            raise ReplayMismatch(
+                f"geometric_median: a published weight is not below 2^29 "
+                f"({max(published)})"
+            )
         mine = result.weights or ()
         total_p, total_m = sum(published), sum(mine)
         if any(

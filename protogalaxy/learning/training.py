@@ -280,8 +280,15 @@ class BatchedTrainer:
             idx = order[:, s, :b]
             xb = x[idx.reshape(-1)].view(k, b, *x.shape[1:])
             yb = y[idx.reshape(-1)].view(k, b)
+            # A transform sees each client's real batch (a backdoor triggers a
+            # share of *its* samples), never the padding up to the step's width.
+            sizes = (weight[:, s, :b] > 0).sum(1)
             for transform, rows in groups:
-                xb[rows], yb[rows] = transform(xb[rows], yb[rows])
+                for m in sorted(set(sizes[rows].tolist())):
+                    if m == 0:
+                        continue
+                    sub = rows[sizes[rows] == m]
+                    xb[sub, :m], yb[sub, :m] = transform(xb[sub, :m], yb[sub, :m])
             wb = weight[:, s, :b].to(self.device)
             grads = self._grads(params, xb.to(self.device), yb.to(self.device), wb)
             active = (wb.sum(1) > 0).to(torch.float32)
