@@ -127,6 +127,7 @@ def _worker_up(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
     """``protogalaxy up``'s processes (Redis, global, galaxies, one client runner)
     at the same config as the cost run: round times, every process's peak memory,
     the galaxies' request rates, and how many clients took part in each round."""
+    import resource
     import tempfile
     import threading
 
@@ -174,6 +175,11 @@ def _worker_up(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
             if proc.popen is not None and proc.alive()
         }
         cluster.stop()
+        # processes that exited before the sample (the client runner, done with
+        # its rounds): the largest of them, as the kernel kept it for the parent
+        peaks["largest exited child"] = (
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        )
         took_part: dict[int, set[int]] = {}
         for line in (out / "receipts.jsonl").read_text().splitlines():
             rec = json.loads(line)
