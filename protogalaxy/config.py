@@ -83,7 +83,7 @@ class TrainingSection(_Section):
     #: Floor on a client's local SGD steps per round: a client whose local_epochs
     #: give fewer batches takes further passes over its data (docs/scale.md: with
     #: 1,000 clients of 45 samples, one epoch is 2 steps and the model stays at
-    #: chance). Clients of the default size take 47 steps an epoch, unaffected.
+    #: chance). Clients of the default size take 63 steps an epoch, unaffected.
     min_local_steps: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0)
