@@ -290,18 +290,18 @@ class ClientRunner:
                     raise RuntimeError(f"client {c}: registration refused: {resp.text}")
                 time.sleep(0.2)
 
-    def refresh_assignment(self) -> None:
+    def refresh_assignment(self, *, force: bool = False) -> bool:
         """Take the global aggregator's signed placement of the clients (at most
-        once a second); register moved clients with their new galaxies."""
-        if (
-            self.settings.global_url is None
-            or time.monotonic() - self._assignment_checked < 1.0
+        once a second unless ``force``); register moved clients with their new
+        galaxies. True when the placement changed."""
+        if self.settings.global_url is None or (
+            not force and time.monotonic() - self._assignment_checked < 1.0
         ):
-            return
+            return False
         self._assignment_checked = time.monotonic()
         resp = self.request("GET", self.settings.global_url + "/v1/assignment")
         if resp.status_code != 200:
-            return
+            return False
         doc = SignedDocument.from_dict(resp.json(), kind="assignment")
         try:
             doc.verify(self.global_key, run=self.run_id)
@@ -312,7 +312,7 @@ class ClientRunner:
             ) from exc
         new = Assignment.from_dict(doc.body["assignment"])
         if new.isolated == self.assignment.isolated:
-            return
+            return False
         moved = [c for c in self.keys if new.galaxy_of(c) != self.galaxy_of(c)]
         self.assignment = new
         self.galaxies = sorted({self.galaxy_of(c) for c in self.keys})
@@ -322,6 +322,7 @@ class ClientRunner:
             moved,
         )
         self.register(moved, wait_s=120)
+        return True
 
     def states(self) -> dict[int, dict[str, Any]]:
         self.refresh_assignment()
@@ -378,8 +379,17 @@ class ClientRunner:
                         views[g],
                         self._waiters.submit(self._long_poll, g, views[g]),
                     )
+            # A galaxy behind the others may have been isolated (it will never
+            # move on): then look at the placement every second, not only when
+            # a poll answers.
+            rounds = [x.get("round") for x in states.values()]
+            known = [r for r in rounds if isinstance(r, int)]
+            behind = bool(known) and any(
+                not isinstance(r, int) or r < max(known) for r in rounds
+            )
             futures.wait(
                 [f for g, (_, f) in self._polls.items() if g in views],
+                timeout=1.0 if behind else None,
                 return_when=futures.FIRST_COMPLETED,
             )
             for g, (asked, fut) in list(self._polls.items()):
@@ -431,6 +441,11 @@ class ClientRunner:
                 break
             rnd = min(x["round"] for x in states.values() if opened(x, next_round))
             states = self.wait(functools.partial(each_ready, r=rnd))
+            # A galaxy isolated at the end of the last round moved clients: play
+            # this round with the placement as it is now. (Waiting on long polls,
+            # the runner is not woken between the isolation and the next round.)
+            if self.refresh_assignment(force=True):
+                states = self.wait(functools.partial(each_ready, r=rnd))
             playing = [
                 g for g, x in states.items() if x["round"] == rnd and opened(x, rnd)
             ]
