@@ -46,13 +46,12 @@ PHASES = [
 ]
 
 
-def _worker_cost(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
-    import resource
-
+def _same_work(clients: int, galaxies: int, rounds: int) -> Any:
+    """The cost runs' config: TOTAL_SAMPLES over ``clients``, one epoch each, no
+    step floor, so every scale does the same local work."""
     from protogalaxy.config import load_config
-    from protogalaxy.simulation import Simulation
 
-    cfg = load_config(
+    return load_config(
         overrides={
             "clients.count": clients,
             "galaxies.count": galaxies,
@@ -62,6 +61,14 @@ def _worker_cost(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
             "training.min_local_steps": 1,
         }
     )
+
+
+def _worker_cost(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
+    import resource
+
+    from protogalaxy.simulation import Simulation
+
+    cfg = _same_work(clients, galaxies, rounds)
     sim = Simulation(cfg)
     out = []
     for r in range(rounds):
@@ -131,19 +138,9 @@ def _worker_up(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
     import tempfile
     import threading
 
-    from protogalaxy.config import load_config
     from services.up import LocalCluster
 
-    cfg = load_config(
-        overrides={
-            "clients.count": clients,
-            "galaxies.count": galaxies,
-            "clients.samples_per_client": TOTAL_SAMPLES // clients,
-            "training.rounds": rounds,
-            "training.local_epochs": 1,
-            "training.min_local_steps": 1,
-        }
-    )
+    cfg = _same_work(clients, galaxies, rounds)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         cluster = LocalCluster(cfg, out, commit_deadline_s=600, reveal_deadline_s=600)

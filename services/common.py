@@ -20,7 +20,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,45 @@ class Signal:
         if gone in done:
             return "gone"
         return "fired" if fired in done else "timeout"
+
+
+class LongPolls:
+    """Requests waiting for a view to change (long polls), at most ``limit`` at
+    once; used on the event loop only."""
+
+    def __init__(self, changed: Signal, limit: int) -> None:
+        self.changed = changed  # fired when the view may have changed
+        self.limit = limit
+        self.waiting = 0
+
+    async def answer(
+        self,
+        request: Request,
+        view: str,
+        wait_s: float,
+        current: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """``current()`` once its ``"view"`` differs from ``view`` or ``wait_s``
+        has passed (429 ``too_many_waiters`` beyond the limit). A wait whose peer
+        hangs up ends at once and gives its slot back."""
+        if self.waiting >= self.limit:
+            raise Rejected(
+                "too_many_waiters",
+                f"{self.waiting} long polls are waiting; ask again without wait_s",
+            )
+        self.waiting += 1
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                ticket = self.changed.ticket()
+                out = await current()
+                left = deadline - time.monotonic()
+                if out["view"] != view or left <= 0:
+                    return out
+                if await Signal.wait_for_peer(request, ticket, left) == "gone":
+                    return out  # nobody reads it; the slot is free again
+        finally:
+            self.waiting -= 1
 
 
 def env(name: str, default: str | None = None) -> str:

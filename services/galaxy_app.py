@@ -67,6 +67,7 @@ from protogalaxy.spec import UpdateSpec
 from services import server
 from services.common import (
     RUN_HEADER,
+    LongPolls,
     NotReady,
     Pump,
     Signal,
@@ -239,7 +240,8 @@ class _Runtime:
         #: signal fired when its view changes (long polls wait on it)
         self.round_status: dict[str, Any] | None = None
         self.round_changed = Signal()
-        self.long_polls = 0  # /v1/round requests waiting (event loop only)
+        #: /v1/round requests waiting on it
+        self.round_waiters = LongPolls(self.round_changed, settings.max_long_polls)
         self.uploading: set[tuple[int, int]] = set()  # (round, client) reveals staging
         self.isolated: list[int] = []  # the galaxies isolated, as last applied
 
@@ -811,32 +813,17 @@ def create_app(
         so a galaxy's request rate is set by its phases, not by its clients'
         patience. At most ``PG_MAX_LONG_POLLS`` wait at once (429
         ``too_many_waiters``)."""
-        if view is None or wait_s <= 0:
+
+        async def current() -> dict[str, Any]:
             # the driver's status when it has one, so a plain answer and a long
             # poll's never disagree on which phase came first
             if r.round_status is not None:
                 return r.round_status
             return await asyncio.to_thread(read_round, r)
-        if r.long_polls >= r.settings.max_long_polls:
-            raise Rejected(
-                "too_many_waiters",
-                f"{r.long_polls} long polls are waiting; ask again without wait_s",
-            )
-        r.long_polls += 1
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                ticket = r.round_changed.ticket()
-                out = r.round_status
-                if out is None:
-                    out = await asyncio.to_thread(read_round, r)
-                left = deadline - time.monotonic()
-                if out["view"] != view or left <= 0:
-                    return out
-                if await Signal.wait_for_peer(request, ticket, left) == "gone":
-                    return out  # nobody reads it; the slot is free again
-        finally:
-            r.long_polls -= 1
+
+        if view is None or wait_s <= 0:
+            return await current()
+        return await r.round_waiters.answer(request, view, wait_s, current)
 
     @app.get("/v1/model")
     def model(r: Rt) -> Response:

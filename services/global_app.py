@@ -80,6 +80,7 @@ from services import server
 from services.common import (
     JSON_LIMIT,
     RUN_HEADER,
+    LongPolls,
     NotReady,
     Signal,
     env,
@@ -372,9 +373,10 @@ class _Runtime:
         self.evaluating = 0  # rounds applied and not yet evaluated
         # This process's start: a restart changes the view galaxies wait on.
         self.boot = secrets.token_hex(4)
-        self.long_polls = 0  # /v1/status requests waiting (event loop only)
         self.poke = Signal()  # a leaf, abstention or aggregate arrived
         self.changed = Signal()  # the view (round, phase, finished) changed
+        #: /v1/status requests waiting on it
+        self.waiters = LongPolls(self.changed, settings.max_long_polls)
 
     def _resume(self, settings: GlobalSettings) -> None:
         """Resume from the newest checkpoint, and the head already signed for
@@ -827,24 +829,11 @@ def create_app(
             require_token(request, r.settings.service_token, what="service")
         except Rejected:
             require_token(request, r.settings.auditor_token, what="service or auditor")
-        if r.long_polls >= r.settings.max_long_polls:
-            raise Rejected(
-                "too_many_waiters",
-                f"{r.long_polls} long polls are waiting; ask again without wait_s",
-            )
-        r.long_polls += 1
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                ticket = r.changed.ticket()
-                out = await asyncio.to_thread(locked_status, r)
-                left = deadline - time.monotonic()
-                if out["view"] != view or left <= 0:
-                    return out
-                if await Signal.wait_for_peer(request, ticket, left) == "gone":
-                    return out  # nobody reads it; the slot is free again
-        finally:
-            r.long_polls -= 1
+
+        async def current() -> dict[str, Any]:
+            return await asyncio.to_thread(locked_status, r)
+
+        return await r.waiters.answer(request, view, wait_s, current)
 
     def locked_status(r: _Runtime) -> dict[str, Any]:
         with r.lock:  # a finished round and its history record appear together
