@@ -8,6 +8,9 @@
 3. Verifying one inclusion proof in a 1,000,000-leaf tree, relative to the bare
    hash calls it needs (1 leaf + path length) on inputs of the same sizes
    (goal: <= 2x).
+4. Generating consistency proofs between random sizes of a 1,000,000-leaf tree,
+   relative to the bare hash calls they need over the tree's stored perfect
+   subtrees (goal: <= 2x; issue 14).
 """
 
 from __future__ import annotations
@@ -141,9 +144,63 @@ def bench_verify(quick: bool) -> dict[str, Any]:
     )
 
 
+def _hashes_needed(m: int, n: int) -> int:
+    """Hash calls ``PROOF(m, D[n])`` needs when every perfect subtree is stored.
+
+    Follows RFC 9162's ``SUBPROOF`` recursion over sizes alone: each node the
+    proof carries is ``MTH`` of a range whose size has one perfect subtree per set
+    bit, so it costs ``popcount(size) - 1`` hashes.
+    """
+    needed = 0
+    complete = True
+    lo, hi = 0, n
+    while m != hi - lo:
+        k = 1 << ((hi - lo - 1).bit_length() - 1)
+        if m <= k:
+            needed += (hi - lo - k).bit_count() - 1
+            hi = lo + k
+        else:
+            lo, m, complete = lo + k, m - k, False
+    if not complete:
+        needed += (hi - lo).bit_count() - 1
+    return needed
+
+
+def bench_consistency(quick: bool) -> dict[str, Any]:
+    size = 1_000_000
+    r = random.Random(3)
+    tree = MerkleTree.from_leaf_hashes(r.randbytes(32) for _ in range(size))
+    pairs = []
+    for _ in range(1000 if quick else 4000):
+        n = r.randrange(2, size + 1)
+        pairs.append((r.randrange(1, n), n))
+    needed = sum(_hashes_needed(m, n) for m, n in pairs)
+    floor_inputs = [b"\x01" + r.randbytes(64) for _ in range(needed)]
+    sha = hashlib.sha256
+
+    def floor() -> None:
+        for x in floor_inputs:
+            sha(x).digest()
+
+    def subject() -> None:
+        for m, n in pairs:
+            tree.consistency_proof(m, n)
+
+    f, s = interleaved(floor, subject, 5 if quick else 15)
+    return report(
+        "consistency proofs, 1M-leaf tree (vs bare hashes)",
+        s / f,
+        "<= 2.0",
+        s / f <= 2.0,
+        f"{needed / len(pairs):.1f} hashes/proof, "
+        f"{s / len(pairs) * 1e6:.2f} us/proof, floor {f / len(pairs) * 1e6:.2f} us",
+    )
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     print(f"crypto benchmarks (pid {os.getpid()})")
     results = [bench_commit(quick)]
     results += bench_tree_build(quick)
     results.append(bench_verify(quick))
+    results.append(bench_consistency(quick))
     return results

@@ -305,21 +305,56 @@ class MerkleTree:
 
     def _range_hash(self, lo: int, hi: int) -> bytes:
         """``MTH(D[lo:hi])`` for a range that the RFC recursion visits (``lo`` is a
-        multiple of a power of two at least ``hi - lo``)."""
+        multiple of a power of two at least ``hi - lo``): the right fold of the
+        perfect subtrees that make it up, one per set bit of ``hi - lo``."""
         size = hi - lo
         if size == 0:
             return EMPTY_ROOT
         levels = self._levels
         parts = []
         pos = lo
-        for level in range(size.bit_length() - 1, -1, -1):
-            if size >> level & 1:
-                parts.append(levels[level][pos >> level])
-                pos += 1 << level
+        while size:
+            level = size.bit_length() - 1
+            parts.append(levels[level][pos >> level])
+            pos += 1 << level
+            size -= 1 << level
         h = parts.pop()
+        sha = _sha256
+        node = _NODE_PREFIX
         while parts:
-            h = hash_children(parts.pop(), h)
+            h = sha(node + parts.pop() + h).digest()
         return h
+
+    def _path(self, level: int, index: int, n: int) -> list[bytes]:
+        """The audit path of the perfect subtree ``levels[level][index]`` in the
+        tree of the first ``n`` leaves, bottom up (RFC 9162's ``PATH`` when
+        ``level`` is 0; the tail of ``PROOF`` otherwise).
+
+        Below the level where the node's path and the right border part, every
+        sibling is a stored perfect subtree; the sibling at that level may reach
+        past ``n`` and is the one node that is hashed (a right fold of at most
+        ``log2(n)`` stored subtrees); above it the path runs along the border,
+        whose siblings are the stored subtrees to its left.
+        """
+        levels = self._levels
+        last = (n - 1) >> level
+        fork = (index ^ last).bit_length()  # levels below the border
+        path = [levels[level + j][(index >> j) ^ 1] for j in range(fork - 1)]
+        if fork:
+            top = level + fork - 1
+            sibling = (index >> (fork - 1)) ^ 1  # to the right: index < last
+            if (sibling + 1) << top <= n:
+                path.append(levels[top][sibling])
+            else:
+                path.append(self._range_hash(sibling << top, n))
+        i = index >> fork
+        lv = level + fork
+        while i:
+            if i & 1:
+                path.append(levels[lv][i ^ 1])
+            i >>= 1
+            lv += 1
+        return path
 
     # -- proofs ----------------------------------------------------------------
 
@@ -338,17 +373,7 @@ class MerkleTree:
         _check_size("index", index)
         if index >= n:
             raise ValueError(f"leaf index {index} out of range for tree_size {n}")
-        path = []
-        lo, hi = 0, n
-        while hi - lo > 1:
-            k = _split(hi - lo)
-            if index < lo + k:
-                path.append(self._range_hash(lo + k, hi))
-                hi = lo + k
-            else:
-                path.append(self._range_hash(lo, lo + k))
-                lo += k
-        path.reverse()
+        path = self._path(0, index, n) if n > 1 else []
         return InclusionProof(index, n, path)
 
     def inclusion_proofs(
@@ -373,23 +398,16 @@ class MerkleTree:
         m = _check_size("old_size", old_size, minimum=1)
         if m > n:
             raise ValueError(f"old_size {m} exceeds new_size {n}")
-        proof = []
-        lo, hi = 0, n
-        complete = True  # the RFC's flag b: the old tree is a complete subtree so far
-        while m != hi - lo:
-            k = _split(hi - lo)
-            if m <= k:
-                proof.append(self._range_hash(lo + k, hi))
-                hi = lo + k
-            else:
-                proof.append(self._range_hash(lo, lo + k))
-                lo += k
-                m -= k
-                complete = False
-        if not complete:
-            proof.append(self._range_hash(lo, hi))
-        proof.reverse()
-        return proof
+        if m == n:
+            return []
+        # The largest perfect subtree that ends at m, then its audit path in the
+        # new tree; the subtree itself leads unless the old tree is that subtree.
+        level = (m & -m).bit_length() - 1
+        index = (m - 1) >> level
+        path = self._path(level, index, n)
+        if index:
+            path.insert(0, self._levels[level][index])
+        return path
 
     # -- serialization -----------------------------------------------------------
 

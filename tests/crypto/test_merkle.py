@@ -444,3 +444,67 @@ def test_matches_pymerkle_reference() -> None:
     tree = MerkleTree(leaves)
     for n in (1, 2, 3, 31, 32, 33, 77):
         assert ref.get_root(n) == tree.root_at(n)
+
+
+# -- the proofs are exactly the RFC's, not merely ones that verify -----------------
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    """MTH(D[n]) straight from RFC 9162 section 2.1.1."""
+    n = len(leaves)
+    if n == 0:
+        return sha(b"")
+    if n == 1:
+        return leaf(leaves[0])
+    k = 1 << ((n - 1).bit_length() - 1)
+    return node(_mth(leaves[:k]), _mth(leaves[k:]))
+
+
+def _rfc_path(m: int, leaves: list[bytes]) -> list[bytes]:
+    """PATH(m, D[n]) of RFC 9162 section 2.1.3.1."""
+    n = len(leaves)
+    if n == 1:
+        return []
+    k = 1 << ((n - 1).bit_length() - 1)
+    if m < k:
+        return [*_rfc_path(m, leaves[:k]), _mth(leaves[k:])]
+    return [*_rfc_path(m - k, leaves[k:]), _mth(leaves[:k])]
+
+
+def _rfc_subproof(m: int, leaves: list[bytes], complete: bool) -> list[bytes]:
+    """SUBPROOF(m, D[n], b) of RFC 9162 section 2.1.4.1."""
+    n = len(leaves)
+    if m == n:
+        return [] if complete else [_mth(leaves)]
+    k = 1 << ((n - 1).bit_length() - 1)
+    if m <= k:
+        return [*_rfc_subproof(m, leaves[:k], complete), _mth(leaves[k:])]
+    return [*_rfc_subproof(m - k, leaves[k:], False), _mth(leaves[:k])]
+
+
+def test_proofs_equal_the_rfc_recursion_for_every_size_up_to_70() -> None:
+    leaves = data(70)
+    tree = MerkleTree(leaves)
+    for new in range(1, 71):
+        for old in range(1, new + 1):
+            want = _rfc_subproof(old, leaves[:new], True) if old < new else []
+            assert tree.consistency_proof(old, new) == want, (old, new)
+        for idx in range(new):
+            assert tree.inclusion_proof(idx, new).path == _rfc_path(
+                idx, leaves[:new]
+            ), (idx, new)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5000), st.data())
+def test_proofs_equal_the_rfc_recursion_in_larger_trees(
+    size: int, draw: st.DataObject
+) -> None:
+    leaves = data(size)
+    tree = MerkleTree(leaves)
+    new = draw.draw(st.integers(1, size))
+    old = draw.draw(st.integers(1, new))
+    idx = draw.draw(st.integers(0, new - 1))
+    want = _rfc_subproof(old, leaves[:new], True) if old < new else []
+    assert tree.consistency_proof(old, new) == want
+    assert tree.inclusion_proof(idx, new).path == _rfc_path(idx, leaves[:new])
