@@ -122,7 +122,7 @@ class UpdateHeader:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _as_tensor(name: str, value: object) -> torch.Tensor:
@@ -237,10 +237,12 @@ class _Reader:
         self.data = data
         self.pos = 0
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: str, arg: object = None) -> memoryview:
+        """The next ``n`` bytes; ``what`` (formatted with ``arg`` only on failure,
+        as this runs per tensor) names them in the error."""
         end = self.pos + n
         if end > len(self.data):
-            raise _Truncated(what)
+            raise _Truncated(what.format(arg))
         out = self.data[self.pos : end]
         self.pos = end
         return out
@@ -279,12 +281,12 @@ def parse_header(
     previous = b""
     data_size = 0
     for i in range(count):
-        (name_len,) = struct.unpack("<H", r.take(2, f"name length of tensor {i}"))
+        (name_len,) = struct.unpack("<H", r.take(2, "name length of tensor {}", i))
         if not 1 <= name_len <= MAX_NAME_BYTES:
             raise ValueError(
                 f"tensor {i}: name length {name_len}, allowed 1..{MAX_NAME_BYTES}"
             )
-        raw = bytes(r.take(name_len, f"name of tensor {i}"))
+        raw = bytes(r.take(name_len, "name of tensor {}", i))
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -294,13 +296,13 @@ def parse_header(
                 f"tensor {i} ({name!r}): names must be unique and sorted by UTF-8 bytes"
             )
         previous = raw
-        code, ndim = struct.unpack("<BB", r.take(2, f"dtype of tensor {name!r}"))
+        code, ndim = struct.unpack("<BB", r.take(2, "dtype of tensor {!r}", name))
         if code not in _CODE_DTYPES:
             raise ValueError(f"tensor {name!r}: unknown dtype code {code}")
         if ndim > MAX_NDIM:
             raise ValueError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM}")
         shape = struct.unpack(
-            f"<{ndim}Q", r.take(8 * ndim, f"shape of tensor {name!r}")
+            f"<{ndim}Q", r.take(8 * ndim, "shape of tensor {!r}", name)
         )
         header = TensorHeader(name, _CODE_DTYPES[code], tuple(shape))
         nbytes = header.nbytes

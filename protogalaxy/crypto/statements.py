@@ -419,7 +419,10 @@ class SignedDocument:
         }
 
     def to_bytes(self) -> bytes:
-        return canonical_json(self.to_dict())
+        # Serialized as it stands: no copy of the body is needed to encode it.
+        return canonical_json(
+            {"kind": self.kind, "body": self.body, "signature": self.signature.hex()}
+        )
 
     @classmethod
     def from_dict(cls, obj: object, *, kind: str | None = None) -> SignedDocument:
@@ -436,7 +439,11 @@ class SignedDocument:
             obj = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"signed document: malformed JSON ({exc})") from None
-        return cls.from_dict(obj, kind=kind)
+        # The parsed object is this call's own: take its body without a copy.
+        d = _keys(obj, {"kind", "body", "signature"}, "signed document")
+        if kind is not None and d["kind"] != kind:
+            raise ValueError(f"expected a signed {kind}, got a {d['kind']!r}")
+        return cls(d["kind"], d["body"], unhex(d["signature"], "signature"))
 
 
 def sign_document(

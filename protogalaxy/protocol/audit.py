@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from protogalaxy.codec import decode_update
 from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.crypto.identity import (
@@ -470,8 +469,9 @@ def replay(
                 f"the update served for client {c} is not the one it revealed",
                 client=c,
             )
+        tensors = None
         try:
-            check_reveal(
+            tensors = check_reveal(
                 com,
                 data,
                 digest=bytes.fromhex(e["reveal_digest"]),
@@ -497,9 +497,8 @@ def replay(
                     f"client {c}'s update was taken although it fails {reason}",
                     client=c,
                 )
-            accepted[c] = ctx.spec.flatten(
-                decode_update(data, max_bytes=ctx.max_update_bytes)
-            )
+            assert tensors is not None  # it passed layer 1
+            accepted[c] = ctx.spec.flatten(tensors)  # a copy of the checked views
     clients = sorted(accepted)
     defense = GalaxyDefense(gr.galaxy, ctx.defense)
     assert gr.before is not None

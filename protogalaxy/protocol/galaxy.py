@@ -861,9 +861,12 @@ class GalaxyAggregator:
         reference_direction: torch.Tensor | None,
     ) -> GalaxyDefenseReport:
         """Layers 2-4 over the decoded reveals."""
+        # Views of the stored bodies, copied once into the row by flatten.
         rows = [
             self.spec.flatten(
-                decode_update(inputs.bodies[c], max_bytes=self.max_update_bytes)
+                decode_update(
+                    inputs.bodies[c], max_bytes=self.max_update_bytes, copy=False
+                )
             )
             for c in inputs.clients
         ]
