@@ -206,7 +206,7 @@ def _spawn(*args: str) -> dict[str, Any]:
     return json.loads(last)  # type: ignore[no-any-return]
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+def run(quick: bool = False, scenarios: bool = True) -> list[dict[str, Any]]:
     rounds = 2 if quick else 4
     print(f"scale benchmarks: {TOTAL_SAMPLES} samples, one epoch each, {rounds} rounds")
     costs = {}
@@ -280,7 +280,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         ),
         {"name": "up 1000/20", "detail": up},
     ]
-    for name in ("paper-scenario-1", "paper-scenario-2"):
+    for name in ("paper-scenario-1", "paper-scenario-2") if scenarios else ():
         print(f"  {name}:")
         res = _spawn("scenario", f"configs/{name}.yaml", "0.95")
         secs = res["seconds_to_target"]
@@ -303,7 +303,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     kind, *rest = sys.argv[1:]
-    if kind == "cost":
+    if kind == "sweep":  # the cost sweep and up, without the scenarios
+        out = run(scenarios=False)
+    elif kind == "cost":
         out = _worker_cost(int(rest[0]), int(rest[1]), int(rest[2]))
     elif kind == "up":
         out = _worker_up(int(rest[0]), int(rest[1]), int(rest[2]))

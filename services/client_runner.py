@@ -55,7 +55,7 @@ from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.simulation import ClientSide
-from services.common import RUN_HEADER, env
+from services.common import MAX_BATCH, RUN_HEADER, env
 
 __all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "WrongRun", "parse_ids"]
 
@@ -147,6 +147,34 @@ class ClientSettings:
 
 class WrongRun(RuntimeError):
     """Pods of another run kept answering for longer than the client waits."""
+
+
+#: what a client keeps between commit and reveal: commitment, nonce, body
+_Made = tuple[Commitment, bytes, bytes]
+
+
+def _batches(by_galaxy: dict[int, list[Any]]) -> list[tuple[int, list[Any]]]:
+    """``(galaxy, items)`` jobs of at most ``MAX_BATCH`` items each."""
+    return [
+        (g, items[i : i + MAX_BATCH])
+        for g, items in sorted(by_galaxy.items())
+        for i in range(0, len(items), MAX_BATCH)
+    ]
+
+
+def _results(resp: httpx.Response, n: int) -> list[dict[str, Any]] | None:
+    """A batch answer's per-item results, when it is one for ``n`` items."""
+    if resp.status_code != 200:
+        return None
+    try:
+        results = resp.json().get("results")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(results, list) or len(results) != n:
+        return None
+    if not all(isinstance(x, dict) for x in results):
+        return None
+    return results
 
 
 class ClientRunner:
@@ -473,35 +501,31 @@ class ClientRunner:
         updates = self.train(rnd, clients, params)
         t_train = time.perf_counter()
 
-        def commit_one(i: int) -> tuple[int, tuple[Commitment, bytes, bytes] | None]:
+        def make_one(i: int) -> tuple[int, _Made, dict[str, Any]] | None:
             c = clients[i]
             if not bool(torch.isfinite(updates[i]).all()):
                 # An honest client never sends what layer 1 would hold against it.
                 _log.warning("client %d round %d: update not finite; skipped", c, rnd)
-                return c, None
+                return None
             tensors = self.spec.unflatten(updates[i])
             body = encode_update(tensors)
             g = self.galaxy_of(c)
             commitment, nonce = commit(tensors, client_id=c, galaxy_id=g, round=rnd)
             sig = sign_commitment(self.keys[c], commitment, run=self.run_id)
-            out = self.request(
-                "POST",
-                self.url(g, "/v1/commitments"),
-                json={"commitment": commitment.to_dict(), "signature": sig.hex()},
-            )
-            if out.status_code != 202:
-                _log.info(
-                    "client %d round %d: commitment refused: %s", c, rnd, out.text
-                )
-                return c, None
-            return c, (commitment, nonce, body)
+            item = {"commitment": commitment.to_dict(), "signature": sig.hex()}
+            return c, (commitment, nonce, body), item
 
-        # Clients are independent: their requests go out concurrently.
-        made = {
-            c: m
-            for c, m in self.pool.map(commit_one, range(len(clients)))
-            if m is not None
-        }
+        # Each client signs its own commitment; a galaxy takes its clients'
+        # commitments in batches (one request per MAX_BATCH clients, not one each).
+        by_galaxy: dict[int, list[tuple[int, _Made, dict[str, Any]]]] = {}
+        for one in self.pool.map(make_one, range(len(clients))):
+            if one is not None:
+                by_galaxy.setdefault(self.galaxy_of(one[0]), []).append(one)
+        made: dict[int, _Made] = {}
+        for taken in self.pool.map(
+            lambda job: self.commit_batch(rnd, *job), _batches(by_galaxy)
+        ):
+            made.update(taken)
         t_commit = time.perf_counter()
 
         self.wait(
@@ -516,7 +540,27 @@ class ClientRunner:
             )
         )
         t_head = time.perf_counter()
-        list(self.pool.map(lambda item: self.reveal_one(rnd, *item), made.items()))
+        by_galaxy_made: dict[int, list[tuple[int, _Made]]] = {}
+        for c, m in made.items():
+            by_galaxy_made.setdefault(self.galaxy_of(c), []).append((c, m))
+        # Receipts in one request per batch, then one upload per reveal (in
+        # parallel), then the acknowledgements in one request per batch.
+        receipts = [
+            x
+            for got in self.pool.map(
+                lambda job: self.fetch_receipts(rnd, *job), _batches(by_galaxy_made)
+            )
+            for x in got
+        ]
+        acks: dict[int, list[tuple[int, Any]]] = {}
+        for (c, g, _, _), ack in zip(
+            receipts,
+            self.pool.map(lambda x: self.reveal_one(rnd, *x), receipts),
+            strict=True,
+        ):
+            if ack is not None:
+                acks.setdefault(g, []).append((c, ack))
+        list(self.pool.map(lambda job: self.forward(rnd, *job), _batches(acks)))
         _log.info(
             "client_round",
             extra={
@@ -570,18 +614,66 @@ class ClientRunner:
             )
         return None
 
+    def commit_batch(
+        self, rnd: int, g: int, batch: list[tuple[int, _Made, dict[str, Any]]]
+    ) -> list[tuple[int, _Made]]:
+        """Post up to ``MAX_BATCH`` signed commitments to galaxy ``g``; the clients
+        whose commitment it took."""
+        resp = self.request(
+            "POST",
+            self.url(g, "/v1/commitments/batch"),
+            json={"items": [item for _, _, item in batch]},
+        )
+        results = _results(resp, len(batch))
+        if results is None:
+            _log.info(
+                "round %d: galaxy %d refused a batch of %d commitments: %s",
+                rnd,
+                g,
+                len(batch),
+                resp.text[:500],
+            )
+            return []
+        taken = []
+        for (c, m, _), res in zip(batch, results, strict=True):
+            if res.get("ok") and res.get("client_id") == c:
+                taken.append((c, m))
+            else:
+                _log.info("client %d round %d: commitment refused: %s", c, rnd, res)
+        return taken
+
+    def fetch_receipts(
+        self, rnd: int, g: int, batch: list[tuple[int, _Made]]
+    ) -> list[tuple[int, int, _Made, Any]]:
+        """The batch's receipts from galaxy ``g``, in one request: ``(client,
+        galaxy, made, receipt JSON)`` for each client that has one (checked by
+        :meth:`reveal_one` before it reveals)."""
+        ids = ",".join(str(c) for c, _ in batch)
+        got = self.request(
+            "GET", self.url(g, f"/v1/rounds/{rnd}/receipts"), params={"clients": ids}
+        )
+        results = _results(got, len(batch))
+        if results is None:
+            _log.info(
+                "round %d: no receipts from galaxy %d: %s", rnd, g, got.text[:500]
+            )
+            return []
+        out = []
+        for (c, made), res in zip(batch, results, strict=True):
+            if res.get("ok") and res.get("client_id") == c:
+                out.append((c, g, made, res.get("receipt")))
+            else:
+                _log.info("client %d round %d: no receipt (%s)", c, rnd, res)
+        return out
+
     def reveal_one(
-        self, rnd: int, c: int, made: tuple[Commitment, bytes, bytes]
-    ) -> None:
-        """Fetch and verify the receipt, then reveal; a bad receipt stops the run."""
+        self, rnd: int, c: int, g: int, made: _Made, receipt_json: Any
+    ) -> Any:
+        """Verify ``c``'s receipt, then reveal; its acknowledgement (None when the
+        galaxy refused the reveal). A bad receipt stops the run."""
         commitment, nonce, body = made
-        g = self.galaxy_of(c)
-        got = self.request("GET", self.url(g, f"/v1/rounds/{rnd}/receipts/{c}"))
-        if got.status_code != 200:
-            _log.info("client %d round %d: no receipt (%d)", c, rnd, got.status_code)
-            return
-        receipt = Receipt.from_dict(got.json())
         try:
+            receipt = Receipt.from_dict(receipt_json)
             verify_receipt(
                 receipt,
                 global_key=self.global_key,
@@ -589,7 +681,7 @@ class ClientRunner:
                 commitment=commitment,
                 round=rnd,
             )
-        except VerificationError as exc:
+        except (TypeError, KeyError, ValueError, VerificationError) as exc:
             raise ReceiptRejected(
                 f"client {c} round {rnd}: galaxy {g} sent a receipt that fails "
                 f"verification ({type(exc).__name__}: {exc}); not revealing"
@@ -609,37 +701,52 @@ class ClientRunner:
                 "x-pg-signature": sig.hex(),
             },
         )
-        if resp.status_code == 202:
-            self.forward(rnd, c, g, resp.json().get("acknowledgement"))
+        if resp.status_code != 202:
+            return None
+        return resp.json().get("acknowledgement")
 
-    def forward(self, rnd: int, c: int, g: int, ack: Any) -> None:
-        """Hand the galaxy's acknowledgement of ``c``'s reveal to the global
-        aggregator (checked first against the galaxy's key, when known): the galaxy
-        cannot then drop the update unseen."""
+    def forward(self, rnd: int, g: int, acks: list[tuple[int, Any]]) -> None:
+        """Hand galaxy ``g``'s acknowledgements of these clients' reveals to the
+        global aggregator in one request, each checked first against the galaxy's
+        key when known: the galaxy cannot then drop the updates unseen."""
         if self.settings.global_url is None:
             return
-        try:
-            signed = Signed.from_dict(Acknowledgement, ack)
-            st = signed.statement
-            if (st.round, st.galaxy_id, st.client_id) != (rnd, g, c):
-                raise ValueError("an acknowledgement of another reveal")
-            key = self.galaxy_keys.get(g)
-            if key is not None:
-                signed.verify(key, run=self.run_id)
-        except (TypeError, ValueError, VerificationError) as exc:
+        key = self.galaxy_keys.get(g)
+        items = []
+        for c, ack in acks:
+            try:
+                signed = Signed.from_dict(Acknowledgement, ack)
+                st = signed.statement
+                if (st.round, st.galaxy_id, st.client_id) != (rnd, g, c):
+                    raise ValueError("an acknowledgement of another reveal")
+                if key is not None:
+                    signed.verify(key, run=self.run_id)
+            except (TypeError, ValueError, VerificationError) as exc:
+                _log.warning(
+                    "client %d round %d: galaxy %d's acknowledgement is not valid (%s)",
+                    c,
+                    rnd,
+                    g,
+                    exc,
+                )
+                continue
+            items.append(signed.to_dict())
+        if not items:
+            return
+        resp = self.request(
+            "POST",
+            f"{self.settings.global_url}/v1/rounds/{rnd}/acks/batch",
+            json={"items": items},
+        )
+        results = _results(resp, len(items))
+        if results is None or not all(res.get("ok") for res in results):
             _log.warning(
-                "client %d round %d: galaxy %d's acknowledgement is not valid (%s)",
-                c,
+                "round %d: the global aggregator refused acknowledgements of galaxy "
+                "%d: %s",
                 rnd,
                 g,
-                exc,
+                resp.text[:500],
             )
-            return
-        self.request(
-            "POST",
-            f"{self.settings.global_url}/v1/rounds/{rnd}/acks",
-            json=signed.to_dict(),
-        )
 
     def train(
         self, rnd: int, clients: list[int], params: dict[str, torch.Tensor]

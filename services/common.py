@@ -39,6 +39,8 @@ from protogalaxy.crypto.errors import VerificationError
 from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
 
 __all__ = [
+    "AUDIT_BATCH_BYTES",
+    "MAX_BATCH",
     "RUN_HEADER",
     "NotReady",
     "Pump",
@@ -46,9 +48,11 @@ __all__ = [
     "content_length",
     "env",
     "install_error_handlers",
+    "read_batch",
     "read_body",
     "read_json",
     "require_token",
+    "run_batch",
 ]
 
 _log = logging.getLogger("protogalaxy.http")
@@ -385,6 +389,67 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 JSON_LIMIT = 8 << 10
 
 
+#: the most items one batch request carries (commitments, receipt ids, acks,
+#: audit updates)
+MAX_BATCH = 256
+
+#: how much one galaxy answer to a batch of audit updates carries (at least one
+#: update, whatever its size)
+AUDIT_BATCH_BYTES = 64 << 20
+
+#: the status and reason of a refused request (or batch item), by error type;
+#: a ``Rejected`` carries its own reason (``_STATUS``); anything else (a store
+#: that is down, a service not ready) fails the whole request
+_ITEM_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (WrongPhase, 409, "wrong_phase"),
+    (UnknownClient, 404, "unknown_client"),
+    (VerificationError, 401, "verification_failed"),
+    (ValueError, 400, "malformed"),
+)
+
+
+def _refusal(exc: Exception) -> tuple[int, str] | None:
+    if isinstance(exc, Rejected):
+        return _STATUS.get(exc.reason, 422), exc.reason
+    for error, status, reason in _ITEM_ERRORS:
+        if isinstance(exc, error):
+            return status, reason
+    return None
+
+
+async def read_batch(request: Request, item_bytes: int, what: str) -> list[Any]:
+    """A batch body ``{"items": [...]}`` of 1 to ``MAX_BATCH`` items, at most
+    ``item_bytes`` each on average (413 before it is read whole otherwise)."""
+    body = await read_json(request, MAX_BATCH * item_bytes)
+    items = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise Rejected(
+            "malformed",
+            f'a batch of {what} is {{"items": [...]}} with 1 to {MAX_BATCH} items',
+        )
+    return items
+
+
+def run_batch(
+    request: Request, items: list[Any], one: Callable[[Any], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``one(item)`` for each item, in order: its answer, or its refusal as the
+    single request would have had it (status, reason, detail), logged and
+    counted the same way. An error that is not a refusal (the store down) fails
+    the whole batch, and the sender retries it: every item is idempotent."""
+    refuse_item = request.app.state.refuse_item
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append({"ok": True, **one(item)})
+        except Exception as exc:
+            refusal = _refusal(exc)
+            if refusal is None:
+                raise
+            out.append(refuse_item(request, *refusal, str(exc), i))
+    return out
+
+
 def install_error_handlers(
     app: FastAPI,
     *,
@@ -420,7 +485,9 @@ def install_error_handlers(
         registry=registry,
     )
 
-    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
+    def note(
+        request: Request, status: int, reason: str, detail: str, **where: Any
+    ) -> None:
         rejected.labels(reason=reason).inc()
         _log.warning(
             "request_rejected",
@@ -430,12 +497,25 @@ def install_error_handlers(
                     "reason": reason,
                     "status": status,
                     "path": request.url.path,
+                    **where,
                     "detail": detail,
                     **context,
                 }
             },
         )
+
+    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
+        note(request, status, reason, detail)
         return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+    def refuse_item(
+        request: Request, status: int, reason: str, detail: str, index: int
+    ) -> dict[str, Any]:
+        """A batch item refused as its single request would have been."""
+        note(request, status, reason, detail, item=index)
+        return {"ok": False, "status": status, "error": reason, "detail": detail}
+
+    app.state.refuse_item = refuse_item
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
@@ -466,10 +546,7 @@ def install_error_handlers(
         # The peer went away mid-body (or was cut off by services.server's
         # timeouts): nobody reads the answer, but it is logged and counted.
         ClientDisconnect: answer(400, "client_disconnected"),
-        WrongPhase: answer(409, "wrong_phase"),
-        UnknownClient: answer(404, "unknown_client"),
-        VerificationError: answer(401, "verification_failed"),
-        ValueError: answer(400, "malformed"),
+        **{error: answer(status, reason) for error, status, reason in _ITEM_ERRORS},
         NotReady: answer(503, "not_ready"),
     }
     for error in unavailable:

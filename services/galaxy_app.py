@@ -66,6 +66,8 @@ from protogalaxy.protocol.stores import Phase
 from protogalaxy.spec import UpdateSpec
 from services import server
 from services.common import (
+    AUDIT_BATCH_BYTES,
+    MAX_BATCH,
     RUN_HEADER,
     LongPolls,
     NotReady,
@@ -74,8 +76,10 @@ from services.common import (
     content_length,
     env,
     install_error_handlers,
+    read_batch,
     read_body,
     require_token,
+    run_batch,
 )
 from services.redis_store import RedisGalaxyStore, RunSuperseded
 
@@ -166,6 +170,10 @@ class Registration(BaseModel):
 class CommitmentIn(BaseModel):
     commitment: dict[str, Any]
     signature: str
+
+
+#: a signed commitment is about 0.4 KiB of JSON: a batch's limit is this per item
+COMMITMENT_ITEM_BYTES = 2048
 
 
 class _Runtime:
@@ -758,8 +766,12 @@ def create_app(
             redis.TimeoutError,
             redis.exceptions.OutOfMemoryError,
         ),
-        # a reveal's body is read with PG_MAX_UPDATE_BYTES as its limit
-        streamed=lambda method, path: method == "PUT" and "/reveals/" in path,
+        # a reveal's body is read with PG_MAX_UPDATE_BYTES as its limit, a
+        # batch's with its own
+        streamed=lambda method, path: (
+            (method == "PUT" and "/reveals/" in path)
+            or (method == "POST" and path == "/v1/commitments/batch")
+        ),
         run=settings.run_id,
     )
 
@@ -846,10 +858,59 @@ def create_app(
         r.wake.fire()  # the commit quorum may be reached
         return {"accepted": True, "round": c.round, "client_id": c.client_id}
 
+    @app.post("/v1/commitments/batch")
+    async def commit_batch(request: Request, r: Rt) -> dict[str, Any]:
+        """Many clients' signed commitments in one request (a runner playing many
+        clients): each is checked and stored exactly as ``POST /v1/commitments``
+        would, and answered in order with its own result or refusal. The batch is
+        only transport: every commitment still carries its own client's signature."""
+        assert r.galaxy is not None
+        galaxy = r.galaxy
+        items = await read_batch(request, COMMITMENT_ITEM_BYTES, "commitments")
+
+        def one(item: Any) -> dict[str, Any]:
+            try:
+                body = CommitmentIn.model_validate(item)
+                c = Commitment.from_dict(body.commitment)
+                signature = bytes.fromhex(body.signature)
+            except (TypeError, KeyError, ValueError) as exc:
+                raise Rejected("malformed", f"commitment: {exc}"[:500]) from None
+            galaxy.submit_commitment(c, signature)
+            return {"round": c.round, "client_id": c.client_id}
+
+        try:
+            results = await run_in_threadpool(run_batch, request, items, one)
+        finally:
+            r.wake.fire()  # the commit quorum may be reached
+        return {"results": results}
+
     @app.get("/v1/rounds/{rnd}/receipts/{client}")
     def receipt(rnd: int, client: int, r: Rt) -> dict[str, Any]:
         assert r.galaxy is not None
         return r.galaxy.receipt(rnd, client).to_dict()
+
+    @app.get("/v1/rounds/{rnd}/receipts")
+    def receipts(
+        rnd: int, r: Rt, request: Request, clients: Annotated[str, Query()]
+    ) -> dict[str, Any]:
+        """Receipts for many clients (``?clients=3,17,42``, at most ``MAX_BATCH``),
+        each answered in order as ``GET .../receipts/{client}`` would."""
+        assert r.galaxy is not None
+        galaxy = r.galaxy
+        try:
+            ids = [int(x) for x in clients.split(",")]
+        except ValueError:
+            raise Rejected(
+                "malformed", "clients is a comma-separated list of client ids"
+            ) from None
+        if not 1 <= len(ids) <= MAX_BATCH:
+            raise Rejected("malformed", f"ask for 1 to {MAX_BATCH} receipts at once")
+
+        def one(client: int) -> dict[str, Any]:
+            receipt = galaxy.receipt(rnd, client)
+            return {"client_id": client, "receipt": receipt.to_dict()}
+
+        return {"results": run_batch(request, ids, one)}
 
     @app.put("/v1/rounds/{rnd}/reveals/{client}", status_code=202)
     async def reveal(
@@ -975,6 +1036,52 @@ def create_app(
                 if body is not None:
                     return Response(body, media_type="application/octet-stream")
         raise Rejected("not_found", f"no update with digest {digest} is kept")
+
+    @app.get("/v1/audit/rounds/{rnd}/updates")
+    def audit_updates(
+        rnd: int, request: Request, r: Rt, digests: Annotated[str, Query()]
+    ) -> Response:
+        """Many revealed updates of ``rnd`` at once (``?digests=<hex>,<hex>``, at
+        most ``MAX_BATCH``), for the global aggregator's audit: the transcript is
+        read once for all of them. The answer covers a prefix of the digests that
+        fits in ``AUDIT_BATCH_BYTES`` (at least one; ``x-pg-count`` says how many):
+        for each, an 8-byte little-endian length and the bytes, length 0 for an
+        update that is not kept. Nothing in it is trusted: the auditor checks each
+        update against the transcript."""
+        require_token(
+            request,
+            r.settings.auditor_token,
+            what="auditor",
+            sha256=r.settings.auditor_token_sha256,
+        )
+        assert r.galaxy is not None
+        wanted = [d.lower() for d in digests.split(",")]
+        if not 1 <= len(wanted) <= MAX_BATCH:
+            raise Rejected("malformed", f"ask for 1 to {MAX_BATCH} updates at once")
+        published = r.galaxy.transcript(rnd)
+        if published is None:
+            raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        client_of = {
+            e.get("reveal_digest"): int(e["client"])
+            for e in published[0].body["clients"]
+        }
+        parts: list[bytes] = []
+        size = 0
+        count = 0
+        for digest in wanted:
+            c = client_of.get(digest)
+            body = None if c is None else r.galaxy.audit_update(rnd, c)
+            body = body or b""
+            if count and size + 8 + len(body) > AUDIT_BATCH_BYTES:
+                break
+            parts += [len(body).to_bytes(8, "little"), body]
+            size += 8 + len(body)
+            count += 1
+        return Response(
+            b"".join(parts),
+            media_type="application/octet-stream",
+            headers={"x-pg-count": str(count)},
+        )
 
     @app.get("/v1/clients/{client}")
     def client_state(client: int, r: Rt) -> dict[str, Any]:

@@ -78,16 +78,20 @@ from protogalaxy.protocol.transcript import digest_hex
 from protogalaxy.spec import UpdateSpec
 from services import server
 from services.common import (
+    AUDIT_BATCH_BYTES,
     JSON_LIMIT,
+    MAX_BATCH,
     RUN_HEADER,
     LongPolls,
     NotReady,
     Signal,
     env,
     install_error_handlers,
+    read_batch,
     read_body,
     read_json,
     require_token,
+    run_batch,
 )
 
 __all__ = ["ACK_BYTES", "GlobalSettings", "create_app"]
@@ -457,6 +461,50 @@ class _Runtime:
         return self.agg.round >= self.rounds
 
 
+class _TooLarge(Exception):
+    """An answer longer than its cap: read no further."""
+
+
+def _audit_answer_cap(max_update_bytes: int) -> int:
+    """The most a galaxy's answer to one batch of audit updates may hold: its
+    byte budget, or one whole update when that is larger, with the frames."""
+    return max(AUDIT_BATCH_BYTES, max_update_bytes) + 8 * MAX_BATCH
+
+
+async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
+    buf = bytearray()
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        if len(buf) > cap:
+            raise _TooLarge(f"an answer of more than {cap} bytes")
+    return bytes(buf)
+
+
+def _frames(
+    body: bytes, headers: httpx.Headers, asked: int, max_update_bytes: int
+) -> list[bytes] | None:
+    """A galaxy's batch of audit updates as one body per answered digest (empty:
+    not kept), or None when the answer does not parse (count, lengths, bytes)."""
+    try:
+        count = int(headers.get("x-pg-count", ""))
+    except ValueError:
+        return None
+    if not 1 <= count <= asked:
+        return None
+    out = []
+    pos = 0
+    for _ in range(count):
+        if pos + 8 > len(body):
+            return None
+        n = int.from_bytes(body[pos : pos + 8], "little")
+        pos += 8
+        if n > max_update_bytes or pos + n > len(body):
+            return None
+        out.append(body[pos : pos + n])
+        pos += n
+    return out if pos == len(body) else None
+
+
 def create_app(
     settings: GlobalSettings, *, config: SimulationConfig | None = None
 ) -> FastAPI:
@@ -703,23 +751,55 @@ def create_app(
 
         give_up = time.monotonic() + r.settings.audit_fetch_s
 
-        async def one(client: httpx.AsyncClient, g: int, c: int, digest: str) -> None:
-            url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates/{digest}"
+        async def get(client: httpx.AsyncClient, g: int, ask: list[str]) -> Any:
+            """One batch request, retried while the galaxy does not answer; None
+            when it gave no answer before the fetch's deadline."""
+            url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates"
             pause = 0.2
             while True:
                 try:
-                    resp = await client.get(url, headers=headers)
-                except httpx.HTTPError as exc:
-                    _log.info("galaxy %d update %s: %s", g, digest[:12], exc)
+                    async with client.stream(
+                        "GET", url, headers=headers, params={"digests": ",".join(ask)}
+                    ) as resp:
+                        return (
+                            resp.status_code,
+                            resp.headers,
+                            await _read_capped(
+                                resp, _audit_answer_cap(r.settings.max_update_bytes)
+                            ),
+                        )
+                except (httpx.HTTPError, _TooLarge) as exc:
+                    _log.info("galaxy %d audit updates: %s", g, exc)
                     if time.monotonic() + pause > give_up:
-                        unreachable.add(g)
-                        return
+                        return None
                     await asyncio.sleep(pause)
                     pause = min(2 * pause, 2.0)
-                    continue
-                if resp.status_code == 200:
-                    out[g][c] = resp.content
-                return
+
+        async def of_galaxy(
+            client: httpx.AsyncClient, g: int, digests: dict[int, str]
+        ) -> None:
+            """Every update galaxy ``g`` keeps of those wanted, in batches; what it
+            answers without (or answers wrongly) is missing, for its replay."""
+            pending = list(digests.items())
+            while pending:
+                ask = pending[:MAX_BATCH]
+                got = await get(client, g, [d for _, d in ask])
+                if got is None:
+                    unreachable.add(g)
+                    return
+                status, resp_headers, body = got
+                bodies = (
+                    _frames(body, resp_headers, len(ask), r.settings.max_update_bytes)
+                    if status == 200
+                    else None
+                )
+                if not bodies:  # refused, or an answer that does not parse
+                    _log.info("galaxy %d: no audit updates (%d)", g, status)
+                    return
+                for (c, _), data in zip(ask, bodies, strict=False):
+                    if data:
+                        out[g][c] = data
+                pending = pending[len(bodies) :]
 
         async with httpx.AsyncClient(
             timeout=60.0, limits=httpx.Limits(max_connections=8)
@@ -731,8 +811,7 @@ def create_app(
                     digests = {c: str(entries[c]["reveal_digest"]) for c in wanted}
                 except (KeyError, TypeError):  # malformed: its replay says so
                     continue
-                for c, digest in digests.items():
-                    jobs.append(one(client, g, c, digest))
+                jobs.append(of_galaxy(client, g, digests))
             await asyncio.gather(*jobs)
         for g in unreachable:
             out.pop(g, None)
@@ -777,9 +856,14 @@ def create_app(
         service="global",
         registry=registry,
         context={},
-        # aggregates and transcripts are read with limits of their own
+        # aggregates, transcripts and batches are read with limits of their own
         streamed=lambda method, path: (
-            method == "POST" and ("/aggregates/" in path or "/transcripts/" in path)
+            method == "POST"
+            and (
+                "/aggregates/" in path
+                or "/transcripts/" in path
+                or path.endswith("/acks/batch")
+            )
         ),
         run=settings.run_id,
     )
@@ -944,25 +1028,28 @@ def create_app(
                 "proof": r.agg.proof_for(galaxy).to_dict(),
             }
 
-    @app.post("/v1/rounds/{rnd}/acks", status_code=202)
-    async def ack(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
-        """A galaxy's signed acknowledgement of a client's reveal, forwarded by the
-        client (no token: clients hold none; the galaxy's signature is what counts):
-        the galaxy's transcript of the round must then take that reveal. The body
-        is at most ``ACK_BYTES`` (413 before it is read whole)."""
-        body = await read_json(request, ACK_BYTES)
+    def parse_ack(rnd: int, body: Any) -> Signed[Acknowledgement]:
         if not isinstance(body, dict):
             raise Rejected("malformed", "an acknowledgement is a JSON object")
         try:
             signed = Signed.from_dict(Acknowledgement, body)
         except (KeyError, TypeError, ValueError) as exc:
-            raise Rejected("malformed", f"acknowledgement: {exc}") from None
+            raise Rejected("malformed", f"acknowledgement: {exc}"[:500]) from None
         if signed.statement.round != rnd:
             raise Rejected(
                 "wrong_round",
                 f"an acknowledgement of round {signed.statement.round} posted to "
                 f"round {rnd}",
             )
+        return signed
+
+    @app.post("/v1/rounds/{rnd}/acks", status_code=202)
+    async def ack(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
+        """A galaxy's signed acknowledgement of a client's reveal, forwarded by the
+        client (no token: clients hold none; the galaxy's signature is what counts):
+        the galaxy's transcript of the round must then take that reveal. The body
+        is at most ``ACK_BYTES`` (413 before it is read whole)."""
+        signed = parse_ack(rnd, await read_json(request, ACK_BYTES))
 
         def take() -> bool:  # the round lock may be held by a finishing round
             with r.lock:
@@ -970,6 +1057,20 @@ def create_app(
 
         fresh = await run_in_threadpool(take)
         return {"accepted": True, "duplicate": not fresh}
+
+    @app.post("/v1/rounds/{rnd}/acks/batch")
+    async def ack_batch(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
+        """Many acknowledgements in one request (a runner forwarding its clients'):
+        each checked and taken as ``POST .../acks`` would, answered in order."""
+        items = await read_batch(request, ACK_BYTES, "acknowledgements")
+
+        def one(body: Any) -> dict[str, Any]:
+            signed = parse_ack(rnd, body)
+            with r.lock:
+                fresh = r.agg.submit_ack(signed)
+            return {"client_id": signed.statement.client_id, "duplicate": not fresh}
+
+        return {"results": await run_in_threadpool(run_batch, request, items, one)}
 
     @app.post("/v1/rounds/{rnd}/transcripts/{galaxy}", status_code=202)
     async def transcript(
