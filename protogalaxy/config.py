@@ -88,8 +88,18 @@ class TrainingSection(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    server_lr: float = Field(1.3, gt=0)
-    server_momentum: float = Field(0.5, ge=0, lt=1)
+    #: The global step on the combined update (docs/scale.md): fedavgm (server
+    #: momentum), fedadam or fedyogi (Reddi et al. 2021).
+    server_optimizer: Literal["fedavgm", "fedadam", "fedyogi"] = "fedavgm"
+    #: Server step size; default 1.3 for fedavgm, 0.01 for fedadam and fedyogi.
+    server_lr: float | None = Field(None, gt=0)
+    #: fedavgm's momentum (0 is FedAvg), or the first-moment decay b1 of fedadam
+    #: and fedyogi; default 0.5 for fedavgm, 0.9 for the others.
+    server_momentum: float | None = Field(None, ge=0, lt=1)
+    #: fedadam's and fedyogi's second-moment decay b2.
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    #: fedadam's and fedyogi's adaptivity tau (the second moment starts at tau^2).
+    server_tau: float = Field(1e-3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

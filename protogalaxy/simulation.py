@@ -35,6 +35,7 @@ from protogalaxy.learning.attacks import AttackConfig, add_trigger, train_client
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
+from protogalaxy.learning.server import server_step
 from protogalaxy.learning.training import BatchedTrainer, evaluate
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import updates_needed
@@ -280,8 +281,7 @@ class Simulation:
             run=self.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(defense),
-            server_lr=config.training.server_lr,
-            server_momentum=config.training.server_momentum,
+            server=server_step(config.training),
             audit=AuditSettings(
                 enabled=config.audit.enabled,
                 fraction=config.audit.fraction,

@@ -65,6 +65,7 @@ from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import GlobalDefense
 from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model
+from protogalaxy.learning.server import server_step
 from protogalaxy.learning.training import evaluate
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.checkpoint import CheckpointDir, HeadDir
@@ -333,8 +334,7 @@ class _Runtime:
             run=settings.run_id,
             params=self.spec.flatten(params),
             defense=GlobalDefense(config.defense.build()),
-            server_lr=config.training.server_lr,
-            server_momentum=config.training.server_momentum,
+            server=server_step(config.training),
             audit=AuditSettings(
                 enabled=audit.enabled,
                 fraction=audit.fraction,

@@ -88,7 +88,7 @@ def test_every_key_is_documented_and_every_documented_key_exists() -> None:
     import re
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_.]+)` \|", doc, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)` \|", doc, flags=re.M))
     keys = set(_keys(load_config()))
     assert keys - documented == set(), "undocumented keys"
     assert documented - keys == set(), "documented keys that do not exist"

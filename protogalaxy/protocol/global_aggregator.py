@@ -60,6 +60,7 @@ from protogalaxy.crypto.statements import (
 )
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
 from protogalaxy.defense.pipeline import GlobalDefense, GlobalDefenseReport
+from protogalaxy.learning.server import ServerStep
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import (
     AuditContext,
@@ -167,14 +168,16 @@ class GlobalAggregator:
         defense: GlobalDefense,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server: ServerStep | None = None,
         audit_log: AuditLog | None = None,
         audit: AuditSettings | None = None,
         config_digest: str | None = None,
     ) -> None:
         if not galaxy_keys:
             raise ValueError("at least one galaxy is needed")
-        if server_lr <= 0 or not 0 <= server_momentum < 1:
-            raise ValueError("need server_lr > 0 and 0 <= server_momentum < 1")
+        #: the global step (FedAvgM with server_lr and server_momentum unless
+        #: ``server`` says otherwise)
+        self.server = server or ServerStep("fedavgm", server_lr, server_momentum)
         if set(galaxy_keys) != set(range(assignment.num_galaxies)):
             raise ValueError("galaxy_keys must name exactly the assignment's galaxies")
         self.key = key
@@ -205,14 +208,14 @@ class GlobalAggregator:
         }
         self.params = params.detach().clone()
         self.defense = defense
-        self.server_lr = server_lr
-        self.server_momentum = server_momentum
         self.audit_log = (
             audit_log
             if audit_log is not None
             else AuditLog(trusted_key=key.public_key, run=run)
         )
         self.velocity = torch.zeros_like(self.params)
+        #: FedAdam's and FedYogi's second moment (empty for FedAvgM)
+        self.second_moment = self.server.initial_second_moment(self.params)
         self.direction_sum = torch.zeros_like(self.params)
         self.direction_count = 0
         self._state = _RoundState(0)
@@ -641,10 +644,14 @@ class GlobalAggregator:
         norm = 0.0
         if report.aggregate is not None:
             g = report.aggregate.to(self.params.dtype)
-            velocity = self.server_momentum * self.velocity + g
-            params = self.params + self.server_lr * velocity
-            if all(bool(torch.isfinite(t).all()) for t in (g, velocity, params)):
+            params, velocity, moment = self.server.step(
+                self.params, g, self.velocity, self.second_moment
+            )
+            if all(
+                bool(torch.isfinite(t).all()) for t in (g, velocity, moment, params)
+            ):
                 self.velocity, self.params = velocity, params
+                self.second_moment = moment
                 self.direction_sum += g
                 self.direction_count += 1
                 norm = float(torch.linalg.vector_norm(g))
@@ -872,6 +879,7 @@ class GlobalAggregator:
             {
                 "params": self.params.clone(),
                 "velocity": self.velocity.clone(),
+                "second_moment": self.second_moment.clone(),
                 "direction_sum": self.direction_sum.clone(),
                 "audit_log": log,
             },
@@ -895,6 +903,11 @@ class GlobalAggregator:
             raise ValueError("checkpoint model has another shape")
         self.params = t["params"].clone()
         self.velocity = t["velocity"].clone()
+        # A checkpoint of an older version (FedAvgM only) holds no second moment.
+        moment = t.get("second_moment")
+        if moment is None or moment.shape != self.second_moment.shape:
+            moment = self.server.initial_second_moment(self.params)
+        self.second_moment = moment.clone()
         self.direction_sum = t["direction_sum"].clone()
         self.direction_count = int(meta["direction_count"])
         self.defense.screen.load_state_dict(meta["galaxy_screen"])

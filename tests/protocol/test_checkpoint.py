@@ -16,6 +16,7 @@ from protogalaxy.crypto.statements import (
 )
 from protogalaxy.crypto.trees import GalaxyLeaf
 from protogalaxy.defense.pipeline import DefenseConfig, GlobalDefense
+from protogalaxy.learning.server import ServerStep
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.checkpoint import (
     Checkpoint,
@@ -78,7 +79,16 @@ def aggregate(r: int, gid: int, values: torch.Tensor) -> Signed[AggregateStateme
     return sign_statement(GALAXY_KEYS[gid], st, run=RUN)
 
 
-def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "server",
+    [ServerStep("fedavgm", 1.0, 0.5), ServerStep("fedyogi", 0.01, 0.9)],
+    ids=["fedavgm", "fedyogi"],
+)
+def test_the_global_aggregator_resumes_where_it_left_off(
+    tmp_path: Path, server: ServerStep
+) -> None:
+    """Model, momentum and (FedYogi) second moment come back: the next round is
+    the same on the restored aggregator as on the original."""
     key = SigningKey.generate()
     galaxy_keys = {g: k.public_key for g, k in GALAXY_KEYS.items()}
 
@@ -90,7 +100,7 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
             run=run,
             params=torch.zeros(6),
             defense=GlobalDefense(DefenseConfig()),
-            server_momentum=0.5,
+            server=server,
         )
 
     g = fresh()
@@ -112,6 +122,9 @@ def test_the_global_aggregator_resumes_where_it_left_off(tmp_path: Path) -> None
     assert torch.equal(restored.params, g.params) and torch.equal(
         restored.velocity, g.velocity
     )
+    assert torch.equal(restored.second_moment, g.second_moment)
+    if server.adaptive:  # it moved away from its start, so restoring it matters
+        assert not torch.equal(g.second_moment, torch.full((6,), server.tau**2))
     assert restored.audit_log.root == g.audit_log.root and restored.audit_log.size == 3
     # Round 3 proceeds on the restored state exactly as on the original.
     for agg in (g, restored):

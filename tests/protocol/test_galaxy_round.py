@@ -488,7 +488,7 @@ def test_a_step_that_would_make_the_model_non_finite_is_not_applied() -> None:
     w.reveal_all(0)
     r = w.galaxy.close_reveal(0, force=True)
     w.glob.params.fill_(3.0e38)  # a model at the edge of float32 ...
-    w.glob.server_lr = 1e38  # ... and a step that takes it over
+    w.glob.server = dataclasses.replace(w.glob.server, lr=1e38)  # ... and a step
     w.glob.submit_aggregate(r.statement, r.aggregate)
     before = w.glob.params.clone()
     out = w.glob.finish_round(0)
