@@ -535,6 +535,9 @@ class RedisGalaxyStore(GalaxyStore):
             raise PhaseClosed(f"round {round} is not taking commitments")
         return bool(added)
 
+    def commitment_count(self, round: int) -> int:
+        return int(self.r.hlen(self._k("r", round, "commitments")))
+
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         raw = self.r.hgetall(self._k("r", round, "commitments"))
         return {
@@ -675,6 +678,12 @@ class RedisGalaxyStore(GalaxyStore):
     def rejections(self, round: int) -> dict[int, str]:
         raw = self.r.hgetall(self._k("r", round, "rejections"))
         return {int(c): v.decode() for c, v in raw.items()}
+
+    def rejection_count(self, round: int) -> int:
+        return int(self.r.hlen(self._k("r", round, "rejections")))
+
+    def is_rejected(self, round: int, client: int) -> bool:
+        return bool(self.r.hexists(self._k("r", round, "rejections"), str(client)))
 
     def put_blob(self, round: int, key: str, value: bytes) -> None:
         with self.r.pipeline(transaction=True) as pipe:

@@ -384,7 +384,7 @@ class GalaxyAggregator:
                 raise Rejected("duplicate", f"client {c.client_id} already committed")
 
     def commit_quorum_reached(self, round: int) -> bool:
-        n = len(self.store.commitments(round))
+        n = self.store.commitment_count(round)
         return n > 0 and n >= self.quorum * max(1, self.active_clients())
 
     def close_commit(
@@ -603,7 +603,7 @@ class GalaxyAggregator:
             if existing[0] == bytes(body) and existing[1][:NONCE_SIZE] == bytes(nonce):
                 return self._acknowledge(commitment)
             raise Rejected("duplicate", f"client {client} already revealed")
-        if client in self.store.rejections(round):
+        if self.store.is_rejected(round, client):
             raise Rejected(
                 "duplicate", f"client {client}'s reveal was already rejected"
             )
@@ -700,7 +700,7 @@ class GalaxyAggregator:
     def reveal_quorum_reached(self, round: int) -> bool:
         tree = self._tree(round)
         committed = 0 if tree is None else tree.size
-        done = self.store.reveal_count(round) + len(self.store.rejections(round))
+        done = self.store.reveal_count(round) + self.store.rejection_count(round)
         return committed > 0 and done >= self.quorum * committed
 
     def close_reveal(

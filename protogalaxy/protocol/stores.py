@@ -93,6 +93,11 @@ class GalaxyStore(ABC):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]: ...
 
     @abstractmethod
+    def commitment_count(self, round: int) -> int:
+        """How many clients committed in ``round``, without reading them (the
+        quorum is checked after every request)."""
+
+    @abstractmethod
     def stage_reveal(
         self, round: int, client: int, size: int | None = None
     ) -> RevealStage:
@@ -150,6 +155,12 @@ class GalaxyStore(ABC):
 
     @abstractmethod
     def rejections(self, round: int) -> dict[int, str]: ...
+
+    @abstractmethod
+    def rejection_count(self, round: int) -> int: ...
+
+    @abstractmethod
+    def is_rejected(self, round: int, client: int) -> bool: ...
 
     @abstractmethod
     def put_blob(self, round: int, key: str, value: bytes) -> None: ...
@@ -290,6 +301,9 @@ class MemoryGalaxyStore(GalaxyStore):
     def commitments(self, round: int) -> dict[int, tuple[bytes, bytes]]:
         return dict(self._commitments.get(round, {}))
 
+    def commitment_count(self, round: int) -> int:
+        return len(self._commitments.get(round, {}))
+
     def stage_reveal(
         self, round: int, client: int, size: int | None = None
     ) -> RevealStage:
@@ -338,6 +352,12 @@ class MemoryGalaxyStore(GalaxyStore):
 
     def rejections(self, round: int) -> dict[int, str]:
         return dict(self._rejections.get(round, {}))
+
+    def rejection_count(self, round: int) -> int:
+        return len(self._rejections.get(round, {}))
+
+    def is_rejected(self, round: int, client: int) -> bool:
+        return client in self._rejections.get(round, {})
 
     def put_blob(self, round: int, key: str, value: bytes) -> None:
         self._blobs[(round, key)] = bytes(value)

@@ -66,6 +66,7 @@ def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
     assert store.add_commitment(1, 4, c, sig)
     assert not store.add_commitment(1, 4, b"\x00" * 68, b"t" * 64)
     assert store.commitments(1) == {4: (c, sig)} and store.commitments(2) == {}
+    assert store.commitment_count(1) == 1 and store.commitment_count(2) == 0
     assert store.compare_and_set_state((1, Phase.COMMIT), (1, Phase.REVEAL))
     body, nonce = b"\x00\x01body\xff" * 100, bytes(range(32))
     assert store.add_reveal(1, 4, body, nonce)
@@ -76,6 +77,9 @@ def test_commitments_and_reveals_are_set_if_absent(store: GalaxyStore) -> None:
     assert store.add_rejection(1, 5, "non_finite")
     assert not store.add_rejection(1, 5, "shape")
     assert store.rejections(1) == {5: "non_finite"}
+    assert store.rejection_count(1) == 1 and store.rejection_count(2) == 0
+    assert store.is_rejected(1, 5) and not store.is_rejected(1, 4)
+    assert not store.is_rejected(2, 5)
 
 
 def test_blobs_reputation_evidence_and_expiry(store: GalaxyStore) -> None:
