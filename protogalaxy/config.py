@@ -91,7 +91,7 @@ class TrainingSection(_Section):
     #: The global step on the combined update (docs/scale.md): fedavgm (server
     #: momentum), fedadam or fedyogi (Reddi et al. 2021).
     server_optimizer: Literal["fedavgm", "fedadam", "fedyogi"] = "fedavgm"
-    #: Server step size; default 1.3 for fedavgm, 0.01 for fedadam and fedyogi.
+    #: Server step size; default 1.3 for fedavgm, 0.03 for fedadam and fedyogi.
     server_lr: float | None = Field(None, gt=0)
     #: fedavgm's momentum (0 is FedAvg), or the first-moment decay b1 of fedadam
     #: and fedyogi; default 0.5 for fedavgm, 0.9 for the others.

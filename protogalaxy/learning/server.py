@@ -7,7 +7,7 @@
   Adam: ``v = b2 v + (1 - b2) g^2``; Yogi: ``v = v - (1 - b2) g^2 sign(v - g^2)``;
   ``x = x + lr m / (sqrt(v) + tau)``, with ``v`` starting at ``tau^2``. The step
   of each coordinate is then about ``lr`` whatever the update's scale, which is why
-  their ``lr`` is two orders of magnitude below FedAvgM's.
+  their ``lr`` is far below FedAvgM's (0.03 against 1.3 by default).
 
 ``g`` is the round's combined update (the defense's output, already clipped by
 layer 5). A step is computed without changing anything, so a step that would make
@@ -35,7 +35,7 @@ __all__ = [
 SERVER_OPTIMIZERS: Final = ("fedavgm", "fedadam", "fedyogi")
 
 #: the server step size when the configuration names none
-DEFAULT_LR: Final = {"fedavgm": 1.3, "fedadam": 0.01, "fedyogi": 0.01}
+DEFAULT_LR: Final = {"fedavgm": 1.3, "fedadam": 0.03, "fedyogi": 0.03}
 #: FedAvgM's momentum, FedAdam's and FedYogi's b1, when the configuration names none
 DEFAULT_MOMENTUM: Final = {"fedavgm": 0.5, "fedadam": 0.9, "fedyogi": 0.9}
 
