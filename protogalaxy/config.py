@@ -87,6 +87,12 @@ class TrainingSection(_Section):
     min_local_steps: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0)
+    #: Local learning rate by round: constant, cosine (lr down to lr_min over the
+    #: run's rounds) or step (times lr_gamma every lr_step_rounds rounds).
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    lr_min: float = Field(0.0, ge=0)
+    lr_step_rounds: int = Field(10, ge=1)
+    lr_gamma: float = Field(0.5, gt=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     #: The global step on the combined update (docs/scale.md): fedavgm (server
     #: momentum), fedadam or fedyogi (Reddi et al. 2021).
@@ -101,6 +107,15 @@ class TrainingSection(_Section):
     #: fedadam's and fedyogi's adaptivity tau (the second moment starts at tau^2).
     server_tau: float = Field(1e-3, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainingSection:
+        if self.lr_schedule != "constant" and self.lr_min >= self.lr:
+            raise ValueError(
+                f"training.lr_min ({self.lr_min}) must be below training.lr "
+                f"({self.lr}) for the {self.lr_schedule} schedule"
+            )
+        return self
 
 
 class StatisticsSection(_Section):

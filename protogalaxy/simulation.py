@@ -36,7 +36,7 @@ from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
 from protogalaxy.learning.server import server_step
-from protogalaxy.learning.training import BatchedTrainer, evaluate
+from protogalaxy.learning.training import BatchedTrainer, evaluate, round_lr
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import updates_needed
 from protogalaxy.protocol.compromised import CompromisedGalaxy, GalaxyAttack
@@ -328,6 +328,7 @@ class Simulation:
             round=round,
             seed=self.config.seed,
             generator=self.generator,
+            lr=round_lr(self.config.training, round),
         )
 
     def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:

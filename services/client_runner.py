@@ -53,6 +53,7 @@ from protogalaxy.crypto.statements import (
 )
 from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.training import round_lr
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.simulation import ClientSide
 from services.common import MAX_BATCH, RUN_HEADER, env
@@ -764,4 +765,5 @@ class ClientRunner:
             round=rnd,
             seed=self.config.seed,
             generator=self.generator,
+            lr=round_lr(self.config.training, rnd),
         )

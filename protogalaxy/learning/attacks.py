@@ -172,8 +172,10 @@ def train_clients(
     round: int,
     seed: int,
     generator: torch.Generator,
+    lr: float | None = None,
 ) -> torch.Tensor:
-    """One round of local training for ``clients``, honest and Byzantine alike.
+    """One round of local training for ``clients``, honest and Byzantine alike,
+    at learning rate ``lr`` (the trainer's own when None).
 
     Data poisoning runs inside training; model poisoning replaces the Byzantine rows
     afterwards, galaxy by galaxy (ALIE and IPM see their own galaxy's benign updates).
@@ -188,7 +190,7 @@ def train_clients(
         ClientTask(parts[c], transform if c in byzantine else None) for c in clients
     ]
     updates: torch.Tensor = trainer.train(
-        params, tasks, x, y, generator=generator
+        params, tasks, x, y, generator=generator, lr=lr
     ).cpu()
     if active:
         for g in sorted({galaxy_of(c) for c in clients}):

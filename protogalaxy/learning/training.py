@@ -21,19 +21,26 @@ remaining steps, its parameters and momentum untouched.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
+if TYPE_CHECKING:
+    from protogalaxy.config import TrainingSection
+
 __all__ = [
     "BatchedTrainer",
     "ClientTask",
     "evaluate",
     "flatten_params",
+    "local_lr",
+    "round_lr",
     "unflatten_into",
 ]
 
@@ -219,14 +226,19 @@ class BatchedTrainer:
         y: torch.Tensor,
         *,
         generator: torch.Generator,
+        lr: float | None = None,
     ) -> torch.Tensor:
         """Run local training for every task; return ``new - global`` per client,
-        each row flattened in the order of ``global_params``' keys.
+        each row flattened in the order of ``global_params``' keys. ``lr``: this
+        round's learning rate (a schedule's), the trainer's own when None.
 
         A client steps exactly as plain minibatch SGD (with momentum) over its own
         batches would: each batch's loss is the mean over the batch's samples, and a
         client with no batch left in a step neither moves nor updates its momentum.
         """
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        step = self.lr if lr is None else lr
         order, weight = self._schedule(tasks, generator)
         by_transform: dict[int, tuple[BatchTransform, list[int]]] = {}
         for i, t in enumerate(tasks):
@@ -244,7 +256,7 @@ class BatchedTrainer:
                 if mine:
                     groups.append((fn, torch.tensor(mine)))
             params = self._train_chunk(
-                global_params, order[lo:hi], weight[lo:hi], groups, x, y
+                global_params, order[lo:hi], weight[lo:hi], groups, x, y, step
             )
             out[lo:hi] = (
                 torch.cat([p.reshape(hi - lo, -1) for p in params.values()], dim=1)
@@ -260,6 +272,7 @@ class BatchedTrainer:
         groups: list[tuple[BatchTransform, torch.Tensor]],
         x: torch.Tensor,
         y: torch.Tensor,
+        lr: float,
     ) -> dict[str, torch.Tensor]:
         """All local steps of one chunk of clients; their final parameters."""
         k = order.shape[0]
@@ -301,7 +314,7 @@ class BatchedTrainer:
                         keep = torch.where(active > 0, self.momentum, 1.0)
                         v.mul_(keep.view(shape)).add_(g)
                         g = v
-                    p.sub_(g * (active * self.lr).view(shape))
+                    p.sub_(g * (active * lr).view(shape))
         return params
 
 
@@ -323,3 +336,49 @@ def evaluate(
         correct += int((logits.argmax(1) == yb).sum())
     model.train(was_training)
     return correct / len(x), loss / len(x)
+
+
+def local_lr(
+    lr: float,
+    round: int,
+    *,
+    schedule: str,
+    rounds: int,
+    lr_min: float = 0.0,
+    step_rounds: int = 10,
+    gamma: float = 0.5,
+) -> float:
+    """The local learning rate of ``round`` (0-based) under ``schedule``:
+
+    * ``constant``: ``lr``;
+    * ``cosine``: from ``lr`` at round 0 down to ``lr_min`` at the last of
+      ``rounds`` rounds, ``lr_min + (lr - lr_min) (1 + cos(pi r / (rounds - 1))) / 2``;
+    * ``step``: ``lr * gamma ** (round // step_rounds)``, never below ``lr_min``.
+
+    A pure function of the round, so every client (and the simulation and the
+    services) uses the same rate in the same round.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        if rounds <= 1:
+            return lr
+        t = min(round, rounds - 1) / (rounds - 1)
+        return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t)) / 2
+    if schedule == "step":
+        return max(lr_min, lr * gamma ** (round // step_rounds))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def round_lr(training: TrainingSection, round: int) -> float:
+    """The local learning rate a configuration's ``training`` section sets for
+    ``round``."""
+    return local_lr(
+        training.lr,
+        round,
+        schedule=training.lr_schedule,
+        rounds=training.rounds,
+        lr_min=training.lr_min,
+        step_rounds=training.lr_step_rounds,
+        gamma=training.lr_gamma,
+    )
