@@ -187,7 +187,9 @@ def _audit_run(
         rnd = record_round(record)
         logged.add(rnd)
         before = len(fails.items)
-        line = _audit_round(run, record, transcripts, expected, verified, fails)
+        line = _audit_round(
+            run, record, transcripts, expected, verified, fails, assignment
+        )
         for g in sorted(set(record.body["isolated"]) - assignment.isolated):
             assignment = carry_over(assignment, g, expected, verified)
         status = "ok" if len(fails.items) == before else "FAILED"
@@ -231,9 +233,11 @@ def _audit_round(
     expected: dict[int, dict[str, Any]],
     verified: dict[int, dict[str, Any]],
     fails: _Failures,
+    assignment: Assignment,
 ) -> str:
     body = record.body
     rnd = record_round(record)
+    sampling = run.config.sampling()
     where = f"round {rnd}"
     if body.get("binding") != run.binding:
         fails.add(
@@ -276,9 +280,14 @@ def _audit_round(
         gid = int(g_str)
         if g.get("leaf") is None or g["status"] == "abstained":
             continue
+        sampled = (
+            None
+            if sampling.everyone
+            else sampling.clients(assignment.members().get(gid, []), rnd, gid)
+        )
         note = _audit_galaxy(
             run, rnd, gid, g, d, reference, misbehaviour, transcripts, expected,
-            verified, fails, counts,
+            verified, fails, counts, sampled,
         )  # fmt: skip
         if note:
             notes.append(note)
@@ -301,6 +310,7 @@ def _audit_galaxy(
     verified: dict[int, dict[str, Any]],
     fails: _Failures,
     counts: dict[str, int],
+    sampled: frozenset[int] | None = None,
 ) -> str:
     where = f"round {rnd} galaxy {gid}"
     gd = d / f"galaxy-{gid}"
@@ -351,6 +361,7 @@ def _audit_galaxy(
         reference=reference,
         max_update_bytes=run.config.max_update_bytes,
         expected_before=digest_hex(expected[gid]),
+        sampled=sampled,
     )
     updates_dir = run.root / "audit" / "updates" / f"{rnd:06d}" / f"galaxy-{gid}"
     claimed = g["status"] == "misbehaved"

@@ -21,6 +21,7 @@ from protogalaxy.defense.robust import available_aggregators, get_aggregator, sh
 from protogalaxy.defense.statistical import StatisticsConfig
 from protogalaxy.learning.attacks import ATTACKS, AttackConfig
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
+from protogalaxy.protocol.sampling import MAX_EXCEED, Sampling, exceed_probability
 
 __all__ = ["ConfigError", "SimulationConfig", "load_config"]
 
@@ -41,6 +42,9 @@ class DatasetSection(_Section):
 
 class ClientsSection(_Section):
     count: int = Field(30, ge=1, le=100_000)
+    #: Share of each galaxy's clients that take part in a round, drawn from the
+    #: run's seed (Flower's fraction_fit; protogalaxy/protocol/sampling.py).
+    fraction_fit: float = Field(1.0, gt=0, le=1)
     samples_per_client: int = Field(2000, ge=1)
     partition: Literal["iid", "dirichlet", "powerlaw"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
@@ -288,6 +292,32 @@ class SimulationConfig(_Section):
             return None
         return GalaxyAttack(a.kind, a.from_round, a.fraction, self.seed)
 
+    def sampling(self) -> Sampling:
+        """Who takes part in each round (everyone unless clients.fraction_fit)."""
+        return Sampling(self.clients.fraction_fit, self.seed)
+
+    def _check_sample(self, agg: Any, g: int, n: int, b: int, k: int) -> None:
+        """The defense's f must hold for the sample, not only for the galaxy: a
+        sample of k clients needs as many as the rule asks for its f, and holds
+        more than f of the galaxy's b attackers in at most MAX_EXCEED of rounds."""
+        f = agg.f_for(k)
+        if k < agg.min_clients(f):
+            raise ValueError(
+                f"clients.fraction_fit {self.clients.fraction_fit} samples {k} of "
+                f"galaxy {g}'s {n} clients, but {self.defense.aggregator} needs at "
+                f"least {agg.min_clients(f)} for f = {f}"
+            )
+        p = exceed_probability(n, b, k, f)
+        if p > MAX_EXCEED:
+            raise ValueError(
+                f"clients.fraction_fit {self.clients.fraction_fit} samples {k} of "
+                f"galaxy {g}'s {n} clients, {b} of them Byzantine: the sample holds "
+                f"more than the f = {f} that {self.defense.aggregator} tolerates "
+                f"(defense.byzantine_fraction {self.defense.byzantine_fraction}) in "
+                f"{p:.1%} of rounds (at most {MAX_EXCEED:.0%} is accepted); sample "
+                f"more clients or raise defense.byzantine_fraction"
+            )
+
     @model_validator(mode="after")
     def _feasible(self) -> SimulationConfig:
         attacked = self.galaxy_attack.galaxy
@@ -311,8 +341,12 @@ class SimulationConfig(_Section):
         if self.defense.aggregator == "fedavg" or 3 not in self.defense.layers:
             return self
         members = self.galaxy_members()
+        sampling = self.sampling()
         for g, b in self.byzantine_per_galaxy().items():
             n = len(members[g])
+            if not sampling.everyone:
+                self._check_sample(agg, g, n, b, sampling.size(n))
+                continue
             f = agg.f_for(n)
             if b > f or n < agg.min_clients(f):
                 raise ValueError(

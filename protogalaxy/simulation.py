@@ -265,6 +265,7 @@ class Simulation:
                 ),
                 "run": self.run_id,
                 "max_update_bytes": config.max_update_bytes,
+                "sampling": config.sampling(),
             }
             agg = (
                 CompromisedGalaxy(gid, attack=self.compromised[gid], **common)
@@ -282,6 +283,7 @@ class Simulation:
             params=self.spec.flatten(params),
             defense=GlobalDefense(defense),
             server=server_step(config.training),
+            sampling=config.sampling(),
             audit=AuditSettings(
                 enabled=config.audit.enabled,
                 fraction=config.audit.fraction,
@@ -311,6 +313,11 @@ class Simulation:
     def galaxy_of(self, client: int) -> GalaxyAggregator:
         """``client``'s galaxy now (it changes when a galaxy is isolated)."""
         return self.galaxies[self.global_agg.assignment.galaxy_of(client)]
+
+    def _sampled(self, round: int, client: int) -> bool:
+        """Whether ``client`` takes part in ``round`` (clients.fraction_fit)."""
+        sample = self.galaxy_of(client).sample(round)
+        return sample is None or client in sample
 
     # -- one round -------------------------------------------------------------
 
@@ -354,7 +361,7 @@ class Simulation:
         clients = [
             c
             for c in range(self.config.clients.count)
-            if not self.galaxy_of(c).defense.banned(c)
+            if not self.galaxy_of(c).defense.banned(c) and self._sampled(round, c)
         ]
         updates = self._train(round, clients) if clients else torch.zeros(0)
         lap("train")

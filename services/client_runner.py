@@ -292,6 +292,17 @@ class ClientRunner:
             delay = min(delay * 2, 5.0)
         return resp
 
+    def sampled(self, rnd: int) -> frozenset[int]:
+        """Every client that takes part in round ``rnd`` (the run's seeded sample
+        of each galaxy's clients, as the galaxies draw it)."""
+        sampling = self.config.sampling()
+        if sampling.everyone:
+            return frozenset(self.settings.client_ids)
+        out: set[int] = set()
+        for g, members in self.assignment.members().items():
+            out |= sampling.clients(members, rnd, g)
+        return frozenset(out)
+
     def galaxy_of(self, client: int) -> int:
         """``client``'s galaxy under the global aggregator's current placement."""
         return self.assignment.galaxy_of(client)
@@ -489,7 +500,14 @@ class ClientRunner:
         return self.rounds_done
 
     def play_round(self, rnd: int, galaxies: list[int]) -> None:
-        clients = [c for c in self.settings.client_ids if self.galaxy_of(c) in galaxies]
+        sample = self.sampled(rnd)
+        clients = [
+            c
+            for c in self.settings.client_ids
+            if self.galaxy_of(c) in galaxies and c in sample
+        ]
+        if not clients:
+            return  # none of this pod's clients is in the round's sample
         body = self.fetch_model(rnd, galaxies)
         if body is None:
             return  # no galaxy serves round rnd's signed model (any more)

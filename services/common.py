@@ -70,6 +70,7 @@ _STATUS = {
     "wrong_round": 409,
     "too_large": 413,
     "too_many_waiters": 429,
+    "not_sampled": 403,
     "length_required": 411,
 }
 

@@ -695,6 +695,7 @@ def create_app(
             max_update_bytes=settings.max_update_bytes,
             quorum=settings.quorum,
             idle_rounds=settings.idle_rounds,
+            sampling=cfg.sampling(),
         )
 
     async def start(r: _Runtime) -> None:

@@ -335,6 +335,7 @@ class _Runtime:
             params=self.spec.flatten(params),
             defense=GlobalDefense(config.defense.build()),
             server=server_step(config.training),
+            sampling=config.sampling(),
             audit=AuditSettings(
                 enabled=audit.enabled,
                 fraction=audit.fraction,

