@@ -169,7 +169,7 @@ def _results(resp: httpx.Response, n: int) -> list[dict[str, Any]] | None:
         return None
     try:
         results = resp.json().get("results")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not a batch answer
         return None
     if not isinstance(results, list) or len(results) != n:
         return None
@@ -722,7 +722,14 @@ class ClientRunner:
         )
         if resp.status_code != 202:
             return None
-        return resp.json().get("acknowledgement")
+        try:
+            return resp.json().get("acknowledgement")
+        except (ValueError, AttributeError, RecursionError):
+            # no acknowledgement to forward: the galaxy's answer is not one
+            _log.warning(
+                "client %d round %d: galaxy %d's answer is not JSON", c, rnd, g
+            )
+            return None
 
     def forward(self, rnd: int, g: int, acks: list[tuple[int, Any]]) -> None:
         """Hand galaxy ``g``'s acknowledgements of these clients' reveals to the

@@ -435,19 +435,29 @@ def run_batch(
     request: Request, items: list[Any], one: Callable[[Any], dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """``one(item)`` for each item, in order: its answer, or its refusal as the
-    single request would have had it (status, reason, detail), logged and
-    counted the same way. An error that is not a refusal (the store down) fails
-    the whole batch, and the sender retries it: every item is idempotent."""
-    refuse_item = request.app.state.refuse_item
-    out = []
-    for i, item in enumerate(items):
-        try:
-            out.append({"ok": True, **one(item)})
-        except Exception as exc:
-            refusal = _refusal(exc)
-            if refusal is None:
-                raise
-            out.append(refuse_item(request, *refusal, str(exc), i))
+    single request would have had it (status, reason, detail), counted by reason
+    and logged once for the batch. An error that is not a refusal (the store
+    down) fails the whole batch, and the sender retries it: every item is
+    idempotent."""
+    out: list[dict[str, Any]] = []
+    refused: list[tuple[int, int, str, str]] = []
+    try:
+        for i, item in enumerate(items):
+            try:
+                out.append({"ok": True, **one(item)})
+            except Exception as exc:
+                refusal = _refusal(exc)
+                if refusal is None:
+                    raise
+                status, reason = refusal
+                detail = str(exc)[:500]
+                refused.append((i, status, reason, detail))
+                out.append(
+                    {"ok": False, "status": status, "error": reason, "detail": detail}
+                )
+    finally:
+        if refused:
+            request.app.state.refuse_items(request, refused, len(items))
     return out
 
 
@@ -486,9 +496,7 @@ def install_error_handlers(
         registry=registry,
     )
 
-    def note(
-        request: Request, status: int, reason: str, detail: str, **where: Any
-    ) -> None:
+    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
         rejected.labels(reason=reason).inc()
         _log.warning(
             "request_rejected",
@@ -498,25 +506,43 @@ def install_error_handlers(
                     "reason": reason,
                     "status": status,
                     "path": request.url.path,
-                    **where,
                     "detail": detail,
                     **context,
                 }
             },
         )
-
-    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
-        note(request, status, reason, detail)
         return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
-    def refuse_item(
-        request: Request, status: int, reason: str, detail: str, index: int
-    ) -> dict[str, Any]:
-        """A batch item refused as its single request would have been."""
-        note(request, status, reason, detail, item=index)
-        return {"ok": False, "status": status, "error": reason, "detail": detail}
+    def refuse_items(
+        request: Request, refused: list[tuple[int, int, str, str]], of: int
+    ) -> None:
+        """A batch's refused items (index, status, reason, detail): each counted
+        by its reason, one log line for the batch (a line per item would let a
+        small body write a large log)."""
+        reasons: dict[str, int] = {}
+        for _, _, reason, _ in refused:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, n in reasons.items():
+            rejected.labels(reason=reason).inc(n)
+        _log.warning(
+            "batch_items_rejected",
+            extra={
+                "event_record": {
+                    "event": "batch_items_rejected",
+                    "path": request.url.path,
+                    "items": of,
+                    "rejected": len(refused),
+                    "reasons": reasons,
+                    "first": [
+                        {"item": i, "status": st, "reason": rs, "detail": d[:200]}
+                        for i, st, rs, d in refused[:3]
+                    ],
+                    **context,
+                }
+            },
+        )
 
-    app.state.refuse_item = refuse_item
+    app.state.refuse_items = refuse_items
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, exc: Rejected) -> JSONResponse:

@@ -42,7 +42,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from pydantic import BaseModel, StrictInt
+from pydantic import BaseModel, StrictInt, ValidationError
 
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import SimulationConfig, load_config
@@ -870,12 +870,18 @@ def create_app(
         items = await read_batch(request, COMMITMENT_ITEM_BYTES, "commitments")
 
         def one(item: Any) -> dict[str, Any]:
+            # Refused as POST /v1/commitments would refuse it: 422 for a body
+            # that is not {commitment, signature}, 400 for fields that do not
+            # parse.
             try:
                 body = CommitmentIn.model_validate(item)
+            except ValidationError as exc:
+                raise Rejected("malformed", str(exc.errors())[:500]) from None
+            try:
                 c = Commitment.from_dict(body.commitment)
                 signature = bytes.fromhex(body.signature)
-            except (TypeError, KeyError, ValueError) as exc:
-                raise Rejected("malformed", f"commitment: {exc}"[:500]) from None
+            except (TypeError, KeyError) as exc:
+                raise ValueError(f"commitment: {exc!r}") from None
             galaxy.submit_commitment(c, signature)
             return {"round": c.round, "client_id": c.client_id}
 
@@ -904,8 +910,10 @@ def create_app(
             raise Rejected(
                 "malformed", "clients is a comma-separated list of client ids"
             ) from None
-        if not 1 <= len(ids) <= MAX_BATCH:
-            raise Rejected("malformed", f"ask for 1 to {MAX_BATCH} receipts at once")
+        if not 1 <= len(ids) <= MAX_BATCH or len(set(ids)) != len(ids):
+            raise Rejected(
+                "malformed", f"ask for 1 to {MAX_BATCH} distinct receipts at once"
+            )
 
         def one(client: int) -> dict[str, Any]:
             receipt = galaxy.receipt(rnd, client)
@@ -1057,8 +1065,10 @@ def create_app(
         )
         assert r.galaxy is not None
         wanted = [d.lower() for d in digests.split(",")]
-        if not 1 <= len(wanted) <= MAX_BATCH:
-            raise Rejected("malformed", f"ask for 1 to {MAX_BATCH} updates at once")
+        if not 1 <= len(wanted) <= MAX_BATCH or len(set(wanted)) != len(wanted):
+            raise Rejected(
+                "malformed", f"ask for 1 to {MAX_BATCH} distinct updates at once"
+            )
         published = r.galaxy.transcript(rnd)
         if published is None:
             raise Rejected("not_found", f"no transcript of round {rnd} is kept")

@@ -95,7 +95,7 @@ from services.common import (
     run_batch,
 )
 
-__all__ = ["ACK_BYTES", "GlobalSettings", "create_app"]
+__all__ = ["ACK_BYTES", "GlobalSettings", "create_app", "fetch_updates"]
 
 #: an acknowledgement is ~0.5 KiB of JSON; anything much larger is refused unread
 ACK_BYTES = 4096
@@ -462,8 +462,8 @@ class _Runtime:
         return self.agg.round >= self.rounds
 
 
-class _TooLarge(Exception):
-    """An answer longer than its cap: read no further."""
+class _NoAnswer(Exception):
+    """A status that is not the galaxy's answer (yet): ask again."""
 
 
 def _audit_answer_cap(max_update_bytes: int) -> int:
@@ -472,12 +472,19 @@ def _audit_answer_cap(max_update_bytes: int) -> int:
     return max(AUDIT_BATCH_BYTES, max_update_bytes) + 8 * MAX_BATCH
 
 
-async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
+async def _read_answer(resp: httpx.Response, cap: int) -> bytes | None:
+    """The answer's bytes as sent; None (read no further) for an encoded answer
+    (it could inflate past any cap) or one longer than ``cap``."""
+    if resp.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    declared = resp.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > cap):
+        return None
     buf = bytearray()
-    async for chunk in resp.aiter_bytes():
+    async for chunk in resp.aiter_raw():
         buf += chunk
         if len(buf) > cap:
-            raise _TooLarge(f"an answer of more than {cap} bytes")
+            return None
     return bytes(buf)
 
 
@@ -504,6 +511,116 @@ def _frames(
         out.append(body[pos : pos + n])
         pos += n
     return out if pos == len(body) else None
+
+
+async def fetch_updates(
+    r: _Runtime, rnd: int, targets: dict[int, list[int]]
+) -> tuple[dict[int, dict[int, bytes]], set[int]]:
+    """The revealed updates each drawn galaxy's replay needs, by digest, from
+    the galaxy itself: what it answers without is missing (its replay fails);
+    a galaxy that gives no answer at all within ``PG_AUDIT_FETCH_S`` is
+    unreachable (a fault, not proof: its round is left out unaudited)."""
+    unreachable: set[int] = set()
+    with r.lock:
+        sent = r.agg.round_state.transcripts
+        # A drawn galaxy that sent no transcript needs nothing: it is caught
+        # as missing.
+        targets = {g: c for g, c in targets.items() if g in sent}
+        transcripts = {g: sent[g][0].body for g in targets}
+    headers = {
+        "authorization": f"Bearer {r.settings.auditor_token}",
+        RUN_HEADER: r.settings.run_id,  # a galaxy pod of another run says 409
+    }
+    out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
+
+    give_up = time.monotonic() + r.settings.audit_fetch_s
+
+    cap = _audit_answer_cap(r.settings.max_update_bytes)
+
+    async def get(client: httpx.AsyncClient, g: int, ask: list[str]) -> Any:
+        """One batch request, asked again while the galaxy gives no answer
+        (no connection, a 5xx, a 409 from a pod of another run, a 429):
+        ``(status, body)``, the body None for an answer that cannot be one
+        (encoded, or over the cap); None when the fetch's deadline passed."""
+        url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates"
+        pause = 0.2
+        while True:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                async with client.stream(
+                    "GET",
+                    url,
+                    headers=headers,
+                    params={"digests": ",".join(ask)},
+                    timeout=min(60.0, left),
+                ) as resp:
+                    status = resp.status_code
+                    if status in (409, 429) or status >= 500:
+                        raise _NoAnswer(f"{status}")
+                    return status, resp.headers, await _read_answer(resp, cap)
+            except (httpx.HTTPError, _NoAnswer) as exc:
+                _log.info("galaxy %d audit updates: %s", g, exc)
+                if time.monotonic() + pause > give_up:
+                    return None
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+
+    async def of_galaxy(
+        client: httpx.AsyncClient, g: int, digests: dict[int, str]
+    ) -> None:
+        """Every update galaxy ``g`` keeps of those wanted, in batches; what it
+        answers without (or answers wrongly) is missing, for its replay. A
+        galaxy that has not answered for all of them by the fetch's deadline
+        (slowly, a page at a time) is unreachable."""
+        pending = list(digests.items())
+        while pending:
+            ask = pending[:MAX_BATCH]
+            got = await get(client, g, [d for _, d in ask])
+            if got is None:
+                unreachable.add(g)
+                return
+            status, resp_headers, body = got
+            bodies = (
+                _frames(body, resp_headers, len(ask), r.settings.max_update_bytes)
+                if status == 200 and body is not None
+                else None
+            )
+            if not bodies:  # refused, or an answer that does not parse
+                _log.info("galaxy %d: no audit updates (%d)", g, status)
+                return
+            for (c, _), data in zip(ask, bodies, strict=False):
+                if data:
+                    out[g][c] = data
+            pending = pending[len(bodies) :]
+
+    async def in_time(client: httpx.AsyncClient, g: int, d: dict[int, str]) -> None:
+        try:
+            async with asyncio.timeout(max(0.0, give_up - time.monotonic())):
+                await of_galaxy(client, g, d)
+        except TimeoutError:
+            _log.info("galaxy %d: audit updates not served in time", g)
+            unreachable.add(g)
+
+    async with httpx.AsyncClient(
+        timeout=60.0,
+        limits=httpx.Limits(max_connections=8),
+        # the bytes as sent: nothing to inflate past the cap
+        headers={"accept-encoding": "identity"},
+    ) as client:
+        jobs = []
+        for g, wanted in targets.items():
+            try:
+                entries = {e["client"]: e for e in transcripts[g]["clients"]}
+                digests = {c: str(entries[c]["reveal_digest"]) for c in wanted}
+            except (KeyError, TypeError):  # malformed: its replay says so
+                continue
+            jobs.append(in_time(client, g, digests))
+        await asyncio.gather(*jobs)
+    for g in unreachable:
+        out.pop(g, None)
+    return out, unreachable
 
 
 def create_app(
@@ -729,94 +846,6 @@ def create_app(
                 evaluate_round(r, record, r.agg.params.clone())
             else:
                 record.update({"accuracy": None, "loss": None})
-
-    async def fetch_updates(
-        r: _Runtime, rnd: int, targets: dict[int, list[int]]
-    ) -> tuple[dict[int, dict[int, bytes]], set[int]]:
-        """The revealed updates each drawn galaxy's replay needs, by digest, from
-        the galaxy itself: what it answers without is missing (its replay fails);
-        a galaxy that gives no answer at all within ``PG_AUDIT_FETCH_S`` is
-        unreachable (a fault, not proof: its round is left out unaudited)."""
-        unreachable: set[int] = set()
-        with r.lock:
-            sent = r.agg.round_state.transcripts
-            # A drawn galaxy that sent no transcript needs nothing: it is caught
-            # as missing.
-            targets = {g: c for g, c in targets.items() if g in sent}
-            transcripts = {g: sent[g][0].body for g in targets}
-        headers = {
-            "authorization": f"Bearer {r.settings.auditor_token}",
-            RUN_HEADER: r.settings.run_id,  # a galaxy pod of another run says 409
-        }
-        out: dict[int, dict[int, bytes]] = {g: {} for g in targets}
-
-        give_up = time.monotonic() + r.settings.audit_fetch_s
-
-        async def get(client: httpx.AsyncClient, g: int, ask: list[str]) -> Any:
-            """One batch request, retried while the galaxy does not answer; None
-            when it gave no answer before the fetch's deadline."""
-            url = f"{r.galaxy_url(g)}/v1/audit/rounds/{rnd}/updates"
-            pause = 0.2
-            while True:
-                try:
-                    async with client.stream(
-                        "GET", url, headers=headers, params={"digests": ",".join(ask)}
-                    ) as resp:
-                        return (
-                            resp.status_code,
-                            resp.headers,
-                            await _read_capped(
-                                resp, _audit_answer_cap(r.settings.max_update_bytes)
-                            ),
-                        )
-                except (httpx.HTTPError, _TooLarge) as exc:
-                    _log.info("galaxy %d audit updates: %s", g, exc)
-                    if time.monotonic() + pause > give_up:
-                        return None
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, 2.0)
-
-        async def of_galaxy(
-            client: httpx.AsyncClient, g: int, digests: dict[int, str]
-        ) -> None:
-            """Every update galaxy ``g`` keeps of those wanted, in batches; what it
-            answers without (or answers wrongly) is missing, for its replay."""
-            pending = list(digests.items())
-            while pending:
-                ask = pending[:MAX_BATCH]
-                got = await get(client, g, [d for _, d in ask])
-                if got is None:
-                    unreachable.add(g)
-                    return
-                status, resp_headers, body = got
-                bodies = (
-                    _frames(body, resp_headers, len(ask), r.settings.max_update_bytes)
-                    if status == 200
-                    else None
-                )
-                if not bodies:  # refused, or an answer that does not parse
-                    _log.info("galaxy %d: no audit updates (%d)", g, status)
-                    return
-                for (c, _), data in zip(ask, bodies, strict=False):
-                    if data:
-                        out[g][c] = data
-                pending = pending[len(bodies) :]
-
-        async with httpx.AsyncClient(
-            timeout=60.0, limits=httpx.Limits(max_connections=8)
-        ) as client:
-            jobs = []
-            for g, wanted in targets.items():
-                try:
-                    entries = {e["client"]: e for e in transcripts[g]["clients"]}
-                    digests = {c: str(entries[c]["reveal_digest"]) for c in wanted}
-                except (KeyError, TypeError):  # malformed: its replay says so
-                    continue
-                jobs.append(of_galaxy(client, g, digests))
-            await asyncio.gather(*jobs)
-        for g in unreachable:
-            out.pop(g, None)
-        return out, unreachable
 
     async def drive(r: _Runtime) -> None:
         """Step when a galaxy sent something, and every ``poll_s`` for deadlines;
