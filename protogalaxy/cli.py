@@ -40,6 +40,8 @@ def _verify_receipt(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import time
 
+    import torch
+
     from protogalaxy.config import ConfigError, load_config
     from protogalaxy.logs import setup_logging
 
@@ -51,10 +53,23 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from protogalaxy.artefacts import ArtefactWriter
-    from protogalaxy.report import write_outputs
-    from protogalaxy.simulation import RoundMetrics, Simulation
+    from protogalaxy.report import (
+        OutDirError,
+        prepare_out,
+        write_model,
+        write_outputs,
+        write_progress,
+    )
+    from protogalaxy.simulation import RoundMetrics, Simulation, SimulationResult
 
-    out = Path(args.out or f"runs/simulate-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:  # before anything runs: a run that cannot be written is not started
+        out = prepare_out(
+            args.out or f"runs/simulate-{time.strftime('%Y%m%d-%H%M%S')}",
+            overwrite=args.overwrite,
+        )
+    except OutDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     total = config.training.rounds
     byzantine = sum(config.byzantine_per_galaxy().values())
     print(
@@ -85,8 +100,30 @@ def _simulate(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    result = sim.run(progress=progress)
+    latest: list[SimulationResult] = []
+    model: list[dict[str, torch.Tensor]] = []
+
+    def after_round(result: SimulationResult) -> None:
+        write_progress(result, out)  # every finished round is on disk
+        latest[:] = [result]
+        model[:] = [sim.final_params()]  # the model those rounds made
+
+    try:
+        result = sim.run(progress=progress, after_round=after_round)
+    except KeyboardInterrupt:
+        print(flush=True)  # end the line ^C was typed on
+        done = len(latest[0].rounds) if latest else 0
+        if latest:
+            write_outputs(latest[0], out)
+            write_model(model[0], out)
+        print(
+            f"interrupted after {done} of {total} rounds; wrote what they produced "
+            f"to {out}/",
+            flush=True,
+        )
+        return 130
     summary = write_outputs(result, out)
+    write_model(sim.final_params(), out)
     _print_summary(summary, f"{out}/")
     return 0
 
@@ -113,9 +150,17 @@ def _up(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The services are adapters outside the library; imported only for this command.
+    from protogalaxy.report import OutDirError, prepare_out
     from services.up import LocalCluster
 
-    out = Path(args.out or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:  # before anything starts: a run that cannot be written is not started
+        out = prepare_out(
+            args.out or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}",
+            overwrite=args.overwrite,
+        )
+    except OutDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cluster = LocalCluster(
         config,
         out,
@@ -308,12 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run the whole system in one process")
     s.add_argument("--config", help="YAML config (default: the built-in seed MVP)")
     s.add_argument("--out", help="output directory (default: runs/simulate-<time>)")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (refused otherwise)",
+    )
     s.add_argument("--seed", type=int, default=None, help="override the config's seed")
     s.add_argument("--log-level", default="warning", help="JSON log level on stderr")
     s.set_defaults(func=_simulate)
     u = sub.add_parser("up", help="run the real services as local processes with Redis")
     u.add_argument("--config", help="YAML config (default: the built-in seed MVP)")
     u.add_argument("--out", help="output directory (default: runs/up-<time>)")
+    u.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (refused otherwise)",
+    )
     u.add_argument(
         "--deadline",
         type=float,
@@ -395,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:  # a command's own handler writes what it has first
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
     return code
 
 

@@ -1,40 +1,164 @@
-"""What a run writes: metrics.csv, summary.json, evidence.jsonl, config.yaml, plots."""
+"""What a run writes: metrics.csv, summary.json, evidence.jsonl, config.yaml, plots,
+and the final model (model.pt, model.pgt1).
+
+The tables are rewritten as each round ends (:func:`write_progress`), each file
+replaced whole (written beside it, then renamed), so an interrupted run leaves
+every round it finished, readable. :func:`prepare_out` checks the output
+directory before a run starts.
+"""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from protogalaxy.simulation import SimulationResult
 
-__all__ = ["write_outputs"]
+__all__ = [
+    "RUN_FILES",
+    "OutDirError",
+    "prepare_out",
+    "write_model",
+    "write_outputs",
+    "write_progress",
+]
+
+#: what a run writes at the top of its directory (simulate and up)
+RUN_FILES = (
+    "accuracy.png",
+    "audit",
+    "config.yaml",
+    "evidence.jsonl",
+    "flags.png",
+    "global",
+    "keys",
+    "logs",
+    "metrics.csv",
+    "model.pgt1",
+    "model.pt",
+    "receipts.jsonl",
+    "redis",
+    "reputation.png",
+    "run.json",
+    "secrets",
+    "summary.json",
+)
 
 
-def write_outputs(result: SimulationResult, out: str | Path) -> dict[str, Any]:
+class OutDirError(ValueError):
+    """The output directory cannot take this run."""
+
+
+def prepare_out(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Check and create the run's output directory before anything runs.
+
+    Refused (:class:`OutDirError`): a path that is a file or cannot be created
+    or written, and a directory that already holds files, unless ``overwrite``;
+    then a previous run's files (:data:`RUN_FILES`) are removed and nothing else
+    is touched (a directory holding anything else is still refused).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"--out {out} is a file, not a directory")
+    if out.is_dir():
+        present = sorted(p.name for p in out.iterdir())
+        if present and not overwrite:
+            ours = [n for n in present if n in RUN_FILES]
+            what = "a previous run" if ours else "other files"
+            raise OutDirError(
+                f"--out {out} already holds {what} ({', '.join(present[:4])}"
+                f"{', ...' if len(present) > 4 else ''}); choose another directory "
+                "or pass --overwrite to replace a previous run"
+            )
+        foreign = [n for n in present if n not in RUN_FILES]
+        if foreign:
+            raise OutDirError(
+                f"--out {out} holds files that are not a run's "
+                f"({', '.join(foreign[:4])}): --overwrite replaces only a previous "
+                "run; choose another directory"
+            )
+        for name in present:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".protogalaxy-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutDirError(
+            f"--out {out} cannot be created or written: {exc.strerror or exc}"
+        ) from None
+    return out
+
+
+def _replace(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_progress(result: SimulationResult, out: str | Path) -> dict[str, Any]:
+    """metrics.csv, summary.json, evidence.jsonl and config.yaml for the rounds
+    finished so far; the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in result.rounds]
-    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    if rows:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    summary = result.summary()
-    (out / "summary.json").write_text(
-        json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        _replace(out / "metrics.csv", buf.getvalue())
+    summary = result.summary() if rows else {"rounds": 0}
+    _replace(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _replace(
+        out / "evidence.jsonl",
+        "".join(json.dumps(e, default=str) + "\n" for e in result.events),
     )
-    with open(out / "evidence.jsonl", "w", encoding="utf-8") as f:
-        for event in result.events:
-            f.write(json.dumps(event, default=str) + "\n")
-    (out / "config.yaml").write_text(
-        yaml.safe_dump(result.config.model_dump(), sort_keys=False), encoding="utf-8"
+    _replace(
+        out / "config.yaml",
+        yaml.safe_dump(result.config.model_dump(), sort_keys=False),
     )
-    _plots(result, out)
     return summary
+
+
+def write_outputs(result: SimulationResult, out: str | Path) -> dict[str, Any]:
+    """Everything of a finished (or interrupted) run: the tables and the plots."""
+    summary = write_progress(result, out)
+    if result.rounds:
+        _plots(result, Path(out))
+    return summary
+
+
+def write_model(params: dict[str, torch.Tensor], out: str | Path) -> None:
+    """The final global model: ``model.pt`` (a state dict:
+    ``model.load_state_dict(torch.load("model.pt"), strict=False)`` on the
+    configuration's model) and ``model.pgt1`` (the same tensors in the signed
+    update format, :func:`protogalaxy.codec.decode_update`)."""
+    from protogalaxy.codec import encode_update
+
+    out = Path(out)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+    tmp = out / ".model.pt.tmp"
+    torch.save(tensors, tmp)
+    os.replace(tmp, out / "model.pt")
+    tmp = out / ".model.pgt1.tmp"
+    tmp.write_bytes(encode_update(tensors))
+    os.replace(tmp, out / "model.pgt1")
 
 
 def _plots(result: SimulationResult, out: Path) -> None:

