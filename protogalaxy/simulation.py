@@ -8,6 +8,7 @@ the transport (function calls instead of HTTP) and the stores differ.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -193,13 +194,20 @@ class ClientSide:
             min_steps=config.training.min_local_steps,
             device=device,
         )
+        # The attack's classes are the data's (a 3-class dataset flips 0 <-> 2).
+        attack = dataclasses.replace(config.attack(), num_classes=data.num_classes)
+        if attack.name == "backdoor" and attack.backdoor_target >= data.num_classes:
+            raise ValueError(
+                f"byzantine.backdoor_target {attack.backdoor_target} is not a class "
+                f"of {data.name} ({data.num_classes} classes)"
+            )
         return cls(
             generator,
             model,
             spec,
             parts,
             choose_byzantine(config),
-            config.attack(),
+            attack,
             trainer,
         )
 
