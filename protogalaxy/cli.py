@@ -128,6 +128,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    """The whole configuration a run would use: the defaults with the file on top."""
+    import yaml
+
+    from protogalaxy.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
+    return 0
+
+
 def _print_summary(summary: dict[str, object], wrote: str) -> None:
     """The closing line of simulate and up: the same figures, the same words."""
     print(
@@ -359,8 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a previous run in --out (refused otherwise)",
     )
     s.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    s.add_argument("--log-level", default="warning", help="JSON log level on stderr")
+    s.add_argument(
+        "--log-level",
+        default="warning",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="JSON log level on stderr",
+    )
     s.set_defaults(func=_simulate)
+    c = sub.add_parser("config", help="the configuration a run would use")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser(
+        "show", help="print the whole configuration: the defaults, --config on top"
+    )
+    show.add_argument("--config", help="YAML config (default: the built-in seed MVP)")
+    show.set_defaults(func=_config_show)
     u = sub.add_parser("up", help="run the real services as local processes with Redis")
     u.add_argument("--config", help="YAML config (default: the built-in seed MVP)")
     u.add_argument("--out", help="output directory (default: runs/up-<time>)")

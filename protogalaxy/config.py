@@ -366,9 +366,28 @@ def _format(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _suggestion(err["loc"])
         lines.append(f"{loc}: {msg}")
     return "; ".join(lines)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """ ", did you mean 'x'?" for a misspelt key, from the keys of its section."""
+    import difflib
+
+    model: Any = SimulationConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        if not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    return (
+        f", did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+    )
 
 
 def parse_config(data: dict[str, Any] | None) -> SimulationConfig:

@@ -130,6 +130,12 @@ class SimulationResult:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "training.device is cuda, but this torch "
+            f"({torch.__version__}) sees no CUDA device: use auto or cpu, or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
     return torch.device(name)
 
 
