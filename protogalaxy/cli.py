@@ -93,7 +93,7 @@ def _simulate(args: argparse.Namespace) -> int:
             else f"  backdoor {m.attack_success_rate:.3f}"
         )
         print(
-            f"round {m.round + 1:>3}/{total}  accuracy {m.accuracy:.4f}  "
+            f"round {m.round:>3} ({m.round + 1}/{total})  accuracy {m.accuracy:.4f}  "
             f"loss {m.loss:.4f}  flagged {m.flagged:>3}  "
             f"quarantined {m.quarantined:>3}  banned {m.banned:>3}"
             f"{asr}  ({m.round_seconds:.1f} s)",
@@ -143,15 +143,21 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(value: object) -> str:
+    return "n/a" if not isinstance(value, (int, float)) else f"{value:.3f}"
+
+
 def _print_summary(summary: dict[str, object], wrote: str) -> None:
     """The closing line of simulate and up: the same figures, the same words."""
     print(
         f"final accuracy {summary['final_accuracy']:.4f}, detection rate "
-        f"{summary['detection_rate']}, false-positive rate "
-        f"{summary['false_positive_rate']}, {summary['wall_seconds']:.1f} s; "
-        f"wrote {wrote}",
+        f"{_rate(summary['detection_rate'])}, false-positive rate "
+        f"{_rate(summary['false_positive_rate'])}, "
+        f"{float(str(summary['wall_seconds'])):.1f} s; wrote {wrote}",
         flush=True,
     )
+    if summary.get("note"):
+        print(f"note: {summary['note']}", flush=True)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -192,10 +198,20 @@ def _up(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     def progress(record: dict[str, object]) -> None:
+        rnd = int(str(record["round"]))
+        acc = record.get("accuracy")
+        accuracy = f"{acc:.4f}" if isinstance(acc, (int, float)) else "n/a"
+        galaxies = record.get("galaxies")
+        excluded = record.get("excluded") or {}
+        out_of = (
+            f"  excluded {', '.join(f'{g} ({why})' for g, why in excluded.items())}"
+            if isinstance(excluded, dict) and excluded
+            else ""
+        )
         print(
-            f"round {int(str(record['round'])) + 1:>3}/{total}  accuracy "
-            f"{record.get('accuracy')}  galaxies {record['galaxies']}  "
-            f"excluded {record['excluded']}",
+            f"round {rnd:>3} ({rnd + 1}/{total})  accuracy {accuracy}  "
+            f"galaxies {len(galaxies) if isinstance(galaxies, list) else galaxies}"
+            f"{out_of}",
             flush=True,
         )
 

@@ -78,6 +78,9 @@ class RoundMetrics:
     attack_success_rate: float | None = None
     #: galaxies isolated (so far) for misbehaving
     galaxies_isolated: int = 0
+    #: Byzantine clients flagged by any layer this round (quarantine follows
+    #: only after several such rounds)
+    byzantine_flagged: int = 0
 
 
 @dataclass
@@ -119,6 +122,16 @@ class SimulationResult:
             "mean_aggregation_seconds": sum(r.aggregation_seconds for r in self.rounds)
             / len(self.rounds),
         }
+        out["byzantine_flagged_last_round"] = last.byzantine_flagged
+        if byz and not detected and last.byzantine_flagged:
+            rep = self.config.defense.reputation
+            out["note"] = (
+                f"detection counts quarantined clients: {last.byzantine_flagged} of "
+                f"{len(byz)} Byzantine clients were flagged in the last round, but "
+                f"quarantine needs a reputation below {rep.quarantine_below} (from "
+                f"{rep.initial}), which takes several flagged rounds "
+                "(docs/defense.md); run more rounds"
+            )
         if self.config.byzantine.attack == "backdoor":
             out["attack_success_rate"] = last.attack_success_rate
         galaxies = self.extra.get("galaxies")
@@ -251,6 +264,7 @@ class Simulation:
         self.parts = side.parts
         self.byzantine = side.byzantine
         self.attack = side.attack
+        self._byzantine_set = frozenset(side.byzantine)
         self.trainer = side.trainer
         params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
         defense = config.defense.build()
@@ -523,6 +537,12 @@ class Simulation:
             eval_seconds=eval_seconds,
             attack_success_rate=asr,
             galaxies_isolated=len(self.global_agg.isolated),
+            byzantine_flagged=sum(
+                1
+                for r in reports.values()
+                for c, o in r.outcomes.items()
+                if c in self._byzantine_set and (not o.integrity or o.flagged)
+            ),
         )
         info = {
             "events": events,

@@ -43,7 +43,7 @@ def test_default_run_through_the_command(tmp_path: Path, mnist: Dataset) -> None
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round  10/10" in proc.stdout
+    assert "round   9 (10/10)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_accuracy"] >= 0.97
     assert summary["detection_rate"] == 1.0
@@ -152,3 +152,15 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "byzantine.fraction 0.4 puts 4 Byzantine clients" in proc.stderr
+
+
+def test_a_short_run_explains_a_zero_detection_rate(mnist: Dataset) -> None:
+    """Five rounds flag the attackers (every one from round 3 on) but cannot
+    quarantine them yet: the summary says so instead of a bare "detection rate
+    0.0"."""
+    summary = run(mnist, **{"training.rounds": 5, "clients.samples_per_client": 300})
+    assert summary["detection_rate"] == 0.0
+    assert summary["byzantine_flagged_last_round"] >= 5
+    assert "quarantine needs a reputation below 0.3" in summary["note"]
+    long = run(mnist, **{"training.rounds": 10, "clients.samples_per_client": 300})
+    assert long["detection_rate"] > 0 and "note" not in long
