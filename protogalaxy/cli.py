@@ -45,7 +45,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from protogalaxy.config import ConfigError, load_config
     from protogalaxy.logs import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, fmt=args.log_format)
     overrides = {} if args.seed is None else {"seed": args.seed}
     try:
         config = load_config(args.config, overrides=overrides)
@@ -75,8 +75,9 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"protogalaxy simulate: {config.dataset.name}, {config.clients.count} "
         f"clients in {config.galaxies.count} galaxies, {byzantine} Byzantine "
-        f"({config.byzantine.attack}), defense layers {config.defense.layers} with "
-        f"{config.defense.aggregator}, {total} rounds",
+        f"({config.byzantine.attack}), {total} rounds\n"
+        f"  defense layers {config.defense.layers} with {config.defense.aggregator}"
+        f"\n  writing to {out}/",
         flush=True,
     )
     try:
@@ -149,15 +150,17 @@ def _rate(value: object) -> str:
 
 def _print_summary(summary: dict[str, object], wrote: str) -> None:
     """The closing line of simulate and up: the same figures, the same words."""
+    import textwrap
+
     print(
         f"final accuracy {summary['final_accuracy']:.4f}, detection rate "
         f"{_rate(summary['detection_rate'])}, false-positive rate "
         f"{_rate(summary['false_positive_rate'])}, "
-        f"{float(str(summary['wall_seconds'])):.1f} s; wrote {wrote}",
+        f"{float(str(summary['wall_seconds'])):.1f} s\nwrote {wrote}",
         flush=True,
     )
     if summary.get("note"):
-        print(f"note: {summary['note']}", flush=True)
+        print(textwrap.fill(f"note: {summary['note']}", width=100), flush=True)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -395,7 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="warning",
         type=str.lower,
         choices=["debug", "info", "warning", "error"],
-        help="JSON log level on stderr",
+        help="log level on stderr (quarantines and bans are warnings)",
+    )
+    s.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "human"],
+        help="stderr's log lines: one short line each on a terminal, JSON "
+        "otherwise (auto), or as named; evidence.jsonl keeps every record whole",
     )
     s.set_defaults(func=_simulate)
     c = sub.add_parser("config", help="the configuration a run would use")

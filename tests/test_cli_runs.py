@@ -126,3 +126,75 @@ def test_ctrl_c_keeps_every_finished_round(tmp_path: Path) -> None:
     pgt1 = decode_update((out / "model.pgt1").read_bytes())
     assert pgt1.keys() == state.keys()
     assert all(torch.equal(pgt1[k], state[k]) for k in state)
+
+
+def run_in_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
+    """``protogalaxy`` under a real pseudo-terminal (stdout and stderr): the exit
+    status and everything it printed."""
+    import os
+    import pty
+    import select
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protogalaxy.cli", *args],
+        stdin=sub,
+        stdout=sub,
+        stderr=sub,
+        close_fds=True,
+    )
+    os.close(sub)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(main)
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+def test_a_terminal_gets_short_lines_and_the_files_keep_the_records(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "clients": {"count": 10, "samples_per_client": 100},
+                "galaxies": {"count": 2},
+                "byzantine": {"fraction": 0.2},
+                "training": {"rounds": 12},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    code, printed = run_in_a_terminal(
+        ["simulate", "--config", str(config), "--out", str(out)]
+    )
+    assert code == 0, printed
+    lines = printed.replace("\r\n", "\n").splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    quarantines = [line for line in lines if "client_quarantined" in line]
+    assert quarantines and all(q.startswith("warning: ") for q in quarantines)
+    assert not any(line.lstrip().startswith("{") for line in lines)
+    # the whole records are in the run's evidence
+    records = [
+        json.loads(line) for line in (out / "evidence.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("event") == "client_quarantined" for r in records)
+    # Off a terminal (kubectl logs, a pipe), stderr keeps the JSON lines.
+    piped = simulate(
+        "--config", str(config), "--out", str(tmp_path / "piped"), timeout=300
+    )
+    assert piped.returncode == 0
+    logged = [json.loads(x) for x in piped.stderr.splitlines() if x.startswith("{")]
+    assert any(r.get("event") == "client_quarantined" for r in logged)
