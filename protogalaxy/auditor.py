@@ -238,6 +238,7 @@ def _audit_round(
     body = record.body
     rnd = record_round(record)
     sampling = run.config.sampling()
+    placed = assignment.members()
     where = f"round {rnd}"
     if body.get("binding") != run.binding:
         fails.add(
@@ -280,14 +281,11 @@ def _audit_round(
         gid = int(g_str)
         if g.get("leaf") is None or g["status"] == "abstained":
             continue
-        sampled = (
-            None
-            if sampling.everyone
-            else sampling.clients(assignment.members().get(gid, []), rnd, gid)
-        )
+        members = placed.get(gid, [])
+        sampled = None if sampling.everyone else sampling.clients(members, rnd, gid)
         note = _audit_galaxy(
             run, rnd, gid, g, d, reference, misbehaviour, transcripts, expected,
-            verified, fails, counts, sampled,
+            verified, fails, counts, frozenset(members), sampled,
         )  # fmt: skip
         if note:
             notes.append(note)
@@ -310,6 +308,7 @@ def _audit_galaxy(
     verified: dict[int, dict[str, Any]],
     fails: _Failures,
     counts: dict[str, int],
+    members: frozenset[int] | None = None,
     sampled: frozenset[int] | None = None,
 ) -> str:
     where = f"round {rnd} galaxy {gid}"
@@ -361,6 +360,7 @@ def _audit_galaxy(
         reference=reference,
         max_update_bytes=run.config.max_update_bytes,
         expected_before=digest_hex(expected[gid]),
+        members=members,
         sampled=sampled,
     )
     updates_dir = run.root / "audit" / "updates" / f"{rnd:06d}" / f"galaxy-{gid}"

@@ -75,7 +75,13 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"protogalaxy simulate: {config.dataset.name}, {config.clients.count} "
         f"clients in {config.galaxies.count} galaxies, {byzantine} Byzantine "
-        f"({config.byzantine.attack}), {total} rounds\n"
+        f"({config.byzantine.attack}), {total} rounds"
+        + (
+            f", {config.clients.fraction_fit:g} of each galaxy's clients a round"
+            if config.clients.fraction_fit < 1
+            else ""
+        )
+        + "\n"
         f"  defense layers {config.defense.layers} with {config.defense.aggregator}"
         f"\n  writing to {out}/",
         flush=True,

@@ -335,6 +335,12 @@ class SimulationConfig(_Section):
             raise ValueError(
                 "model mnist_cnn takes 28x28 grey images; use resnet18 for cifar10"
             )
+        if self.training.server_optimizer != "fedavgm" and 5 not in self.defense.layers:
+            raise ValueError(
+                f"training.server_optimizer {self.training.server_optimizer} needs "
+                "defense layer 5: one unclipped galaxy aggregate inflates its second "
+                "moment and freezes the model for hundreds of rounds"
+            )
         agg = get_aggregator(
             self.defense.aggregator, byzantine_fraction=self.defense.byzantine_fraction
         )

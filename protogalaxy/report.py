@@ -161,13 +161,33 @@ def write_model(params: dict[str, torch.Tensor], out: str | Path) -> None:
     os.replace(tmp, out / "model.pgt1")
 
 
-def _plots(result: SimulationResult, out: Path) -> None:
+def defense_name(layers: list[int] | tuple[int, ...]) -> str:
+    """ProtoGalaxy-Full (all five layers), -Lite (layers 1 and 3), or the layers."""
+    if sorted(layers) == [1, 2, 3, 4, 5]:
+        return "ProtoGalaxy-Full"
+    if sorted(layers) == [1, 3]:
+        return "ProtoGalaxy-Lite"
+    return "layers " + ", ".join(str(x) for x in sorted(layers))
+
+
+def figures(result: SimulationResult) -> dict[str, Any]:
+    """The run's plots as matplotlib figures, by file name (accuracy.png,
+    reputation.png, flags.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    cfg = result.config
     rounds = [r.round for r in result.rounds]
+    defense = f"{defense_name(cfg.defense.layers)} ({cfg.defense.aggregator})"
+    out: dict[str, Any] = {}
+
+    def whole_rounds(ax: Any) -> None:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, [r.accuracy for r in result.rounds], marker="o", label="accuracy")
     if result.rounds[-1].attack_success_rate is not None:
@@ -177,57 +197,87 @@ def _plots(result: SimulationResult, out: Path) -> None:
             marker="x",
             label="backdoor success",
         )
-    ax.set_xlabel("round")
+    whole_rounds(ax)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(
-        f"{result.config.byzantine.attack} vs {result.config.defense.aggregator}"
-    )
+    ax.set_title(f"{cfg.byzantine.attack} vs {defense}")
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
+    out["accuracy.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 4))
     byz = set(result.byzantine)
-    for c, hist in result.reputation_history.items():
-        ax.plot(
-            rounds[: len(hist)],
-            hist,
-            color="tab:red" if c in byz else "tab:blue",
-            alpha=0.6,
-            linewidth=1,
+    rep = cfg.defense.reputation
+    for group, colour, members in (
+        ("honest", "tab:blue", [c for c in result.reputation_history if c not in byz]),
+        ("Byzantine", "tab:red", [c for c in result.reputation_history if c in byz]),
+    ):
+        if not members:
+            continue
+        hist = torch.tensor([result.reputation_history[c] for c in members])
+        xs = rounds[: hist.shape[1]]
+        ax.plot(xs, hist.mean(0).tolist(), color=colour, label=f"{group} (mean)")
+        ax.fill_between(
+            xs,
+            hist.min(0).values.tolist(),
+            hist.max(0).values.tolist(),
+            color=colour,
+            alpha=0.15,
+            label=f"{group} (range)",
         )
-    cfg = result.config.defense.reputation
-    ax.axhline(cfg.quarantine_below, color="k", linestyle="--", linewidth=1)
-    ax.axhline(cfg.ban_below, color="k", linestyle=":", linewidth=1)
-    ax.plot([], [], color="tab:blue", label="honest")
-    ax.plot([], [], color="tab:red", label="Byzantine")
-    ax.set_xlabel("round")
+        # the round each client first fell below the quarantine line
+        marks = []
+        for h in hist:
+            below = (h < rep.quarantine_below).nonzero()
+            if len(below):
+                i = int(below[0, 0])
+                marks.append((xs[i], float(h[i])))
+        if marks:
+            ax.scatter(
+                [m[0] for m in marks],
+                [m[1] for m in marks],
+                marker="v",
+                color=colour,
+                label=f"{group} quarantined",
+                zorder=3,
+            )
+    ax.axhline(rep.quarantine_below, color="k", linestyle="--", linewidth=1)
+    ax.axhline(rep.ban_below, color="k", linestyle=":", linewidth=1)
+    whole_rounds(ax)
     ax.set_ylabel("reputation")
     ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("client reputation (dashed: quarantine, dotted: ban)")
+    ax.legend(fontsize="small")
+    ax.set_title("layer 4: reputation (dashed: quarantine, dotted: ban)")
     fig.tight_layout()
-    fig.savefig(out / "reputation.png", dpi=100)
-    plt.close(fig)
+    out["reputation.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in (
-        "flags_integrity",
-        "flags_statistics",
-        "flags_robust",
-        "galaxies_excluded",
+    for name, label in (
+        ("flags_integrity", "layer 1: integrity failures"),
+        ("flags_statistics", "layer 2: statistical flags"),
+        ("flags_robust", "layer 3: left out by the aggregator"),
+        ("quarantined", "layer 4: clients quarantined"),
+        ("galaxies_excluded", "layer 5: galaxies excluded"),
     ):
         ax.plot(
-            rounds, [getattr(r, name) for r in result.rounds], marker=".", label=name
+            rounds, [getattr(r, name) for r in result.rounds], marker=".", label=label
         )
-    ax.set_xlabel("round")
-    ax.set_ylabel("count")
+    ax.axhline(0, color="k", linewidth=0.5)
+    ax.set_ylim(bottom=-0.5)
+    whole_rounds(ax)
+    ax.set_ylabel("clients (galaxies for layer 5)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("flags per layer")
+    ax.legend(fontsize="small")
+    ax.set_title("per layer, each round (quarantined clients are not screened)")
     fig.tight_layout()
-    fig.savefig(out / "flags.png", dpi=100)
-    plt.close(fig)
+    out["flags.png"] = fig
+    return out
+
+
+def _plots(result: SimulationResult, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures(result).items():
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)

@@ -657,6 +657,11 @@ class ClientRunner:
         for (c, m, _), res in zip(batch, results, strict=True):
             if res.get("ok") and res.get("client_id") == c:
                 taken.append((c, m))
+            elif res.get("error") == "not_sampled":
+                # sampled by the run's draw, refused: a stale or lying galaxy
+                _log.warning(
+                    "client %d round %d: galaxy %d says not sampled: %s", c, rnd, g, res
+                )
             else:
                 _log.info("client %d round %d: commitment refused: %s", c, rnd, res)
         return taken

@@ -251,7 +251,9 @@ class _Runtime:
         #: /v1/round requests waiting on it
         self.round_waiters = LongPolls(self.round_changed, settings.max_long_polls)
         self.uploading: set[tuple[int, int]] = set()  # (round, client) reveals staging
-        self.isolated: list[int] = []  # the galaxies isolated, as last applied
+        #: the galaxies isolated, as last applied (None: not yet asked, so a
+        #: restarted process or a second replica takes the placement first)
+        self.isolated: list[int] | None = None
 
 
 def create_app(
@@ -368,6 +370,9 @@ def create_app(
             return
         if gid in status.get("isolated", []):
             return  # isolated for misbehaving: its clients are with other galaxies
+        # Every step, not only when opening a round: a restarted process, or a
+        # replica that did not open the round, must not serve an old placement.
+        await refresh_assignment(r, status)
         if state is not None and state[0] < rnd and state[1] != Phase.DONE:
             # The global aggregator closed that round without us (its deadline):
             # the round is over here too, and its updates are not aggregated.

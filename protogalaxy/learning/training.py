@@ -351,8 +351,9 @@ def local_lr(
     """The local learning rate of ``round`` (0-based) under ``schedule``:
 
     * ``constant``: ``lr``;
-    * ``cosine``: from ``lr`` at round 0 down to ``lr_min`` at the last of
-      ``rounds`` rounds, ``lr_min + (lr - lr_min) (1 + cos(pi r / (rounds - 1))) / 2``;
+    * ``cosine``: from ``lr`` at round 0 towards ``lr_min`` after the last of
+      ``rounds`` rounds, ``lr_min + (lr - lr_min) (1 + cos(pi r / rounds)) / 2``
+      (the last round's rate stays above ``lr_min``, so above 0);
     * ``step``: ``lr * gamma ** (round // step_rounds)``, never below ``lr_min``.
 
     A pure function of the round, so every client (and the simulation and the
@@ -361,9 +362,7 @@ def local_lr(
     if schedule == "constant":
         return lr
     if schedule == "cosine":
-        if rounds <= 1:
-            return lr
-        t = min(round, rounds - 1) / (rounds - 1)
+        t = min(round, rounds - 1) / rounds
         return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t)) / 2
     if schedule == "step":
         return max(lr_min, lr * gamma ** (round // step_rounds))

@@ -90,7 +90,8 @@ class Misbehaviour(Exception):
     """A galaxy's signed statements contradict each other or the recomputation.
 
     ``kind`` names what (``missing_transcript``, ``bad_signature``,
-    ``transcript_mismatch``, ``forged_leaf``, ``not_sampled``, ``forged_reveal``,
+    ``transcript_mismatch``, ``forged_leaf``, ``not_member``, ``not_sampled``,
+    ``forged_reveal``,
     ``dropped_after_ack``, ``weight_mismatch``, ``aggregate_mismatch``,
     ``reputation_mismatch``, ``missing_update``, ``tampered_update``,
     ``false_rejection``, ``false_acceptance``, ``false_decision``,
@@ -154,6 +155,8 @@ class AuditContext:
     max_update_bytes: int = 64 << 20
     #: digest of the reputation state the round must start from, when known
     expected_before: str | None = None
+    #: the clients placed in this galaxy for the round (None: not checked)
+    members: frozenset[int] | None = None
     #: the clients the round's sample admits to this galaxy (None: every one)
     sampled: frozenset[int] | None = None
 
@@ -303,6 +306,13 @@ def _check_entries(
         key = ctx.client_keys.get(c)
         if com.client_id != c or key is None or c in out:
             raise _fail(gr, "forged_leaf", f"entry {c} is not a client's leaf")
+        if ctx.members is not None and c not in ctx.members:
+            raise _fail(
+                gr,
+                "not_member",
+                f"client {c} is not placed in this galaxy in this round",
+                client=c,
+            )
         if ctx.sampled is not None and c not in ctx.sampled:
             raise _fail(
                 gr,

@@ -233,8 +233,7 @@ class GalaxyAggregator:
         self.idle_rounds = idle_rounds
         #: who takes part in each round (everyone by default)
         self.sampling = sampling or Sampling()
-        self._sample_cache: tuple[tuple[int, Callable[[int], int]], frozenset[int]]
-        self._sample_cache = ((-1, lambda c: -1), frozenset())
+        self._sample_cache: tuple[int, frozenset[int]] = (-1, frozenset())
         self._tree_cache: GalaxyTree | None = None
         self._reputation_version: int | None = None
         # The tracker is read by request handlers (threads) while a close runs:
@@ -278,6 +277,10 @@ class GalaxyAggregator:
             raise WrongPhase(f"galaxy {self.galaxy} is already at round {state[0]}")
         if state is not None and state[1] != Phase.DONE:
             raise WrongPhase(f"round {state[0]} is not done ({state[1]})")
+        if not self.sampling.everyone:
+            # Stored before the round opens: whoever serves it admits these.
+            drawn = sorted(self._draw_sample(round))
+            self.store.put_blob(round, "sample", json.dumps(drawn).encode())
         if not self.store.compare_and_set_state(state, (round, Phase.COMMIT)):
             raise WrongPhase("another aggregator moved the round on")
         self._sync_reputation()
@@ -336,21 +339,28 @@ class GalaxyAggregator:
 
     def sample(self, round: int) -> frozenset[int] | None:
         """The clients of this galaxy that take part in ``round`` (None: every
-        one): the run's seeded draw over the clients placed here now."""
+        one): the run's seeded draw over the clients placed here, as the
+        aggregator that opened the round drew it and stored it with the round.
+        Every replica (and a restarted process whose placement is not yet
+        current) then admits the same clients."""
         if self.sampling.everyone:
             return None
-        key = (round, self.roster.galaxy_of)
-        if self._sample_cache[0] != key:
-            members = (
-                c
-                for c in range(self.roster.num_clients)
-                if self.roster.galaxy_of(c) == self.galaxy
-            )
-            self._sample_cache = (
-                key,
-                self.sampling.clients(members, round, self.galaxy),
-            )
-        return self._sample_cache[1]
+        if self._sample_cache[0] == round:
+            return self._sample_cache[1]
+        stored = self.store.get_blob(round, "sample")
+        if stored is None:  # a round not opened with a sample: draw it here
+            return self._draw_sample(round)
+        drawn = frozenset(int(c) for c in json.loads(stored))
+        self._sample_cache = (round, drawn)
+        return drawn
+
+    def _draw_sample(self, round: int) -> frozenset[int]:
+        members = (
+            c
+            for c in range(self.roster.num_clients)
+            if self.roster.galaxy_of(c) == self.galaxy
+        )
+        return self.sampling.clients(members, round, self.galaxy)
 
     def active_clients(self, round: int | None = None) -> int:
         """The commit quorum's base: registered clients that are not banned and did
@@ -420,7 +430,13 @@ class GalaxyAggregator:
 
     def commit_quorum_reached(self, round: int) -> bool:
         n = self.store.commitment_count(round)
-        return n > 0 and n >= self.quorum * max(1, self.active_clients(round))
+        if n == 0:
+            # A sample of banned clients only will never commit: close now (and
+            # abstain) instead of waiting out the deadline.
+            sample = self.sample(round)
+            self._sync_reputation()
+            return bool(sample) and all(self.defense.banned(c) for c in sample or ())
+        return n >= self.quorum * max(1, self.active_clients(round))
 
     def close_commit(
         self, round: int, *, force: bool = False

@@ -182,6 +182,10 @@ class GlobalAggregator:
         self.server = server or ServerStep("fedavgm", server_lr, server_momentum)
         #: who takes part in each round: a transcript with anyone else fails
         self.sampling = sampling or Sampling()
+        self._members_cache: tuple[frozenset[int] | None, dict[int, list[int]]] = (
+            None,
+            {},
+        )
         if set(galaxy_keys) != set(range(assignment.num_galaxies)):
             raise ValueError("galaxy_keys must name exactly the assignment's galaxies")
         self.key = key
@@ -675,12 +679,19 @@ class GlobalAggregator:
             round, head, report, applied, norm, record, list(misbehaved.values())
         )
 
+    def _members(self) -> dict[int, list[int]]:
+        """Each galaxy's clients under the placement now (computed once a
+        placement)."""
+        key = self.assignment.isolated
+        if self._members_cache[0] != key:
+            self._members_cache = (key, self.assignment.members())
+        return self._members_cache[1]
+
     def _sampled(self, round: int, galaxy: int) -> frozenset[int] | None:
         """Round ``round``'s sample of ``galaxy``'s clients (None: every one)."""
         if self.sampling.everyone:
             return None
-        members = self.assignment.members().get(galaxy, [])
-        return self.sampling.clients(members, round, galaxy)
+        return self.sampling.clients(self._members().get(galaxy, []), round, galaxy)
 
     def _audit(
         self,
@@ -729,6 +740,7 @@ class GlobalAggregator:
                 reference=self.reference_direction,
                 max_update_bytes=self.audit.max_update_bytes,
                 expected_before=digest_hex(self.expected_state[g]),
+                members=frozenset(self._members().get(g, ())),
                 sampled=self._sampled(round, g),
             )
             replayed = (g in drawn or g in served) and g not in unreachable
@@ -879,6 +891,7 @@ class GlobalAggregator:
             self._state.round,
             {
                 "direction_count": self.direction_count,
+                "server_optimizer": self.server.kind,
                 "galaxy_screen": self.defense.screen.state_dict(),
                 "galaxies": self.galaxies,
                 "run": self.run,
@@ -920,6 +933,18 @@ class GlobalAggregator:
         if moment is None or moment.shape != self.second_moment.shape:
             moment = self.server.initial_second_moment(self.params)
         self.second_moment = moment.clone()
+        saved_kind = meta.get("server_optimizer", "fedavgm")
+        if saved_kind != self.server.kind:
+            # Another optimizer's moments mean something else: start them afresh.
+            _log.warning(
+                "checkpoint of round %d was taken with server optimizer %s, this run "
+                "uses %s: its moments start afresh",
+                checkpoint.round,
+                saved_kind,
+                self.server.kind,
+            )
+            self.velocity = torch.zeros_like(self.params)
+            self.second_moment = self.server.initial_second_moment(self.params)
         self.direction_sum = t["direction_sum"].clone()
         self.direction_count = int(meta["direction_count"])
         self.defense.screen.load_state_dict(meta["galaxy_screen"])

@@ -20,6 +20,7 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = ["MAX_EXCEED", "Sampling", "exceed_probability"]
 
@@ -48,7 +49,8 @@ class Sampling:
         """How many of ``n`` clients a round samples."""
         if self.everyone or n == 0:
             return n
-        return min(n, max(1, math.ceil(self.fraction * n)))
+        # in exact decimal arithmetic: 0.07 of 100 clients is 7, not 8
+        return min(n, max(1, math.ceil(Fraction(str(self.fraction)) * n)))
 
     def clients(
         self, members: Iterable[int], round: int, galaxy: int
@@ -67,14 +69,27 @@ class Sampling:
 
 def exceed_probability(n: int, bad: int, k: int, f: int) -> float:
     """The chance that ``k`` clients drawn without replacement from ``n``, of whom
-    ``bad`` attack, hold more than ``f`` attackers (hypergeometric tail)."""
+    ``bad`` attack, hold more than ``f`` attackers (hypergeometric tail).
+
+    Summed in log space term by term, stopping once the terms past the mode no
+    longer count: exact enough for a 1% threshold, and quick at 100,000 clients
+    (the exact integer sum took minutes there)."""
     if not 0 <= bad <= n or not 0 <= k <= n:
         raise ValueError("need 0 <= bad <= n and 0 <= k <= n")
     top = min(bad, k)
-    if f >= top:
+    start = max(f + 1, 0, k - (n - bad))
+    if start > top:
         return 0.0
-    ways = sum(
-        math.comb(bad, x) * math.comb(n - bad, k - x)
-        for x in range(max(f + 1, 0), top + 1)
-    )
-    return ways / math.comb(n, k)
+
+    def log_comb(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    whole = log_comb(n, k)
+    mode = (k + 1) * (bad + 1) // (n + 2)
+    total = 0.0
+    for x in range(start, top + 1):
+        term = math.exp(log_comb(bad, x) + log_comb(n - bad, k - x) - whole)
+        total += term
+        if x > mode and term < 1e-17 * max(total, 1e-300):
+            break
+    return min(1.0, total)

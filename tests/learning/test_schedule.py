@@ -22,10 +22,13 @@ def test_the_rate_by_round() -> None:
         0.1
     ] * 5
     cos = [local_lr(0.1, r, schedule="cosine", rounds=5, lr_min=0.01) for r in range(7)]
-    assert cos[0] == pytest.approx(0.1) and cos[4] == pytest.approx(0.01)
-    assert cos[2] == pytest.approx(0.01 + 0.09 * (1 + math.cos(math.pi / 2)) / 2)
+    assert cos[0] == pytest.approx(0.1)
+    assert cos[2] == pytest.approx(0.01 + 0.09 * (1 + math.cos(math.pi * 2 / 5)) / 2)
     assert all(a > b for a, b in itertools.pairwise(cos[:5]))
-    assert cos[5] == cos[6] == cos[4]  # past the last round: the floor
+    assert cos[4] > 0.01  # the last round stays above the floor ...
+    assert cos[5] == cos[6] == cos[4]  # ... and so do rounds past it
+    # with the default floor of 0, the last round still trains (it crashed)
+    assert local_lr(0.1, 4, schedule="cosine", rounds=5) > 0
     step = [
         local_lr(0.1, r, schedule="step", rounds=50, step_rounds=2, gamma=0.5)
         for r in range(6)
@@ -34,6 +37,7 @@ def test_the_rate_by_round() -> None:
     floor = local_lr(0.1, 40, schedule="step", rounds=50, lr_min=0.02, step_rounds=2)
     assert floor == 0.02
     assert local_lr(0.1, 3, schedule="cosine", rounds=1) == 0.1
+    assert local_lr(0.1, 0, schedule="cosine", rounds=1) == 0.1
     with pytest.raises(ValueError, match="schedule"):
         local_lr(0.1, 0, schedule="linear", rounds=5)
 
@@ -48,7 +52,7 @@ def test_the_configuration_sets_the_schedule() -> None:
         }
     )
     got = [round_lr(cfg.training, r) for r in range(3)]
-    assert got == pytest.approx([0.05, 0.0275, 0.005])
+    assert got == pytest.approx([0.05, 0.03875, 0.01625])
     assert round_lr(load_config().training, 7) == 0.01
     with pytest.raises(ConfigError, match="lr_min"):
         load_config(overrides={"training.lr_schedule": "step", "training.lr_min": 0.5})

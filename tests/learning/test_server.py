@@ -101,3 +101,16 @@ def test_the_configuration_names_the_step() -> None:
     ):
         with pytest.raises(ConfigError):
             load_config(overrides=bad)
+
+
+def test_adaptive_steps_need_layer_5() -> None:
+    """One unclipped aggregate of 1e3 inflates FedAdam's second moment and
+    freezes the model for hundreds of rounds (a review found it): refused."""
+    with pytest.raises(ConfigError, match="needs defense layer 5"):
+        load_config(
+            overrides={
+                "training.server_optimizer": "fedadam",
+                "defense.layers": [1, 2, 3, 4],
+            }
+        )
+    load_config(overrides={"defense.layers": [1, 2, 3, 4]})  # FedAvgM: fine

@@ -148,3 +148,33 @@ def test_the_global_aggregator_resumes_where_it_left_off(
     # The same key resuming another run's checkpoint would re-sign its history.
     with pytest.raises(ValueError, match="run"):
         fresh("r2").restore(latest)
+
+
+def test_a_checkpoint_of_another_server_optimizer_starts_its_moments_afresh() -> None:
+    key = SigningKey.generate()
+    galaxy_keys = {g: k.public_key for g, k in GALAXY_KEYS.items()}
+
+    def fresh(server: ServerStep) -> GlobalAggregator:
+        return GlobalAggregator(
+            key=key,
+            galaxy_keys=galaxy_keys,
+            assignment=Assignment(10, 2),
+            run=RUN,
+            params=torch.zeros(6),
+            defense=GlobalDefense(DefenseConfig()),
+            server=server,
+        )
+
+    g = fresh(ServerStep("fedavgm", 1.0, 0.5))
+    for gid in (0, 1):
+        g.submit_leaf(leaf(0, gid))
+    g.close_leaves(0)
+    for gid in (0, 1):
+        g.submit_aggregate(aggregate(0, gid, torch.ones(6)), torch.ones(6))
+    g.finish_round(0)
+    assert bool(g.velocity.any())
+    adam = fresh(ServerStep("fedadam", 0.03, 0.9))
+    adam.restore(g.checkpoint())
+    assert torch.equal(adam.params, g.params)  # the model carries over
+    assert not adam.velocity.any()  # FedAvgM's velocity is not Adam's m
+    assert torch.equal(adam.second_moment, torch.full((6,), 1e-6))

@@ -4,6 +4,7 @@ that lets them in."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import Counter
@@ -14,6 +15,7 @@ import torch
 from protogalaxy.config import ConfigError, load_config
 from protogalaxy.crypto import commit
 from protogalaxy.crypto.identity import sign_commitment
+from protogalaxy.defense.reputation import ClientRecord
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.protocol.galaxy import Rejected
 from protogalaxy.protocol.sampling import Sampling, exceed_probability
@@ -33,6 +35,7 @@ def test_the_draw_is_seeded_sized_and_fair() -> None:
     assert Sampling(0.3, seed=8).clients(members, 4, 1) != a  # another run
     assert Sampling(1.0).clients(members, 4, 1) == set(members)
     assert Sampling(0.001).size(5) == 1
+    assert Sampling(0.07).size(100) == 7  # exact decimal: a float product gives 8
     # Over many rounds every client is drawn about equally often.
     counts = Counter(c for r in range(400) for c in s.clients(members, r, 1))
     assert set(counts) == set(members)
@@ -50,6 +53,13 @@ def test_the_chance_a_sample_exceeds_f() -> None:
         assert exceed_probability(n, bad, k, f) == pytest.approx(over / len(samples))
     assert exceed_probability(10, 3, 10, 3) == 0.0
     assert exceed_probability(10, 3, 10, 2) == 1.0
+    # at scale, against the exact integer sum
+    n, bad, k = 2000, 600, 1000
+    for f in (280, 300, 320):
+        exact = sum(
+            math.comb(bad, x) * math.comb(n - bad, k - x) for x in range(f + 1, bad + 1)
+        ) / math.comb(n, k)
+        assert exceed_probability(n, bad, k, f) == pytest.approx(exact, rel=1e-9)
 
 
 def test_the_configuration_keeps_f_for_the_sample() -> None:
@@ -164,3 +174,72 @@ def test_a_sampled_run_and_a_galaxy_that_ignores_the_sample(mnist: Dataset) -> N
         sim.global_agg.isolated
     )
     assert 0 not in sim.global_agg.isolated
+
+
+def test_every_replica_admits_the_sample_the_opener_drew() -> None:
+    """A second replica, or a restarted process, whose placement is not current
+    yet admits exactly the stored sample of the round (the review's attack: a
+    stale replica admitted a client outside the sample, the audit then isolated
+    the honest galaxy)."""
+    w, sample = world()
+    w.galaxy.open_round(0)
+    stale = w.replica()
+    stale.sampling = Sampling(0.5, seed=3)
+    # its placement puts only clients 0-3 here: its own draw would differ
+    stale.roster = dataclasses.replace(
+        stale.roster, galaxy_of=lambda c: 0 if c < 4 else 1
+    )
+    assert stale._draw_sample(0) != sample
+    assert stale.sample(0) == sample
+    outside = min(set(range(10)) - sample)
+    com, _ = commit(
+        SPEC.unflatten(honest(1)[0]), client_id=outside, galaxy_id=0, round=0
+    )
+    with pytest.raises(Rejected) as err:
+        stale.submit_commitment(com, sign_commitment(w.keys[outside], com, run=RUN))
+    assert err.value.reason == "not_sampled"
+
+
+def test_a_sample_of_banned_clients_closes_at_once() -> None:
+    """Banned clients never commit: a round whose sample holds only them closes
+    (and the galaxy abstains) at once instead of waiting out its deadline."""
+    w = World(10, layers=(1, 4), agg="fedavg")
+    w.galaxy.sampling = Sampling(0.2, seed=3)
+    sample = w.galaxy._draw_sample(0)
+    w.galaxy.open_round(0)
+    assert not w.galaxy.commit_quorum_reached(0)
+    tracker = w.galaxy.defense.tracker
+    for c in sample:
+        tracker.clients[c] = ClientRecord(0.0, status="banned")
+    w.store.save_reputation(tracker.state_dict())
+    assert all(w.galaxy.defense.banned(c) for c in sample)
+    assert w.galaxy.commit_quorum_reached(0)
+    assert w.galaxy.close_commit(0) is None  # nothing to send: the galaxy abstains
+
+
+def test_a_galaxy_that_takes_another_galaxys_client_is_caught(mnist: Dataset) -> None:
+    """Without sampling too: a galaxy that admits a client placed in another
+    galaxy (its commitment validly signed, for this galaxy) fails the audit."""
+    config = load_config(
+        overrides={
+            "clients.count": 20,
+            "galaxies.count": 2,
+            "clients.samples_per_client": 40,
+            "byzantine.fraction": 0.0,
+            "training.rounds": 2,
+        }
+    )
+    sim = Simulation(config, dataset=small(mnist))
+    sim.run_round(0)
+    lying = sim.galaxies[1]
+    lying.roster = dataclasses.replace(lying.roster, galaxy_of=lambda c: 1)
+    sim._register(lying, 0)  # client 0 belongs to galaxy 0
+    real_galaxy_of = sim.galaxy_of
+    sim.galaxy_of = lambda c: lying if c == 0 else real_galaxy_of(c)  # type: ignore[method-assign]
+    # one of its own clients sits the round out: its tree is no larger than it
+    # may be, so only the membership check can catch it
+    sim._sampled = lambda r, c: c != 1  # type: ignore[method-assign]
+    sim.run_round(1)
+    assert sim.global_agg.isolated.get(1, {}).get("kind") == "not_member", (
+        sim.global_agg.isolated
+    )
