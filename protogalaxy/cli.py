@@ -262,11 +262,16 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _bench_robustness(args: argparse.Namespace) -> int:
+    import time
+
     from protogalaxy.logs import setup_logging
     from protogalaxy.robustness import (
         ATTACKS,
+        DEFENSE_IDS,
         DEFENSES,
         GALAXY_ATTACKS,
+        PARTITIONS,
+        defense_named,
         run_galaxy_table,
         run_grid,
         write_galaxy_tables,
@@ -276,24 +281,45 @@ def _bench_robustness(args: argparse.Namespace) -> int:
     setup_logging("error")  # 98 runs' quarantine events would drown the table
 
     attacks = args.attacks.split(",") if args.attacks else ATTACKS
-    defenses = args.defenses.split(",") if args.defenses else list(DEFENSES)
+    defenses = list(DEFENSES)
+    if args.defenses:
+        named = [(d, defense_named(d)) for d in args.defenses.split(",")]
+        unknown = [d for d, table in named if table is None]
+        if unknown:
+            print(
+                f"error: --defenses: unknown {unknown[0]!r}; one of "
+                f"{', '.join(DEFENSE_IDS)}",
+                file=sys.stderr,
+            )
+            return 2
+        defenses = [table for _, table in named if table is not None]
     galaxy_attacks = (
         args.galaxy_attacks.split(",") if args.galaxy_attacks else list(GALAXY_ATTACKS)
     )
     for given, known, flag in (
         (attacks, ATTACKS, "--attacks"),
-        (defenses, list(DEFENSES), "--defenses"),
         (galaxy_attacks, list(GALAXY_ATTACKS), "--galaxy-attacks"),
     ):
         for a in given:
             if a not in known:
-                print(f"error: {flag}: unknown {a!r}", file=sys.stderr)
+                print(
+                    f"error: {flag}: unknown {a!r}; one of {', '.join(known)}",
+                    file=sys.stderr,
+                )
                 return 2
+    out = Path(args.out or f"runs/robustness-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = str(out)  # the galaxy tables go beside the client tables
+    runs = len(PARTITIONS) * len(attacks) * len(defenses)
+    started = time.monotonic()
+    done = [0]
 
     if args.tables in ("all", "clients"):
 
         def progress(row: dict[str, object]) -> None:
+            done[0] += 1
+            left = (time.monotonic() - started) / done[0] * (runs - done[0])
             print(
+                f"[{done[0]}/{runs}, about {left / 60:.0f} min left] "
                 f"{row['partition']:<15} {row['attack']:<11} {row['defense']:<17} "
                 f"accuracy {row['final_accuracy']}  detection {row['detection_rate']}"
                 f"  fpr {row['false_positive_rate']}  backdoor "
@@ -315,8 +341,8 @@ def _bench_robustness(args: argparse.Namespace) -> int:
             f"one local epoch, seed {args.seed}; everything else as the default "
             "config."
         )
-        write_tables(rows, Path(args.out), settings=settings)
-        print(f"wrote {args.out}/robustness.md and robustness.csv")
+        write_tables(rows, out, settings=settings)
+        print(f"wrote {out}/robustness.md and robustness.csv")
     if args.tables in ("all", "galaxies"):
         _bench_galaxies(args, galaxy_attacks, run_galaxy_table, write_galaxy_tables)
     return 0
@@ -442,12 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that belong to the command")
     bsub = b.add_subparsers(dest="bench", required=True)
     r = bsub.add_parser("robustness", help="every attack against every defense (table)")
-    r.add_argument("--out", default="docs", help="directory for robustness.md and .csv")
+    r.add_argument(
+        "--out",
+        help="directory for the tables (default: runs/robustness-<time>; "
+        "--out docs regenerates the committed ones)",
+    )
     r.add_argument("--samples-per-client", type=int, default=500)
     r.add_argument("--rounds", type=int, default=10)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--attacks", help="comma-separated subset of the attacks")
-    r.add_argument("--defenses", help="comma-separated subset of the defenses")
+    r.add_argument(
+        "--defenses",
+        help="comma-separated subset of the defenses: fedavg, krum, multikrum, "
+        "median, trimmed_mean (layer 1 and that rule), lite (ProtoGalaxy-Lite) and "
+        "full (ProtoGalaxy-Full); the tables' names work too",
+    )
     r.add_argument(
         "--tables",
         choices=["all", "clients", "galaxies"],
