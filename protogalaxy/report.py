@@ -30,6 +30,7 @@ __all__ = [
     "write_model",
     "write_outputs",
     "write_progress",
+    "write_records",
 ]
 
 #: what a run writes at the top of its directory (simulate and up)
@@ -142,6 +143,55 @@ def write_outputs(result: SimulationResult, out: str | Path) -> dict[str, Any]:
     if result.rounds:
         _plots(result, Path(out))
     return summary
+
+
+def write_records(
+    records: list[dict[str, Any]], out: str | Path, *, title: str
+) -> None:
+    """``up``'s per-round tables, from the global aggregator's round records:
+    metrics.csv (round, accuracy, loss, galaxies, galaxies excluded and why,
+    whether the step was applied) and accuracy.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out = Path(out)
+    rows = [
+        {
+            "round": r["round"],
+            "accuracy": r.get("accuracy"),
+            "loss": r.get("loss"),
+            "galaxies": len(r.get("galaxies") or []),
+            "excluded": json.dumps(r.get("excluded") or {}, sort_keys=True),
+            "applied": r.get("applied"),
+        }
+        for r in records
+        if not r.get("skipped")
+    ]
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace(out / "metrics.csv", buf.getvalue())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(r["round"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+    ax.plot(
+        [p[0] for p in points], [p[1] for p in points], marker="o", label="accuracy"
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    plt.close(fig)
 
 
 def write_model(params: dict[str, torch.Tensor], out: str | Path) -> None:

@@ -521,4 +521,13 @@ class LocalCluster:
             "galaxies": self.galaxy_summary(status, byz),
         }
         (self.out / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        from protogalaxy.report import defense_name, write_records
+
+        d = self.config.defense
+        write_records(
+            status["history"],
+            self.out,
+            title=f"{self.config.byzantine.attack} vs {defense_name(d.layers)} "
+            f"({d.aggregator}), protogalaxy up",
+        )
         return out

@@ -56,6 +56,10 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
     finally:
         cluster.stop()
     assert summary["rounds"] == 3 and status["audit_log"]["size"] == 3
+    # up writes the per-round table and plot that simulate writes
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("round,accuracy,loss") and len(rows) == 4
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
     # The published audit-log size only ever grew, one signed head per round.
     sizes = [size for size, _ in heads]
     assert sizes == sorted(sizes) and sizes[-1] == 3
