@@ -228,13 +228,43 @@ def _up(args: argparse.Namespace) -> int:
         cluster.start()
         status = cluster.wait_finished(args.timeout, progress=progress)
         summary = cluster.summary(status, time.perf_counter() - t0)
+        _print_summary(summary, f"{out}/summary.json")
+        if args.keep_running:
+            _serve_until_interrupted(cluster, out)
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         cluster.stop()
-    _print_summary(summary, f"{out}/summary.json")
     return 0
+
+
+def _serve_until_interrupted(cluster: Any, out: Path) -> None:
+    """``up --keep-running``: the services stay up for a user to query (receipts,
+    transcripts, the audit log) until Ctrl-C."""
+    import os
+    import time
+
+    token = out / "secrets" / "auditor.token"  # for protogalaxy audit --url
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(cluster.auditor_token + "\n")
+    galaxies = ", ".join(
+        f"{g}: {cluster.galaxy_url(g)}" for g in sorted(cluster.galaxy_ports)
+    )
+    print(
+        "the services are up until Ctrl-C:\n"
+        f"  global aggregator {cluster.global_url}\n"
+        f"  galaxies {galaxies}\n"
+        f"  global public key {cluster.global_public_key}\n"
+        f"  receipts in {out}/receipts.jsonl, the auditor token in {token}",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping the services", flush=True)
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -463,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--timeout", type=float, default=1800.0, help="give up after, seconds"
+    )
+    u.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the services up after the run (until Ctrl-C), printing their "
+        "URLs and the global public key",
     )
     u.set_defaults(func=_up)
     b = sub.add_parser("bench", help="benchmarks that belong to the command")

@@ -221,3 +221,66 @@ def test_a_sampled_run_plays_exactly_each_rounds_sample(tmp_path: Path) -> None:
             *(sampling.clients(m, rnd, g) for g, m in config.galaxy_members().items())
         )
         assert played[rnd] == want and len(want) == 6, (rnd, played)
+
+
+def test_up_keep_running_leaves_the_services_up_until_ctrl_c(tmp_path: Path) -> None:
+    """``protogalaxy up --keep-running``: after the run its services answer (the
+    finished status, the audit log) at the URLs it prints, with the global key it
+    prints, until SIGINT stops them all."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "clients": {"count": 6, "samples_per_client": 50},
+                "galaxies": {"count": 2},
+                "byzantine": {"fraction": 0.0},
+                "defense": {"byzantine_fraction": 0.0},
+                "training": {"rounds": 1},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protogalaxy.cli", "up", "--config", str(config),
+         "--out", str(out), "--keep-running", "--deadline", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while not any("global public key" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stdout.readline())
+        text = "".join(lines)
+        url = re.search(r"global aggregator (http://\S+)", text)
+        key = re.search(r"global public key ([0-9a-f]{64})", text)
+        assert url and key, text
+        status = httpx.get(url.group(1) + "/v1/status").json()
+        assert status["finished"] is True
+        assert httpx.get(url.group(1) + "/v1/identity").json()["public_key"] == (
+            key.group(1)
+        )
+        token = (out / "secrets" / "auditor.token").read_text().strip()
+        assert (out / "secrets" / "auditor.token").stat().st_mode & 0o077 == 0
+        files = httpx.get(
+            url.group(1) + "/v1/audit/files",
+            headers={"authorization": f"Bearer {token}"},
+        )
+        assert files.status_code == 200 and files.json()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.group(1) + "/v1/status", timeout=2)
+    finally:
+        proc.kill()
