@@ -13,11 +13,20 @@ from protogalaxy import __version__
 
 
 def _verify_receipt(args: argparse.Namespace) -> int:
-    from protogalaxy.crypto import Receipt, VerificationError, VerifyKey, verify_receipt
+    from protogalaxy.crypto import VerificationError, VerifyKey, verify_receipt
 
     try:
-        key = VerifyKey.from_bytes(bytes.fromhex(args.global_key))
-        receipt = Receipt.from_json(Path(args.receipt).read_bytes())
+        given = args.global_key.strip()
+        if not all(ch in "0123456789abcdefABCDEF" for ch in given):
+            given = Path(given).read_text().strip()  # a file holding the hex key
+        try:
+            key = VerifyKey.from_bytes(bytes.fromhex(given))
+        except ValueError:
+            raise ValueError(
+                f"--global-key {args.global_key}: not a 64-hex-digit public key or "
+                "a file holding one (a run's keys/global.pub)"
+            ) from None
+        receipt = _one_receipt(Path(args.receipt), args.client, args.round)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -35,6 +44,31 @@ def _verify_receipt(args: argparse.Namespace) -> int:
         f"is included in global root {receipt.head.head.root.hex()}"
     )
     return 0
+
+
+def _one_receipt(path: Path, client: int | None, rnd: int | None) -> Any:
+    """The receipt at ``path``: a receipt's JSON, or a run's receipts.jsonl (or
+    its directory), from which ``client``'s receipt of round ``rnd`` is taken
+    (the last round it has when ``rnd`` is None)."""
+    import json
+
+    from protogalaxy.crypto import Receipt
+
+    if path.is_dir():
+        path = path / "receipts.jsonl"
+    if path.suffix != ".jsonl":
+        return Receipt.from_json(path.read_bytes())
+    if client is None:
+        raise ValueError(f"{path} holds many clients' receipts: pass --client")
+    found = None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("client") == client and (rnd is None or rec.get("round") == rnd):
+            found = rec
+    if found is None:
+        which = "any round" if rnd is None else f"round {rnd}"
+        raise ValueError(f"{path} holds no receipt of client {client} for {which}")
+    return Receipt.from_dict(found["receipt"])
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -563,9 +597,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify-receipt", help="verify a client's two-level receipt (JSON)"
     )
-    p.add_argument("receipt", help="path to the receipt JSON")
     p.add_argument(
-        "--global-key", required=True, help="global aggregator public key, hex"
+        "receipt",
+        help="a receipt's JSON, or a run's receipts.jsonl or directory (with --client)",
+    )
+    p.add_argument(
+        "--global-key",
+        required=True,
+        help="the global aggregator's public key you trust: hex, or a file holding "
+        "it (a run's keys/global.pub)",
+    )
+    p.add_argument(
+        "--client", type=int, default=None, help="whose receipt, in a receipts.jsonl"
     )
     p.add_argument(
         "--round", type=int, default=None, help="the round the receipt must be for"

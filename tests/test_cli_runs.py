@@ -198,3 +198,34 @@ def test_a_terminal_gets_short_lines_and_the_files_keep_the_records(
     assert piped.returncode == 0
     logged = [json.loads(x) for x in piped.stderr.splitlines() if x.startswith("{")]
     assert any(r.get("event") == "client_quarantined" for r in logged)
+
+
+def test_a_runs_receipts_can_be_checked_by_hand(tmp_path: Path) -> None:
+    """What a run writes is enough to try the verifiable part: a client's
+    receipt from receipts.jsonl against the global key in keys/global.pub; a
+    receipt changed by one byte fails."""
+    out = tmp_path / "run"
+    assert (
+        simulate("--config", str(tiny(tmp_path, 2)), "--out", str(out)).returncode == 0
+    )
+    key = str(out / "keys" / "global.pub")
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "protogalaxy.cli", "verify-receipt", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = check(str(out), "--client", "3", "--round", "1", "--global-key", key)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: client 3"), ok.stderr
+    lines = (out / "receipts.jsonl").read_text().splitlines()
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text(
+        "\n".join(line.replace('"leaf_index":0', '"leaf_index":1', 1) for line in lines)
+    )
+    bad = check(str(tampered), "--client", "0", "--round", "1", "--global-key", key)
+    assert bad.returncode == 1 and bad.stdout.startswith("INVALID"), bad.stdout
+    wrong_key = check(str(out), "--client", "3", "--global-key", str(out / "run.json"))
+    assert wrong_key.returncode == 2 and "not a 64-hex-digit" in wrong_key.stderr
