@@ -35,7 +35,24 @@ class _Section(BaseModel):
 
 
 class DatasetSection(_Section):
-    name: Literal["mnist", "fashion-mnist", "cifar10"] = "mnist"
+    #: mnist, fashion-mnist, cifar10, or a name registered with
+    #: protogalaxy.learning.datasets.register_dataset
+    name: str = Field(
+        "mnist", json_schema_extra={"pattern": r"^(mnist|fashion-mnist|cifar10)$"}
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> DatasetSection:
+        from protogalaxy.learning.datasets import dataset_names
+
+        if self.name not in dataset_names():
+            raise ValueError(
+                f"dataset.name {self.name!r} is not one of {dataset_names()} "
+                "(register your own with protogalaxy.learning.datasets."
+                "register_dataset)"
+            )
+        return self
+
     #: An IDX directory (MNIST, Fashion-MNIST) or a torchvision root (CIFAR-10).
     root: str | None = None
 
@@ -242,7 +259,16 @@ class EarlyStopSection(_Section):
 class SimulationConfig(_Section):
     seed: int = 0
     dataset: DatasetSection = DatasetSection()
-    model: Literal["mnist_cnn", "resnet18"] = "mnist_cnn"
+    #: mnist_cnn, resnet18, a name registered with
+    #: protogalaxy.learning.models.register_model, or "package.module:attr"
+    model: str = Field(
+        "mnist_cnn",
+        # What a deployment can name (a registered name exists only in a process
+        # that registered it): the chart's schema refuses anything else.
+        json_schema_extra={
+            "pattern": r"^(mnist_cnn|resnet18|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+        },
+    )
     clients: ClientsSection = ClientsSection()
     galaxies: GalaxiesSection = GalaxiesSection()
     byzantine: ByzantineSection = ByzantineSection()
@@ -330,6 +356,14 @@ class SimulationConfig(_Section):
             raise ValueError(
                 f"clients.count ({self.clients.count}) is smaller than galaxies.count "
                 f"({self.galaxies.count}): every galaxy needs clients"
+            )
+        from protogalaxy.learning.models import model_names
+
+        if ":" not in self.model and self.model not in model_names():
+            raise ValueError(
+                f"model {self.model!r} is not one of {model_names()} nor an import "
+                "path 'package.module:attr' (register your own with "
+                "protogalaxy.learning.models.register_model)"
             )
         if self.model == "mnist_cnn" and self.dataset.name == "cifar10":
             raise ValueError(

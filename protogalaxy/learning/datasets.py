@@ -20,6 +20,7 @@ import importlib.util
 import io
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +28,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_dataset", "read_idx"]
+__all__ = [
+    "Dataset",
+    "dataset_names",
+    "load_dataset",
+    "read_idx",
+    "register_dataset",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
@@ -158,8 +165,32 @@ def _to_tensors(
     )
 
 
+#: datasets registered by name: ``loader(root)`` returns a :class:`Dataset`
+_DATASETS: dict[str, Callable[[str | Path | None], Dataset]] = {}
+_BUILT_IN = ("mnist", "fashion-mnist", "cifar10")
+
+
+def register_dataset(name: str, loader: Callable[[str | Path | None], Dataset]) -> None:
+    """Make ``name`` a dataset a configuration can name (``dataset.name``):
+    ``loader(root)`` returns a :class:`Dataset` (``root`` is ``dataset.root``)."""
+    if not name or name in _BUILT_IN or name in _DATASETS:
+        raise ValueError(f"dataset {name!r} is built in or already registered")
+    _DATASETS[name] = loader
+
+
+def dataset_names() -> list[str]:
+    """The datasets a configuration can name."""
+    return [*_BUILT_IN, *sorted(_DATASETS)]
+
+
 def load_dataset(name: str, *, root: str | Path | None = None) -> Dataset:
-    """Load ``mnist``, ``fashion-mnist`` or ``cifar10``; never downloads here."""
+    """Load ``mnist``, ``fashion-mnist``, ``cifar10`` or a registered dataset;
+    never downloads here."""
+    if name in _DATASETS:
+        data = _DATASETS[name](root)
+        if not isinstance(data, Dataset):
+            raise ValueError(f"dataset {name!r}: the loader returned no Dataset")
+        return data
     if name == "mnist":
         if root is not None:
             return _to_tensors(name, _load_idx_dir(Path(root)))
@@ -176,9 +207,7 @@ def load_dataset(name: str, *, root: str | Path | None = None) -> Dataset:
         )
     if name == "cifar10":
         return _load_cifar10(root)
-    raise ValueError(
-        f"dataset must be one of mnist, fashion-mnist, cifar10; got {name!r}"
-    )
+    raise ValueError(f"dataset must be one of {dataset_names()}; got {name!r}")
 
 
 def _load_cifar10(

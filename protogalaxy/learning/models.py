@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MnistCNN", "ResNet18", "build_model", "num_parameters"]
+__all__ = [
+    "MnistCNN",
+    "ResNet18",
+    "build_model",
+    "model_names",
+    "num_parameters",
+    "register_model",
+    "resolve_model",
+]
 
 
 class MnistCNN(nn.Module):
@@ -121,13 +129,55 @@ _MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def register_model(name: str, factory: Callable[[int], nn.Module]) -> None:
+    """Make ``name`` a model a configuration can name (``model: name``):
+    ``factory(num_classes)`` returns a fresh ``torch.nn.Module`` (the classes come
+    from the dataset). A name is registered once."""
+    if not name or ":" in name:
+        raise ValueError(f"a model name is a plain word, got {name!r}")
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = factory
+
+
+def model_names() -> list[str]:
+    """The registered models' names."""
+    return sorted(_MODELS)
+
+
+def resolve_model(name: str) -> Callable[[int], nn.Module]:
+    """A registered model's factory, or ``package.module:attr`` imported (a
+    ``torch.nn.Module`` class or a factory, called with the number of classes)."""
+    if name in _MODELS:
+        return _MODELS[name]
+    if ":" not in name:
+        raise ValueError(
+            f"model must be one of {model_names()} or an import path "
+            f"'package.module:attr', got {name!r}"
+        )
+    module, _, attr = name.partition(":")
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model {name!r}: {exc}") from None
+    if not callable(found):
+        raise ValueError(f"model {name!r} is not a class or a factory")
+    factory: Callable[[int], nn.Module] = found
+    return factory
+
+
 def build_model(name: str, *, num_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A freshly initialised model, deterministic in ``seed``."""
-    if name not in _MODELS:
-        raise ValueError(f"model must be one of {sorted(_MODELS)}, got {name!r}")
+    """A freshly initialised model, deterministic in ``seed``: a registered name
+    or an import path (see :func:`resolve_model`)."""
+    factory = resolve_model(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _MODELS[name](num_classes)
+        model = factory(num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} made a {type(model).__name__}, not a Module")
+    return model
 
 
 def num_parameters(model: nn.Module) -> int:
