@@ -436,7 +436,26 @@ class GalaxyAggregator:
             sample = self.sample(round)
             self._sync_reputation()
             return bool(sample) and all(self.defense.banned(c) for c in sample or ())
+        if round == 0 and not self._all_registered(round):
+            # The run's start: client pods come up at different times, and a pod
+            # that registers a moment late must not lose the first rounds (its
+            # clients would trail the others' reputations all run). Round 0
+            # waits for every client placed here, or for its deadline.
+            return False
         return n >= self.quorum * max(1, self.active_clients(round))
+
+    def _all_registered(self, round: int) -> bool:
+        sample = self.sample(round)
+        expected = (
+            sample
+            if sample is not None
+            else {
+                c
+                for c in range(self.roster.num_clients)
+                if self.roster.galaxy_of(c) == self.galaxy
+            }
+        )
+        return set(expected) <= set(self.store.clients())
 
     def close_commit(
         self, round: int, *, force: bool = False

@@ -14,13 +14,13 @@ import torch
 
 from protogalaxy.config import ConfigError, load_config
 from protogalaxy.crypto import commit
-from protogalaxy.crypto.identity import sign_commitment
+from protogalaxy.crypto.identity import sign_commitment, sign_registration
 from protogalaxy.defense.reputation import ClientRecord
 from protogalaxy.learning.datasets import Dataset
 from protogalaxy.protocol.galaxy import Rejected
 from protogalaxy.protocol.sampling import Sampling, exceed_probability
 from protogalaxy.simulation import Simulation
-from tests.protocol.test_galaxy_round import RUN, SPEC, World, honest
+from tests.protocol.test_galaxy_round import RUN, SPEC, STORE_FACTORY, World, honest
 
 
 def test_the_draw_is_seeded_sized_and_fair() -> None:
@@ -235,3 +235,35 @@ def test_a_galaxy_that_takes_another_galaxys_client_is_caught(mnist: Dataset) ->
     assert sim.global_agg.isolated.get(1, {}).get("kind") == "not_member", (
         sim.global_agg.isolated
     )
+
+
+def test_the_first_round_waits_for_every_client_placed_here() -> None:
+    """Client pods come up at different times: round 0 waits for all of a
+    galaxy's clients to register (or its deadline), so a pod a moment late does
+    not lose the first rounds. A review's CI run caught a late pod's attackers
+    trailing the others and left unquarantined at the end. Later rounds close at
+    the quorum of the clients registered."""
+    w = World(6, layers=(1,), agg="fedavg")
+    w.store = STORE_FACTORY()
+    galaxy = w.replica()
+    for c in range(4):
+        key = w.keys[c]
+        galaxy.register(
+            c,
+            key.public_key.to_bytes(),
+            sign_registration(key, client_id=c, galaxy_id=0, run=RUN),
+        )
+    w.galaxy = galaxy
+    updates = honest(6)
+    w.commit_all(0, {c: updates[c] for c in range(4)})
+    assert not galaxy.commit_quorum_reached(0)  # two clients not here yet
+    for c in (4, 5):
+        key = w.keys[c]
+        galaxy.register(
+            c,
+            key.public_key.to_bytes(),
+            sign_registration(key, client_id=c, galaxy_id=0, run=RUN),
+        )
+    assert not galaxy.commit_quorum_reached(0)  # here, not yet committed
+    w.commit_all(0, {c: updates[c] for c in (4, 5)})
+    assert galaxy.commit_quorum_reached(0)
