@@ -354,13 +354,16 @@ class GalaxyAggregator:
         self._sample_cache = (round, drawn)
         return drawn
 
-    def _draw_sample(self, round: int) -> frozenset[int]:
-        members = (
+    def _members(self) -> list[int]:
+        """The clients placed in this galaxy now."""
+        return [
             c
             for c in range(self.roster.num_clients)
             if self.roster.galaxy_of(c) == self.galaxy
-        )
-        return self.sampling.clients(members, round, self.galaxy)
+        ]
+
+    def _draw_sample(self, round: int) -> frozenset[int]:
+        return self.sampling.clients(self._members(), round, self.galaxy)
 
     def active_clients(self, round: int | None = None) -> int:
         """The commit quorum's base: registered clients that are not banned and did
@@ -446,15 +449,7 @@ class GalaxyAggregator:
 
     def _all_registered(self, round: int) -> bool:
         sample = self.sample(round)
-        expected = (
-            sample
-            if sample is not None
-            else {
-                c
-                for c in range(self.roster.num_clients)
-                if self.roster.galaxy_of(c) == self.galaxy
-            }
-        )
+        expected = self._members() if sample is None else sample
         return set(expected) <= set(self.store.clients())
 
     def close_commit(
