@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # ProtoGalaxy: one image for the galaxy aggregator, the global aggregator and the
-# client runner (`python -m services {galaxy|global|client}`).
+# client runner (`python -m protogalaxy.services {galaxy|global|client}`).
 #
 # CPU (default):
 #   docker build -t protogalaxy:dev .
@@ -71,5 +71,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
-ENTRYPOINT ["python", "-m", "services"]
+ENTRYPOINT ["python", "-m", "protogalaxy.services"]
 CMD ["galaxy"]

@@ -30,15 +30,15 @@ from protogalaxy.crypto import commit
 from protogalaxy.crypto.identity import sign_commitment, sign_registration, sign_reveal
 from protogalaxy.crypto.keyring import client_key
 from protogalaxy.learning.models import build_model
+from protogalaxy.services.up import LocalCluster, _port_block
 from protogalaxy.spec import UpdateSpec
-from services.up import LocalCluster, _port_block
 
 CLIENTS = 9
 
 _DISCARD = """
 import sys, uvicorn
 from fastapi import FastAPI, Request
-from services.common import read_body
+from protogalaxy.services.common import read_body
 app = FastAPI()
 @app.put("/discard")
 async def discard(request: Request) -> dict:

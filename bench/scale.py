@@ -138,7 +138,7 @@ def _worker_up(clients: int, galaxies: int, rounds: int) -> dict[str, Any]:
     import tempfile
     import threading
 
-    from services.up import LocalCluster
+    from protogalaxy.services.up import LocalCluster
 
     cfg = _same_work(clients, galaxies, rounds)
     with tempfile.TemporaryDirectory() as tmp:

@@ -142,7 +142,7 @@ class LocalDriver(Driver):
         self.overrides: dict[str, Any] = {}
 
     def install(self, overrides: dict[str, Any]) -> None:
-        from services.up import LocalCluster
+        from protogalaxy.services.up import LocalCluster
 
         self.overrides = dict(overrides)
         out = self.workdir / f"run-{uuid.uuid4().hex[:6]}"

@@ -28,7 +28,8 @@ relies on, on this machine:
   :meth:`RenderedDriver.check_install` runs.
 * **Pods.** Each Deployment replica, StatefulSet replica and Indexed Job pod is a
   process group. A container without ``command`` runs the image's ENTRYPOINT,
-  ``python -m services`` (Dockerfile; this interpreter, in the repository) with the
+  ``python -m protogalaxy.services`` (Dockerfile; this interpreter, in the
+  repository) with the
   container's ``args``; a container with ``command`` runs it with the local binary
   (``python`` is this interpreter, ``redis-server`` the installed one). The
   environment is the image's (``PYTHONUNBUFFERED``, ``PG_HOST``, ``PG_PORT``) and
@@ -181,7 +182,7 @@ from drivers import (
     parse_events,
 )
 
-from services.up import _ephemeral_ports
+from protogalaxy.services.up import _ephemeral_ports
 
 __all__ = ["RenderedDriver", "Unsupported", "render"]
 
@@ -1287,7 +1288,7 @@ class _Cluster:
         container_ports = [int(p["containerPort"]) for p in c.get("ports") or []]
         ports: dict[int, int] = {}
         if entrypoint:
-            argv = [sys.executable, "-m", "services", *argv]
+            argv = [sys.executable, "-m", "protogalaxy.services", *argv]
             raw = env.get("PG_PORT", "")
             if container_ports and raw.isdigit():
                 ports[int(raw)] = pod.local_port(int(raw))
@@ -1308,7 +1309,8 @@ class _Cluster:
             elif container_ports:
                 raise Unsupported(
                     f"pod {pod.name}: {argv[0]} declares ports; the driver moves the "
-                    "listening port of `python -m services` and redis-server only"
+                    "listening port of `python -m protogalaxy.services` and "
+                    "redis-server only"
                 )
         python = Path(argv[0]).name.startswith("python") or argv[0] == sys.executable
         if python:

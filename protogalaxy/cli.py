@@ -218,7 +218,7 @@ def _up(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     # The services are adapters outside the library; imported only for this command.
-    from services.up import LocalCluster
+    from protogalaxy.services.up import LocalCluster
 
     out = _out_dir(args, "up")
     if out is None:
@@ -308,7 +308,10 @@ def _audit(args: argparse.Namespace) -> int:
     if args.url:
         import tempfile
 
-        from services.audit_fetch import FetchError, fetch_run  # the transport
+        from protogalaxy.services.audit_fetch import (  # the transport
+            FetchError,
+            fetch_run,
+        )
 
         with tempfile.TemporaryDirectory(prefix="pg-audit-") as tmp:
             try:
@@ -429,7 +432,9 @@ def _bench_galaxies(
 
     runners = {"simulate": simulate}
     if args.up:
-        from services.up import LocalCluster  # the services, outside the library
+        from protogalaxy.services.up import (
+            LocalCluster,  # the services, outside the library
+        )
 
         def up(config: SimulationConfig) -> dict[str, Any]:
             with tempfile.TemporaryDirectory(prefix="pg-bench-up-") as tmp:

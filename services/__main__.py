@@ -1,4 +1,5 @@
-"""The container's entry point: ``python -m services {galaxy|global|client|keygen}``.
+"""The container's entry point:
+``python -m protogalaxy.services {galaxy|global|client|keygen}``.
 
 Galaxy and global run under uvicorn on ``PG_HOST:PG_PORT`` (default 0.0.0.0:8000);
 configuration comes from ``PG_*`` environment variables (see each service's
@@ -39,18 +40,23 @@ def _torch_threads() -> None:
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in ("galaxy", "global", "client", "keygen"):
         print(
-            "usage: python -m services {galaxy|global|client|keygen}", file=sys.stderr
+            "usage: python -m protogalaxy.services {galaxy|global|client|keygen}",
+            file=sys.stderr,
         )
         return 2
     setup_logging(os.environ.get("PG_LOG_LEVEL", "warning"))
     role = argv[0]
     if role == "keygen":
-        from services import keygen
+        from protogalaxy.services import keygen
 
         return keygen.main()
     _torch_threads()
     if role == "client":
-        from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected
+        from protogalaxy.services.client_runner import (
+            ClientRunner,
+            ClientSettings,
+            ReceiptRejected,
+        )
 
         try:
             rounds = ClientRunner(ClientSettings.from_env()).run()
@@ -62,14 +68,14 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     if role == "galaxy":
-        from services import galaxy_app
+        from protogalaxy.services import galaxy_app
 
         app = galaxy_app.create_app(galaxy_app.GalaxySettings.from_env())
     else:
-        from services import global_app
+        from protogalaxy.services import global_app
 
         app = global_app.create_app(global_app.GlobalSettings.from_env())
-    from services.server import ServerLimits, guarded_protocol
+    from protogalaxy.services.server import ServerLimits, guarded_protocol
 
     limits = ServerLimits(
         max_per_peer=int(os.environ.get("PG_MAX_CONNECTIONS_PER_PEER", "64")),

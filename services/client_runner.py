@@ -55,8 +55,8 @@ from protogalaxy.learning.attacks import train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.training import round_lr
 from protogalaxy.protocol.assignment import Assignment
+from protogalaxy.services.common import MAX_BATCH, RUN_HEADER, env
 from protogalaxy.simulation import ClientSide
-from services.common import MAX_BATCH, RUN_HEADER, env
 
 __all__ = ["ClientRunner", "ClientSettings", "ReceiptRejected", "WrongRun", "parse_ids"]
 

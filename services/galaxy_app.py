@@ -63,9 +63,8 @@ from protogalaxy.protocol.galaxy import (
     WrongPhase,
 )
 from protogalaxy.protocol.stores import Phase
-from protogalaxy.spec import UpdateSpec
-from services import server
-from services.common import (
+from protogalaxy.services import server
+from protogalaxy.services.common import (
     AUDIT_BATCH_BYTES,
     MAX_BATCH,
     RUN_HEADER,
@@ -81,7 +80,8 @@ from services.common import (
     require_token,
     run_batch,
 )
-from services.redis_store import RedisGalaxyStore, RunSuperseded
+from protogalaxy.services.redis_store import RedisGalaxyStore, RunSuperseded
+from protogalaxy.spec import UpdateSpec
 
 __all__ = ["GalaxySettings", "create_app"]
 

@@ -76,9 +76,8 @@ from protogalaxy.protocol.global_aggregator import (
     GlobalRoundResult,
 )
 from protogalaxy.protocol.transcript import digest_hex
-from protogalaxy.spec import UpdateSpec
-from services import server
-from services.common import (
+from protogalaxy.services import server
+from protogalaxy.services.common import (
     AUDIT_BATCH_BYTES,
     JSON_LIMIT,
     MAX_BATCH,
@@ -94,6 +93,7 @@ from services.common import (
     require_token,
     run_batch,
 )
+from protogalaxy.spec import UpdateSpec
 
 __all__ = ["ACK_BYTES", "GlobalSettings", "create_app", "fetch_updates"]
 

@@ -1,4 +1,5 @@
-"""``python -m services keygen``: provision every party's Ed25519 identity in a
+"""``python -m protogalaxy.services keygen``: provision every party's Ed25519
+identity in a
 Kubernetes Secret, or in a directory.
 
 The Helm chart runs this as a pre-install/pre-upgrade hook Job. The Secret
@@ -33,7 +34,7 @@ import sys
 from pathlib import Path
 
 from protogalaxy.crypto.keyring import provision
-from services.common import env
+from protogalaxy.services.common import env
 
 __all__ = ["main", "provision_dir"]
 

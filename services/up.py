@@ -2,7 +2,8 @@
 
 Starts ``redis-server`` (append-only file on), the global aggregator, one galaxy
 aggregator per galaxy and a client runner, each with exactly the command
-(``python -m services <role>``) and ``PG_*`` environment the containers use, all on
+(``python -m protogalaxy.services <role>``) and ``PG_*`` environment the containers
+use, all on
 loopback. Logs go to ``<out>/logs/<name>.log``. :class:`LocalCluster` is also the
 harness of the service tests (it can kill and restart any process).
 
@@ -193,7 +194,7 @@ class LocalCluster:
     def _service(self, name: str, role: str, **env: Any) -> _Proc:
         proc = _Proc(
             name,
-            [sys.executable, "-m", "services", role],
+            [sys.executable, "-m", "protogalaxy.services", role],
             self._env(**env),
             self.out / "logs" / f"{name}.log",
         )

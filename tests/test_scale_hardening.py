@@ -25,8 +25,8 @@ from protogalaxy.crypto.errors import SignatureError
 from protogalaxy.crypto.identity import SigningKey
 from protogalaxy.learning.attacks import AttackConfig, data_transform
 from protogalaxy.learning.training import BatchedTrainer, ClientTask
-from services.client_runner import ClientRunner, ClientSettings
-from services.up import LocalCluster
+from protogalaxy.services.client_runner import ClientRunner, ClientSettings
+from protogalaxy.services.up import LocalCluster
 from tests.deploy.conftest import helm  # noqa: F401 - the fixture
 from tests.services.players import played_cluster
 

@@ -135,7 +135,7 @@ def test_runtime_is_slim_non_root_with_the_services_entrypoint() -> None:
     users = [a for op, a in runtime if op == "USER"]
     assert users and re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", users[-1]), users
     entry = [a for op, a in runtime if op == "ENTRYPOINT"]
-    assert [json.loads(e) for e in entry] == [["python", "-m", "services"]]
+    assert [json.loads(e) for e in entry] == [["python", "-m", "protogalaxy.services"]]
     assert [json.loads(a) for op, a in runtime if op == "CMD"] == [["galaxy"]]
     env = " ".join(a for op, a in instructions() if op == "ENV")
     assert "PYTHONUNBUFFERED=1" in env
@@ -143,7 +143,9 @@ def test_runtime_is_slim_non_root_with_the_services_entrypoint() -> None:
 
 def test_entrypoint_roles_exist() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "services", "nope"], capture_output=True, text=True
+        [sys.executable, "-m", "protogalaxy.services", "nope"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     for role in ("galaxy", "global", "client", "keygen"):

@@ -59,7 +59,7 @@ def galaxy_store(request: pytest.FixtureRequest) -> None:
     if request.param == "memory":
         STORE_FACTORY = MemoryGalaxyStore
     else:
-        from services.redis_store import RedisGalaxyStore
+        from protogalaxy.services.redis_store import RedisGalaxyStore
 
         url = request.getfixturevalue("redis_url")
         worlds = itertools.count()  # each World of a test has a prefix of its own

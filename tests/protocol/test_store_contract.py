@@ -20,7 +20,7 @@ from protogalaxy.protocol.stores import (
 def store(request: pytest.FixtureRequest) -> GalaxyStore:
     if request.param == "memory":
         return MemoryGalaxyStore()
-    from services.redis_store import RedisGalaxyStore
+    from protogalaxy.services.redis_store import RedisGalaxyStore
 
     return RedisGalaxyStore.from_url(request.getfixturevalue("redis_url"), galaxy=3)
 
@@ -208,7 +208,7 @@ def test_no_stage_outlives_its_upload(redis_url: str) -> None:
     accepted reveal's, and dropping the round removes those too."""
     import redis
 
-    from services.redis_store import RedisGalaxyStore
+    from protogalaxy.services.redis_store import RedisGalaxyStore
 
     store = RedisGalaxyStore.from_url(redis_url, galaxy=8, prefix="pg:stagetest:")
     raw = redis.Redis.from_url(redis_url)
@@ -244,7 +244,7 @@ def test_an_empty_staged_body(store: GalaxyStore) -> None:
 def test_a_discard_racing_a_commit_never_half_removes_a_reveal(redis_url: str) -> None:
     """Redis: a request's clean-up may discard its stage from another thread while
     the commit runs; the reveal is then either whole or absent."""
-    from services.redis_store import RedisGalaxyStore
+    from protogalaxy.services.redis_store import RedisGalaxyStore
 
     store = RedisGalaxyStore.from_url(redis_url, galaxy=9, prefix="pg:race:")
     body, nonce = bytes(range(256)) * 400, bytes(32)
@@ -319,7 +319,7 @@ def test_a_stage_holds_what_arrived_not_what_was_declared(redis_url: str) -> Non
     """A reveal that declares 64 MiB and sends a little: Redis holds at most
     twice what arrived (at least 1 MiB), not the declared size (a sender with
     no valid signature yet could otherwise make it hold 64 MiB for a few bytes)."""
-    from services.redis_store import RedisGalaxyStore, RedisRevealStage
+    from protogalaxy.services.redis_store import RedisGalaxyStore, RedisRevealStage
 
     store = RedisGalaxyStore.from_url(redis_url, galaxy=3)
     stage = store.stage_reveal(0, 1, 64 << 20)

@@ -16,8 +16,8 @@ from protogalaxy.crypto import commit
 from protogalaxy.crypto.identity import sign_commitment, sign_registration, sign_reveal
 from protogalaxy.crypto.keyring import client_key
 from protogalaxy.learning.models import build_model
+from protogalaxy.services.up import LocalCluster
 from protogalaxy.spec import UpdateSpec
-from services.up import LocalCluster
 
 SPEC = UpdateSpec.from_params(dict(build_model("mnist_cnn").named_parameters()))
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import Players, played_cluster, update
 
 pytestmark = pytest.mark.slow

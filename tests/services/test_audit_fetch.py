@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from protogalaxy.cli import main
-from services.audit_fetch import FetchError, fetch_run
+from protogalaxy.services.audit_fetch import FetchError, fetch_run
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 

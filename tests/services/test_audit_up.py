@@ -16,7 +16,7 @@ from protogalaxy.auditor import audit_run
 from protogalaxy.cli import main
 from protogalaxy.config import load_config
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.protocol.test_audit import EXPECTED
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from services.global_app import fetch_updates
+from protogalaxy.services.global_app import fetch_updates
 
 FETCH_S = 2.0
 MAX_UPDATE = 1 << 16

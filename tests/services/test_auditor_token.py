@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import played_cluster
 
 

@@ -24,9 +24,9 @@ from protogalaxy.codec import encode_update
 from protogalaxy.crypto import SigningKey, VerifyKey, commit, verify_receipt
 from protogalaxy.crypto.identity import sign_commitment
 from protogalaxy.crypto.receipts import Receipt
-from services.common import MAX_BATCH
-from services.global_app import _frames
-from services.up import LocalCluster
+from protogalaxy.services.common import MAX_BATCH
+from protogalaxy.services.global_app import _frames
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import Players, played_cluster, update
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import torch
 
 from protogalaxy.config import load_config
 from protogalaxy.learning.datasets import load_dataset
+from protogalaxy.services.client_runner import ClientRunner, ClientSettings
+from protogalaxy.services.up import LocalCluster
 from protogalaxy.simulation import ClientSide
-from services.client_runner import ClientRunner, ClientSettings
-from services.up import LocalCluster
 
 
 def test_a_client_pod_keeps_only_its_clients_rows(tmp_path: Path) -> None:

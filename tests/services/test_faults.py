@@ -30,8 +30,8 @@ from protogalaxy.crypto.merkle import (
 )
 from protogalaxy.crypto.statements import SignedDocument
 from protogalaxy.learning.models import build_model
-from services.redis_store import RedisGalaxyStore
-from services.up import LocalCluster
+from protogalaxy.services.redis_store import RedisGalaxyStore
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import SPEC, Players, played_cluster, update
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from protogalaxy.config import load_config
 from protogalaxy.crypto import SigningKey, VerifyKey, commit, verify_receipt
 from protogalaxy.crypto.identity import sign_commitment
 from protogalaxy.crypto.receipts import Receipt
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import Players, update
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,7 @@ from protogalaxy.crypto.statements import (
     sign_statement,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import SPEC
 
 pytestmark = pytest.mark.slow
@@ -327,7 +327,11 @@ def test_a_client_trains_only_on_the_model_the_global_aggregator_signed(
     import http.server
     import threading
 
-    from services.client_runner import ClientRunner, ClientSettings, ReceiptRejected
+    from protogalaxy.services.client_runner import (
+        ClientRunner,
+        ClientSettings,
+        ReceiptRejected,
+    )
 
     real = httpx.get(cluster.global_url + "/v1/model")
     version = int(real.headers["x-pg-model-version"])

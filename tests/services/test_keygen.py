@@ -1,4 +1,5 @@
-"""``python -m services keygen`` with ``PG_KEYGEN_DIR``: the key hook's local mode,
+"""``python -m protogalaxy.services keygen`` with ``PG_KEYGEN_DIR``: the key hook's
+local mode,
 run as the real process (what the rendered-chart driver of k8s-tests runs)."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def keygen(directory: Path, galaxies: object, clients: object) -> tuple[int, str
         POD_NAMESPACE="default",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "services", "keygen"],
+        [sys.executable, "-m", "protogalaxy.services", "keygen"],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.client_runner import ClientRunner, ClientSettings
-from services.up import LocalCluster
+from protogalaxy.services.client_runner import ClientRunner, ClientSettings
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import Players, played_cluster, update
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from services.common import Pump
+from protogalaxy.services.common import Pump
 
 
 def test_sinks_see_every_piece_in_order_on_another_thread() -> None:

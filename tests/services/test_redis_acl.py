@@ -25,7 +25,7 @@ import redis
 import yaml
 
 from protogalaxy.protocol.stores import Phase
-from services.redis_store import RedisGalaxyStore, RunSuperseded, connect
+from protogalaxy.services.redis_store import RedisGalaxyStore, RunSuperseded, connect
 from tests.deploy.conftest import CHART, helm  # noqa: F401  (the helm fixture)
 
 GALAXIES = 2
@@ -703,7 +703,7 @@ def test_the_galaxy_service_plays_rounds_under_its_acl_user(
     answers a write Redis has no memory for with a logged 503, and the ACL never
     refuses it anything."""
     from protogalaxy.config import load_config
-    from services.up import LocalCluster
+    from protogalaxy.services.up import LocalCluster
     from tests.services.players import Players, update
 
     server = acl_redis

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.client_runner import ClientRunner, ClientSettings, WrongRun
-from services.common import RUN_HEADER
-from services.up import LocalCluster
+from protogalaxy.services.client_runner import ClientRunner, ClientSettings, WrongRun
+from protogalaxy.services.common import RUN_HEADER
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import Players, played_cluster
 
 

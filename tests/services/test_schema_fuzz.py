@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 from tests.services.players import played_cluster
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from protogalaxy.config import load_config
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 
 
 def _get(url: str) -> httpx.Response | None:
@@ -73,7 +73,7 @@ def test_the_global_aggregator_keeps_only_the_newest_previous_runs(
 ) -> None:
     import os
 
-    from services.global_app import prune_previous_runs
+    from protogalaxy.services.global_app import prune_previous_runs
 
     volume = tmp_path / "data"
     for i, name in enumerate(["r-old", "r-mid", "r-new"]):
@@ -112,7 +112,7 @@ def test_a_galaxy_redis_refuses_exits_with_the_reason(tmp_path: Path) -> None:
 def test_secrets_can_come_from_files(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import pytest
 
-    from services.common import env
+    from protogalaxy.services.common import env
 
     secret = tmp_path / "token"
     secret.write_text("s3cret\n")

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from protogalaxy.config import load_config
-from services.up import LocalCluster
+from protogalaxy.services.up import LocalCluster
 
 pytestmark = pytest.mark.slow
 
