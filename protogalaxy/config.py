@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from protogalaxy.defense.galaxy import GalaxyScreenConfig
 from protogalaxy.defense.pipeline import DefenseConfig
 from protogalaxy.defense.reputation import ReputationConfig
-from protogalaxy.defense.robust import available_aggregators, get_aggregator, share_of
+from protogalaxy.defense.robust import get_aggregator, resolve_aggregator, share_of
 from protogalaxy.defense.statistical import StatisticsConfig
-from protogalaxy.learning.attacks import ATTACKS, AttackConfig
+from protogalaxy.learning.attacks import AttackConfig, resolve_attack
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
 from protogalaxy.protocol.sampling import MAX_EXCEED, Sampling, exceed_probability
 
@@ -84,13 +84,13 @@ class ByzantineSection(_Section):
     alie_z: float | None = None
     backdoor_target: int = Field(0, ge=0)
     backdoor_fraction: float = Field(0.5, gt=0, le=1)
+    #: Settings of a user's own attack, passed to it as ``config.params``.
+    params: dict[str, float | int | str | bool] = {}
 
     @model_validator(mode="after")
     def _attack_known(self) -> ByzantineSection:
-        if self.attack not in ATTACKS:
-            raise ValueError(
-                f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}"
-            )
+        if self.attack != "none":
+            resolve_attack(self.attack)  # a clear ValueError for an unknown name
         return self
 
 
@@ -191,11 +191,7 @@ class DefenseSection(_Section):
             raise ValueError(
                 f"layers must include 1 and lie within 1..5, got {self.layers}"
             )
-        if self.aggregator not in available_aggregators():
-            raise ValueError(
-                f"aggregator must be one of {', '.join(available_aggregators())}; "
-                f"got {self.aggregator!r}"
-            )
+        resolve_aggregator(self.aggregator)  # a clear ValueError for unknown names
         w = self.reputation
         total = w.w_integrity + w.w_statistics + w.w_selected + w.w_history
         if abs(total - 1.0) > 1e-9:
@@ -309,6 +305,7 @@ class SimulationConfig(_Section):
             backdoor_target=b.backdoor_target,
             backdoor_fraction=b.backdoor_fraction,
             rounds_fraction=b.rounds_fraction,
+            params=dict(b.params),
         )
 
     def galaxy_attack_config(self) -> GalaxyAttack | None:

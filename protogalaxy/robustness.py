@@ -30,6 +30,8 @@ __all__ = [
     "DEFENSES",
     "DEFENSE_IDS",
     "GALAXY_ATTACKS",
+    "PARTITIONS",
+    "cell",
     "defense_named",
     "run_galaxy_table",
     "run_grid",
@@ -93,11 +95,21 @@ def run_grid(
     seed: int = 0,
     attacks: list[str] | None = None,
     defenses: list[str] | None = None,
+    partitions: list[str] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per (partition, attack, defense): final accuracy, detection and
+    false-positive rates, backdoor success. ``attacks`` may name a user's attack;
+    ``partitions`` are keys of :data:`PARTITIONS`."""
+    unknown = set(partitions or []) - set(PARTITIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown partitions {sorted(unknown)}; have {list(PARTITIONS)}"
+        )
     data = load_dataset("mnist")
     rows = []
-    for pname, pover in PARTITIONS.items():
+    for pname in partitions or list(PARTITIONS):
+        pover = PARTITIONS[pname]
         for attack in attacks or ATTACKS:
             for dname in defenses or list(DEFENSES):
                 layers, agg = DEFENSES[dname]
@@ -143,6 +155,17 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def cell(row: dict[str, Any]) -> str:
+    """A table cell: accuracy / detection / false positives (bd backdoor success)."""
+    text = f"{row['final_accuracy']:.3f}"
+    if row["detection_rate"] is not None:
+        det, fpr = row["detection_rate"], row["false_positive_rate"]
+        text += f" / {_fmt(det)} / {_fmt(fpr)}"
+    if row["backdoor_success"] is not None:
+        text += f" (bd {row['backdoor_success']:.2f})"
+    return text
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "robustness.csv", "w", newline="", encoding="utf-8") as f:
@@ -181,14 +204,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> Non
                 if not match:
                     cells.append("")
                     continue
-                r = match[0]
-                cell = f"{r['final_accuracy']:.3f}"
-                if r["detection_rate"] is not None:
-                    det, fpr = r["detection_rate"], r["false_positive_rate"]
-                    cell += f" / {_fmt(det)} / {_fmt(fpr)}"
-                if r["backdoor_success"] is not None:
-                    cell += f" (bd {r['backdoor_success']:.2f})"
-                cells.append(cell)
+                cells.append(cell(match[0]))
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     (out / "robustness.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

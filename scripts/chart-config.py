@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from protogalaxy.config import SimulationConfig  # noqa: E402
 from protogalaxy.defense.robust import available_aggregators, get_aggregator  # noqa: E402
 from protogalaxy.learning.attacks import ATTACKS  # noqa: E402
+from protogalaxy.plugins import IMPORT_PATH  # noqa: E402
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS  # noqa: E402
 
 SCHEMA = ROOT / "charts" / "values.schema.json"
@@ -68,7 +69,10 @@ def config_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     raw = SimulationConfig.model_json_schema(ref_template="#/definitions/{model}")
     defs = _strip(raw.pop("$defs"))
     top = _strip(raw)
-    defs["ByzantineSection"]["properties"]["attack"]["enum"] = list(ATTACKS)
+    # a built-in attack, or a user's by import path (the module must be in the image)
+    defs["ByzantineSection"]["properties"]["attack"]["pattern"] = (
+        f"^({'|'.join(ATTACKS)}|{IMPORT_PATH})$"
+    )
     defense = defs["DefenseSection"]["properties"]
     defense["aggregator"]["enum"] = available_aggregators()
     defense["layers"]["items"] = {"type": "integer", "enum": [1, 2, 3, 4, 5]}

@@ -13,6 +13,18 @@ import yaml
 from torch import nn
 
 from protogalaxy.config import ConfigError, load_config
+from protogalaxy.defense.robust import (
+    AggregationResult,
+    Aggregator,
+    coordinate_median,
+    get_aggregator,
+)
+from protogalaxy.learning.attacks import (
+    AttackConfig,
+    ModelAttackContext,
+    model_attack,
+    poison_updates,
+)
 from protogalaxy.learning.models import build_model, register_model
 
 ROOT = Path(__file__).parents[1]
@@ -31,9 +43,34 @@ class TinyNet(nn.Module):
         return self.fc(x.flatten(start_dim=-3))
 
 
-def run(script: str) -> subprocess.CompletedProcess[str]:
+def _zeros(ctx: ModelAttackContext) -> torch.Tensor:
+    return torch.zeros(len(ctx.rows), ctx.updates.shape[1])
+
+
+#: A user's attack, named in YAML as ``tests.test_examples:zero_update`` (not
+#: registered by name: the import path is how another process finds it).
+zero_update = model_attack("zero_update_for_tests")(_zeros)
+
+
+@model_attack("wrong_shape_for_tests")
+def wrong_shape(ctx: ModelAttackContext) -> torch.Tensor:
+    return torch.zeros(3)
+
+
+class MedianOfThem(Aggregator):
+    """A user's aggregator, named as ``tests.test_examples:MedianOfThem``."""
+
+    name = "median_of_them_for_tests"
+
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: torch.Tensor | None
+    ) -> AggregationResult:
+        return coordinate_median(updates)
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script)],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -96,3 +133,86 @@ def test_unknown_models_are_clear_errors() -> None:
         build_model("nowhere.at_all:Net")
     with pytest.raises(ValueError, match="already registered"):
         register_model("mnist_cnn", TinyNet)
+
+
+@pytest.mark.usefixtures("_mnist")
+def test_own_attack() -> None:
+    proc = run("own_attack.py", "--rounds", "2", "--samples", "60")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FedAvg: accuracy" in proc.stdout
+    assert "ProtoGalaxy-Full: accuracy" in proc.stdout
+
+
+@pytest.mark.usefixtures("_mnist")
+def test_own_aggregator() -> None:
+    proc = run("own_aggregator.py", "--rounds", "1", "--samples", "60")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "clipped_mean against scaling: accuracy" in proc.stdout
+
+
+@pytest.mark.usefixtures("_mnist")
+def test_robustness_row() -> None:
+    proc = run(
+        "robustness_row.py", "--attack", "ipm", "--rounds", "1", "--samples", "40"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| ipm |")]
+    assert len(row) == 1 and row[0].count("|") == 9  # seven defenses
+
+
+ATTACK = "tests.test_examples:zero_update"
+AGGREGATOR = "tests.test_examples:MedianOfThem"
+
+
+@pytest.mark.usefixtures("_mnist")
+def test_an_attack_and_an_aggregator_named_by_import_path_run(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "clients": {"count": 10, "samples_per_client": 50},
+                "galaxies": {"count": 2},
+                "byzantine": {"fraction": 0.2, "attack": ATTACK},
+                "defense": {"layers": [1, 3], "aggregator": AGGREGATOR},
+                "training": {"rounds": 1},
+            }
+        )
+    )  # fmt: skip
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "simulate", "--config", str(config),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["byzantine"]["attack"] == ATTACK
+    assert recorded["defense"]["aggregator"] == AGGREGATOR
+
+
+def test_a_model_attack_replaces_exactly_the_byzantine_rows() -> None:
+    updates = torch.ones(4, 5)
+    mask = torch.tensor([False, True, False, True])
+    config = AttackConfig(name="tests.test_examples:zero_update")
+    out = poison_updates(config, updates, mask, generator=torch.Generator())
+    assert out[mask].abs().sum() == 0 and torch.equal(out[~mask], updates[~mask])
+
+
+def test_a_user_component_that_breaks_its_contract_is_a_clear_error() -> None:
+    mask = torch.tensor([True, False])
+    with pytest.raises(ValueError, match=r"must return the Byzantine rows.*\(1, 5\)"):
+        poison_updates(
+            AttackConfig(name="wrong_shape_for_tests"),
+            torch.ones(2, 5),
+            mask,
+            generator=torch.Generator(),
+        )
+    with pytest.raises(ConfigError, match="not an attack"):
+        load_config(overrides={"byzantine.attack": "tests.test_examples:run"})
+    with pytest.raises(ConfigError, match="sign_flip"):
+        load_config(overrides={"byzantine.attack": "sign_flop"})
+    with pytest.raises(ConfigError, match="not a subclass"):
+        load_config(overrides={"defense.aggregator": "tests.test_examples:run"})
+    with pytest.raises(ValueError, match="already registered"):
+        model_attack("alie")(wrong_shape.fn)
+    assert get_aggregator("tests.test_examples:MedianOfThem").name.startswith("median")

@@ -47,6 +47,7 @@ from protogalaxy.defense.exact import (
     exact_weighted_mean,
     quantize_weights,
 )
+from protogalaxy.plugins import import_object, is_import_path
 
 __all__ = [
     "AggregationResult",
@@ -59,6 +60,7 @@ __all__ = [
     "multi_krum",
     "pairwise_sq_distances",
     "register_aggregator",
+    "resolve_aggregator",
     "share_of",
     "trimmed_mean",
     "weighted_mean",
@@ -376,15 +378,27 @@ def register_aggregator(cls: type[Aggregator]) -> type[Aggregator]:
 
 
 def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
-    """An aggregator by name, e.g. ``get_aggregator("multikrum")``."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
+    """An aggregator by name, e.g. ``get_aggregator("multikrum")``, or by import
+    path ``package.module:Class`` (an :class:`Aggregator` subclass)."""
+    return resolve_aggregator(name)(**kwargs)
+
+
+def resolve_aggregator(name: str) -> type[Aggregator]:
+    """The class of a registered aggregator or of ``package.module:Class``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if not is_import_path(name):
         raise ValueError(
-            f"unknown aggregator {name!r}; "
-            f"available: {', '.join(available_aggregators())}"
-        ) from None
-    return cls(**kwargs)
+            f"aggregator must be one of {', '.join(available_aggregators())} or an "
+            f"import path 'package.module:Class'; got {name!r}"
+        )
+    found = import_object(name, "aggregator")
+    if not (isinstance(found, type) and issubclass(found, Aggregator)):
+        raise ValueError(
+            f"aggregator {name!r} is not a subclass of "
+            "protogalaxy.defense.robust.Aggregator"
+        )
+    return found
 
 
 def available_aggregators() -> list[str]:

@@ -20,30 +20,45 @@ Model poisoning (applied to the trained update before it is committed):
 
 ALIE and IPM are omniscient: they use the benign updates of the attacker's galaxy.
 An attack may be intermittent: active in a seeded fraction of rounds.
+
+Your own attack is a function registered with :func:`data_attack` or
+:func:`model_attack` (the built-ins above are registered the same way); a
+configuration names it (``byzantine.attack: name``, or ``package.module:attr`` to
+import it), and its settings come from ``byzantine.params``. See
+``examples/own_attack.py``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
+from protogalaxy.plugins import import_object, is_import_path
+
 __all__ = [
     "ATTACKS",
+    "Attack",
     "AttackConfig",
+    "ModelAttackContext",
     "add_trigger",
     "alie_z",
+    "attack_names",
+    "data_attack",
     "data_transform",
     "is_active",
+    "model_attack",
     "poison_updates",
+    "resolve_attack",
     "train_clients",
 ]
 
 DATA_ATTACKS = ("label_flip", "backdoor")
 MODEL_ATTACKS = ("sign_flip", "scaling", "gaussian", "alie", "ipm")
+#: The built-in attacks (``none`` is no attack).
 ATTACKS = ("none", *DATA_ATTACKS, *MODEL_ATTACKS)
 
 
@@ -59,18 +74,125 @@ class AttackConfig:
     backdoor_target: int = 0
     backdoor_fraction: float = 0.5
     rounds_fraction: float = 1.0
+    #: A user's attack's own settings (``byzantine.params`` in the config).
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACKS:
-            raise ValueError(
-                f"attack must be one of {', '.join(ATTACKS)}; got {self.name!r}"
-            )
+        if self.name != "none":
+            resolve_attack(self.name)  # raises for an unknown name
         if not 0.0 < self.rounds_fraction <= 1.0:
             raise ValueError(
                 f"rounds_fraction must be in (0, 1], got {self.rounds_fraction}"
             )
         if not 0.0 < self.backdoor_fraction <= 1.0:
             raise ValueError("backdoor_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelAttackContext:
+    """What a model-poisoning attack sees: one galaxy's trained updates (rows are
+    its clients in this round, honest and Byzantine), which rows are Byzantine,
+    the attack's settings and a seeded generator. An attack that uses the honest
+    rows is omniscient, as ALIE and IPM are."""
+
+    updates: torch.Tensor
+    byzantine: torch.Tensor
+    config: AttackConfig
+    generator: torch.Generator
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Indices of the Byzantine rows, in order."""
+        return self.byzantine.nonzero().squeeze(1)
+
+    @property
+    def own(self) -> torch.Tensor:
+        """The Byzantine clients' own honestly trained updates."""
+        return self.updates[self.rows]
+
+    @property
+    def benign(self) -> torch.Tensor:
+        """The honest rows (all rows when every client is Byzantine)."""
+        return (
+            self.updates[~self.byzantine]
+            if bool((~self.byzantine).any())
+            else self.updates
+        )
+
+
+#: ``fn(x, y, config) -> (x, y)`` on a Byzantine client's batches: ``x`` is
+#: ``(..., B, *input_shape)``, ``y`` is ``(..., B)``.
+DataFn = Callable[
+    [torch.Tensor, torch.Tensor, AttackConfig], tuple[torch.Tensor, torch.Tensor]
+]
+#: ``fn(ctx) -> rows``: the ``(len(ctx.rows), d)`` updates the Byzantine clients
+#: commit instead of their trained ones.
+ModelFn = Callable[[ModelAttackContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A named attack: data poisoning (runs inside local training) or model
+    poisoning (replaces the trained updates before they are committed)."""
+
+    name: str
+    kind: Literal["data", "model"]
+    fn: Callable[..., Any]
+
+
+_ATTACKS: dict[str, Attack] = {}
+
+
+def _register(name: str, kind: Literal["data", "model"]) -> Callable[[Any], Attack]:
+    if not name or ":" in name or name == "none":
+        raise ValueError(
+            f"an attack name is a plain word other than none, got {name!r}"
+        )
+
+    def wrap(fn: Callable[..., Any]) -> Attack:
+        if name in _ATTACKS:
+            raise ValueError(f"attack {name!r} is already registered")
+        attack = Attack(name, kind, fn)
+        _ATTACKS[name] = attack
+        return attack
+
+    return wrap
+
+
+def data_attack(name: str) -> Callable[[DataFn], Attack]:
+    """Decorator: register ``fn(x, y, config) -> (x, y)`` as data-poisoning attack
+    ``name``; a configuration then names it (``byzantine.attack: name``)."""
+    return _register(name, "data")
+
+
+def model_attack(name: str) -> Callable[[ModelFn], Attack]:
+    """Decorator: register ``fn(ctx: ModelAttackContext) -> rows`` as
+    model-poisoning attack ``name``."""
+    return _register(name, "model")
+
+
+def attack_names() -> list[str]:
+    """``none`` and every registered attack, built-in first."""
+    return ["none", *_ATTACKS]
+
+
+def resolve_attack(name: str) -> Attack:
+    """A registered attack, or ``package.module:attr`` imported (an object the
+    decorators returned)."""
+    if name in _ATTACKS:
+        return _ATTACKS[name]
+    if not is_import_path(name):
+        raise ValueError(
+            f"attack must be one of {', '.join(attack_names())} or an import path "
+            f"'package.module:attr'; got {name!r}"
+        )
+    found = import_object(name, "attack")
+    if not isinstance(found, Attack):
+        raise ValueError(
+            f"attack {name!r} is not an attack: decorate it with "
+            "protogalaxy.learning.attacks.data_attack or model_attack"
+        )
+    return found
 
 
 def is_active(config: AttackConfig, round: int, seed: int) -> bool:
@@ -91,32 +213,44 @@ def add_trigger(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def data_transform(config: AttackConfig):  # type: ignore[no-untyped-def]
+@data_attack("label_flip")
+def _label_flip(
+    x: torch.Tensor, y: torch.Tensor, config: AttackConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, (config.num_classes - 1) - y
+
+
+@data_attack("backdoor")
+def _backdoor(
+    x: torch.Tensor, y: torch.Tensor, config: AttackConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # the first k samples of each client's batch (batch is the last dim of y)
+    k = max(1, round(config.backdoor_fraction * y.shape[-1]))
+    x = x.clone()
+    y = y.clone()
+    x[..., :k, :, :, :] = add_trigger(x[..., :k, :, :, :])
+    y[..., :k] = config.backdoor_target
+    return x, y
+
+
+def data_transform(
+    config: AttackConfig,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """The batch transform of a data-poisoning attack, or None."""
-    if config.name == "label_flip":
-        c = config.num_classes
+    if config.name == "none":
+        return None
+    attack = resolve_attack(config.name)
+    if attack.kind != "data":
+        return None
+    fn = attack.fn
 
-        def flip(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return x, (c - 1) - y
+    def transform(
+        x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out: tuple[torch.Tensor, torch.Tensor] = fn(x, y, config)
+        return out
 
-        return flip
-    if config.name == "backdoor":
-        target = config.backdoor_target
-        fraction = config.backdoor_fraction
-
-        def backdoor(
-            x: torch.Tensor, y: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            # the first k samples of each client's batch (batch is the last dim of y)
-            k = max(1, round(fraction * y.shape[-1]))
-            x = x.clone()
-            y = y.clone()
-            x[..., :k, :, :, :] = add_trigger(x[..., :k, :, :, :])
-            y[..., :k] = target
-            return x, y
-
-        return backdoor
-    return None
+    return transform
 
 
 def alie_z(n: int, f: int) -> float:
@@ -128,6 +262,37 @@ def alie_z(n: int, f: int) -> float:
     return float(math.sqrt(2.0) * torch.erfinv(torch.tensor(2.0 * p - 1.0)))
 
 
+@model_attack("sign_flip")
+def _sign_flip(ctx: ModelAttackContext) -> torch.Tensor:
+    return -ctx.config.sign_flip_scale * ctx.own
+
+
+@model_attack("scaling")
+def _scaling(ctx: ModelAttackContext) -> torch.Tensor:
+    return ctx.config.scale * ctx.own
+
+
+@model_attack("gaussian")
+def _gaussian(ctx: ModelAttackContext) -> torch.Tensor:
+    shape = (len(ctx.rows), ctx.updates.shape[1])
+    noise = torch.randn(*shape, generator=ctx.generator)
+    return ctx.config.noise_std * noise.to(ctx.updates.dtype)
+
+
+@model_attack("alie")
+def _alie(ctx: ModelAttackContext) -> torch.Tensor:
+    n, f = len(ctx.updates), len(ctx.rows)
+    z = ctx.config.alie_z if ctx.config.alie_z is not None else alie_z(n, f)
+    row = ctx.benign.mean(0) - z * ctx.benign.std(0)
+    return row.expand(f, -1)
+
+
+@model_attack("ipm")
+def _ipm(ctx: ModelAttackContext) -> torch.Tensor:
+    row = -ctx.config.ipm_epsilon * ctx.benign.mean(0)
+    return row.expand(len(ctx.rows), -1)
+
+
 def poison_updates(
     config: AttackConfig,
     updates: torch.Tensor,
@@ -136,25 +301,22 @@ def poison_updates(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Replace the rows ``byzantine`` (bool mask) of one galaxy's ``updates``."""
-    name = config.name
-    if name not in MODEL_ATTACKS or not bool(byzantine.any()):
+    if config.name == "none" or not bool(byzantine.any()):
         return updates
+    attack = resolve_attack(config.name)
+    if attack.kind != "model":
+        return updates
+    ctx = ModelAttackContext(updates, byzantine, config, generator)
+    rows = attack.fn(ctx)
+    want = (len(ctx.rows), updates.shape[1])
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != want:
+        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows)
+        raise ValueError(
+            f"attack {config.name!r} returned {got}; it must return the Byzantine "
+            f"rows, a tensor of shape {want}"
+        )
     out = updates.clone()
-    benign = updates[~byzantine] if bool((~byzantine).any()) else updates
-    rows = byzantine.nonzero().squeeze(1)
-    if name == "sign_flip":
-        out[rows] = -config.sign_flip_scale * updates[rows]
-    elif name == "scaling":
-        out[rows] = config.scale * updates[rows]
-    elif name == "gaussian":
-        noise = torch.randn(len(rows), updates.shape[1], generator=generator)
-        out[rows] = config.noise_std * noise.to(updates.dtype)
-    elif name == "alie":
-        n, f = len(updates), len(rows)
-        z = config.alie_z if config.alie_z is not None else alie_z(n, f)
-        out[rows] = benign.mean(0) - z * benign.std(0)
-    elif name == "ipm":
-        out[rows] = -config.ipm_epsilon * benign.mean(0)
+    out[ctx.rows] = rows.to(updates.dtype)
     return out
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protogalaxy.plugins import import_object
+
 __all__ = [
     "MnistCNN",
     "ResNet18",
@@ -155,13 +157,7 @@ def resolve_model(name: str) -> Callable[[int], nn.Module]:
             f"model must be one of {model_names()} or an import path "
             f"'package.module:attr', got {name!r}"
         )
-    module, _, attr = name.partition(":")
-    import importlib
-
-    try:
-        found = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {name!r}: {exc}") from None
+    found = import_object(name, "model")
     if not callable(found):
         raise ValueError(f"model {name!r} is not a class or a factory")
     factory: Callable[[int], nn.Module] = found
