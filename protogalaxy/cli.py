@@ -7,9 +7,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protogalaxy import __version__
+
+if TYPE_CHECKING:
+    from protogalaxy.config import SimulationConfig
 
 
 def _verify_receipt(args: argparse.Namespace) -> int:
@@ -106,38 +109,62 @@ def _simulate(args: argparse.Namespace) -> int:
     from protogalaxy.logs import setup_logging
 
     setup_logging(args.log_level, fmt=args.log_format)
-    config = _config(args.config, {} if args.seed is None else {"seed": args.seed})
-    if config is None:
-        return 2
     from protogalaxy.artefacts import ArtefactWriter
     from protogalaxy.report import write_model, write_outputs, write_progress
-    from protogalaxy.simulation import RoundMetrics, Simulation, SimulationResult
-
-    out = _out_dir(args, "simulate")
-    if out is None:
-        return 2
-    total = config.training.rounds
-    byzantine = sum(config.byzantine_per_galaxy().values())
-    print(
-        f"protogalaxy simulate: {config.dataset.name}, {config.clients.count} "
-        f"clients in {config.galaxies.count} galaxies, {byzantine} Byzantine "
-        f"({config.byzantine.attack}), {total} rounds"
-        + (
-            f", {config.clients.fraction_fit:g} of each galaxy's clients a round"
-            if config.clients.fraction_fit < 1
-            else ""
-        )
-        + "\n"
-        f"  defense layers {config.defense.layers} with {config.defense.aggregator}"
-        f"\n  writing to {out}/",
-        flush=True,
+    from protogalaxy.simulation import (
+        STATE_FILE,
+        RoundMetrics,
+        Simulation,
+        SimulationResult,
     )
-    try:
-        artefacts = ArtefactWriter(out, keep_updates=config.audit.keep_updates)
-        sim = Simulation(config, artefacts=artefacts)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    if args.resume:
+        clash = [f"--{n}" for n in ("config", "out", "seed") if getattr(args, n)]
+        if clash or args.overwrite:
+            print(
+                f"error: --resume continues a run as it was configured; drop "
+                f"{', '.join(clash + (['--overwrite'] if args.overwrite else []))}",
+                file=sys.stderr,
+            )
+            return 2
+        out = Path(args.resume)
+        state = out / STATE_FILE
+        if not state.exists():
+            print(
+                f"error: {out} holds no saved state ({STATE_FILE}): it is not a "
+                "run directory, or its run finished",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            sim = Simulation.load_state(state)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        config = sim.config
+        done = len(sim.result().rounds)
+        print(
+            f"protogalaxy simulate: resuming {out}/ after round {done - 1} "
+            f"({done}/{config.training.rounds} done)",
+            flush=True,
+        )
+    else:
+        loaded = _config(args.config, {} if args.seed is None else {"seed": args.seed})
+        if loaded is None:
+            return 2
+        config = loaded
+        made = _out_dir(args, "simulate")
+        if made is None:
+            return 2
+        out = made
+        _print_header(config, out)
+        try:
+            artefacts = ArtefactWriter(out, keep_updates=config.audit.keep_updates)
+            sim = Simulation(config, artefacts=artefacts)
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    total = config.training.rounds
 
     def progress(m: RoundMetrics) -> None:
         asr = (
@@ -158,6 +185,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     def after_round(result: SimulationResult) -> None:
         write_progress(result, out)  # every finished round is on disk
+        sim.save_state(out / STATE_FILE)  # and can be continued from
         latest[:] = [result]
         model[:] = [sim.final_params()]  # the model those rounds made
 
@@ -171,14 +199,35 @@ def _simulate(args: argparse.Namespace) -> int:
             write_model(model[0], out)
         print(
             f"interrupted after {done} of {total} rounds; wrote what they produced "
-            f"to {out}/",
+            f"to {out}/\ncontinue with: protogalaxy simulate --resume {out}",
             flush=True,
         )
         return 130
     summary = write_outputs(result, out)
     write_model(sim.final_params(), out)
+    # the saved state holds every party's private key: gone once the run is done
+    (out / STATE_FILE).unlink(missing_ok=True)
     _print_summary(summary, f"{out}/")
     return 0
+
+
+def _print_header(config: SimulationConfig, out: Path) -> None:
+    total = config.training.rounds
+    byzantine = sum(config.byzantine_per_galaxy().values())
+    print(
+        f"protogalaxy simulate: {config.dataset.name}, {config.clients.count} "
+        f"clients in {config.galaxies.count} galaxies, {byzantine} Byzantine "
+        f"({config.byzantine.attack}), {total} rounds"
+        + (
+            f", {config.clients.fraction_fit:g} of each galaxy's clients a round"
+            if config.clients.fraction_fit < 1
+            else ""
+        )
+        + "\n"
+        f"  defense layers {config.defense.layers} with {config.defense.aggregator}"
+        f"\n  writing to {out}/",
+        flush=True,
+    )
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -421,7 +470,6 @@ def _bench_galaxies(
 ) -> None:
     import tempfile
 
-    from protogalaxy.config import SimulationConfig
     from protogalaxy.learning.datasets import load_dataset
     from protogalaxy.simulation import Simulation
 
@@ -492,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a previous run in --out (refused otherwise)",
     )
     s.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    s.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an interrupted run in DIR from its last finished round, with "
+        "the results an uninterrupted run would have had",
+    )
     s.add_argument(
         "--log-level",
         default="warning",

@@ -51,6 +51,7 @@ RUN_FILES = (
     "reputation.png",
     "run.json",
     "secrets",
+    "state.pkl",
     "summary.json",
 )
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pickle
 import secrets
+import shutil
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +56,39 @@ from protogalaxy.protocol.stores import MemoryGalaxyStore
 from protogalaxy.protocol.transcript import digest_hex
 from protogalaxy.spec import UpdateSpec
 
-__all__ = ["ClientSide", "RoundMetrics", "Simulation", "SimulationResult"]
+__all__ = [
+    "STATE_FILE",
+    "ClientSide",
+    "RoundMetrics",
+    "Simulation",
+    "SimulationResult",
+    "StateError",
+]
+
+#: a simulation's saved state in its run directory (``simulate --resume``)
+STATE_FILE = "state.pkl"
+_STATE_VERSION = 1
+#: files the artefacts only ever append to: cut back to the saved state's sizes
+_APPENDED = ("evidence.jsonl", "receipts.jsonl", "audit/log.bin")
+
+
+class StateError(ValueError):
+    """A saved state that cannot be resumed."""
+
+
+@dataclass
+class _Progress:
+    """Where :meth:`Simulation.run` is: what the rounds so far produced."""
+
+    next_round: int = 0
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    history: dict[int, list[float]] = field(default_factory=dict)
+    quarantined_ever: set[int] = field(default_factory=set)
+    #: wall seconds of the rounds run so far (across resumes)
+    seconds: float = 0.0
+    stopped: bool = False
+
 
 _log = logging.getLogger("protogalaxy.simulation")
 
@@ -322,6 +359,7 @@ class Simulation:
             config_digest=digest_hex(config.model_dump()),
         )
         self.receipt_failures = 0
+        self._progress = _Progress()
         #: honest clients whose reputation fell in a round their galaxy lied in
         #: without being caught
         self.false_attributions: set[int] = set()
@@ -648,51 +686,148 @@ class Simulation:
         progress: Callable[[RoundMetrics], None] | None = None,
         after_round: Callable[[SimulationResult], None] | None = None,
     ) -> SimulationResult:
-        """Every round (or until the early stop); ``progress`` gets each round's
-        metrics, ``after_round`` the result so far after each round (what an
-        interrupted run can still write)."""
-        t0 = time.perf_counter()
-        rounds: list[RoundMetrics] = []
-        events: list[dict[str, Any]] = []
-        history: dict[int, list[float]] = {
-            c: [] for c in range(self.config.clients.count)
-        }
-        quarantined_ever: set[int] = set()
-        stopped = False
+        """Every round (or until the early stop) from where this simulation is:
+        round 0, or the round after a saved state's (:meth:`load_state`).
+        ``progress`` gets each round's metrics, ``after_round`` the result so far
+        after each round (what an interrupted run can still write; the moment to
+        :meth:`save_state`)."""
+        p = self._progress
+        if not p.history:
+            p.history = {c: [] for c in range(self.config.clients.count)}
+        t0 = time.perf_counter() - p.seconds
         es = self.config.early_stop
-        for r in range(self.config.training.rounds):
+        while not p.stopped and p.next_round < self.config.training.rounds:
+            r = p.next_round
             metrics, info = self.run_round(r)
-            rounds.append(metrics)
-            events += info["events"]
-            for c in history:
+            p.rounds.append(metrics)
+            p.events += info["events"]
+            for c in p.history:
                 tracker = self.galaxy_of(c).defense.tracker
-                history[c].append(tracker.reputation(c))
+                p.history[c].append(tracker.reputation(c))
                 if tracker.status(c) != "active":
-                    quarantined_ever.add(c)
+                    p.quarantined_ever.add(c)
+            p.next_round = r + 1
+            p.seconds = time.perf_counter() - t0
+            if es.enabled and len(p.rounds) > es.window:
+                now = getattr(p.rounds[-1], es.metric)
+                then = getattr(p.rounds[-1 - es.window], es.metric)
+                gain = now - then if es.metric == "accuracy" else then - now
+                p.stopped = gain < es.min_delta
             if progress is not None:
                 progress(metrics)
             if after_round is not None:
-                after_round(
-                    self._result(rounds, events, history, quarantined_ever, t0, False)
-                )
-            if es.enabled and len(rounds) > es.window:
-                now = getattr(rounds[-1], es.metric)
-                then = getattr(rounds[-1 - es.window], es.metric)
-                gain = now - then if es.metric == "accuracy" else then - now
-                if gain < es.min_delta:
-                    stopped = True
-                    break
-        return self._result(rounds, events, history, quarantined_ever, t0, stopped)
+                after_round(self.result())
+        return self.result()
 
-    def _result(
-        self,
-        rounds: list[RoundMetrics],
-        events: list[dict[str, Any]],
-        history: dict[int, list[float]],
-        quarantined_ever: set[int],
-        t0: float,
-        stopped: bool,
-    ) -> SimulationResult:
+    # -- saved state (simulate --resume) ---------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state["data"] = None  # the dataset is loaded again (or passed) on resume
+        # the partition's index tensors are views of one permutation of the
+        # whole training set: saved alone, each would carry all of it
+        state["parts"] = [p.clone() for p in self.parts]
+        return state
+
+    def save_state(self, path: str | Path) -> None:
+        """Write everything the next rounds depend on to ``path`` (atomically,
+        mode 0600: it holds every party's private key), so that
+        :meth:`load_state` continues with exactly the results of a run that was
+        never stopped. The file is a Python pickle: resume only your own."""
+        path = Path(path)
+        sizes = {}
+        if self.artefacts is not None:
+            for name in _APPENDED:
+                file = self.artefacts.root / name
+                sizes[name] = file.stat().st_size if file.exists() else 0
+        blob = pickle.dumps(
+            {
+                "version": _STATE_VERSION,
+                "torch": torch.__version__,
+                "simulation": self,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": (
+                    torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_available()
+                    else None
+                ),
+                "artefact_sizes": sizes,
+            },
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_state(
+        cls,
+        path: str | Path,
+        *,
+        dataset: Dataset | None = None,
+        out: str | Path | None = None,
+    ) -> Simulation:
+        """A simulation saved by :meth:`save_state`, ready to :meth:`run` on from
+        the round after the saved one; its artefacts go on in ``out`` (default:
+        the state file's directory, where ``simulate`` keeps it). Refuses a file
+        that another user owns or that others can write (it is a pickle, which
+        runs code when loaded)."""
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise StateError(f"{path}: {exc.strerror or exc}") from None
+        if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StateError(
+                f"{path} is not yours alone (owner uid {st.st_uid}, mode "
+                f"{stat.filemode(st.st_mode)}): a saved state is a pickle, which "
+                "runs code when loaded; resume only your own runs"
+            )
+        with open(path, "rb") as f:
+            state = pickle.load(f)  # checked above: the user's own file
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise StateError(f"{path} is not a saved state this version can resume")
+        if state["torch"] != torch.__version__:
+            raise StateError(
+                f"{path} was saved with torch {state['torch']}, this is "
+                f"{torch.__version__}: the rest of the run would not match"
+            )
+        sim: Simulation = state["simulation"]
+        sim.data = dataset or load_dataset(
+            sim.config.dataset.name, root=sim.config.dataset.root
+        )
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if sim.artefacts is not None:
+            root = Path(out) if out is not None else path.parent
+            sim._rewind_artefacts(root, state["artefact_sizes"])
+            sim.artefacts = ArtefactWriter(
+                root, keep_updates=sim.artefacts.keep_updates
+            )
+        return sim
+
+    def _rewind_artefacts(self, root: Path, sizes: Mapping[str, int]) -> None:
+        """Drop what rounds after the saved one published (a run stopped in the
+        middle of a round): they are run again."""
+        for name, size in sizes.items():
+            f = root / name
+            if f.exists() and f.stat().st_size > size:
+                with open(f, "r+b") as fh:
+                    fh.truncate(size)
+        for parent in (root / "audit" / "rounds", root / "audit" / "updates"):
+            if parent.is_dir():
+                for d in parent.iterdir():
+                    if d.name.isdigit() and int(d.name) >= self._progress.next_round:
+                        shutil.rmtree(d, ignore_errors=True)
+
+    def result(self) -> SimulationResult:
+        """The result of the rounds run so far."""
+        p = self._progress
         removed = [
             c
             for c in range(self.config.clients.count)
@@ -700,14 +835,14 @@ class Simulation:
         ]
         return SimulationResult(
             self.config,
-            list(rounds),
+            list(p.rounds),
             self.byzantine,
-            sorted(quarantined_ever),
+            sorted(p.quarantined_ever),
             removed,
-            list(events),
-            {c: list(h) for c, h in history.items()},
-            time.perf_counter() - t0,
-            stopped,
+            list(p.events),
+            {c: list(h) for c, h in p.history.items()},
+            p.seconds,
+            p.stopped,
             {
                 "receipt_failures": self.receipt_failures,
                 "galaxies": self._galaxy_summary(),

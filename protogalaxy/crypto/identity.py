@@ -14,7 +14,7 @@ import hmac
 import struct
 import threading
 from collections import OrderedDict
-from typing import Final
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -122,6 +122,10 @@ class VerifyKey:
     def to_bytes(self) -> bytes:
         return self._raw
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # by its raw bytes (a simulation's saved state, ``simulate --resume``)
+        return (VerifyKey.from_bytes, (self._raw,))
+
     def verify(
         self, domain: str, message: bytes, signature: bytes, *, run: str
     ) -> None:
@@ -187,6 +191,10 @@ class SigningKey:
     def to_bytes(self) -> bytes:
         """The raw 32-byte seed. Keep it secret."""
         return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # by its seed: only a simulation's saved state (written 0600) holds one
+        return (SigningKey.from_bytes, (self.to_bytes(),))
 
     def sign(self, domain: str, message: bytes, *, run: str) -> bytes:
         """Sign ``domain_message(domain, message, run=run)``; return the 64-byte

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -121,17 +121,30 @@ class BatchedTrainer:
         self.device = torch.device(device)
         self.model.train()
 
+        self._compile()
+
+    def _compile(self) -> None:
+        model = self.model
+
         def loss(
             params: dict[str, torch.Tensor],
             x: torch.Tensor,
             y: torch.Tensor,
             w: torch.Tensor,
         ) -> torch.Tensor:
-            logits = functional_call(self.model, params, (x,))
+            logits = functional_call(model, params, (x,))
             return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 
         self._grad = vmap(grad(loss), randomness="different")
-        self._batched = getattr(self.model, "batched_forward", None)
+        self._batched = getattr(model, "batched_forward", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the vectorized gradient is a closure: rebuilt on load
+        return {k: v for k, v in vars(self).items() if k not in ("_grad", "_batched")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._compile()
 
     def _grads(
         self,

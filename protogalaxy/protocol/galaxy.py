@@ -241,6 +241,14 @@ class GalaxyAggregator:
         self._reputation_lock = threading.RLock()
         self._sync_reputation()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a simulation's saved state (``simulate --resume``): the lock is made anew
+        return {k: v for k, v in vars(self).items() if k != "_reputation_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._reputation_lock = threading.RLock()
+
     def _sync_reputation(self, *, force: bool = False) -> None:
         """Take the store's reputation state if it changed since this aggregator
         last read or wrote it: the store is the one source of truth, and another

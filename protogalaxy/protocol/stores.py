@@ -257,6 +257,13 @@ class MemoryGalaxyStore(GalaxyStore):
         self._reputation_version = 0
         self._evidence: list[dict[str, Any]] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._lock = threading.RLock()
+
     def get_state(self) -> State | None:
         return self._state
 

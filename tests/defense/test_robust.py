@@ -123,7 +123,7 @@ def test_registry() -> None:
     } <= set(available_aggregators())
     agg = get_aggregator("multikrum", byzantine_fraction=0.3)
     assert agg.f_for(10) == 3 and agg.min_clients(3) == 9
-    with pytest.raises(ValueError, match="aggregator must be one of .*; got 'bogus'"):
+    with pytest.raises(ValueError, match=r"aggregator must be one of .*; got 'bogus'"):
         get_aggregator("bogus")
     with pytest.raises(ValueError, match="already registered"):
 
