@@ -183,8 +183,16 @@ def _simulate(args: argparse.Namespace) -> int:
     latest: list[SimulationResult] = []
     model: list[dict[str, torch.Tensor]] = []
 
+    board = None
+    if args.tensorboard:
+        from protogalaxy.tblog import TensorBoardLog
+
+        board = TensorBoardLog(args.tensorboard)
+
     def after_round(result: SimulationResult) -> None:
         write_progress(result, out)  # every finished round is on disk
+        if board is not None:
+            board(result)
         sim.save_state(out / STATE_FILE)  # and can be continued from
         latest[:] = [result]
         model[:] = [sim.final_params()]  # the model those rounds made
@@ -540,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a previous run in --out (refused otherwise)",
     )
     s.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    s.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write TensorBoard scalars per round and per layer to DIR "
+        "(view: tensorboard --logdir DIR)",
+    )
     s.add_argument(
         "--resume",
         metavar="DIR",
