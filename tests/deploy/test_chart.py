@@ -500,3 +500,22 @@ def script_check(name: str) -> None:
 
 def test_chart_readme_is_current() -> None:
     script_check("chart-readme.py")
+
+
+def test_grafana_dashboard(helm: Path) -> None:
+    """Behind metrics.grafanaDashboard.enabled, the dashboard JSON ships as a
+    ConfigMap with the label Grafana's sidecar selects (queries are checked
+    against the services' exports in tests/services/test_up.py)."""
+    import json
+
+    maps = by_kind(render(helm, "-f", str(CHART / "ci" / "monitoring-values.yaml")),
+                   "ConfigMap")  # fmt: skip
+    board = maps["pg-protogalaxy-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["annotations"] == {"grafana_folder": "ProtoGalaxy"}
+    shipped = json.loads(board["data"]["protogalaxy.json"])
+    assert shipped == json.loads(
+        (CHART / "dashboards" / "protogalaxy.json").read_text()
+    )
+    assert shipped["panels"] and all(p["targets"] for p in shipped["panels"])
+    assert "pg-protogalaxy-dashboard" not in by_kind(render(helm), "ConfigMap")

@@ -4,6 +4,7 @@ top-level ``services`` that would collide with another project's."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,11 +18,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # a copy of what the Dockerfile copies: a build/ left in the checkout by an
+    # earlier build would otherwise leak its files into this wheel
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("protogalaxy", "services"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-         "--no-build-isolation", "-w", str(out), str(ROOT)],
-        check=True, capture_output=True, cwd=build, timeout=300,
+         "--no-build-isolation", "-w", str(out), str(src)],
+        check=True, capture_output=True, cwd=src, timeout=300,
     )  # fmt: skip
     (path,) = out.glob("protogalaxy-*.whl")
     return zipfile.ZipFile(path)

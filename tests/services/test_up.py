@@ -14,6 +14,39 @@ from protogalaxy.services.up import LocalCluster
 pytestmark = pytest.mark.slow
 
 
+DASHBOARD = Path(__file__).parents[2] / "charts" / "dashboards" / "protogalaxy.json"
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name in the dashboard's queries (and its variables')."""
+    import json
+    import re
+
+    text = json.dumps(json.loads(DASHBOARD.read_text()))
+    return set(re.findall(r"\bprotogalaxy_[a-z_]+", text))
+
+
+def exported_names(text: str) -> set[str]:
+    """Every name a query may use for the families in a /metrics exposition:
+    samples' names, and a counter's ``_total`` name even before it has a sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def test_dashboard_metric_check_catches_a_misspelt_query() -> None:
+    text = "# HELP protogalaxy_x_total x\n# TYPE protogalaxy_x_total counter\n"
+    assert exported_names(text) >= {"protogalaxy_x_total"}
+    assert "protogalaxy_x_totl" not in exported_names(text)
+    assert {"protogalaxy_global_accuracy_ratio"} <= dashboard_metrics()
+
+
 def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> None:
     config = load_config(
         overrides={
@@ -49,6 +82,7 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
         text = (tmp_path / "logs" / "clients.log").read_text()
         assert "took part in rounds [0, 1, 2]" in text
         metrics = httpx.get(cluster.galaxy_url(0) + "/metrics").text
+        exported = metrics + httpx.get(cluster.global_url + "/metrics").text
         assert "protogalaxy_galaxy_rounds_completed_total 3.0" in metrics
         assert (
             "protogalaxy_galaxy_updates_accepted_total 9.0" in metrics
@@ -56,6 +90,9 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
     finally:
         cluster.stop()
     assert summary["rounds"] == 3 and status["audit_log"]["size"] == 3
+    # The chart's Grafana dashboard queries only metrics the services export.
+    missing = dashboard_metrics() - exported_names(exported)
+    assert not missing, f"the dashboard queries metrics no service exports: {missing}"
     # up writes the per-round table and plot that simulate writes
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("round,accuracy,loss") and len(rows) == 4
