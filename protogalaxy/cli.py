@@ -166,19 +166,32 @@ def _simulate(args: argparse.Namespace) -> int:
             return 2
     total = config.training.rounds
 
+    from protogalaxy.progress import RunProgress
+
+    bars = (
+        RunProgress(total, done=len(sim.result().rounds))
+        if RunProgress.wanted()
+        else None
+    )
+    if bars is not None:
+        sim.on_phase = bars.phase
+
     def progress(m: RoundMetrics) -> None:
         asr = (
             ""
             if m.attack_success_rate is None
             else f"  backdoor {m.attack_success_rate:.3f}"
         )
-        print(
+        line = (
             f"round {m.round:>3} ({m.round + 1}/{total})  accuracy {m.accuracy:.4f}  "
             f"loss {m.loss:.4f}  flagged {m.flagged:>3}  "
             f"quarantined {m.quarantined:>3}  banned {m.banned:>3}"
-            f"{asr}  ({m.round_seconds:.1f} s)",
-            flush=True,
+            f"{asr}  ({m.round_seconds:.1f} s)"
         )
+        if bars is not None:
+            bars.finished(line)
+        else:
+            print(line, flush=True)
 
     latest: list[SimulationResult] = []
     model: list[dict[str, torch.Tensor]] = []
@@ -198,7 +211,11 @@ def _simulate(args: argparse.Namespace) -> int:
         model[:] = [sim.final_params()]  # the model those rounds made
 
     try:
-        result = sim.run(progress=progress, after_round=after_round)
+        if bars is not None:
+            with bars:
+                result = sim.run(progress=progress, after_round=after_round)
+        else:
+            result = sim.run(progress=progress, after_round=after_round)
     except KeyboardInterrupt:
         print(flush=True)  # end the line ^C was typed on
         done = len(latest[0].rounds) if latest else 0
@@ -436,27 +453,42 @@ def _bench_robustness(args: argparse.Namespace) -> int:
     done = [0]
 
     if args.tables in ("all", "clients"):
+        from protogalaxy.progress import RunProgress
+
+        bars = (
+            RunProgress(runs, unit="run", phases=()) if RunProgress.wanted() else None
+        )
 
         def progress(row: dict[str, object]) -> None:
             done[0] += 1
             left = (time.monotonic() - started) / done[0] * (runs - done[0])
-            print(
+            line = (
                 f"[{done[0]}/{runs}, about {left / 60:.0f} min left] "
                 f"{row['partition']:<15} {row['attack']:<11} {row['defense']:<17} "
                 f"accuracy {row['final_accuracy']}  detection {row['detection_rate']}"
                 f"  fpr {row['false_positive_rate']}  backdoor "
-                f"{row['backdoor_success']}  ({row['seconds']} s)",
-                flush=True,
+                f"{row['backdoor_success']}  ({row['seconds']} s)"
+            )
+            if bars is not None:
+                bars.finished(line)
+            else:
+                print(line, flush=True)
+
+        def grid() -> list[dict[str, Any]]:
+            return run_grid(
+                samples_per_client=args.samples_per_client,
+                rounds=args.rounds,
+                seed=args.seed,
+                attacks=attacks,
+                defenses=defenses,
+                progress=progress,
             )
 
-        rows = run_grid(
-            samples_per_client=args.samples_per_client,
-            rounds=args.rounds,
-            seed=args.seed,
-            attacks=attacks,
-            defenses=defenses,
-            progress=progress,
-        )
+        if bars is not None:
+            with bars:
+                rows = grid()
+        else:
+            rows = grid()
         settings = (
             f"Settings: MNIST, 30 clients in 3 galaxies, 9 Byzantine (30%), "
             f"{args.samples_per_client} samples per client, {args.rounds} rounds of "

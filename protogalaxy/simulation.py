@@ -360,6 +360,9 @@ class Simulation:
         )
         self.receipt_failures = 0
         self._progress = _Progress()
+        #: called as each step of a round starts, with the round and the step's
+        #: name (protogalaxy.progress.ROUND_PHASES): a progress display's hook
+        self.on_phase: Callable[[int, str], None] | None = None
         #: honest clients whose reputation fell in a round their galaxy lied in
         #: without being caught
         self.false_attributions: set[int] = set()
@@ -417,6 +420,8 @@ class Simulation:
             phases[name] = phases.get(name, 0.0) + now - mark[0]
             mark[0] = now
 
+        step = self.on_phase or (lambda r, name: None)
+        step(round, "training")
         active = {
             g: agg
             for g, agg in self.galaxies.items()
@@ -431,6 +436,7 @@ class Simulation:
         ]
         updates = self._train(round, clients) if clients else torch.zeros(0)
         lap("train")
+        step(round, "commitments")
         # Commit: only the hash travels.
         secrets: dict[int, tuple[bytes, bytes, Any]] = {}
         for i, c in enumerate(clients):
@@ -446,6 +452,7 @@ class Simulation:
             )
             secrets[c] = (body, nonce, commitment)
         lap("commit")
+        step(round, "Merkle trees")
         # Galaxy roots -> signed global head -> receipts.
         leaves = {}
         for gid, g in active.items():
@@ -460,6 +467,7 @@ class Simulation:
             if g.state == (round, "committed"):
                 g.accept_head(round, head, self.global_agg.proof_for(gid))
         lap("trees")
+        step(round, "receipts and reveals")
         # Each client verifies its receipt before revealing, and forwards the
         # galaxy's acknowledgement of its reveal to the global aggregator.
         receipts = []
@@ -490,6 +498,7 @@ class Simulation:
             self.global_agg.submit_ack(ack)
             lap("reveal")
         lap("reveal")
+        step(round, "galaxy defense")
         # Galaxy defense and aggregation, then the audits and the global step.
         agg_seconds = 0.0
         reference = self.global_agg.reference_direction
@@ -517,6 +526,7 @@ class Simulation:
             except Rejected as exc:
                 _log.warning("galaxy %d round %d refused: %s", gid, round, exc)
         lap("galaxy")
+        step(round, "audit and global step")
         t_global = time.perf_counter()
         targets = self.global_agg.audit_targets(round)
         served = {
@@ -542,6 +552,7 @@ class Simulation:
             g.store.drop_rounds_before(round - (KEEP_ROUNDS - 1))
         lap("publish")
         # Evaluate the new global model.
+        step(round, "evaluation")
         t_eval = time.perf_counter()
         accuracy, loss, asr = self._evaluate()
         eval_seconds = time.perf_counter() - t_eval
@@ -724,6 +735,7 @@ class Simulation:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(vars(self))
         state["data"] = None  # the dataset is loaded again (or passed) on resume
+        state["on_phase"] = None
         # the partition's index tensors are views of one permutation of the
         # whole training set: saved alone, each would carry all of it
         state["parts"] = [p.clone() for p in self.parts]

