@@ -66,3 +66,36 @@ def test_a_backdoor_target_that_is_not_a_class_is_a_clear_error() -> None:
     )
     with pytest.raises(ValueError, match="backdoor_target 7 is not a class"):
         Simulation(config, dataset=three_classes())
+
+
+def test_a_torch_dataset_pair_runs_and_gives_its_classes() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = three_classes()
+    own = Dataset.from_torch(
+        "mine",
+        TensorDataset(data.x_train, data.y_train),
+        TensorDataset(data.x_test, data.y_test),
+    )
+    assert own.num_classes == 3 and own.input_shape == (1, 28, 28)
+    assert torch.equal(own.x_train, data.x_train)
+    config = load_config(
+        overrides={
+            "clients.count": 10, "galaxies.count": 2, "clients.samples_per_client": 40,
+            "byzantine.fraction": 0.2, "training.rounds": 1,
+        }
+    )  # fmt: skip
+    assert len(Simulation(config, dataset=own).run().rounds) == 1
+
+
+def test_own_tensors_that_do_not_fit_are_clear_errors() -> None:
+    x, y = torch.zeros(10, 4), torch.arange(10) % 3
+    with pytest.raises(ValueError, match="one label per input"):
+        Dataset.from_tensors("d", x, y[:9], x, y)
+    with pytest.raises(ValueError, match="must be integers"):
+        Dataset.from_tensors("d", x, y.float(), x, y)
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        Dataset.from_tensors("d", x, y, x, y, num_classes=2)
+    with pytest.raises(ValueError, match="one shape"):
+        Dataset.from_tensors("d", x, y, torch.zeros(10, 5), y)
+    assert Dataset.from_tensors("d", x, y, x, y).num_classes == 3

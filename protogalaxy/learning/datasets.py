@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
 
 __all__ = [
     "Dataset",
@@ -52,6 +53,72 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        *,
+        num_classes: int | None = None,
+    ) -> Dataset:
+        """Your own tensors: inputs ``(N, *shape)`` (made float32), integer labels
+        ``(N,)`` in ``[0, num_classes)``; the classes default to the largest label
+        plus one. Clear errors for shapes and labels that do not fit."""
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise ValueError(
+                f"train inputs are {tuple(x_train.shape[1:])}, test inputs "
+                f"{tuple(x_test.shape[1:])}: they must have one shape"
+            )
+        for part, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+            if y.dim() != 1 or len(y) != len(x) or len(y) == 0:
+                raise ValueError(
+                    f"{part}: need one label per input, got {len(x)} inputs and "
+                    f"labels of shape {tuple(y.shape)}"
+                )
+            if y.dtype.is_floating_point or y.dtype == torch.bool:
+                raise ValueError(f"{part} labels must be integers, got {y.dtype}")
+        top = int(max(y_train.max(), y_test.max())) + 1
+        classes = top if num_classes is None else num_classes
+        low = int(min(y_train.min(), y_test.min()))
+        if low < 0 or top > classes or classes < 2:
+            raise ValueError(
+                f"labels must lie in [0, {classes}) with at least 2 classes; they "
+                f"lie in [{low}, {top - 1}]"
+            )
+        return cls(
+            name,
+            x_train.float(),
+            y_train.long(),
+            x_test.float(),
+            y_test.long(),
+            classes,
+        )
+
+    @classmethod
+    def from_torch(
+        cls,
+        name: str,
+        train: TorchDataset[Any],
+        test: TorchDataset[Any],
+        *,
+        num_classes: int | None = None,
+    ) -> Dataset:
+        """A ``torch.utils.data.Dataset`` pair of ``(input, label)`` items, read
+        once into tensors (the clients' partitions index them)."""
+
+        def read(part: TorchDataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            items = [part[i] for i in range(len(part))]  # type: ignore[arg-type]
+            xs = torch.stack([torch.as_tensor(x) for x, _ in items])
+            ys = torch.as_tensor([int(y) for _, y in items])
+            return xs, ys
+
+        return cls.from_tensors(
+            name, *read(train), *read(test), num_classes=num_classes
+        )
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
