@@ -63,9 +63,18 @@ class ClientsSection(_Section):
     #: run's seed (Flower's fraction_fit; protogalaxy/protocol/sampling.py).
     fraction_fit: float = Field(1.0, gt=0, le=1)
     samples_per_client: int = Field(2000, ge=1)
-    partition: Literal["iid", "dirichlet", "powerlaw"] = "iid"
+    #: iid, dirichlet, powerlaw, a name registered with
+    #: protogalaxy.learning.partition.register_partition, or "package.module:fn"
+    partition: str = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     powerlaw_exponent: float = Field(1.5, gt=0)
+
+    @model_validator(mode="after")
+    def _partition_known(self) -> ClientsSection:
+        from protogalaxy.learning.partition import resolve_partition
+
+        resolve_partition(self.partition)  # a clear ValueError for an unknown name
+        return self
 
 
 class GalaxiesSection(_Section):

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from protogalaxy.config import SimulationConfig  # noqa: E402
 from protogalaxy.defense.robust import available_aggregators, get_aggregator  # noqa: E402
 from protogalaxy.learning.attacks import ATTACKS  # noqa: E402
+from protogalaxy.learning.partition import PARTITIONS  # noqa: E402
 from protogalaxy.plugins import IMPORT_PATH  # noqa: E402
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS  # noqa: E402
 
@@ -72,6 +73,9 @@ def config_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     # a built-in attack, or a user's by import path (the module must be in the image)
     defs["ByzantineSection"]["properties"]["attack"]["pattern"] = (
         f"^({'|'.join(ATTACKS)}|{IMPORT_PATH})$"
+    )
+    defs["ClientsSection"]["properties"]["partition"]["pattern"] = (
+        f"^({'|'.join(PARTITIONS)}|{IMPORT_PATH})$"
     )
     defense = defs["DefenseSection"]["properties"]
     defense["aggregator"]["enum"] = available_aggregators()

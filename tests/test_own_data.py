@@ -3,12 +3,17 @@ comes from the data, for the model and for every attack."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from torch import nn
 
-from protogalaxy.config import load_config
+from protogalaxy.config import ConfigError, load_config
 from protogalaxy.learning.attacks import ATTACKS
 from protogalaxy.learning.datasets import Dataset
+from protogalaxy.report import write_progress
 from protogalaxy.simulation import Simulation
 
 
@@ -23,12 +28,41 @@ def three_classes(n: int = 600, seed: int = 0) -> Dataset:
     return Dataset("three", x[:cut], y[:cut], x[cut:], y[cut:], 3)
 
 
+class MLP(nn.Module):
+    """A user's 3-class MLP, named in configs as ``tests.test_own_data:MLP``."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(start_dim=-3), nn.Linear(28 * 28, 16), nn.ReLU(),
+            nn.Linear(16, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def by_galaxy_blocks(
+    labels: torch.Tensor, num_clients: int, samples: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """A user's partition: contiguous blocks of a seeded permutation."""
+    perm = torch.randperm(len(labels), generator=generator)
+    return [perm[c * samples : (c + 1) * samples] for c in range(num_clients)]
+
+
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_every_attack_runs_on_a_three_class_dataset(attack: str) -> None:
+def test_every_attack_runs_on_a_three_class_dataset(
+    attack: str, tmp_path: Path
+) -> None:
     """The reported crash: the default attack flipped labels as if there were
-    ten classes (``index 9 is out of bounds for dimension 2 with size 3``)."""
+    ten classes (``index 9 is out of bounds for dimension 2 with size 3``). A
+    user's MLP, data and partition, through the whole pipeline with every
+    attack; the recorded config names them."""
     config = load_config(
         overrides={
+            "model": "tests.test_own_data:MLP",
+            "clients.partition": "tests.test_own_data:by_galaxy_blocks",
             "clients.count": 10,
             "galaxies.count": 2,
             "clients.samples_per_client": 40,
@@ -40,6 +74,36 @@ def test_every_attack_runs_on_a_three_class_dataset(attack: str) -> None:
     result = Simulation(config, dataset=three_classes()).run()
     assert len(result.rounds) == 2
     assert 0.0 <= result.rounds[-1].accuracy <= 1.0
+    write_progress(result, tmp_path)
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert recorded["model"] == "tests.test_own_data:MLP"
+    assert recorded["clients"]["partition"] == "tests.test_own_data:by_galaxy_blocks"
+    assert recorded["byzantine"]["attack"] == attack
+
+
+def test_a_partition_that_breaks_its_contract_is_a_clear_error() -> None:
+    from protogalaxy.learning.partition import partition, register_partition
+
+    def too_few(labels, n, k, g):  # type: ignore[no-untyped-def]
+        return [torch.arange(k)] * (n - 1)
+
+    def out_of_range(labels, n, k, g):  # type: ignore[no-untyped-def]
+        return [torch.arange(k) + len(labels)] * n
+
+    register_partition("too_few_for_tests", too_few)
+    register_partition("out_of_range_for_tests", out_of_range)
+    labels = torch.zeros(100, dtype=torch.long)
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="returned 3 parts for 4 clients"):
+        partition(labels, num_clients=4, samples_per_client=5,
+                  scheme="too_few_for_tests", generator=g)  # fmt: skip
+    with pytest.raises(ValueError, match=r"indices leave \[0, 100\)"):
+        partition(labels, num_clients=4, samples_per_client=5,
+                  scheme="out_of_range_for_tests", generator=g)  # fmt: skip
+    with pytest.raises(ConfigError, match="partition must be one of iid"):
+        load_config(overrides={"clients.partition": "dirichlett"})
+    with pytest.raises(ValueError, match="built in"):
+        register_partition("iid", too_few)
 
 
 def test_label_flip_uses_the_datas_classes() -> None:

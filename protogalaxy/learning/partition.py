@@ -1,10 +1,79 @@
-"""Client data partitions: IID, Dirichlet label skew, power-law quantity skew."""
+"""Client data partitions: IID, Dirichlet label skew, power-law quantity skew, and
+your own (:func:`register_partition`, or ``clients.partition: package.module:fn``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["partition"]
+from protogalaxy.plugins import import_object, is_import_path
+
+__all__ = ["PARTITIONS", "partition", "partition_names", "register_partition"]
+
+#: the built-in schemes
+PARTITIONS = ("iid", "dirichlet", "powerlaw")
+
+#: ``fn(labels, num_clients, samples_per_client, generator) -> [indices, ...]``
+PartitionFn = Callable[[torch.Tensor, int, int, torch.Generator], list[torch.Tensor]]
+_OWN: dict[str, PartitionFn] = {}
+
+
+def register_partition(name: str, fn: PartitionFn) -> None:
+    """Make ``name`` a scheme a configuration can name (``clients.partition``):
+    ``fn(labels, num_clients, samples_per_client, generator)`` returns one index
+    tensor into the training set per client (draw from ``generator`` only, so that
+    every party computes the same split)."""
+    if not name or ":" in name or name in PARTITIONS or name in _OWN:
+        raise ValueError(f"partition {name!r} is built in, registered, or not a word")
+    _OWN[name] = fn
+
+
+def partition_names() -> list[str]:
+    return [*PARTITIONS, *_OWN]
+
+
+def resolve_partition(name: str) -> PartitionFn | None:
+    """A user's scheme (None for a built-in one); a ValueError for an unknown."""
+    if name in PARTITIONS:
+        return None
+    if name in _OWN:
+        return _OWN[name]
+    if not is_import_path(name):
+        raise ValueError(
+            f"partition must be one of {', '.join(partition_names())} or an import "
+            f"path 'package.module:fn'; got {name!r}"
+        )
+    found = import_object(name, "partition")
+    if not callable(found):
+        raise ValueError(f"partition {name!r} is not a function")
+    fn: PartitionFn = found
+    return fn
+
+
+def _checked(name: str, parts: object, n: int, num_clients: int) -> list[torch.Tensor]:
+    if not isinstance(parts, (list, tuple)) or len(parts) != num_clients:
+        got = len(parts) if isinstance(parts, (list, tuple)) else type(parts).__name__
+        raise ValueError(
+            f"partition {name!r} returned {got} parts for {num_clients} clients"
+        )
+    out = []
+    for c, p in enumerate(parts):
+        if (
+            not isinstance(p, torch.Tensor)
+            or p.dim() != 1
+            or p.dtype.is_floating_point
+            or p.dtype == torch.bool
+            or len(p) == 0
+        ):
+            raise ValueError(
+                f"partition {name!r}: client {c}'s part must be a non-empty 1-D "
+                "integer tensor of indices"
+            )
+        if int(p.min()) < 0 or int(p.max()) >= n:
+            raise ValueError(f"partition {name!r}: client {c}'s indices leave [0, {n})")
+        out.append(p.long())
+    return out
 
 
 def partition(
@@ -27,6 +96,10 @@ def partition(
       ``min(32, samples_per_client)`` each; IID labels.
     """
     n = labels.shape[0]
+    own = resolve_partition(scheme)
+    if own is not None:
+        parts = own(labels, num_clients, samples_per_client, generator)
+        return _checked(scheme, parts, n, num_clients)
     total = num_clients * samples_per_client
     if total > n:
         raise ValueError(
@@ -76,6 +149,4 @@ def partition(
                     short -= t2
             out.append(torch.cat(idx))
         return out
-    raise ValueError(
-        f"partition scheme must be iid, dirichlet or powerlaw; got {scheme!r}"
-    )
+    raise AssertionError(scheme)  # resolve_partition refused anything else
