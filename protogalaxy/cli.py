@@ -180,7 +180,7 @@ def _simulate(args: argparse.Namespace) -> int:
         asr = (
             ""
             if m.attack_success_rate is None
-            else f"  backdoor {m.attack_success_rate:.3f}"
+            else f"  attack success {m.attack_success_rate:.3f}"
         )
         line = (
             f"round {m.round:>3} ({m.round + 1}/{total})  accuracy {m.accuracy:.4f}  "
@@ -400,7 +400,14 @@ def _audit(args: argparse.Namespace) -> int:
     return 1 if audit_run(args.run_dir, **options) else 0
 
 
+def _partition_names() -> list[str]:
+    from protogalaxy.robustness import PARTITIONS
+
+    return list(PARTITIONS)
+
+
 def _bench_robustness(args: argparse.Namespace) -> int:
+    import json
     import time
 
     from protogalaxy.logs import setup_logging
@@ -446,11 +453,45 @@ def _bench_robustness(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
+    partitions = args.partitions.split(",") if args.partitions else list(PARTITIONS)
+    for p in partitions:
+        if p not in PARTITIONS:
+            print(
+                f"error: --partitions: unknown {p!r}; one of {', '.join(PARTITIONS)}",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        fractions = (
+            [float(f) for f in args.fractions.split(",")] if args.fractions else []
+        )
+    except ValueError:
+        print(f"error: --fractions: not numbers: {args.fractions!r}", file=sys.stderr)
+        return 2
+    if any(not 0.0 < f < 0.5 for f in fractions):
+        print("error: --fractions: each must lie in (0, 0.5)", file=sys.stderr)
+        return 2
+    sweep = args.sweep_attacks.split(",") if fractions else []
+    if args.seeds < 1 or args.jobs < 1:
+        print("error: --seeds and --jobs must be at least 1", file=sys.stderr)
+        return 2
     out = Path(args.out or f"runs/robustness-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = str(out)  # the galaxy tables go beside the client tables
-    runs = len(PARTITIONS) * len(attacks) * len(defenses)
+    cells = len(partitions) * len(defenses) * args.seeds
+    runs = cells * len(attacks) + cells * len(sweep) * len(
+        [f for f in fractions if f != 0.3 or not set(sweep) <= set(attacks)]
+    )
     started = time.monotonic()
     done = [0]
+    cached = out / "runs.jsonl"
+    if cached.exists():  # a resumed grid: what is there is not run again
+        runs -= sum(
+            1
+            for line in cached.read_text(encoding="utf-8").splitlines()
+            if (r := json.loads(line)).get("rounds") == args.rounds
+            and r.get("samples_per_client") == args.samples_per_client
+        )
+        runs = max(runs, 0)
 
     if args.tables in ("all", "clients"):
         from protogalaxy.progress import RunProgress
@@ -461,42 +502,69 @@ def _bench_robustness(args: argparse.Namespace) -> int:
 
         def progress(row: dict[str, object]) -> None:
             done[0] += 1
-            left = (time.monotonic() - started) / done[0] * (runs - done[0])
+            left = (time.monotonic() - started) / done[0] * max(runs - done[0], 0)
+            what = (
+                f"n/a ({row['infeasible']})"
+                if row.get("infeasible")
+                else (
+                    f"accuracy {row['final_accuracy']}  detection "
+                    f"{row['detection_rate']}  fpr {row['false_positive_rate']}  "
+                    f"attack success {row['attack_success']}  ({row['seconds']} s)"
+                )
+            )
             line = (
                 f"[{done[0]}/{runs}, about {left / 60:.0f} min left] "
-                f"{row['partition']:<15} {row['attack']:<11} {row['defense']:<17} "
-                f"accuracy {row['final_accuracy']}  detection {row['detection_rate']}"
-                f"  fpr {row['false_positive_rate']}  backdoor "
-                f"{row['backdoor_success']}  ({row['seconds']} s)"
+                f"{row['partition']:<15} {row['attack']:<13} {row['defense']:<17} "
+                f"{float(str(row['fraction'])):.0%} seed {row['seed']}  {what}"
             )
             if bars is not None:
-                bars.finished(line)
+                bars.finished(line[:300])
             else:
-                print(line, flush=True)
+                print(line[:300], flush=True)
+
+        common: dict[str, Any] = {
+            "samples_per_client": args.samples_per_client,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "seeds": args.seeds,
+            "defenses": defenses,
+            "partitions": partitions,
+            "target": args.target,
+            "jobs": args.jobs,
+            "cache": out / "runs.jsonl",
+            "progress": progress,
+        }
 
         def grid() -> list[dict[str, Any]]:
-            return run_grid(
-                samples_per_client=args.samples_per_client,
-                rounds=args.rounds,
-                seed=args.seed,
-                attacks=attacks,
-                defenses=defenses,
-                progress=progress,
-            )
+            rows = run_grid(attacks=attacks, **common)
+            if fractions:
+                rows += run_grid(attacks=sweep, fractions=fractions, **common)
+            unique = {
+                (r["partition"], r["attack"], r["defense"], r["fraction"], r["seed"]): r
+                for r in rows
+            }
+            return list(unique.values())
 
         if bars is not None:
             with bars:
                 rows = grid()
         else:
             rows = grid()
+        seeds = (
+            f"seed {args.seed}"
+            if args.seeds == 1
+            else f"seeds {args.seed}-{args.seed + args.seeds - 1}"
+        )
         settings = (
-            f"Settings: MNIST, 30 clients in 3 galaxies, 9 Byzantine (30%), "
-            f"{args.samples_per_client} samples per client, {args.rounds} rounds of "
-            f"one local epoch, seed {args.seed}; everything else as the default "
-            "config."
+            f"Settings: MNIST, 30 clients in 3 galaxies, 9 Byzantine (30%) unless a "
+            f"sweep says otherwise, {args.samples_per_client} samples per client, "
+            f"{args.rounds} rounds of one local epoch, {seeds}; everything else as "
+            f"the default config. Rounds to target: first round at accuracy "
+            f">= {args.target}. Every run is in `runs.jsonl` (a rerun with the same "
+            "--out skips what is there)."
         )
         write_tables(rows, out, settings=settings)
-        print(f"wrote {out}/robustness.md and robustness.csv")
+        print(f"wrote {out}/robustness.md, robustness.csv and the heatmaps")
     if args.tables in ("all", "galaxies"):
         _bench_galaxies(args, galaxy_attacks, run_galaxy_table, write_galaxy_tables)
     return 0
@@ -648,13 +716,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--samples-per-client", type=int, default=500)
     r.add_argument("--rounds", type=int, default=10)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="the first seed")
+    r.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="independent runs per cell (seeds --seed, --seed+1, ...): the tables "
+        "give mean ± std and a paired t-test of Full against the best baseline",
+    )
     r.add_argument("--attacks", help="comma-separated subset of the attacks")
     r.add_argument(
         "--defenses",
         help="comma-separated subset of the defenses: fedavg, krum, multikrum, "
-        "median, trimmed_mean (layer 1 and that rule), lite (ProtoGalaxy-Lite) and "
-        "full (ProtoGalaxy-Full); the tables' names work too",
+        "median, trimmed_mean, bulyan, centered_clipping (layer 1 and that rule), "
+        "lite (ProtoGalaxy-Lite) and full (ProtoGalaxy-Full); the tables' names "
+        "work too",
+    )
+    r.add_argument(
+        "--partitions",
+        help="comma-separated subset of: " + ", ".join(_partition_names()),
+    )
+    r.add_argument(
+        "--fractions",
+        help="an attacker-fraction sweep, e.g. 0.1,0.2,0.3,0.4, of the "
+        "--sweep-attacks against every defense (the rule is told the fraction)",
+    )
+    r.add_argument(
+        "--sweep-attacks",
+        default="label_flip",
+        help="the attacks the --fractions sweep runs (default: label_flip)",
+    )
+    r.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        help="the accuracy whose first round each run records (rounds to target)",
+    )
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, in separate processes (each gets cores / jobs threads)",
     )
     r.add_argument(
         "--tables",

@@ -93,6 +93,9 @@ class ByzantineSection(_Section):
     alie_z: float | None = None
     backdoor_target: int = Field(0, ge=0)
     backdoor_fraction: float = Field(0.5, gt=0, le=1)
+    #: targeted_flip: the class relabelled, and the class it becomes.
+    source_class: int = Field(3, ge=0)
+    target_class: int = Field(7, ge=0)
     #: Settings of a user's own attack, passed to it as ``config.params``.
     params: dict[str, float | int | str | bool] = {}
 
@@ -314,6 +317,8 @@ class SimulationConfig(_Section):
             backdoor_target=b.backdoor_target,
             backdoor_fraction=b.backdoor_fraction,
             rounds_fraction=b.rounds_fraction,
+            source_class=b.source_class,
+            target_class=b.target_class,
             params=dict(b.params),
         )
 

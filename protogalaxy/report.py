@@ -246,7 +246,7 @@ def figures(result: SimulationResult) -> dict[str, Any]:
             rounds,
             [r.attack_success_rate or 0.0 for r in result.rounds],
             marker="x",
-            label="backdoor success",
+            label="attack success",
         )
     whole_rounds(ax)
     ax.set_ylabel("test accuracy")

@@ -16,6 +16,7 @@ the galaxy was caught, false attributions and false isolations.
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from protogalaxy.config import SimulationConfig, load_config
 from protogalaxy.learning.datasets import load_dataset
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS
 from protogalaxy.simulation import Simulation
+from protogalaxy.stats import mean_std, paired_t_test
 
 __all__ = [
     "DEFENSES",
@@ -35,13 +37,28 @@ __all__ = [
     "defense_named",
     "run_galaxy_table",
     "run_grid",
+    "run_one",
+    "significance",
+    "summarize",
     "write_galaxy_tables",
+    "write_tables",
 ]
 
 #: a run of one configuration to its summary (simulate's or up's)
 Runner = Callable[[SimulationConfig], dict[str, Any]]
 
-ATTACKS = ["label_flip", "sign_flip", "scaling", "gaussian", "backdoor", "alie", "ipm"]
+ATTACKS = [
+    "label_flip",
+    "targeted_flip",
+    "sign_flip",
+    "scaling",
+    "gaussian",
+    "backdoor",
+    "alie",
+    "ipm",
+    "min_max",
+    "min_sum",
+]
 
 #: name -> (layers, aggregator)
 DEFENSES: dict[str, tuple[list[int], str]] = {
@@ -50,6 +67,8 @@ DEFENSES: dict[str, tuple[list[int], str]] = {
     "Multi-Krum": ([1, 3], "multikrum"),
     "Median": ([1, 3], "median"),
     "Trimmed mean": ([1, 3], "trimmed_mean"),
+    "Bulyan": ([1, 3], "bulyan"),
+    "Centered clipping": ([1, 3], "centered_clipping"),
     "ProtoGalaxy-Lite": ([1, 3], "multikrum"),
     "ProtoGalaxy-Full": ([1, 2, 3, 4, 5], "multikrum"),
 }
@@ -62,6 +81,8 @@ DEFENSE_IDS: dict[str, str] = {
     "multikrum": "Multi-Krum",
     "median": "Median",
     "trimmed_mean": "Trimmed mean",
+    "bulyan": "Bulyan",
+    "centered_clipping": "Centered clipping",
     "lite": "ProtoGalaxy-Lite",
     "full": "ProtoGalaxy-Full",
 }
@@ -88,65 +109,156 @@ PARTITIONS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the defenses the significance test compares ProtoGalaxy-Full against
+BASELINES = ("FedAvg", "Krum", "Multi-Krum", "Median", "Trimmed mean", "Bulyan",
+             "Centered clipping")  # fmt: skip
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+_DATA: dict[str, Any] = {}
+
+
+def run_one(
+    partition: str,
+    attack: str,
+    defense: str,
+    fraction: float,
+    seed: int,
+    *,
+    samples_per_client: int,
+    rounds: int,
+    target: float,
+) -> dict[str, Any]:
+    """One run of the grid: its row (``infeasible`` names why a rule cannot take
+    the fraction; its figures are None then)."""
+    from protogalaxy.config import ConfigError
+
+    layers, agg = DEFENSES[defense]
+    row: dict[str, Any] = {
+        "partition": partition, "attack": attack, "defense": defense,
+        "fraction": fraction, "seed": seed,
+        "samples_per_client": samples_per_client, "rounds": rounds,
+    }  # fmt: skip
+    overrides = {
+        **PARTITIONS[partition],
+        "seed": seed,
+        "byzantine.attack": attack,
+        "byzantine.fraction": fraction,
+        "clients.samples_per_client": samples_per_client,
+        "training.rounds": rounds,
+        "defense.layers": layers,
+        "defense.aggregator": agg,
+    }
+    if fraction != 0.3:  # the rule is told the fraction it faces
+        overrides["defense.byzantine_fraction"] = fraction
+    try:
+        config = load_config(overrides=overrides)
+    except ConfigError as exc:
+        return row | {"infeasible": str(exc).split(": ", 1)[-1][:300]}
+    if "mnist" not in _DATA:
+        _DATA["mnist"] = load_dataset("mnist")
+    t0 = time.perf_counter()
+    result = Simulation(config, dataset=_DATA["mnist"]).run()
+    s = result.summary()
+    has_rep = 4 in layers
+    accuracies = [round(r.accuracy, 4) for r in result.rounds]
+    reached = [r.round for r in result.rounds if r.accuracy >= target]
+    return row | {
+        "final_accuracy": round(s["final_accuracy"], 4),
+        "detection_rate": s["detection_rate"] if has_rep else None,
+        "false_positive_rate": s["false_positive_rate"] if has_rep else None,
+        "attack_success": (
+            round(s["attack_success_rate"], 4) if "attack_success_rate" in s else None
+        ),
+        "rounds_to_target": reached[0] + 1 if reached else None,
+        "accuracies": accuracies,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def run_grid(
     *,
     samples_per_client: int = 500,
     rounds: int = 10,
     seed: int = 0,
+    seeds: int = 1,
     attacks: list[str] | None = None,
     defenses: list[str] | None = None,
     partitions: list[str] | None = None,
+    fractions: list[float] | None = None,
+    target: float = 0.9,
+    jobs: int = 1,
+    cache: Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (partition, attack, defense): final accuracy, detection and
-    false-positive rates, backdoor success. ``attacks`` may name a user's attack;
-    ``partitions`` are keys of :data:`PARTITIONS`."""
+    """One row per (partition, attack, defense, fraction, seed): final accuracy,
+    detection and false-positive rates, attack success (backdoor, targeted flip),
+    rounds to ``target`` accuracy. ``seeds`` runs seeds ``seed .. seed+seeds-1``;
+    ``fractions`` are the Byzantine fractions (0.3 by default). ``attacks`` may
+    name a user's attack; ``partitions`` are keys of :data:`PARTITIONS`.
+
+    ``jobs`` processes run at once (each with ``cores / jobs`` torch threads).
+    ``cache``, a JSON-lines file, makes the grid resumable: every finished row is
+    appended as it ends, and rows already there (same settings) are not run
+    again."""
     unknown = set(partitions or []) - set(PARTITIONS)
     if unknown:
         raise ValueError(
             f"unknown partitions {sorted(unknown)}; have {list(PARTITIONS)}"
         )
-    data = load_dataset("mnist")
-    rows = []
-    for pname in partitions or list(PARTITIONS):
-        pover = PARTITIONS[pname]
-        for attack in attacks or ATTACKS:
-            for dname in defenses or list(DEFENSES):
-                layers, agg = DEFENSES[dname]
-                config = load_config(
-                    overrides={
-                        **pover,
-                        "seed": seed,
-                        "byzantine.attack": attack,
-                        "clients.samples_per_client": samples_per_client,
-                        "training.rounds": rounds,
-                        "defense.layers": layers,
-                        "defense.aggregator": agg,
-                    }
-                )
-                t0 = time.perf_counter()
-                s = Simulation(config, dataset=data).run().summary()
-                has_rep = 4 in layers
-                row = {
-                    "partition": pname,
-                    "attack": attack,
-                    "defense": dname,
-                    "final_accuracy": round(s["final_accuracy"], 4),
-                    "detection_rate": s["detection_rate"] if has_rep else None,
-                    "false_positive_rate": s["false_positive_rate"]
-                    if has_rep
-                    else None,
-                    "backdoor_success": (
-                        round(s["attack_success_rate"], 4)
-                        if attack == "backdoor"
-                        else None
-                    ),
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
-                rows.append(row)
-                if progress:
-                    progress(row)
-    return rows
+    plan = [
+        (p, a, d, fr, sd)
+        for p in partitions or list(PARTITIONS)
+        for a in attacks or ATTACKS
+        for d in defenses or list(DEFENSES)
+        for fr in fractions or [0.3]
+        for sd in range(seed, seed + seeds)
+    ]
+    params = {"samples_per_client": samples_per_client, "rounds": rounds}
+    done: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in params.items()):
+                key = (row["partition"], row["attack"], row["defense"],
+                       row["fraction"], row["seed"])  # fmt: skip
+                done[key] = row
+    todo = [k for k in plan if k not in done]
+
+    def finish(row: dict[str, Any]) -> None:
+        key = (row["partition"], row["attack"], row["defense"], row["fraction"],
+               row["seed"])  # fmt: skip
+        done[key] = row
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress:
+            progress(row)
+
+    kw: dict[str, Any] = params | {"target": target}
+    if jobs <= 1:
+        for key in todo:
+            finish(run_one(*key, **kw))
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(run_one, *key, **kw) for key in todo]
+            for fut in as_completed(futures):
+                finish(fut.result())
+    return [done[k] for k in plan]
 
 
 def _fmt(v: Any) -> str:
@@ -156,22 +268,149 @@ def _fmt(v: Any) -> str:
 
 
 def cell(row: dict[str, Any]) -> str:
-    """A table cell: accuracy / detection / false positives (bd backdoor success)."""
+    """One run's cell: accuracy / detection / false positives (attack success)."""
+    if row.get("infeasible"):
+        return "n/a"
     text = f"{row['final_accuracy']:.3f}"
     if row["detection_rate"] is not None:
         det, fpr = row["detection_rate"], row["false_positive_rate"]
         text += f" / {_fmt(det)} / {_fmt(fpr)}"
-    if row["backdoor_success"] is not None:
-        text += f" (bd {row['backdoor_success']:.2f})"
+    if row["attack_success"] is not None:
+        text += f" (success {row['attack_success']:.2f})"
     return text
 
 
+METRICS = ("final_accuracy", "detection_rate", "false_positive_rate",
+           "attack_success", "rounds_to_target")  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (partition, attack, defense, fraction): over its seeds, the
+    mean and standard deviation of every figure (rounds to target over the seeds
+    that reached it, with how many did)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["partition"], r["attack"], r["defense"], r["fraction"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (partition, attack, defense, fraction), runs in groups.items():
+        s: dict[str, Any] = {
+            "partition": partition, "attack": attack, "defense": defense,
+            "fraction": fraction, "seeds": len(runs),
+            "infeasible": next((r["infeasible"] for r in runs
+                                if r.get("infeasible")), None),
+        }  # fmt: skip
+        for m in METRICS:
+            vals = [float(r[m]) for r in runs if r.get(m) is not None]
+            mean, std = mean_std(vals) if vals else (None, None)
+            s[m], s[f"{m}_std"] = mean, std
+        s["reached_target"] = sum(r.get("rounds_to_target") is not None for r in runs)
+        out.append(s)
+    return out
+
+
+def significance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (partition, attack, fraction): ProtoGalaxy-Full against the
+    baseline of highest mean final accuracy, paired by seed (t-test, two-sided)."""
+    by: dict[tuple[Any, ...], dict[str, dict[int, float]]] = {}
+    for r in rows:
+        if r.get("final_accuracy") is None:
+            continue
+        key = (r["partition"], r["attack"], r["fraction"])
+        by.setdefault(key, {}).setdefault(r["defense"], {})[r["seed"]] = float(
+            r["final_accuracy"]
+        )
+    out = []
+    for (partition, attack, fraction), defs in by.items():
+        full = defs.get("ProtoGalaxy-Full")
+        bases = {d: v for d, v in defs.items() if d in BASELINES}
+        if not full or not bases:
+            continue
+        best = max(bases, key=lambda d: mean_std(list(bases[d].values()))[0])
+        seeds = sorted(set(full) & set(bases[best]))
+        diff, p = paired_t_test(
+            [full[s] for s in seeds], [bases[best][s] for s in seeds]
+        )
+        out.append({"partition": partition, "attack": attack, "fraction": fraction,
+                    "best_baseline": best, "difference": diff, "p": p,
+                    "pairs": len(seeds)})  # fmt: skip
+    return out
+
+
+def _pm(mean: float | None, std: float | None, n: int, digits: int = 3) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_cell(s: dict[str, Any]) -> str:
+    """A table cell over seeds: accuracy / detection / false positives (attack
+    success), each mean ± std."""
+    if s["infeasible"]:
+        return "n/a"
+    n = s["seeds"]
+    text = _pm(s["final_accuracy"], s["final_accuracy_std"], n)
+    if s["detection_rate"] is not None:
+        text += (
+            f" / {_pm(s['detection_rate'], s['detection_rate_std'], n, 2)}"
+            f" / {_pm(s['false_positive_rate'], s['false_positive_rate_std'], n, 2)}"
+        )
+    if s["attack_success"] is not None:
+        text += f" (success {_pm(s['attack_success'], s['attack_success_std'], n, 2)})"
+    return text
+
+
+def _sig_text(sig: dict[str, Any] | None) -> str:
+    if sig is None:
+        return ""
+    d, p = sig["difference"], sig["p"]
+    star = "" if p != p else (" *" if p < 0.05 else "")
+    ptext = "n/a" if p != p else f"{p:.3f}"
+    return f"{d:+.3f} vs {sig['best_baseline']} (p {ptext}){star}"
+
+
+def heatmap(
+    summary: list[dict[str, Any]], path: Path, *, rows_key: str, title: str
+) -> None:
+    """Mean final accuracy, ``rows_key`` (attack or fraction) by defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ys = list(dict.fromkeys(s[rows_key] for s in summary))
+    xs = list(dict.fromkeys(s["defense"] for s in summary))
+    grid = [[float("nan")] * len(xs) for _ in ys]
+    for s in summary:
+        if s["final_accuracy"] is not None:
+            grid[ys.index(s[rows_key])][xs.index(s["defense"])] = s["final_accuracy"]
+    fig, ax = plt.subplots(figsize=(1.1 * len(xs) + 2.5, 0.45 * len(ys) + 1.8))
+    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(xs)), xs, rotation=35, ha="right")
+    ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            text = "n/a" if v != v else f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if v != v or v < 0.6 else "black")  # fmt: skip
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="final accuracy (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> None:
+    """robustness.md, robustness.csv (one row per setting, over seeds), and a
+    heatmap per partition (and of the fraction sweep)."""
     out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    sigs = {(g["partition"], g["attack"], g["fraction"]): g for g in significance(rows)}
     with open(out / "robustness.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(summary)
+    seeds = max(s["seeds"] for s in summary)
     lines = [
         "# Robustness: every attack against every defense",
         "",
@@ -179,33 +418,67 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> Non
         "",
         settings,
         "",
-        "Cells: final accuracy / detection rate / false-positive rate; for the "
-        "backdoor also the attack success rate (triggered non-target test images "
-        "classified as the target). Detection and false positives need the "
-        "reputation layer (4): '-' where it is off. Multi-Krum and ProtoGalaxy-Lite "
-        "(layers 1+3 with Multi-Krum) run the same computation here: layer 1 changes "
-        "the outcome only when clients send updates that fail integrity, which none "
-        "of these attacks do.",
-    ]
-    defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    for pname in dict.fromkeys(r["partition"] for r in rows):
-        lines += ["", f"## {pname}", "", "| attack | " + " | ".join(defenses) + " |"]
-        lines.append("|---" * (len(defenses) + 1) + "|")
-        for attack in dict.fromkeys(r["attack"] for r in rows):
-            cells = []
-            for d in defenses:
-                match = [
-                    r
-                    for r in rows
-                    if r["partition"] == pname
-                    and r["attack"] == attack
-                    and r["defense"] == d
+        "Cells: final accuracy / detection rate / false-positive rate"
+        + (f", each the mean ± standard deviation over {seeds} seeds" if seeds > 1
+           else "")
+        + "; for the backdoor and the targeted flip also the attack success rate "
+        "(triggered non-target test images classified as the target; source-class "
+        "images classified as the target). Detection and false positives need the "
+        "reputation layer (4): '-' where it is off. 'n/a': the rule cannot take "
+        "that many attackers in a galaxy (the configuration is refused). The last "
+        "column compares ProtoGalaxy-Full with the baseline of highest mean "
+        "accuracy, paired by seed (two-sided t-test; * where p < 0.05).",
+    ]  # fmt: skip
+    fractions = list(dict.fromkeys(s["fraction"] for s in summary))
+    main = 0.3 if 0.3 in fractions else fractions[0]
+    defenses = list(dict.fromkeys(s["defense"] for s in summary))
+
+    def table(items: list[dict[str, Any]], key: str, head: str) -> list[str]:
+        body = ["| " + head + " | " + " | ".join(defenses) + " | Full vs best |",
+                "|---" * (len(defenses) + 2) + "|"]  # fmt: skip
+        for value in dict.fromkeys(s[key] for s in items):
+            row = {s["defense"]: s for s in items if s[key] == value}
+            first = next(iter(row.values()))
+            sig = sigs.get((first["partition"], first["attack"], first["fraction"]))
+            cells = [summary_cell(row[d]) if d in row else "" for d in defenses]
+            label = f"{value:.0%}" if key == "fraction" else str(value)
+            body.append(f"| {label} | " + " | ".join(cells) + f" | {_sig_text(sig)} |")
+        return body
+
+    for pname in dict.fromkeys(s["partition"] for s in summary):
+        items = [
+            s for s in summary if s["partition"] == pname and s["fraction"] == main
+        ]
+        if not items:
+            continue
+        lines += ["", f"## {pname}, {main:.0%} Byzantine", ""]
+        lines += table(items, "attack", "attack")
+        slug = pname.lower().replace("(", "-").replace(")", "").replace(".", "")
+        heatmap(items, out / f"heatmap-{slug}.png", rows_key="attack",
+                title=f"{pname}, {main:.0%} Byzantine")  # fmt: skip
+        lines += ["", f"![mean final accuracy](heatmap-{slug}.png)"]
+    if len(fractions) > 1:
+        for pname in dict.fromkeys(s["partition"] for s in summary):
+            for attack in dict.fromkeys(s["attack"] for s in summary):
+                items = [
+                    s
+                    for s in summary
+                    if s["partition"] == pname and s["attack"] == attack
                 ]
-                if not match:
-                    cells.append("")
+                if len({s["fraction"] for s in items}) < 2:
                     continue
-                cells.append(cell(match[0]))
-            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+                lines += ["", f"## Attacker fraction: {attack}, {pname}", ""]
+                lines += table(items, "fraction", "Byzantine")
+                slug = f"fractions-{attack}-" + pname.lower().replace("(", "-").replace(
+                    ")", "").replace(".", "")  # fmt: skip
+                heatmap(items, out / f"heatmap-{slug}.png", rows_key="fraction",
+                        title=f"{attack}, {pname}: by attacker fraction")  # fmt: skip
+                lines += ["", f"![mean final accuracy](heatmap-{slug}.png)"]
+    reached = [s for s in summary if s["rounds_to_target"] is not None]
+    if reached:
+        lines += ["", "Rounds to the target accuracy (mean over the seeds that reached "
+                  "it, and how many did) are in `robustness.csv` "
+                  "(`rounds_to_target`, `reached_target`)."]  # fmt: skip
     (out / "robustness.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -169,7 +169,7 @@ class SimulationResult:
                 f"{rep.initial}), which takes several flagged rounds "
                 "(docs/defense.md); run more rounds"
             )
-        if self.config.byzantine.attack == "backdoor":
+        if self.config.byzantine.attack in ("backdoor", "targeted_flip"):
             out["attack_success_rate"] = last.attack_success_rate
         galaxies = self.extra.get("galaxies")
         if galaxies is not None:
@@ -256,6 +256,14 @@ class ClientSide:
             raise ValueError(
                 f"byzantine.backdoor_target {attack.backdoor_target} is not a class "
                 f"of {data.name} ({data.num_classes} classes)"
+            )
+        if attack.name == "targeted_flip" and (
+            max(attack.source_class, attack.target_class) >= data.num_classes
+        ):
+            raise ValueError(
+                f"byzantine.source_class {attack.source_class} or target_class "
+                f"{attack.target_class} is not a class of {data.name} "
+                f"({data.num_classes} classes)"
             )
         return cls(
             generator,
@@ -688,6 +696,11 @@ class Simulation:
             x = add_trigger(self.data.x_test[keep])
             y = torch.full((int(keep.sum()),), target, dtype=torch.int64)
             asr, _ = evaluate(self.model, x, y)
+        elif self.attack.name == "targeted_flip":
+            # source-class test images classified as the target
+            keep = self.data.y_test == self.attack.source_class
+            y = torch.full((int(keep.sum()),), self.attack.target_class)
+            asr = evaluate(self.model, self.data.x_test[keep], y)[0] if len(y) else 0.0
         return acc, loss, asr
 
     # -- the run ---------------------------------------------------------------

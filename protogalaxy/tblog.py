@@ -2,7 +2,8 @@
 
 One step per round (the round number, from 0 as everywhere else):
 
-* ``eval/accuracy``, ``eval/loss`` and, for the backdoor, ``eval/backdoor_success``;
+* ``eval/accuracy``, ``eval/loss`` and, for the backdoor and the targeted flip,
+  ``eval/attack_success``;
 * ``flags/layer1_integrity``, ``flags/layer2_statistics``, ``flags/layer3_robust``
   (updates each layer flagged), ``flags/byzantine_flagged`` (Byzantine clients any
   layer flagged);
@@ -56,7 +57,7 @@ class TensorBoardLog:
             "time/eval_seconds": m.eval_seconds,
         }
         if m.attack_success_rate is not None:
-            scalars["eval/backdoor_success"] = m.attack_success_rate
+            scalars["eval/attack_success"] = m.attack_success_rate
         byz = set(result.byzantine)
         now = {c: h[-1] for c, h in result.reputation_history.items() if h}
         honest = [r for c, r in now.items() if c not in byz]

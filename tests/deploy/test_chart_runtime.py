@@ -169,6 +169,12 @@ CASES: dict[str, dict[str, Any]] = {
         "defense": {"aggregator": "trimmed_mean"},
     },
     "feasible trimmed_mean": {"defense": {"aggregator": "trimmed_mean"}},
+    # Bulyan needs 4f + 3: 10 clients a galaxy at f = 3 are too few, 30 are not.
+    "infeasible bulyan": {"defense": {"aggregator": "bulyan"}},
+    "feasible bulyan": {
+        "galaxies": {"count": 1},
+        "defense": {"aggregator": "bulyan"},
+    },
     "fedavg anywhere": {"galaxies": {"count": 10}, "defense": {"aggregator": "fedavg"}},
     "no robust layer": {"galaxies": {"count": 10}, "defense": {"layers": [1, 2]}},
     # 15 clients in 3 galaxies of 5: 0.1 x 5 = 0.5 rounds to 0 in Python (half

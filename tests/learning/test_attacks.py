@@ -80,3 +80,31 @@ def test_intermittent_attacks_are_seeded() -> None:
     assert not is_active(AttackConfig(name="none"), 0, seed=0)
     with pytest.raises(ValueError, match="attack must be one of"):
         AttackConfig(name="meteor")
+
+
+@pytest.mark.parametrize("name", ["min_max", "min_sum"])
+def test_min_max_and_min_sum_stay_just_inside_the_benign_spread(name: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 300, generator=g) * 0.1 + 0.5
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:3] = True
+    out = poison_updates(AttackConfig(name=name), x, mask, generator=g)
+    benign = x[3:].double()
+    evil = out[0].double()
+    assert torch.equal(out[0], out[1]) and torch.equal(out[3:], x[3:])
+    d = torch.cdist(benign, benign).pow(2)
+    far = (benign - evil).pow(2).sum(1)
+    if name == "min_max":
+        bound, got = float(d.max()), float(far.max())
+    else:
+        bound, got = float(d.sum(1).max()), float(far.sum())
+    assert got <= bound * (1 + 1e-6)
+    assert got >= 0.95 * bound  # as far as it may go, not merely inside
+    assert float((evil - benign.mean(0)).norm()) > 0  # it does move
+
+
+def test_targeted_flip_relabels_only_its_source_class() -> None:
+    flip = data_transform(AttackConfig(name="targeted_flip"))
+    assert flip is not None
+    _, y = flip(torch.zeros(5, 1, 2, 2), torch.tensor([3, 7, 1, 3, 9]))
+    assert y.tolist() == [7, 7, 1, 7, 9]
