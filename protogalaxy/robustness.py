@@ -436,7 +436,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> Non
     def table(items: list[dict[str, Any]], key: str, head: str) -> list[str]:
         body = ["| " + head + " | " + " | ".join(defenses) + " | Full vs best |",
                 "|---" * (len(defenses) + 2) + "|"]  # fmt: skip
-        for value in dict.fromkeys(s[key] for s in items):
+        values = list(dict.fromkeys(s[key] for s in items))
+        for value in sorted(values) if key == "fraction" else values:
             row = {s["defense"]: s for s in items if s[key] == value}
             first = next(iter(row.values()))
             sig = sigs.get((first["partition"], first["attack"], first["fraction"]))
@@ -474,6 +475,13 @@ def write_tables(rows: list[dict[str, Any]], out: Path, *, settings: str) -> Non
                 heatmap(items, out / f"heatmap-{slug}.png", rows_key="fraction",
                         title=f"{attack}, {pname}: by attacker fraction")  # fmt: skip
                 lines += ["", f"![mean final accuracy](heatmap-{slug}.png)"]
+    refused = {(s["defense"], s["fraction"]): s["infeasible"] for s in summary
+               if s["infeasible"]}  # fmt: skip
+    if refused:
+        lines += ["", "Where a rule cannot take the attackers ('n/a'):", ""]
+        lines += [
+            f"- {d} at {fr:.0%}: {why}" for (d, fr), why in sorted(refused.items())
+        ]
     reached = [s for s in summary if s["rounds_to_target"] is not None]
     if reached:
         lines += ["", "Rounds to the target accuracy (mean over the seeds that reached "
