@@ -54,6 +54,7 @@ from protogalaxy.crypto.statements import (
     verify_inline,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
+from protogalaxy.plugins import untrusted
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import (
     AuditContext,
@@ -129,6 +130,7 @@ def audit_run(
     *,
     global_key: str | None = None,
     in_progress: bool = False,
+    allow_imports: bool = False,
     out: Callable[[str], None] = print,
 ) -> int:
     """Verify the run in ``root``; print one line per round; the failure count.
@@ -137,10 +139,17 @@ def audit_run(
     ``keys/global.pub`` is the trust anchor, and is printed to compare.
     ``in_progress``: the run may not have finished, so an audit log that ends
     before the configured last round is not a failure (it is otherwise: a log
-    with its last records cut off is still a consistent log)."""
+    with its last records cut off is still a consistent log).
+    ``allow_imports``: the run's config may name code by ``package.module:attr``
+    (a user's aggregation rule, which the replay needs); it is imported only
+    then, since importing runs it."""
     fails = _Failures(out)
     try:
-        _audit_run(Path(root), global_key, in_progress, fails, out)
+        if allow_imports:
+            _audit_run(Path(root), global_key, in_progress, fails, out)
+        else:  # run.json is the audited party's word: it names no code we run
+            with untrusted():
+                _audit_run(Path(root), global_key, in_progress, fails, out)
     except Exception as exc:  # whatever the directory holds: a failure, named
         fails.add(str(root), f"cannot be audited: {type(exc).__name__}: {exc}")
         out(f"audit: {len(fails.items)} failure(s)")

@@ -378,7 +378,11 @@ def _audit(args: argparse.Namespace) -> int:
 
     if args.global_key and Path(args.global_key).is_file():
         args.global_key = Path(args.global_key).read_text().strip()
-    options = {"global_key": args.global_key, "in_progress": args.in_progress}
+    options = {
+        "global_key": args.global_key,
+        "in_progress": args.in_progress,
+        "allow_imports": args.allow_imports,
+    }
     if args.url:
         import tempfile
 
@@ -792,6 +796,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the run may not have finished: a log that ends before its last "
         "configured round is not a failure",
+    )
+    a.add_argument(
+        "--allow-imports",
+        action="store_true",
+        help="import the code the run's config names as package.module:attr (a "
+        "user's aggregation rule, which the replay needs); importing runs it, so "
+        "only for runs you trust. Without it, nothing the run names is imported",
     )
     a.add_argument(
         "--token",

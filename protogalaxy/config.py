@@ -20,6 +20,7 @@ from protogalaxy.defense.reputation import ReputationConfig
 from protogalaxy.defense.robust import get_aggregator, resolve_aggregator, share_of
 from protogalaxy.defense.statistical import StatisticsConfig
 from protogalaxy.learning.attacks import AttackConfig, resolve_attack
+from protogalaxy.plugins import imports_allowed
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
 from protogalaxy.protocol.sampling import MAX_EXCEED, Sampling, exceed_probability
 
@@ -35,22 +36,21 @@ class _Section(BaseModel):
 
 
 class DatasetSection(_Section):
-    #: mnist, fashion-mnist, cifar10, or a name registered with
-    #: protogalaxy.learning.datasets.register_dataset
+    #: mnist, fashion-mnist, cifar10, a name registered with
+    #: protogalaxy.learning.datasets.register_dataset, or "package.module:attr"
     name: str = Field(
-        "mnist", json_schema_extra={"pattern": r"^(mnist|fashion-mnist|cifar10)$"}
+        "mnist",
+        json_schema_extra={
+            "pattern": r"^(mnist|fashion-mnist|cifar10|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+        },
     )
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSection:
-        from protogalaxy.learning.datasets import dataset_names
+        from protogalaxy.learning.datasets import resolve_dataset
 
-        if self.name not in dataset_names():
-            raise ValueError(
-                f"dataset.name {self.name!r} is not one of {dataset_names()} "
-                "(register your own with protogalaxy.learning.datasets."
-                "register_dataset)"
-            )
+        if imports_allowed():  # an audit does not need it
+            resolve_dataset(self.name)  # a clear error for an unknown name
         return self
 
     #: An IDX directory (MNIST, Fashion-MNIST) or a torchvision root (CIFAR-10).
@@ -73,7 +73,8 @@ class ClientsSection(_Section):
     def _partition_known(self) -> ClientsSection:
         from protogalaxy.learning.partition import resolve_partition
 
-        resolve_partition(self.partition)  # a clear ValueError for an unknown name
+        if imports_allowed():  # an audit does not need it
+            resolve_partition(self.partition)  # a clear error for an unknown name
         return self
 
 
@@ -101,7 +102,7 @@ class ByzantineSection(_Section):
 
     @model_validator(mode="after")
     def _attack_known(self) -> ByzantineSection:
-        if self.attack != "none":
+        if self.attack != "none" and imports_allowed():  # an audit does not need it
             resolve_attack(self.attack)  # a clear ValueError for an unknown name
         return self
 
@@ -162,6 +163,8 @@ class StatisticsSection(_Section):
 class ReputationSection(_Section):
     initial: float = Field(0.5, ge=0, le=1)
     lam: float = Field(0.1, gt=0, le=1)
+    #: How fast a reputation rises again (null: as fast as it falls, lam).
+    lam_up: float | None = Field(None, gt=0, le=1)
     w_integrity: float = Field(0.1, ge=0)
     w_statistics: float = Field(0.3, ge=0)
     w_selected: float = Field(0.4, ge=0)
@@ -370,7 +373,11 @@ class SimulationConfig(_Section):
             )
         from protogalaxy.learning.models import model_names
 
-        if ":" not in self.model and self.model not in model_names():
+        if (
+            ":" not in self.model
+            and self.model not in model_names()
+            and imports_allowed()  # an audit does not need it
+        ):
             raise ValueError(
                 f"model {self.model!r} is not one of {model_names()} nor an import "
                 "path 'package.module:attr' (register your own with "

@@ -9,9 +9,43 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["IMPORT_PATH", "import_object", "is_import_path"]
+__all__ = [
+    "IMPORT_PATH",
+    "ImportRefused",
+    "import_object",
+    "imports_allowed",
+    "is_import_path",
+    "untrusted",
+]
+
+_ALLOWED: ContextVar[bool] = ContextVar("protogalaxy_imports_allowed", default=True)
+
+
+class ImportRefused(ValueError):
+    """A configuration that someone else wrote names code to import."""
+
+
+@contextmanager
+def untrusted() -> Iterator[None]:
+    """Read configurations that someone else wrote (an audited run's
+    ``run.json``): no ``package.module:attr`` they name is imported (importing
+    runs the module's code), and the components an audit does not need (model,
+    attack, dataset, partition) are not resolved at all."""
+    token = _ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def imports_allowed() -> bool:
+    return _ALLOWED.get()
+
 
 #: ``package.module:attr``, what the chart's schema accepts beside built-in names.
 IMPORT_PATH = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
@@ -26,6 +60,12 @@ def import_object(name: str, what: str) -> Any:
     that names ``what`` and the cause when it cannot be imported."""
     if not is_import_path(name):
         raise ValueError(f"{what} {name!r} is not an import path 'package.module:attr'")
+    if not _ALLOWED.get():
+        raise ImportRefused(
+            f"{what} {name!r} names code to import, and this configuration is not "
+            "trusted (importing runs the module's code): `protogalaxy audit "
+            "--allow-imports` imports it, for runs you trust"
+        )
     module, _, attr = name.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)

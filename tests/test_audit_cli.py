@@ -271,3 +271,70 @@ def test_a_run_in_progress_is_audited_as_far_as_it_went(
     assert audit_run(root, in_progress=True, out=lines.append) == 0, lines
     assert audit_run(root, out=lines.append) == 1
     assert "pass --in-progress" in lines[-2], lines
+
+
+def _plant(run: Path, where: Path, key: str, value: str) -> Path:
+    """Point run.json's config at a module planted beside the run (that would
+    touch a marker if imported); the marker's path."""
+    import json
+
+    marker = where / "IMPORTED"
+    pkg = where / "evilpkg"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nx = 1\n")
+    meta = json.loads((run / "run.json").read_text())
+    section, _, field = key.rpartition(".")
+    node = meta["config"]
+    for part in section.split(".") if section else []:
+        node = node[part]
+    node[field] = value
+    (run / "run.json").write_text(json.dumps(meta))
+    return marker
+
+
+@pytest.mark.parametrize(
+    "key", ["byzantine.attack", "defense.aggregator", "clients.partition",
+            "dataset.name", ".model"],
+)  # fmt: skip
+def test_an_audit_imports_nothing_the_audited_run_names(
+    run_dir: Path, tmp_path: Path, key: str
+) -> None:
+    """run.json is the audited party's own word: a module it names (planted in
+    the directory the audit runs from) must not run, whatever the field."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    marker = _plant(run, tmp_path, key.lstrip("."), "evilpkg:x")
+    done = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", str(run)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert not marker.exists(), "the audit ran code the audited run named"
+    assert done.returncode != 0  # the config no longer matches what was signed
+
+
+def test_a_users_aggregation_rule_is_imported_only_when_allowed(
+    tmp_path: Path,
+) -> None:
+    """A run whose layer 3 is a user's rule (by import path): the replay needs
+    it, and the audit imports it only with --allow-imports."""
+    root = tmp_path / "run"
+    config = load_config(
+        overrides={
+            "training.rounds": 2, "clients.samples_per_client": 100,
+            "defense.aggregator": "tests.test_examples:MedianOfThem",
+        }
+    )  # fmt: skip
+    Simulation(config, dataset=load_dataset("mnist"),
+               artefacts=ArtefactWriter(root)).run()  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", str(root)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "--allow-imports" in refused.stdout + refused.stderr
+    allowed = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "audit", "--allow-imports",
+         str(root)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]

@@ -34,6 +34,10 @@ ACTIVE, QUARANTINED, BANNED = "active", "quarantined", "banned"
 class ReputationConfig:
     initial: float = 0.5
     lam: float = 0.1
+    #: The rate at which a reputation rises again (``B > R``); None: ``lam``.
+    #: Below ``lam``, misbehaviour is remembered: an intermittent attacker's clean
+    #: rounds no longer undo its flagged ones.
+    lam_up: float | None = None
     w_integrity: float = 0.1
     w_statistics: float = 0.3
     w_selected: float = 0.4
@@ -49,6 +53,8 @@ class ReputationConfig:
             )
         if not 0 < self.lam <= 1:
             raise ValueError(f"lam must be in (0, 1], got {self.lam}")
+        if self.lam_up is not None and not 0 < self.lam_up <= 1:
+            raise ValueError(f"lam_up must be in (0, 1], got {self.lam_up}")
         if not 0 <= self.ban_below <= self.quarantine_below <= 1:
             raise ValueError("need 0 <= ban_below <= quarantine_below <= 1")
         if not 0 <= self.initial <= 1:
@@ -150,6 +156,8 @@ class ReputationTracker:
                 history=history,
             )
         lam = self.config.lam
+        if b > rec.reputation and self.config.lam_up is not None:
+            lam = self.config.lam_up
         rec.reputation = (1 - lam) * rec.reputation + lam * b
         new = self._status_for(rec)
         if new == rec.status:

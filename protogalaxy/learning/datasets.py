@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
+from protogalaxy.plugins import import_object, is_import_path
+
 __all__ = [
     "Dataset",
     "dataset_names",
@@ -250,11 +252,34 @@ def dataset_names() -> list[str]:
     return [*_BUILT_IN, *sorted(_DATASETS)]
 
 
-def load_dataset(name: str, *, root: str | Path | None = None) -> Dataset:
-    """Load ``mnist``, ``fashion-mnist``, ``cifar10`` or a registered dataset;
-    never downloads here."""
+def resolve_dataset(name: str) -> Callable[[str | Path | None], Dataset] | None:
+    """A user's loader (registered, or ``package.module:attr`` imported: a loader
+    called with ``dataset.root``, or a :class:`Dataset`); None for a built-in."""
+    if name in _BUILT_IN:
+        return None
     if name in _DATASETS:
-        data = _DATASETS[name](root)
+        return _DATASETS[name]
+    if not is_import_path(name):
+        raise ValueError(
+            f"dataset.name {name!r} is not one of {dataset_names()} or an import "
+            "path 'package.module:attr' (register your own with "
+            "protogalaxy.learning.datasets.register_dataset)"
+        )
+    found = import_object(name, "dataset")
+    if isinstance(found, Dataset):
+        return lambda root: found
+    if not callable(found):
+        raise ValueError(f"dataset {name!r} is neither a Dataset nor a loader")
+    loader: Callable[[str | Path | None], Dataset] = found
+    return loader
+
+
+def load_dataset(name: str, *, root: str | Path | None = None) -> Dataset:
+    """Load ``mnist``, ``fashion-mnist``, ``cifar10``, a registered dataset or
+    ``package.module:attr``; never downloads here."""
+    own = resolve_dataset(name)
+    if own is not None:
+        data = own(root)
         if not isinstance(data, Dataset):
             raise ValueError(f"dataset {name!r}: the loader returned no Dataset")
         return data
