@@ -118,6 +118,9 @@ class RoundMetrics:
     #: Byzantine clients flagged by any layer this round (quarantine follows
     #: only after several such rounds)
     byzantine_flagged: int = 0
+    #: galaxies whose defense failed this round and fell back to the coordinate
+    #: median (a broken rule, e.g. a user's; the log has the error)
+    defense_fallbacks: int = 0
 
 
 @dataclass
@@ -168,6 +171,14 @@ class SimulationResult:
                 f"quarantine needs a reputation below {rep.quarantine_below} (from "
                 f"{rep.initial}), which takes several flagged rounds "
                 "(docs/defense.md); run more rounds"
+            )
+        fallbacks = sum(r.defense_fallbacks for r in self.rounds)
+        if fallbacks:
+            out["defense_fallbacks"] = fallbacks
+            out["note"] = ("; ".join([out["note"]]) + "; " if "note" in out else "") + (
+                f"the galaxies' defense failed {fallbacks} time(s) and fell back to "
+                f"the coordinate median ({self.config.defense.aggregator} did not "
+                "run there; the log names the error)"
             )
         if self.config.byzantine.attack in ("backdoor", "targeted_flip"):
             out["attack_success_rate"] = last.attack_success_rate
@@ -600,6 +611,7 @@ class Simulation:
                 for c, o in r.outcomes.items()
                 if c in self._byzantine_set and (not o.integrity or o.flagged)
             ),
+            defense_fallbacks=sum(1 for r in reports.values() if r.fallback),
         )
         info = {
             "events": events,

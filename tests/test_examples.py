@@ -216,3 +216,53 @@ def test_a_user_component_that_breaks_its_contract_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="already registered"):
         model_attack("alie")(wrong_shape.fn)
     assert get_aggregator("tests.test_examples:MedianOfThem").name.startswith("median")
+
+
+@model_attack("in_place_for_tests")
+def in_place(ctx: ModelAttackContext) -> torch.Tensor:
+    ctx.updates.mul_(-5)  # tries to rewrite every row, honest ones included
+    return ctx.updates[ctx.rows]
+
+
+def test_a_model_attack_cannot_touch_honest_rows() -> None:
+    updates = torch.ones(4, 3)
+    mask = torch.tensor([True, False, False, False])
+    out = poison_updates(
+        AttackConfig(name="in_place_for_tests"), updates, mask,
+        generator=torch.Generator(),
+    )  # fmt: skip
+    assert torch.equal(out[1:], torch.ones(3, 3)) and torch.equal(
+        updates, torch.ones(4, 3)
+    )
+    assert torch.equal(out[0], torch.full((3,), -5.0))
+
+
+class BrokenRule(Aggregator):
+    name = "broken_for_tests"
+
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: torch.Tensor | None
+    ) -> AggregationResult:
+        return AggregationResult(torch.full((updates.shape[1],), float("nan")))
+
+
+def test_a_broken_aggregator_is_named_and_its_fallbacks_reported() -> None:
+    with pytest.raises(ValueError, match="'broken_for_tests' returned non-finite"):
+        BrokenRule()(torch.ones(5, 3))
+    config = load_config(overrides={
+        "defense.aggregator": "tests.test_examples:BrokenRule",
+        "defense.layers": [1, 3],
+        "clients.count": 10, "galaxies.count": 2, "clients.samples_per_client": 20,
+        "byzantine.fraction": 0.2, "training.rounds": 1,
+    })  # fmt: skip
+    from protogalaxy.learning.datasets import Dataset
+    from protogalaxy.simulation import Simulation
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_tensors(
+        "tiny", torch.randn(400, 1, 28, 28, generator=g), torch.arange(400) % 10,
+        torch.randn(50, 1, 28, 28, generator=g), torch.arange(50) % 10,
+    )  # fmt: skip
+    summary = Simulation(config, dataset=data).run().summary()
+    assert summary["defense_fallbacks"] == 2  # both galaxies, one round
+    assert "fell back to the coordinate median" in summary["note"]

@@ -420,10 +420,28 @@ class Aggregator(ABC):
         weights: torch.Tensor | None = None,
         f: int | None = None,
     ) -> AggregationResult:
-        """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows."""
-        return self._aggregate(
+        """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows.
+        What a rule returns is checked (a user's rule too): an
+        :class:`AggregationResult` whose aggregate is one finite row of the
+        updates' width, else a ValueError naming the rule."""
+        out = self._aggregate(
             updates, self.f_for(updates.shape[0]) if f is None else f, weights
         )
+        if not isinstance(out, AggregationResult):
+            raise ValueError(
+                f"aggregator {self.name!r} returned {type(out).__name__}, not an "
+                "AggregationResult"
+            )
+        agg = out.aggregate
+        if not isinstance(agg, torch.Tensor) or tuple(agg.shape) != (updates.shape[1],):
+            got = tuple(agg.shape) if isinstance(agg, torch.Tensor) else type(agg)
+            raise ValueError(
+                f"aggregator {self.name!r} returned an aggregate of shape {got}, "
+                f"not ({updates.shape[1]},)"
+            )
+        if not bool(torch.isfinite(agg).all()):
+            raise ValueError(f"aggregator {self.name!r} returned non-finite values")
+        return out
 
     @abstractmethod
     def _aggregate(

@@ -366,7 +366,9 @@ def poison_updates(
     attack = resolve_attack(config.name)
     if attack.kind != "model":
         return updates
-    ctx = ModelAttackContext(updates, byzantine, config, generator)
+    # copies: an attack writing into what it was given (in place) changes only
+    # its own rows, never the honest clients' updates
+    ctx = ModelAttackContext(updates.clone(), byzantine.clone(), config, generator)
     rows = attack.fn(ctx)
     want = (len(ctx.rows), updates.shape[1])
     if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != want:
