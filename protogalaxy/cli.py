@@ -102,6 +102,21 @@ def _one_receipt(path: Path, client: int | None, rnd: int | None) -> Any:
     return Receipt.from_dict(found["receipt"])
 
 
+def _lock_run(out: Path) -> Any:
+    """Hold ``out`` for this process (an advisory lock, released when it exits),
+    or None when another process holds it: two processes writing one run would
+    interleave its append-only logs."""
+    import fcntl
+
+    handle = open(out / ".protogalaxy.lock", "a")  # noqa: SIM115 (held to exit)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def _simulate(args: argparse.Namespace) -> int:
 
     import torch
@@ -129,6 +144,12 @@ def _simulate(args: argparse.Namespace) -> int:
             return 2
         out = Path(args.resume)
         state = out / STATE_FILE
+        lock = _lock_run(out) if out.is_dir() else None
+        if out.is_dir() and lock is None:
+            print(
+                f"error: another protogalaxy process is writing {out}", file=sys.stderr
+            )
+            return 2
         if not state.exists():
             print(
                 f"error: {out} holds no saved state ({STATE_FILE}): it is not a "
@@ -148,6 +169,18 @@ def _simulate(args: argparse.Namespace) -> int:
             f"({done}/{config.training.rounds} done)",
             flush=True,
         )
+        recorded = out / "config.yaml"
+        if recorded.exists():
+            import yaml
+
+            saved = yaml.safe_load(yaml.safe_dump(config.model_dump()))
+            if yaml.safe_load(recorded.read_text()) != saved:
+                print(
+                    f"warning: {recorded} differs from the configuration the run was "
+                    "saved with; the run goes on as it was configured (and rewrites "
+                    "the file): start a new run to change it",
+                    file=sys.stderr,
+                )
     else:
         loaded = _config(args.config, {} if args.seed is None else {"seed": args.seed})
         if loaded is None:
@@ -157,6 +190,14 @@ def _simulate(args: argparse.Namespace) -> int:
         if made is None:
             return 2
         out = made
+        lock = _lock_run(out)
+        if lock is None:
+            print(
+                f"error: another protogalaxy process is writing {out}", file=sys.stderr
+            )
+            return 2
+        if args.tensorboard and not _tensorboard_dir_ok(args.tensorboard):
+            return 2
         _print_header(config, out)
         try:
             artefacts = ArtefactWriter(out, keep_updates=config.audit.keep_updates)
@@ -198,6 +239,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     board = None
     if args.tensorboard:
+        if not _tensorboard_dir_ok(args.tensorboard):
+            return 2
         from protogalaxy.tblog import TensorBoardLog
 
         board = TensorBoardLog(args.tensorboard)
@@ -224,7 +267,12 @@ def _simulate(args: argparse.Namespace) -> int:
             write_model(model[0], out)
         print(
             f"interrupted after {done} of {total} rounds; wrote what they produced "
-            f"to {out}/\ncontinue with: protogalaxy simulate --resume {out}",
+            f"to {out}/"
+            + (
+                f"\ncontinue with: protogalaxy simulate --resume {out}"
+                if (out / STATE_FILE).exists()
+                else ""
+            ),
             flush=True,
         )
         return 130
@@ -234,6 +282,24 @@ def _simulate(args: argparse.Namespace) -> int:
     (out / STATE_FILE).unlink(missing_ok=True)
     _print_summary(summary, f"{out}/")
     return 0
+
+
+def _tensorboard_dir_ok(path: str) -> bool:
+    """``--tensorboard DIR`` can be created and written (checked before the run)."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".protogalaxy-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        print(
+            f"error: --tensorboard {target} cannot be created or written: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _print_header(config: SimulationConfig, out: Path) -> None:
@@ -845,6 +911,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a command's own handler writes what it has first
         print("\ninterrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `protogalaxy ... | head`: the reader left
+        # Python's advice: point stdout at devnull so the exit flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return code
 
 

@@ -8,6 +8,7 @@ commands print their plain lines only. Log records on stderr go above the bars.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from types import TracebackType
 from typing import Any
@@ -75,7 +76,10 @@ class RunProgress:
 
     def __enter__(self) -> RunProgress:
         self._progress.start()
-        # log records go through the bars' console (above them), not over them
+        # log records on the terminal go through the bars' console (above them),
+        # not over them; stderr sent elsewhere (2>events.jsonl) keeps them
+        if not (sys.stderr.isatty() and os.isatty(1)):
+            return self
         for h in logging.getLogger().handlers:
             if isinstance(h, logging.StreamHandler) and h.stream in (
                 sys.__stderr__,

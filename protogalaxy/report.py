@@ -56,6 +56,14 @@ RUN_FILES = (
 )
 
 
+def _ours(name: str) -> bool:
+    """A run's file: one of :data:`RUN_FILES`, its lock, or the temporary file a
+    write in progress leaves when the process is killed (``.<name>.tmp``)."""
+    if name in RUN_FILES or name == ".protogalaxy.lock":
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and name[1:-4] in RUN_FILES
+
+
 class OutDirError(ValueError):
     """The output directory cannot take this run."""
 
@@ -74,14 +82,14 @@ def prepare_out(path: str | Path, *, overwrite: bool = False) -> Path:
     if out.is_dir():
         present = sorted(p.name for p in out.iterdir())
         if present and not overwrite:
-            ours = [n for n in present if n in RUN_FILES]
+            ours = [n for n in present if _ours(n)]
             what = "a previous run" if ours else "other files"
             raise OutDirError(
                 f"--out {out} already holds {what} ({', '.join(present[:4])}"
                 f"{', ...' if len(present) > 4 else ''}); choose another directory "
                 "or pass --overwrite to replace a previous run"
             )
-        foreign = [n for n in present if n not in RUN_FILES]
+        foreign = [n for n in present if not _ours(n)]
         if foreign:
             raise OutDirError(
                 f"--out {out} holds files that are not a run's "

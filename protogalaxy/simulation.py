@@ -814,19 +814,35 @@ class Simulation:
         that another user owns or that others can write (it is a pickle, which
         runs code when loaded)."""
         path = Path(path)
-        try:
-            st = path.stat()
+        try:  # the file checked is the file read: no link followed, no swap between
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise StateError(f"{path}: {exc.strerror or exc}") from None
-        if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StateError(
-                f"{path} is not yours alone (owner uid {st.st_uid}, mode "
-                f"{stat.filemode(st.st_mode)}): a saved state is a pickle, which "
-                "runs code when loaded; resume only your own runs"
-            )
-        with open(path, "rb") as f:
-            state = pickle.load(f)  # checked above: the user's own file
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise StateError(
+                    f"{path} is not yours alone (owner uid {st.st_uid}, mode "
+                    f"{stat.filemode(st.st_mode)}): a saved state is a pickle, which "
+                    "runs code when loaded; resume only your own runs"
+                )
+            try:
+                state = pickle.load(f)  # checked above: the user's own file
+            except (
+                pickle.UnpicklingError, EOFError, ImportError, AttributeError,
+                ValueError, TypeError,
+            ) as exc:  # fmt: skip
+                raise StateError(
+                    f"{path} cannot be read back ({type(exc).__name__}: {exc}); a "
+                    "state made through the Python API needs the same components "
+                    "registered"
+                ) from None
+        if (
+            not isinstance(state, dict)
+            or state.get("version") != _STATE_VERSION
+            or not {"torch", "simulation", "torch_rng", "cuda_rng",
+                    "artefact_sizes"} <= set(state)
+        ):  # fmt: skip
             raise StateError(f"{path} is not a saved state this version can resume")
         if state["torch"] != torch.__version__:
             raise StateError(
@@ -834,6 +850,19 @@ class Simulation:
                 f"{torch.__version__}: the rest of the run would not match"
             )
         sim: Simulation = state["simulation"]
+        if not isinstance(sim, Simulation):
+            raise StateError(f"{path} is not a saved state this version can resume")
+        root = Path(out) if out is not None else path.parent
+        meta = root / "run.json"
+        if sim.artefacts is not None and meta.exists():
+            import json
+
+            ran = json.loads(meta.read_text(encoding="utf-8")).get("run")
+            if ran != sim.run_id:
+                raise StateError(
+                    f"{path} is of run {sim.run_id!r}, but {root} holds run "
+                    f"{ran!r}: a state resumes only the run it was saved in"
+                )
         sim.data = dataset or load_dataset(
             sim.config.dataset.name, root=sim.config.dataset.root
         )
@@ -841,7 +870,6 @@ class Simulation:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if sim.artefacts is not None:
-            root = Path(out) if out is not None else path.parent
             sim._rewind_artefacts(root, state["artefact_sizes"])
             sim.artefacts = ArtefactWriter(
                 root, keep_updates=sim.artefacts.keep_updates

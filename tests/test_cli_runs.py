@@ -232,3 +232,65 @@ def test_a_runs_receipts_can_be_checked_by_hand(tmp_path: Path) -> None:
     assert bad.returncode == 1 and bad.stdout.startswith("INVALID"), bad.stdout
     wrong_key = check(str(out), "--client", "3", "--global-key", str(out / "run.json"))
     assert wrong_key.returncode == 2 and "not a 64-hex-digit" in wrong_key.stderr
+
+
+def test_bars_on_a_terminal_leave_a_redirected_stderr_its_records(
+    tmp_path: Path,
+) -> None:
+    """stdout a terminal (the bars), stderr a file: the quarantine records go to
+    the file as JSON lines, not onto the terminal (review finding)."""
+    import os
+    import pty
+    import select
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "clients": {"count": 10, "samples_per_client": 100},
+        "galaxies": {"count": 2}, "byzantine": {"fraction": 0.2},
+        "training": {"rounds": 12},
+    }))  # fmt: skip
+    main, sub = pty.openpty()
+    with open(tmp_path / "events.jsonl", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "protogalaxy.cli", "simulate", "--config",
+             str(config), "--out", str(tmp_path / "run")],
+            stdin=sub, stdout=sub, stderr=err, close_fds=True,
+        )  # fmt: skip
+        os.close(sub)
+        shown = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(main, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                shown.append(data)
+            elif proc.poll() is not None:
+                break
+        os.close(main)
+        assert proc.wait(timeout=30) == 0
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "events.jsonl").read_text().splitlines()
+        if x.startswith("{")
+    ]
+    assert any(r.get("event") == "client_quarantined" for r in records)
+    assert b"client_quarantined" not in b"".join(shown)
+
+
+def test_a_closed_pipe_ends_the_run_without_a_traceback(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protogalaxy.cli", "simulate", "--config",
+         str(tiny(tmp_path, 50)), "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()  # the reader takes a line and leaves (`| head -1`)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err

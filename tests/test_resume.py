@@ -204,3 +204,81 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "holds no saved state" in proc.stderr
     proc = cli("simulate", "--resume", str(tmp_path), "--seed", "3")
     assert proc.returncode == 2 and "drop --seed" in proc.stderr
+
+
+def _interrupted(tmp_path: Path, name: str = "cut") -> Path:
+    """A run stopped by SIGINT after two rounds (its state saved)."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    out = tmp_path / name
+    run = subprocess.Popen(
+        [sys.executable, "-m", "protogalaxy.cli", "simulate", "--config", str(config),
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while (
+            not (out / STATE_FILE).exists()
+            or len((out / "metrics.csv").read_text().splitlines()) < 3
+        ):
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=120)
+    finally:
+        run.kill()
+    return out
+
+
+def test_what_a_resume_refuses_or_warns_about(tmp_path: Path) -> None:
+    """Review findings: two processes on one run, a state from another run, a
+    damaged state, an edited config.yaml."""
+    import fcntl
+    import shutil
+
+    out = _interrupted(tmp_path)
+    # another process holds the run: refused, nothing written
+    with open(out / ".protogalaxy.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = (out / "receipts.jsonl").read_bytes()
+        busy = cli("simulate", "--resume", str(out))
+        assert busy.returncode == 2 and "another protogalaxy process" in busy.stderr
+        assert (out / "receipts.jsonl").read_bytes() == before
+    # a state saved in another run: refused before anything is written
+    other = _interrupted(tmp_path, "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copy2(other / STATE_FILE, mixed / STATE_FILE)
+    proc = cli("simulate", "--resume", str(mixed))
+    assert (
+        proc.returncode == 2 and "resumes only the run it was saved in" in proc.stderr
+    )
+    # damaged states: a clear error, no traceback
+    for blob in (b"", b"\x80\x05garbage", b"\x80\x05N."):
+        (mixed / STATE_FILE).write_bytes(blob)
+        (mixed / STATE_FILE).chmod(0o600)
+        proc = cli("simulate", "--resume", str(mixed))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    # an edited config.yaml is named, and the run goes on as configured
+    recorded = out / "config.yaml"
+    edited = yaml.safe_load(recorded.read_text())
+    edited["training"]["rounds"] = 3
+    recorded.write_text(yaml.safe_dump(edited))
+    proc = cli("simulate", "--resume", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "differs from the configuration" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 5
+
+
+def test_overwrite_takes_a_killed_runs_leftovers(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (".state.pkl.tmp", ".metrics.csv.tmp", ".protogalaxy.lock",
+                 "metrics.csv"):  # fmt: skip
+        (out / name).write_text("x")
+    from protogalaxy.report import prepare_out
+
+    prepare_out(out, overwrite=True)
+    assert list(out.iterdir()) == []
