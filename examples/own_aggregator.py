@@ -3,7 +3,8 @@
 ``clipped_mean`` clips every update to the median update norm, then averages: a
 simple relative of centered clipping (Karimireddy et al. 2021). A subclass of
 ``Aggregator``, registered by name, so YAML can name it (``defense.aggregator:
-clipped_mean``, or ``examples.own_aggregator:ClippedMean`` from another process).
+clipped_mean``, or ``examples.own_aggregator:ClippedMean`` from another process,
+with the repository on PYTHONPATH).
 It runs in the galaxies and at the global aggregator, as the built-in rules do.
 Run: python examples/own_aggregator.py [--rounds 5]
 """

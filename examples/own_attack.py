@@ -4,7 +4,8 @@
 a typical honest norm: small enough to pass a norm check, pointed the wrong way.
 Registered by name, so YAML can name it too (``byzantine.attack:
 norm_matched_flip``, or ``examples.own_attack:norm_matched_flip`` from another
-process); its settings come from ``byzantine.params``. Run:
+process, with the repository on PYTHONPATH: ``PYTHONPATH=. protogalaxy simulate
+--config ...``); its settings come from ``byzantine.params``. Run:
 python examples/own_attack.py [--rounds 10]
 """
 

@@ -102,6 +102,12 @@ def _one_receipt(path: Path, client: int | None, rnd: int | None) -> Any:
     return Receipt.from_dict(found["receipt"])
 
 
+def _log_level(value: str) -> str:
+    """A log level, any case; ``warn`` is ``warning``."""
+    value = value.lower()
+    return "warning" if value == "warn" else value
+
+
 def _lock_run(out: Path) -> Any:
     """Hold ``out`` for this process (an advisory lock, released when it exits),
     or None when another process holds it: two processes writing one run would
@@ -733,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--log-level",
         default="warning",
-        type=str.lower,
+        type=_log_level,
         choices=["debug", "info", "warning", "error"],
         help="log level on stderr (quarantines and bans are warnings)",
     )

@@ -631,6 +631,11 @@ def create_app(
     m_rounds = Counter(
         "protogalaxy_global_rounds_completed_total", "Rounds applied", registry=registry
     )
+    m_last_round = Gauge(
+        "protogalaxy_global_last_round",
+        "The last round applied (survives restarts, unlike the counter)",
+        registry=registry,
+    )
     m_round_s = Gauge(
         "protogalaxy_global_round_duration_seconds",
         "Last round's duration",
@@ -744,6 +749,7 @@ def create_app(
             )
             publish(r, rnd, result, reference, updates)
             m_rounds.inc()
+            m_last_round.set(rnd)
             m_excluded.inc(len(result.report.excluded))
             record: dict[str, Any] = {
                 "round": rnd,
@@ -867,6 +873,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal rt
         rt = _Runtime(settings, cfg)
+        m_last_round.set(rt.agg.round - 1)  # a restart resumes mid-run
         if rt.evaluator is not None:  # start it (model, test set) during round 0
             rt.evaluator.submit(os.getpid)
         resume_evaluations(rt)

@@ -270,8 +270,23 @@ def data_transform(
     def transform(
         x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out: tuple[torch.Tensor, torch.Tensor] = fn(x, y, config)
-        return out
+        out = fn(x, y, config)
+        ok = isinstance(out, tuple) and len(out) == 2
+        if not ok or out[0].shape != x.shape or out[1].shape != y.shape:
+            raise ValueError(
+                f"attack {config.name!r} must return (x, y) of the shapes it was "
+                f"given, {tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        labels = out[1]
+        if labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) >= config.num_classes
+        ):
+            raise ValueError(
+                f"attack {config.name!r} made labels outside [0, "
+                f"{config.num_classes}): {int(labels.min())}..{int(labels.max())}"
+            )
+        pair: tuple[torch.Tensor, torch.Tensor] = out
+        return pair
 
     return transform
 

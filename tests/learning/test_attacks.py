@@ -108,3 +108,16 @@ def test_targeted_flip_relabels_only_its_source_class() -> None:
     assert flip is not None
     _, y = flip(torch.zeros(5, 1, 2, 2), torch.tensor([3, 7, 1, 3, 9]))
     assert y.tolist() == [7, 7, 1, 7, 9]
+
+
+def test_a_data_attack_that_makes_impossible_labels_is_named() -> None:
+    from protogalaxy.learning.attacks import data_attack
+
+    @data_attack("labels_out_of_range_for_tests")
+    def bad(x: torch.Tensor, y: torch.Tensor, config: AttackConfig):  # type: ignore[no-untyped-def]
+        return x, y + 100
+
+    fn = data_transform(AttackConfig(name="labels_out_of_range_for_tests"))
+    assert fn is not None
+    with pytest.raises(ValueError, match="'labels_out_of_range_for_tests' made labels"):
+        fn(torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]))

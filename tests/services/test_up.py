@@ -82,7 +82,9 @@ def test_a_small_run_completes_with_a_consistent_audit_log(tmp_path: Path) -> No
         text = (tmp_path / "logs" / "clients.log").read_text()
         assert "took part in rounds [0, 1, 2]" in text
         metrics = httpx.get(cluster.galaxy_url(0) + "/metrics").text
-        exported = metrics + httpx.get(cluster.global_url + "/metrics").text
+        global_metrics = httpx.get(cluster.global_url + "/metrics").text
+        exported = metrics + global_metrics
+        assert "protogalaxy_global_last_round 2.0" in global_metrics
         assert "protogalaxy_galaxy_rounds_completed_total 3.0" in metrics
         assert (
             "protogalaxy_galaxy_updates_accepted_total 9.0" in metrics
