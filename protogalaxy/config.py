@@ -162,9 +162,9 @@ class StatisticsSection(_Section):
 
 class ReputationSection(_Section):
     initial: float = Field(0.5, ge=0, le=1)
-    lam: float = Field(0.1, gt=0, le=1)
+    lam: float = Field(0.2, gt=0, le=1)
     #: How fast a reputation rises again (null: as fast as it falls, lam).
-    lam_up: float | None = Field(None, gt=0, le=1)
+    lam_up: float | None = Field(0.05, gt=0, le=1)
     w_integrity: float = Field(0.1, ge=0)
     w_statistics: float = Field(0.3, ge=0)
     w_selected: float = Field(0.4, ge=0)

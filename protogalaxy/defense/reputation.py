@@ -11,7 +11,9 @@ committed and then withheld its reveal scores ``B = 0`` for the round: it held t
 round to its deadline and gave nothing. Its reputation
 follows the exponentially weighted moving average
 
-``R <- (1 - lambda) R + lambda B``,  ``R_0 = 0.5``, ``lambda = 0.1``.
+``R <- (1 - lambda) R + lambda B``,  ``R_0 = 0.5``, with ``lambda = 0.2`` when
+``B < R`` and ``lambda_up = 0.05`` when ``B > R``: it falls fast and recovers
+slowly, so an intermittent attacker's clean rounds do not undo its flagged ones.
 
 Below 0.3 a client is quarantined (its updates are still screened but excluded from
 aggregation; it is released when R climbs back to 0.3). Below 0.1 it is banned for
@@ -33,11 +35,11 @@ ACTIVE, QUARANTINED, BANNED = "active", "quarantined", "banned"
 @dataclass(frozen=True)
 class ReputationConfig:
     initial: float = 0.5
-    lam: float = 0.1
+    lam: float = 0.2
     #: The rate at which a reputation rises again (``B > R``); None: ``lam``.
     #: Below ``lam``, misbehaviour is remembered: an intermittent attacker's clean
     #: rounds no longer undo its flagged ones.
-    lam_up: float | None = None
+    lam_up: float | None = 0.05
     w_integrity: float = 0.1
     w_statistics: float = 0.3
     w_selected: float = 0.4

@@ -73,7 +73,8 @@ def test_integrity_rejections_count_against_reputation() -> None:
         round=0, clients=list(range(9)), updates=x[:9], rejected={9: "non_finite"}
     )
     assert not report.outcomes[9].integrity and report.layer_flags["integrity"] == 1
-    assert d.tracker.reputation(9) == pytest.approx(0.45)  # B = 0
+    lam = d.config.reputation.lam
+    assert d.tracker.reputation(9) == pytest.approx(0.5 * (1 - lam))  # B = 0
 
 
 def test_layer5_excludes_a_compromised_galaxy() -> None:

@@ -557,11 +557,11 @@ def test_withholding_a_reveal_costs_reputation_with_evidence() -> None:
         w.glob.submit_aggregate(result.statement, result.aggregate)
         w.glob.finish_round(rnd)
     tracker = w.galaxy.defense.tracker
-    # A clean round (B = 1), then B = 0 twice, history or not: 0.5 -> 0.55 ->
-    # 0.495 -> 0.4455 (scored like a layer-1 rejection, B = 0.2 * history, it
-    # would be 0.4612; not scored at all, 0.55).
-    assert tracker.reputation(5) == pytest.approx(0.4455)
-    assert tracker.reputation(0) > 0.55
+    # A clean round (B = 1, rising at 0.05), then B = 0 twice, history or not
+    # (falling at 0.2): 0.5 -> 0.525 -> 0.42 -> 0.336 (scored like a layer-1
+    # rejection, B = 0.2 * history, it would be about 0.36; not scored, 0.525).
+    assert tracker.reputation(5) == pytest.approx(0.336)
+    assert tracker.reputation(0) > 0.525
     records = [e for e in w.store.evidence(5) if e["event"] == "reveal_withheld"]
     assert [e["round"] for e in records] == [1, 2]
     from protogalaxy.crypto.commitment import Commitment
