@@ -69,7 +69,8 @@ def trace(name: str, rounds: int, seed: int, extra: dict[str, Any]) -> None:
         rep_b = f"{sum(b) / len(b):.3f} (max {max(b):.3f})" if b else "-"
         print(
             f"  round {r.round:2d}  accuracy {r.accuracy:.3f}  "
-            f"L2 {r.flags_statistics:2d}  L3 {r.flags_robust:2d}  Byzantine flagged {r.byzantine_flagged}/"
+            f"L2 {r.flags_statistics:2d}  L3 {r.flags_robust:2d}  "
+            f"Byzantine flagged {r.byzantine_flagged}/"
             f"{len(byz)}  honest flagged {r.flagged - r.byzantine_flagged:2d}  "
             f"reputation Byzantine {rep_b}, honest {sum(h) / len(h):.3f} "
             f"(min {min(h):.3f})"
