@@ -26,7 +26,9 @@ def main() -> None:
         partitions=[args.partition],
         rounds=args.rounds,
         samples_per_client=args.samples,
-        progress=lambda r: print(f"  {r['defense']}: {cell(r)} ({r['seconds']} s)"),
+        progress=lambda r: print(
+            f"  {r['defense']}: {cell(r)} ({r.get('seconds', 0)} s)"
+        ),
     )
     print(f"\n{args.partition}\n")
     print("| attack | " + " | ".join(DEFENSES) + " |")

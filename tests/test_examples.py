@@ -157,7 +157,8 @@ def test_robustness_row() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line for line in proc.stdout.splitlines() if line.startswith("| ipm |")]
-    assert len(row) == 1 and row[0].count("|") == 9  # seven defenses
+    assert len(row) == 1 and row[0].count("|") == 11  # nine defenses
+    assert "n/a" in row[0]  # Bulyan cannot take 30% in galaxies of ten
 
 
 ATTACK = "tests.test_examples:zero_update"

@@ -68,6 +68,9 @@ def test_every_attack_runs_on_a_three_class_dataset(
             "clients.samples_per_client": 40,
             "byzantine.fraction": 0.2,
             "byzantine.attack": attack,
+            # the targeted flip's default pair (3 -> 7) is no pair of three classes
+            "byzantine.source_class": 0,
+            "byzantine.target_class": 2,
             "training.rounds": 2,
         }
     )

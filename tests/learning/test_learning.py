@@ -54,7 +54,7 @@ def test_idx_reader_and_loader(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 10) + bytes(9))
     with pytest.raises(ValueError, match="declares"):
         read_idx(bad)
-    with pytest.raises(ValueError, match="dataset must be one of"):
+    with pytest.raises(ValueError, match="is not one of"):
         load_dataset("imagenet")
 
 
