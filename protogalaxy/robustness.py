@@ -117,6 +117,9 @@ BASELINES = ("FedAvg", "Krum", "Multi-Krum", "Median", "Trimmed mean", "Bulyan",
 def _worker_init(threads: int) -> None:
     import torch
 
+    from protogalaxy.logs import setup_logging
+
+    setup_logging("error")  # as the parent: the table, not every quarantine
     torch.set_num_threads(threads)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from protogalaxy.config import load_config
 from protogalaxy.crypto.merkle import InclusionProof, verify_inclusion
+from protogalaxy.defense.robust import available_aggregators
 from protogalaxy.learning.attacks import ATTACKS
 from protogalaxy.learning.datasets import Dataset
 from protogalaxy.simulation import Simulation
@@ -155,3 +156,26 @@ def test_a_short_run_explains_a_zero_detection_rate(mnist: Dataset) -> None:
     assert "quarantine needs a reputation below 0.3" in summary["note"]
     long = run(mnist, **{"training.rounds": 10, "clients.samples_per_client": 300})
     assert long["detection_rate"] > 0 and "note" not in long
+
+
+@pytest.mark.parametrize(
+    "aggregator", [a for a in available_aggregators() if a != "fedavg"]
+)
+def test_every_rule_passes_the_audit_of_honest_galaxies(
+    mnist: Dataset, aggregator: str
+) -> None:
+    """The global aggregator replays every galaxy's layer 3: an honest galaxy must
+    pass under every rule (Bulyan's selection was once read as a coordinate-wise
+    rule's and every galaxy was isolated)."""
+    s = run(
+        mnist,
+        **{
+            "defense.aggregator": aggregator,
+            "byzantine.fraction": 0.1,
+            "defense.byzantine_fraction": 0.1,
+            "clients.samples_per_client": 100,
+            "training.rounds": 2,
+        },
+    )
+    assert s["galaxies"]["isolated"] == {}
+    assert s["final_accuracy"] > 0.15

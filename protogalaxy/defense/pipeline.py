@@ -457,16 +457,21 @@ def _replay_layer3(
         if list(result.weights or ()) == w:
             return result
         return AggregationResult(weighted_mean(x, w), mask, result.scores, tuple(w))
+    if result.selected is not None:  # Bulyan: a selection by repeated Krum
+        if chosen != [bool(v) for v in result.selected.tolist()]:
+            raise ReplayMismatch(
+                f"{rule}: the published selection is not the recomputed one"
+            )
+        return result
     if not all(chosen):
         raise ReplayMismatch(f"{rule}: every candidate takes part, some published not")
-    if rule == "geometric_median":  # weights from float iterations
+    if rule in ("geometric_median", "centered_clipping"):  # float-iteration weights
         published = [int((hints.weights or {}).get(c, -1)) for c in members]
         if any(v < 0 for v in published) or sum(published) <= 0:
-            raise ReplayMismatch("geometric_median: published weights are missing")
+            raise ReplayMismatch(f"{rule}: published weights are missing")
         if max(published) >= MAX_WEIGHT:
             raise ReplayMismatch(
-                f"geometric_median: a published weight is not below 2^29 "
-                f"({max(published)})"
+                f"{rule}: a published weight is not below 2^29 ({max(published)})"
             )
         mine = result.weights or ()
         total_p, total_m = sum(published), sum(mine)
@@ -474,7 +479,7 @@ def _replay_layer3(
             abs(p / total_p - q / total_m) > TOLERANCE
             for p, q in zip(published, mine, strict=True)
         ):
-            raise ReplayMismatch("geometric_median: published weights differ")
+            raise ReplayMismatch(f"{rule}: published weights differ")
         if list(mine) == published:
             return result
         return AggregationResult(weighted_mean(x, published), weights=tuple(published))
