@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -20,6 +20,7 @@ __all__ = [
     "import_object",
     "imports_allowed",
     "is_import_path",
+    "resolve",
     "untrusted",
 ]
 
@@ -71,3 +72,29 @@ def import_object(name: str, what: str) -> Any:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"{what} {name!r}: {exc}") from None
+
+
+def resolve(
+    name: str,
+    registry: Mapping[str, Any],
+    what: str,
+    *,
+    choices: Sequence[str],
+    accepts: Callable[[Any], bool],
+    expected: str,
+) -> Any:
+    """The component ``registry`` holds under ``name``, or the one
+    ``package.module:attr`` names (imported, and checked with ``accepts``); a
+    ValueError naming the choices, or what the import found instead of
+    ``expected``."""
+    if name in registry:
+        return registry[name]
+    if not is_import_path(name):
+        raise ValueError(
+            f"{what} must be one of {', '.join(choices)} or an import path "
+            f"'package.module:attr'; got {name!r}"
+        )
+    found = import_object(name, what)
+    if not accepts(found):
+        raise ValueError(f"{what} {name!r} is not {expected}")
+    return found

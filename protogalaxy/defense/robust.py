@@ -47,7 +47,7 @@ from protogalaxy.defense.exact import (
     exact_weighted_mean,
     quantize_weights,
 )
-from protogalaxy.plugins import import_object, is_import_path
+from protogalaxy.plugins import resolve
 
 __all__ = [
     "AggregationResult",
@@ -472,19 +472,14 @@ def get_aggregator(name: str, **kwargs: Any) -> Aggregator:
 
 def resolve_aggregator(name: str) -> type[Aggregator]:
     """The class of a registered aggregator or of ``package.module:Class``."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if not is_import_path(name):
-        raise ValueError(
-            f"aggregator must be one of {', '.join(available_aggregators())} or an "
-            f"import path 'package.module:Class'; got {name!r}"
-        )
-    found = import_object(name, "aggregator")
-    if not (isinstance(found, type) and issubclass(found, Aggregator)):
-        raise ValueError(
-            f"aggregator {name!r} is not a subclass of "
-            "protogalaxy.defense.robust.Aggregator"
-        )
+    found: type[Aggregator] = resolve(
+        name,
+        _REGISTRY,
+        "aggregator",
+        choices=available_aggregators(),
+        accepts=lambda a: isinstance(a, type) and issubclass(a, Aggregator),
+        expected="a subclass of protogalaxy.defense.robust.Aggregator",
+    )
     return found
 
 

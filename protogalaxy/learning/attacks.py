@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from protogalaxy.plugins import import_object, is_import_path
+from protogalaxy.plugins import resolve
 
 __all__ = [
     "ATTACKS",
@@ -195,19 +195,15 @@ def attack_names() -> list[str]:
 def resolve_attack(name: str) -> Attack:
     """A registered attack, or ``package.module:attr`` imported (an object the
     decorators returned)."""
-    if name in _ATTACKS:
-        return _ATTACKS[name]
-    if not is_import_path(name):
-        raise ValueError(
-            f"attack must be one of {', '.join(attack_names())} or an import path "
-            f"'package.module:attr'; got {name!r}"
-        )
-    found = import_object(name, "attack")
-    if not isinstance(found, Attack):
-        raise ValueError(
-            f"attack {name!r} is not an attack: decorate it with "
-            "protogalaxy.learning.attacks.data_attack or model_attack"
-        )
+    found: Attack = resolve(
+        name,
+        _ATTACKS,
+        "attack",
+        choices=attack_names(),
+        accepts=lambda a: isinstance(a, Attack),
+        expected="an attack: decorate it with protogalaxy.learning.attacks."
+        "data_attack or model_attack",
+    )
     return found
 
 

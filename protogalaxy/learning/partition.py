@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from protogalaxy.plugins import import_object, is_import_path
+from protogalaxy.plugins import resolve
 
 __all__ = ["PARTITIONS", "partition", "partition_names", "register_partition"]
 
@@ -37,17 +37,14 @@ def resolve_partition(name: str) -> PartitionFn | None:
     """A user's scheme (None for a built-in one); a ValueError for an unknown."""
     if name in PARTITIONS:
         return None
-    if name in _OWN:
-        return _OWN[name]
-    if not is_import_path(name):
-        raise ValueError(
-            f"partition must be one of {', '.join(partition_names())} or an import "
-            f"path 'package.module:fn'; got {name!r}"
-        )
-    found = import_object(name, "partition")
-    if not callable(found):
-        raise ValueError(f"partition {name!r} is not a function")
-    fn: PartitionFn = found
+    fn: PartitionFn = resolve(
+        name,
+        _OWN,
+        "partition",
+        choices=partition_names(),
+        accepts=callable,
+        expected="a function",
+    )
     return fn
 
 
