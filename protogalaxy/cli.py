@@ -124,6 +124,7 @@ def _lock_run(out: Path) -> Any:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    import signal
 
     import torch
 
@@ -252,12 +253,24 @@ def _simulate(args: argparse.Namespace) -> int:
         board = TensorBoardLog(args.tensorboard)
 
     def after_round(result: SimulationResult) -> None:
-        write_progress(result, out)  # every finished round is on disk
-        if board is not None:
-            board(result)
-        sim.save_state(out / STATE_FILE)  # and can be continued from
-        latest[:] = [result]
-        model[:] = [sim.final_params()]  # the model those rounds made
+        # Ctrl-C waits until the round's files and state are all on disk: an
+        # interrupt in between left a metrics.csv one round ahead of the summary
+        # and the saved state (a race the Ctrl-C and resume tests caught)
+        # (a handler that only takes note: blocking the signal in this thread
+        # would not do, torch's threads would take it)
+        pending: list[int] = []
+        held = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(1))
+        try:
+            latest[:] = [result]
+            model[:] = [sim.final_params()]  # the model those rounds made
+            write_progress(result, out)  # every finished round is on disk
+            if board is not None:
+                board(result)
+            sim.save_state(out / STATE_FILE)  # and can be continued from
+        finally:
+            signal.signal(signal.SIGINT, held)
+        if pending:
+            raise KeyboardInterrupt
 
     try:
         if bars is not None:
