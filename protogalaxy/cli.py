@@ -305,12 +305,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _tensorboard_dir_ok(path: str) -> bool:
     """``--tensorboard DIR`` can be created and written (checked before the run)."""
+    from protogalaxy.report import writable_dir
+
     target = Path(path)
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / ".protogalaxy-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        writable_dir(target)
     except OSError as exc:
         print(
             f"error: --tensorboard {target} cannot be created or written: "
@@ -531,9 +530,11 @@ def _bench_robustness(args: argparse.Namespace) -> int:
     galaxy_attacks = (
         args.galaxy_attacks.split(",") if args.galaxy_attacks else list(GALAXY_ATTACKS)
     )
+    partitions = args.partitions.split(",") if args.partitions else list(PARTITIONS)
     for given, known, flag in (
         (attacks, ATTACKS, "--attacks"),
         (galaxy_attacks, list(GALAXY_ATTACKS), "--galaxy-attacks"),
+        (partitions, list(PARTITIONS), "--partitions"),
     ):
         for a in given:
             if a not in known:
@@ -542,14 +543,6 @@ def _bench_robustness(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    partitions = args.partitions.split(",") if args.partitions else list(PARTITIONS)
-    for p in partitions:
-        if p not in PARTITIONS:
-            print(
-                f"error: --partitions: unknown {p!r}; one of {', '.join(PARTITIONS)}",
-                file=sys.stderr,
-            )
-            return 2
     try:
         fractions = (
             [float(f) for f in args.fractions.split(",")] if args.fractions else []

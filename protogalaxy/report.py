@@ -68,6 +68,14 @@ class OutDirError(ValueError):
     """The output directory cannot take this run."""
 
 
+def writable_dir(path: Path) -> None:
+    """Create ``path`` and write a file in it (an OSError if either fails)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".protogalaxy-write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def prepare_out(path: str | Path, *, overwrite: bool = False) -> Path:
     """Check and create the run's output directory before anything runs.
 
@@ -103,10 +111,7 @@ def prepare_out(path: str | Path, *, overwrite: bool = False) -> Path:
             else:
                 target.unlink()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".protogalaxy-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        writable_dir(out)
     except OSError as exc:
         raise OutDirError(
             f"--out {out} cannot be created or written: {exc.strerror or exc}"
