@@ -10,6 +10,7 @@ data directory (``protogalaxy up`` into the run directory), round by round:
     keys/galaxies.pub, clients.pub    the galaxies' and clients' keyrings
     audit/log.bin                     the audit log: every signed round record
     audit/rounds/<r>/reference.pgt1   the reference direction the galaxies used
+    audit/rounds/<r>/server_update.pgt1   FLTrust: the server's root-data update
     audit/rounds/<r>/misbehaviour.jsonl   galaxy_misbehaved records with proofs
     audit/rounds/<r>/galaxy-<g>/leaf.json        signed root
     audit/rounds/<r>/galaxy-<g>/aggregate.json   signed aggregate statement
@@ -155,6 +156,7 @@ class ArtefactWriter:
         galaxies: Mapping[int, GalaxyArtefacts],
         reference: torch.Tensor | None,
         misbehaviour: Iterable[dict[str, Any]] = (),
+        server_update: torch.Tensor | None = None,
     ) -> None:
         if self.log.size and record_round(self.log.entry(-1)) >= round:
             return  # already published (a restarted global aggregator)
@@ -163,6 +165,10 @@ class ArtefactWriter:
         if reference is not None:
             (d / "reference.pgt1").write_bytes(
                 encode_update({"direction": reference.detach().float().cpu()})
+            )
+        if server_update is not None:
+            (d / "server_update.pgt1").write_bytes(
+                encode_update({"update": server_update.detach().float().cpu()})
             )
         for g, a in galaxies.items():
             gd = d / f"galaxy-{g}"

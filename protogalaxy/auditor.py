@@ -65,7 +65,7 @@ from protogalaxy.protocol.audit import (
     updates_needed,
 )
 from protogalaxy.protocol.global_aggregator import keyring_digest
-from protogalaxy.protocol.transcript import digest_hex
+from protogalaxy.protocol.transcript import digest_hex, tensor_digest
 from protogalaxy.spec import UpdateSpec
 
 __all__ = ["audit_run"]
@@ -279,6 +279,18 @@ def _audit_round(
     except (KeyError, ValueError) as exc:
         fails.add(f"{where} global", f"reference.pgt1: {exc}")
         return "the reference direction is unreadable"
+    server_update = None
+    if body.get("server_update") is not None:  # FLTrust's, named by the record
+        try:
+            server_update = decode_update(
+                (d / "server_update.pgt1").read_bytes(),
+                max_bytes=run.config.max_update_bytes,
+            )["update"]
+            if tensor_digest(server_update) != body["server_update"]:
+                raise ValueError("not the update the signed round record names")
+        except (OSError, KeyError, ValueError) as exc:
+            fails.add(f"{where} global", f"server_update.pgt1: {exc}")
+            return "the server update is missing or not the signed one"
     try:
         misbehaviour = {m["galaxy"]: m for m in _jsonl(d / "misbehaviour.jsonl")}
     except (KeyError, TypeError, ValueError) as exc:
@@ -294,7 +306,7 @@ def _audit_round(
         sampled = None if sampling.everyone else sampling.clients(members, rnd, gid)
         note = _audit_galaxy(
             run, rnd, gid, g, d, reference, misbehaviour, transcripts, expected,
-            verified, fails, counts, frozenset(members), sampled,
+            verified, fails, counts, frozenset(members), sampled, server_update,
         )  # fmt: skip
         if note:
             notes.append(note)
@@ -319,6 +331,7 @@ def _audit_galaxy(
     counts: dict[str, int],
     members: frozenset[int] | None = None,
     sampled: frozenset[int] | None = None,
+    server_update: torch.Tensor | None = None,
 ) -> str:
     where = f"round {rnd} galaxy {gid}"
     gd = d / f"galaxy-{gid}"
@@ -367,6 +380,7 @@ def _audit_galaxy(
         spec=run.spec,
         defense=run.config.defense.build(),
         reference=reference,
+        server_update=server_update,
         max_update_bytes=run.config.max_update_bytes,
         expected_before=digest_hex(expected[gid]),
         members=members,

@@ -375,6 +375,11 @@ def _up(args: argparse.Namespace) -> int:
     config = _config(args.config)
     if config is None:
         return 2
+    try:
+        config.check_services()
+    except ValueError as exc:  # before a run directory is made
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # The services are adapters outside the library; imported only for this command.
     from protogalaxy.services.up import LocalCluster
 

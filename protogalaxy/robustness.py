@@ -69,6 +69,7 @@ DEFENSES: dict[str, tuple[list[int], str]] = {
     "Trimmed mean": ([1, 3], "trimmed_mean"),
     "Bulyan": ([1, 3], "bulyan"),
     "Centered clipping": ([1, 3], "centered_clipping"),
+    "FLTrust": ([1, 3], "fltrust"),
     "ProtoGalaxy-Lite": ([1, 3], "multikrum"),
     "ProtoGalaxy-Full": ([1, 2, 3, 4, 5], "multikrum"),
 }
@@ -83,6 +84,7 @@ DEFENSE_IDS: dict[str, str] = {
     "trimmed_mean": "Trimmed mean",
     "bulyan": "Bulyan",
     "centered_clipping": "Centered clipping",
+    "fltrust": "FLTrust",
     "lite": "ProtoGalaxy-Lite",
     "full": "ProtoGalaxy-Full",
 }
@@ -111,7 +113,7 @@ PARTITIONS: dict[str, dict[str, Any]] = {
 
 #: the defenses the significance test compares ProtoGalaxy-Full against
 BASELINES = ("FedAvg", "Krum", "Multi-Krum", "Median", "Trimmed mean", "Bulyan",
-             "Centered clipping")  # fmt: skip
+             "Centered clipping", "FLTrust")  # fmt: skip
 
 
 def _worker_init(threads: int) -> None:

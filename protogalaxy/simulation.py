@@ -37,12 +37,18 @@ from protogalaxy.crypto.identity import (
 from protogalaxy.crypto.keyring import client_key, parse_keyring, provision
 from protogalaxy.crypto.receipts import verify_receipt
 from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
+from protogalaxy.defense.robust import resolve_aggregator
 from protogalaxy.learning.attacks import AttackConfig, add_trigger, train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
 from protogalaxy.learning.models import build_model
 from protogalaxy.learning.partition import partition
 from protogalaxy.learning.server import server_step
-from protogalaxy.learning.training import BatchedTrainer, evaluate, round_lr
+from protogalaxy.learning.training import (
+    BatchedTrainer,
+    ClientTask,
+    evaluate,
+    round_lr,
+)
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import updates_needed
 from protogalaxy.protocol.compromised import CompromisedGalaxy, GalaxyAttack
@@ -377,6 +383,23 @@ class Simulation:
             ),
             config_digest=digest_hex(config.model_dump()),
         )
+        # FLTrust: the global aggregator's own small clean dataset, drawn from the
+        # training split with a generator of its own (the clients' draws stay
+        # as they are); it may overlap clients' samples, as a server's own
+        # collection from the same distribution would.
+        self.root: torch.Tensor | None = None
+        if resolve_aggregator(config.defense.aggregator).needs_server_update:
+            n = int(self.data.y_train.shape[0])
+            if config.defense.root_samples > n:
+                raise ValueError(
+                    f"defense.root_samples {config.defense.root_samples} exceeds "
+                    f"the {n} training samples"
+                )
+            root_gen = torch.Generator().manual_seed(config.seed + 0x5EED)
+            self.root = torch.randperm(n, generator=root_gen)[
+                : config.defense.root_samples
+            ].clone()  # not a view of the whole permutation (saved states)
+            self.root_generator = root_gen
         self.receipt_failures = 0
         self._progress = _Progress()
         #: called as each step of a round starts, with the round and the step's
@@ -426,6 +449,20 @@ class Simulation:
             lr=round_lr(self.config.training, round),
         )
 
+    def _server_update(self, round: int) -> torch.Tensor:
+        """FLTrust's server update: the global model trained on the root dataset
+        exactly as a client trains (same optimizer, epochs and learning rate)."""
+        assert self.root is not None
+        update: torch.Tensor = self.trainer.train(
+            self.spec.unflatten(self.global_agg.params),
+            [ClientTask(self.root)],
+            self.data.x_train,
+            self.data.y_train,
+            generator=self.root_generator,
+            lr=round_lr(self.config.training, round),
+        ).cpu()
+        return update[0]
+
     def run_round(self, round: int) -> tuple[RoundMetrics, dict[str, Any]]:
         """One round; ``info["phases"]`` splits its seconds (``train``, ``commit``,
         ``trees``, ``receipts``, ``reveal``, ``statistics``, ``robust``,
@@ -454,6 +491,11 @@ class Simulation:
             if not self.galaxy_of(c).defense.banned(c) and self._sampled(round, c)
         ]
         updates = self._train(round, clients) if clients else torch.zeros(0)
+        if self.root is not None:
+            server = self._server_update(round)
+            self.global_agg.set_server_update(round, server)
+            for g in active.values():
+                g.set_server_update(round, server)
         lap("train")
         step(round, "commitments")
         # Commit: only the hash travels.
@@ -691,6 +733,7 @@ class Simulation:
             galaxies=galaxies,
             reference=reference,
             misbehaviour=[m.to_dict() for m in result.misbehaved],
+            server_update=result.server_update,
         )
         self.artefacts.append_evidence(events)
         self.artefacts.append_receipts(receipts)

@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from protogalaxy.config import SimulationConfig  # noqa: E402
-from protogalaxy.defense.robust import available_aggregators, get_aggregator  # noqa: E402
+from protogalaxy.defense.robust import (  # noqa: E402
+    available_aggregators,
+    get_aggregator,
+    resolve_aggregator,
+)
 from protogalaxy.learning.attacks import ATTACKS  # noqa: E402
 from protogalaxy.learning.partition import PARTITIONS  # noqa: E402
 from protogalaxy.plugins import IMPORT_PATH  # noqa: E402
@@ -34,6 +38,9 @@ from protogalaxy.protocol.compromised import GALAXY_ATTACKS  # noqa: E402
 
 SCHEMA = ROOT / "charts" / "values.schema.json"
 TEMPLATE = ROOT / "charts" / "templates" / "_config.tpl"
+SERVICE_AGGREGATORS = [
+    a for a in available_aggregators() if not resolve_aggregator(a).needs_server_update
+]
 
 #: chart value -> the config key it renders (charts/templates/_helpers.tpl,
 #: protogalaxy.runConfig)
@@ -79,7 +86,9 @@ def config_schema() -> tuple[dict[str, Any], dict[str, Any]]:
         f"^({'|'.join(PARTITIONS)}|{IMPORT_PATH})$"
     )
     defense = defs["DefenseSection"]["properties"]
-    defense["aggregator"]["enum"] = available_aggregators()
+    # A rule that needs the server's root-data update (FLTrust) runs in
+    # `protogalaxy simulate` only: the services hold no root dataset.
+    defense["aggregator"]["enum"] = SERVICE_AGGREGATORS
     defense["layers"]["items"] = {"type": "integer", "enum": [1, 2, 3, 4, 5]}
     defense["layers"]["contains"] = {"const": 1}
     defense["layers"]["minItems"] = 1
@@ -101,7 +110,7 @@ def aggregator_offsets() -> dict[str, list[int]]:
     """[a, c] with min_clients(f) = a f + c for each aggregator (checked to be
     linear in f)."""
     out = {}
-    for name in available_aggregators():
+    for name in SERVICE_AGGREGATORS:
         agg = get_aggregator(name, byzantine_fraction=0.3)
         if name == "fedavg":  # never checked: it tolerates no one
             out[name] = [0, 0]

@@ -261,6 +261,7 @@ def create_app(
 ) -> FastAPI:
     """The galaxy service for ``settings`` (``config``: model and defense)."""
     cfg = config or load_config(settings.config_path)
+    cfg.check_services()
     gid = settings.galaxy_id
     registry = CollectorRegistry()
     m_accepted = Counter(

@@ -627,6 +627,7 @@ def create_app(
     settings: GlobalSettings, *, config: SimulationConfig | None = None
 ) -> FastAPI:
     cfg = config or load_config(settings.config_path)
+    cfg.check_services()
     registry = CollectorRegistry()
     m_rounds = Counter(
         "protogalaxy_global_rounds_completed_total", "Rounds applied", registry=registry

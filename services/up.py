@@ -130,6 +130,7 @@ class LocalCluster:
     procs: dict[str, _Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.config.check_services()
         self.out = Path(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.config_path = self.out / "config.yaml"

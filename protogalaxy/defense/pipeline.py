@@ -175,14 +175,16 @@ class GalaxyDefense:
         reference_direction: torch.Tensor | None = None,
         evidence_for: Callable[[int], dict[str, Any]] | None = None,
         hints: ReplayHints | None = None,
+        server_update: torch.Tensor | None = None,
     ) -> GalaxyDefenseReport:
         """Screen, aggregate and score one round.
 
         ``clients`` and the rows of ``updates`` are the reveals that passed layer 1;
         ``rejected`` maps the clients that failed layer 1 to the reason;
-        ``withheld`` are the clients that committed and never revealed. With
-        ``hints`` the round is replayed against a galaxy's published decisions
-        (see the module docstring).
+        ``withheld`` are the clients that committed and never revealed;
+        ``server_update`` is the global aggregator's update on its root dataset
+        for rules that need one (FLTrust). With ``hints`` the round is replayed
+        against a galaxy's published decisions (see the module docstring).
         """
         t0 = time.perf_counter()
         cfg = self.config
@@ -225,7 +227,7 @@ class GalaxyDefense:
             ]
             t_layer = time.perf_counter()
             aggregate, weight, rule, f = self._layer3(
-                clients, updates, candidates, outcomes, hints
+                clients, updates, candidates, outcomes, hints, server_update
             )
             timing["robust"] = time.perf_counter() - t_layer
             flags["robust"] = sum(
@@ -307,6 +309,7 @@ class GalaxyDefense:
         candidates: list[int],
         outcomes: dict[int, ClientOutcome],
         hints: ReplayHints | None = None,
+        server_update: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, int, str | None, int | None]:
         if not candidates:
             return None, 0, None, None
@@ -327,7 +330,7 @@ class GalaxyDefense:
         f = max(0, aggregator.f_for(len(clients)) - removed)
         if len(candidates) < aggregator.min_clients(f):
             aggregator = get_aggregator("median")  # too few for the configured rule
-        result = aggregator(x, weights=weights, f=f)
+        result = aggregator(x, weights=weights, f=f, server_update=server_update)
         if hints is not None:
             members = [clients[i] for i in candidates]
             result = _replay_layer3(aggregator.name, x, members, result, weights, hints)
@@ -344,9 +347,14 @@ class GalaxyDefense:
         if result.scores is not None:
             for j, i in enumerate(candidates):
                 outcomes[clients[i]].metrics["krum_score"] = float(result.scores[j])
+        if result.trust is not None:
+            for j, i in enumerate(candidates):
+                outcomes[clients[i]].metrics["trust_score"] = float(result.trust[j])
         for i in candidates:
             if i not in chosen:
                 outcomes[clients[i]].reasons.append("robust:not_selected")
+        if not chosen:  # FLTrust trusted no one: the galaxy contributes nothing
+            return None, 0, aggregator.name, f
         return result.aggregate, len(chosen), aggregator.name, f
 
     def _layer4(
@@ -426,6 +434,8 @@ def _replay_layer3(
     """Layer 3 with the galaxy's published selection or weights, where they are
     consistent with the recomputation within tolerance."""
     chosen = [c in hints.selected for c in members]
+    if rule == "fltrust":
+        return _replay_fltrust(x, members, result, chosen, hints)
     if result.scores is not None:  # Krum, Multi-Krum: a selection by score
         assert result.selected is not None
         m = int(result.selected.sum())
@@ -484,6 +494,43 @@ def _replay_layer3(
             return result
         return AggregationResult(weighted_mean(x, published), weights=tuple(published))
     return result
+
+
+def _replay_fltrust(
+    x: torch.Tensor,
+    members: list[int],
+    result: AggregationResult,
+    chosen: list[bool],
+    hints: ReplayHints,
+) -> AggregationResult:
+    """FLTrust's weights are a float function of the rows (their norms and their
+    cosines with the server update): the published ones stand when every
+    normalized weight is within tolerance of the recomputed one, and a row is
+    selected exactly when its published weight is positive."""
+    published = [int((hints.weights or {}).get(c, 0) or 0) for c in members]
+    if any(v < 0 or v >= MAX_WEIGHT for v in published):
+        raise ReplayMismatch("fltrust: a published weight is not in [0, 2^29)")
+    if chosen != [v > 0 for v in published]:
+        raise ReplayMismatch(
+            "fltrust: the published selection is not the published positive weights"
+        )
+    mine = list(result.weights or (0,) * len(members))
+    total_p, total_m = sum(published), sum(mine)
+    if total_p == 0 or total_m == 0:
+        if total_p != total_m:
+            raise ReplayMismatch("fltrust: published weights differ")
+        return result
+    if any(
+        abs(p / total_p - q / total_m) > TOLERANCE
+        for p, q in zip(published, mine, strict=True)
+    ):
+        raise ReplayMismatch("fltrust: published weights differ")
+    if mine == published:
+        return result
+    mask = torch.tensor(chosen, dtype=torch.bool, device=x.device)
+    return AggregationResult(
+        weighted_mean(x, published), mask, weights=tuple(published), trust=result.trust
+    )
 
 
 class GlobalDefense:

@@ -56,6 +56,7 @@ __all__ = [
     "bulyan",
     "centered_clipping",
     "coordinate_median",
+    "fltrust",
     "geometric_median",
     "get_aggregator",
     "krum_scores",
@@ -148,6 +149,8 @@ class AggregationResult:
     weights: tuple[int, ...] | None = None
     #: iterations an iterative rule (geometric median) ran to converge
     iterations: int | None = None
+    #: FLTrust's trust score of each row (cosine with the server update, >= 0)
+    trust: torch.Tensor | None = None
 
 
 def _weighted_sum(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -371,6 +374,54 @@ def centered_clipping(
     return AggregationResult(weighted_mean(x, w), weights=tuple(w))
 
 
+def fltrust(updates: torch.Tensor, *, server_update: torch.Tensor) -> AggregationResult:
+    """FLTrust (Cao, Fang, Liu, Gong, NDSS 2021): the server trains the global model
+    on a small clean root dataset of its own; each update's trust score is
+    ``TS_i = ReLU(cos(x_i, g_0))`` with that server update ``g_0``, and the
+    aggregate is the trust-weighted mean of the updates' directions.
+
+    The rows with ``TS_i = 0`` are not selected. The others weigh ``TS_i / |x_i|``
+    (quantized like :func:`geometric_median`'s), so the aggregate is
+    ``sum_i TS_i x_i/|x_i| / sum_i (TS_i / |x_i|)``: FLTrust's direction, as an
+    exact weighted mean of the revealed rows that a replay reproduces bit for bit.
+    One departure: FLTrust rescales every update to ``|g_0|``, which makes the
+    aggregate's norm ``|g_0|`` times the norm of the mean direction; here it is the
+    trust-weighted harmonic mean of the selected rows' norms times that. A
+    large-norm update pulls the direction no more than a small one; it drops out
+    of the harmonic mean, so k such rows grow the norm by at most
+    ``sum(TS) / sum(TS of the others)``. With no positive score
+    nothing is selected and the aggregate is zero (FLTrust's empty update)."""
+    x = _check_updates(updates)
+    n, d = x.shape
+    g0 = server_update.detach().reshape(-1)
+    if g0.numel() != d:
+        raise ValueError(f"the server update has {g0.numel()} values, not {d}")
+    g0 = g0.to(device=x.device, dtype=torch.float64)
+    g0_norm = float(torch.linalg.vector_norm(g0))
+    if not math.isfinite(g0_norm) or g0_norm == 0.0:
+        raise ValueError("the server update is zero or not finite")
+    dots = torch.zeros(n, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for s in range(0, d, BLOCK):
+        b = x[:, s : s + BLOCK].double()
+        dots += b @ g0[s : s + BLOCK]
+        sq += (b * b).sum(dim=1)
+    norms = sq.sqrt().cpu()
+    trust = (dots.cpu() / (norms.clamp(min=1e-30) * g0_norm)).clamp(min=0.0)
+    trust[norms == 0] = 0.0
+    beta = torch.where(trust > 0, trust / norms.clamp(min=1e-30), 0.0)
+    if float(beta.max()) <= 0:
+        return AggregationResult(
+            torch.zeros(d, dtype=x.dtype, device=x.device),
+            selected=torch.zeros(n, dtype=torch.bool, device=x.device),
+            weights=(0,) * n,
+            trust=trust,
+        )
+    w = quantize_weights(beta * ((MAX_WEIGHT - 1) / WEIGHT_SCALE / float(beta.max())))
+    mask = torch.tensor([v > 0 for v in w], dtype=torch.bool, device=x.device)
+    return AggregationResult(weighted_mean(x, w), mask, weights=tuple(w), trust=trust)
+
+
 def mean(
     updates: torch.Tensor, *, weights: torch.Tensor | None = None
 ) -> AggregationResult:
@@ -402,6 +453,9 @@ class Aggregator(ABC):
     """
 
     name: ClassVar[str]
+    #: A rule that needs the server's update on its root dataset this round
+    #: (FLTrust) gets it as ``server_update``; the others never see it.
+    needs_server_update: ClassVar[bool] = False
 
     def __init__(self, *, byzantine_fraction: float = 0.3) -> None:
         if not 0.0 <= byzantine_fraction < 0.5:
@@ -419,14 +473,22 @@ class Aggregator(ABC):
         *,
         weights: torch.Tensor | None = None,
         f: int | None = None,
+        server_update: torch.Tensor | None = None,
     ) -> AggregationResult:
         """Aggregate the rows of ``updates``, tolerating ``f`` Byzantine rows.
         What a rule returns is checked (a user's rule too): an
         :class:`AggregationResult` whose aggregate is one finite row of the
         updates' width, else a ValueError naming the rule."""
-        out = self._aggregate(
-            updates, self.f_for(updates.shape[0]) if f is None else f, weights
-        )
+        f = self.f_for(updates.shape[0]) if f is None else f
+        if self.needs_server_update:
+            if server_update is None:
+                raise ValueError(
+                    f"aggregator {self.name!r} needs the server's update on its "
+                    "root dataset, and this round has none"
+                )
+            out = self._aggregate_with_server(updates, f, weights, server_update)
+        else:
+            out = self._aggregate(updates, f, weights)
         if not isinstance(out, AggregationResult):
             raise ValueError(
                 f"aggregator {self.name!r} returned {type(out).__name__}, not an "
@@ -447,6 +509,15 @@ class Aggregator(ABC):
     def _aggregate(
         self, updates: torch.Tensor, f: int, weights: torch.Tensor | None
     ) -> AggregationResult: ...
+
+    def _aggregate_with_server(
+        self,
+        updates: torch.Tensor,
+        f: int,
+        weights: torch.Tensor | None,
+        server_update: torch.Tensor,
+    ) -> AggregationResult:
+        return self._aggregate(updates, f, weights)
 
     def min_clients(self, f: int) -> int:
         """Fewest updates this rule needs to tolerate ``f`` Byzantine ones."""
@@ -567,6 +638,29 @@ class CenteredClipping(Aggregator):
         self, updates: torch.Tensor, f: int, weights: Weights
     ) -> AggregationResult:
         return centered_clipping(updates, f=f)
+
+
+@register_aggregator
+class FLTrust(Aggregator):
+    name = "fltrust"
+    needs_server_update = True
+
+    def _aggregate(
+        self, updates: torch.Tensor, f: int, weights: Weights
+    ) -> AggregationResult:
+        raise ValueError("fltrust needs the server update (see Aggregator.__call__)")
+
+    def _aggregate_with_server(
+        self,
+        updates: torch.Tensor,
+        f: int,
+        weights: Weights,
+        server_update: torch.Tensor,
+    ) -> AggregationResult:
+        return fltrust(updates, server_update=server_update)
+
+    def min_clients(self, f: int) -> int:
+        return 1  # the root dataset, not a majority, is what it trusts
 
 
 @register_aggregator

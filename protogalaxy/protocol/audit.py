@@ -159,6 +159,9 @@ class AuditContext:
     members: frozenset[int] | None = None
     #: the clients the round's sample admits to this galaxy (None: every one)
     sampled: frozenset[int] | None = None
+    #: the global aggregator's update on its root dataset, for FLTrust (None:
+    #: the round had none, and the transcript must name none)
+    server_update: torch.Tensor | None = None
 
 
 def _fail(gr: GalaxyRound, kind: str, detail: str, **extra: Any) -> Misbehaviour:
@@ -185,6 +188,7 @@ def check_transcript(gr: GalaxyRound, ctx: AuditContext) -> dict[str, Any]:
         "tree_size": leaf.tree_size,
         "defense": defense_digest(ctx.defense),
         "reference": tensor_digest(ctx.reference),
+        "server_update": tensor_digest(ctx.server_update),
     }
     for key, want in expected.items():
         if body.get(key) != want:
@@ -547,6 +551,7 @@ def replay(
             withheld=[c for c, e in entries.items() if e["fate"] == "withheld"],
             reference_direction=ctx.reference,
             hints=hints,
+            server_update=ctx.server_update,
         )
     except ReplayMismatch as exc:
         raise _fail(gr, "false_decision", str(exc)) from None

@@ -293,6 +293,28 @@ class GalaxyAggregator:
             raise WrongPhase("another aggregator moved the round on")
         self._sync_reputation()
 
+    def set_server_update(self, round: int, update: torch.Tensor) -> None:
+        """The global aggregator's update on its root dataset for ``round``, for a
+        rule that needs one (FLTrust); stored with the round, so a replica that
+        resumes the aggregation uses the same one, and named by digest in the
+        transcript."""
+        flat = update.detach().reshape(-1).to(torch.float32).contiguous().cpu()
+        if flat.numel() != self.spec.numel:
+            raise ValueError(
+                f"the server update has {flat.numel()} values, the model "
+                f"{self.spec.numel}"
+            )
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("the server update has non-finite values")
+        self.store.put_blob(round, "server_update", flat.numpy().tobytes())
+
+    def server_update(self, round: int) -> torch.Tensor | None:
+        """The server update stored for ``round`` (None: none was given)."""
+        blob = self.store.get_blob(round, "server_update")
+        if blob is None:
+            return None
+        return torch.frombuffer(bytearray(blob), dtype=torch.float32)
+
     def apply_assignment(self, document: SignedDocument) -> None:
         """Take the global aggregator's signed placement of the clients (after it
         isolated a galaxy): admit the clients now placed here, starting each from
@@ -971,6 +993,7 @@ class GalaxyAggregator:
             withheld=inputs.withheld,
             reference_direction=reference_direction,
             evidence_for=evidence_for,
+            server_update=self.server_update(round),
         )
 
     def _transcript_body(
@@ -1018,6 +1041,11 @@ class GalaxyAggregator:
             "tree_size": tree.size,
             "defense": defense_digest(self.defense.config),
             "reference": tensor_digest(reference_direction),
+            **(
+                {}
+                if (server := self.server_update(round)) is None
+                else {"server_update": tensor_digest(server)}
+            ),
             "reputation_before": digest_hex(before),
             "reputation_after": digest_hex(after),
             "rule": report.rule,

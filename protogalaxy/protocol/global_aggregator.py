@@ -113,6 +113,8 @@ class GlobalRoundResult:
     record: SignedDocument | None = None
     #: galaxies caught misbehaving this round (isolated from the next)
     misbehaved: list[Misbehaviour] = field(default_factory=list)
+    #: the round's server update (FLTrust), as the signed record names it
+    server_update: torch.Tensor | None = None
 
 
 @dataclass
@@ -135,6 +137,8 @@ class _RoundState:
     #: the audit's draw (galaxy -> clients whose updates its replay needs), made
     #: once; transcripts close with it
     drawn: dict[int, list[int]] | None = None
+    #: the update on the global aggregator's root dataset (FLTrust), if any
+    server_update: torch.Tensor | None = None
 
     def artefacts_of(self, galaxy: int, leaf: Signed[GalaxyLeaf]) -> GalaxyArtefacts:
         """What ``galaxy`` signed this round, with the acknowledgements its
@@ -260,6 +264,22 @@ class GlobalAggregator:
     def head(self) -> SignedRoundHead | None:
         """This round's signed head, once the leaves are closed."""
         return self._state.head
+
+    def set_server_update(self, round: int, update: torch.Tensor) -> None:
+        """This round's update on the global aggregator's own root dataset: what
+        FLTrust's trust scores are measured against. The galaxies get the same
+        tensor (:meth:`GalaxyAggregator.set_server_update`); their transcripts
+        name its digest, and the replay uses it."""
+        if self._state.round != round:
+            raise WrongPhase(
+                f"global aggregator is at round {self._state.round}, not {round}"
+            )
+        self._state.server_update = update.detach().reshape(-1).to(torch.float32)
+
+    @property
+    def server_update(self) -> torch.Tensor | None:
+        """This round's server update (None: the round has none)."""
+        return self._state.server_update
 
     @property
     def reference_direction(self) -> torch.Tensor | None:
@@ -676,7 +696,14 @@ class GlobalAggregator:
         self.finished = self._state
         self._state = _RoundState(round + 1)
         return GlobalRoundResult(
-            round, head, report, applied, norm, record, list(misbehaved.values())
+            round,
+            head,
+            report,
+            applied,
+            norm,
+            record,
+            list(misbehaved.values()),
+            self.finished.server_update,
         )
 
     def _members(self) -> dict[int, list[int]]:
@@ -738,6 +765,7 @@ class GlobalAggregator:
                 spec=self.audit.spec,
                 defense=self.defense.config,
                 reference=self.reference_direction,
+                server_update=self._state.server_update,
                 max_update_bytes=self.audit.max_update_bytes,
                 expected_before=digest_hex(self.expected_state[g]),
                 members=frozenset(self._members().get(g, ())),
@@ -881,6 +909,10 @@ class GlobalAggregator:
             "binding": self.binding,
             "timestamp_ms": time.time_ns() // 1_000_000,
         }
+        if self._state.server_update is not None:
+            # what FLTrust measured trust against, signed: an auditor takes the
+            # published tensor only when its digest is this one
+            body["server_update"] = tensor_digest(self._state.server_update)
         return sign_document(self.key, "round-record", body, run=self.run)
 
     def checkpoint(self) -> Checkpoint:

@@ -112,7 +112,8 @@ def app_refuses(values: dict[str, Any]) -> str | None:
     config = config_of(values)
     try:
         cfg = load_config(overrides=_dotted(config))
-    except ConfigError as exc:
+        cfg.check_services()
+    except (ConfigError, ValueError) as exc:
         return str(exc)
     limit = values.get("galaxies", {}).get("maxUpdateBytes", 64 << 20)
     if limit < REVEAL[cfg.model]:  # the galaxy refuses to start (PG_MAX_UPDATE_BYTES)
@@ -176,6 +177,8 @@ CASES: dict[str, dict[str, Any]] = {
         "defense": {"aggregator": "bulyan"},
     },
     "fedavg anywhere": {"galaxies": {"count": 10}, "defense": {"aggregator": "fedavg"}},
+    # FLTrust needs a root dataset at the global aggregator: simulate only.
+    "fltrust": {"defense": {"aggregator": "fltrust"}},
     "no robust layer": {"galaxies": {"count": 10}, "defense": {"layers": [1, 2]}},
     # 15 clients in 3 galaxies of 5: 0.1 x 5 = 0.5 rounds to 0 in Python (half
     # to even), 1 half away from zero; f = 0.

@@ -1,0 +1,209 @@
+"""FLTrust (issue 16): trust is the cosine with the server's root-data update, an
+update counts by its direction only, and a galaxy cannot publish other weights."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protogalaxy.artefacts import ArtefactWriter
+from protogalaxy.auditor import audit_run
+from protogalaxy.codec import decode_update, encode_update
+from protogalaxy.config import load_config
+from protogalaxy.defense.pipeline import (
+    DefenseConfig,
+    GalaxyDefense,
+    ReplayHints,
+    ReplayMismatch,
+)
+from protogalaxy.defense.robust import fltrust, get_aggregator
+from protogalaxy.learning.datasets import load_dataset
+from protogalaxy.simulation import Simulation
+
+D = 2_000
+
+
+def _galaxy() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    server = torch.randn(D, generator=g)
+    honest = server + 0.8 * torch.randn(7, D, generator=g)
+    return honest, server
+
+
+def test_opposed_updates_get_no_trust_and_size_buys_nothing() -> None:
+    honest, server = _galaxy()
+    flipped = -4 * honest[:2]
+    scaled = 50 * honest[2:3]
+    x = torch.cat([honest, flipped, scaled])
+    r = fltrust(x, server_update=server)
+    assert r.selected is not None and r.weights is not None and r.trust is not None
+    assert r.selected.tolist() == [True] * 7 + [False] * 2 + [True]
+    assert r.weights[7:9] == (0, 0)
+    # the formula: sum TS_i x_i/|x_i| / sum TS_i/|x_i|
+    unit = x.double() / x.double().norm(dim=1, keepdim=True)
+    ts = (unit @ server.double() / server.double().norm()).clamp(min=0)
+    want = (ts @ unit) / (ts / x.double().norm(dim=1)).sum()
+    assert torch.allclose(r.aggregate.double(), want, rtol=1e-4, atol=1e-6)
+    # a 50x copy of an honest update pulls the direction no more than the update
+    # itself does; it drops out of the norm's harmonic mean, so the aggregate's
+    # norm grows by at most sum(TS) / sum(TS of the others): 8/7 here
+    alone = fltrust(torch.cat([honest, honest[2:3]]), server_update=server)
+    cos = torch.nn.functional.cosine_similarity(alone.aggregate, r.aggregate, dim=0)
+    assert float(cos) > 1 - 1e-6
+    ratio = float(r.aggregate.norm() / alone.aggregate.norm())
+    assert 1.0 < ratio <= float(ts.sum() / (ts.sum() - ts[-1])) + 1e-4
+
+
+def test_no_trust_at_all_gives_nothing() -> None:
+    honest, server = _galaxy()
+    r = fltrust(-honest, server_update=server)
+    assert r.selected is not None and not r.selected.any()
+    assert float(r.aggregate.abs().sum()) == 0.0
+    d = GalaxyDefense(0, DefenseConfig(layers=frozenset({1, 3}), aggregator="fltrust"))
+    report = d.run(
+        round=0, clients=list(range(7)), updates=-honest, server_update=server
+    )
+    assert report.aggregate is None and report.weight == 0
+    assert all(not o.selected for o in report.outcomes.values())
+
+
+def test_the_rule_refuses_to_run_without_a_server_update() -> None:
+    honest, server = _galaxy()
+    with pytest.raises(ValueError, match="needs the server's update"):
+        get_aggregator("fltrust")(honest)
+    with pytest.raises(ValueError, match="values, not"):
+        fltrust(honest, server_update=server[:10])
+    with pytest.raises(ValueError, match="zero"):
+        fltrust(honest, server_update=torch.zeros(D))
+
+
+def _published(report_weights: dict[int, int | None]) -> ReplayHints:
+    return ReplayHints(
+        flags={c: frozenset() for c in report_weights},
+        selected=frozenset(c for c, w in report_weights.items() if w),
+        weights={c: int(w or 0) for c, w in report_weights.items()},
+    )
+
+
+def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -> None:
+    """The replay recomputes the trust scores from the revealed updates and the
+    server update: weight moved onto a sign-flipped update is a false decision."""
+    honest, server = _galaxy()
+    x = torch.cat([honest, -4 * honest[:3]])
+    clients = list(range(10))
+    cfg = DefenseConfig(layers=frozenset({1, 3}), aggregator="fltrust")
+    report = GalaxyDefense(0, cfg).run(
+        round=0, clients=clients, updates=x, server_update=server
+    )
+    weights = {c: report.outcomes[c].weight for c in clients}
+    assert [weights[c] for c in (7, 8, 9)] == [0, 0, 0]
+    # the honest publication replays
+    replay = GalaxyDefense(0, cfg).run(
+        round=0,
+        clients=clients,
+        updates=x,
+        server_update=server,
+        hints=_published(weights),
+    )
+    assert replay.aggregate is not None and report.aggregate is not None
+    assert torch.equal(replay.aggregate, report.aggregate)
+    # the attacker's update gets the weight of an honest one
+    lying = dict(weights)
+    lying[8] = weights[0]
+    with pytest.raises(ReplayMismatch, match="fltrust"):
+        GalaxyDefense(0, cfg).run(
+            round=0,
+            clients=clients,
+            updates=x,
+            server_update=server,
+            hints=_published(lying),
+        )
+    # or one honest client counts a third of what it should (the same selection)
+    heavier = dict(weights)
+    heavier[0] = int(weights[0] or 0) // 3
+    with pytest.raises(ReplayMismatch, match="fltrust: published weights differ"):
+        GalaxyDefense(0, cfg).run(
+            round=0,
+            clients=clients,
+            updates=x,
+            server_update=server,
+            hints=_published(heavier),
+        )
+    # and against another server update, the honest publication does not replay
+    other = torch.randn(D, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ReplayMismatch, match="fltrust"):
+        GalaxyDefense(0, cfg).run(
+            round=0,
+            clients=clients,
+            updates=x,
+            server_update=other,
+            hints=_published(weights),
+        )
+
+
+@pytest.fixture(scope="module")
+def fltrust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fltrust")
+    config = load_config(
+        overrides={
+            "defense.aggregator": "fltrust",
+            "defense.layers": [1, 3],
+            "training.rounds": 2,
+            "clients.samples_per_client": 100,
+            "audit.keep_updates": 2,
+        }
+    )
+    Simulation(
+        config, dataset=load_dataset("mnist"), artefacts=ArtefactWriter(root)
+    ).run()
+    return root
+
+
+def _audit(path: Path) -> tuple[int, str]:
+    lines: list[str] = []
+    return audit_run(path, out=lines.append), "\n".join(lines)
+
+
+def test_a_fltrust_run_verifies_and_its_server_update_is_the_signed_one(
+    fltrust_run: Path, tmp_path: Path
+) -> None:
+    """The run publishes each round's server update, named by digest in the
+    signed round record and in every transcript; the audit replays FLTrust's
+    weights against it, and a substituted update (the attackers' direction, say)
+    is caught before any replay."""
+    code, out = _audit(fltrust_run)
+    assert code == 0, out
+    assert "replay verifies" in out
+    r1 = fltrust_run / "audit" / "rounds" / "000001" / "server_update.pgt1"
+    assert r1.exists()
+    copy = tmp_path / "run"
+    shutil.copytree(fltrust_run, copy)
+    target = copy / "audit" / "rounds" / "000001" / "server_update.pgt1"
+    update = decode_update(target.read_bytes())["update"]
+    target.write_bytes(encode_update({"update": -update}))
+    code, out = _audit(copy)
+    assert code != 0
+    assert "round 1" in out and "server_update.pgt1" in out
+
+
+def test_the_services_refuse_fltrust_before_anything_starts(tmp_path: Path) -> None:
+    """No service holds a root dataset: `protogalaxy up` (like the chart's schema)
+    refuses the rule with the reason, and makes no run directory."""
+    config = tmp_path / "config.yaml"
+    config.write_text("defense:\n  aggregator: fltrust\n")
+    out = tmp_path / "up"
+    done = subprocess.run(
+        [sys.executable, "-m", "protogalaxy.cli", "up", "--config", str(config),
+         "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "runs in `protogalaxy simulate` only" in done.stderr
+    assert not out.exists()
