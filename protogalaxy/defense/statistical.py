@@ -6,13 +6,7 @@ Four tests per update; an update is *flagged* when at least ``min_failures`` (2)
    ``|norm - median| / (1.4826 MAD)``; fails above ``norm_k`` (3). Catches scaling
    and free-riding (near-zero updates).
 2. Direction: cosine similarity with the running mean of accepted aggregates; fails
-   below ``cosine_threshold`` (0.5) *and* more than ``direction_k`` (3) robust
-   standard deviations below the galaxy's median cosine, i.e. below
-   ``min(cosine_threshold, median - direction_k * 1.4826 MAD)``. Skipped while
-   there is no history yet. Under strong label skew every honest update is
-   nearly orthogonal to that mean (cosines near 0 on MNIST with Dirichlet(0.3)):
-   the absolute threshold alone failed them all, which left one more failed
-   test to flag an honest client. ``direction_k: None`` is that absolute test.
+   below ``cosine_threshold`` (0.5). Skipped while there is no history yet.
 3. Coordinate-wise MAD outliers: the fraction of its coordinates further than
    ``mad_k`` robust standard deviations from the coordinate-wise median; fails when
    that fraction's robust z-score exceeds ``norm_k``.
@@ -48,9 +42,6 @@ _BLOCK = 1 << 16
 class StatisticsConfig:
     norm_k: float = 3.0
     cosine_threshold: float = 0.5
-    #: The direction test also needs a cosine this many robust standard deviations
-    #: below the galaxy's median; None: the absolute threshold alone.
-    direction_k: float | None = 3.0
     mad_k: float = 3.0
     bins: int = 64
     min_failures: int = 2
@@ -58,8 +49,6 @@ class StatisticsConfig:
     def __post_init__(self) -> None:
         if self.norm_k <= 0 or self.mad_k <= 0:
             raise ValueError("norm_k and mad_k must be > 0")
-        if self.direction_k is not None and self.direction_k <= 0:
-            raise ValueError(f"direction_k must be > 0 or None, got {self.direction_k}")
         if not -1.0 <= self.cosine_threshold <= 1.0:
             raise ValueError(
                 f"cosine_threshold must be in [-1, 1], got {self.cosine_threshold}"
@@ -87,8 +76,6 @@ class StatisticsReport:
     outlier_z: torch.Tensor | None = None
     kl_z: torch.Tensor | None = None
     config: StatisticsConfig | None = None
-    #: the cosine below which the direction test fails (see the module docstring)
-    direction_threshold: float | None = None
 
     def decisions(self, i: int) -> dict[str, tuple[float, float, bool]]:
         """Per test, for update ``i``: ``(value, threshold, fails_above)``: the test
@@ -102,10 +89,7 @@ class StatisticsReport:
             "distribution_shift": (float(self.kl_z[i]), cfg.norm_k, True),
         }
         if self.cosine is not None:
-            threshold = self.direction_threshold
-            if threshold is None:
-                threshold = cfg.cosine_threshold
-            out["direction"] = (float(self.cosine[i]), threshold, False)
+            out["direction"] = (float(self.cosine[i]), cfg.cosine_threshold, False)
         return out
 
     def reasons(self, i: int) -> list[str]:
@@ -210,24 +194,17 @@ def screen(
     norm = torch.linalg.vector_norm(x, dim=1)
     norm_z = robust_z(norm)
     cosine = None
-    direction_threshold = None
     if reference_direction is not None and float(reference_direction.norm()) > 0:
         ref = reference_direction.to(device=x.device, dtype=x.dtype)
         cosine = (x @ ref) / (norm.clamp(min=1e-12) * torch.linalg.vector_norm(ref))
-        direction_threshold = cfg.cosine_threshold
-        if cfg.direction_k is not None:
-            center, scale = robust_center_scale(cosine)
-            direction_threshold = min(
-                direction_threshold, center - cfg.direction_k * scale
-            )
     fractions = _outlier_fractions(x, cfg.mad_k)
     kl = _kl_to_pooled(x, cfg.bins)
     outlier_z, kl_z = robust_z(fractions), robust_z(kl)
     failed = {
         "norm": norm_z.abs() > cfg.norm_k,
         "direction": (
-            cosine < direction_threshold
-            if cosine is not None and direction_threshold is not None
+            cosine < cfg.cosine_threshold
+            if cosine is not None
             else torch.zeros(len(x), dtype=torch.bool, device=x.device)
         ),
         "coordinate_outliers": outlier_z > cfg.norm_k,
@@ -246,5 +223,4 @@ def screen(
         outlier_z,
         kl_z,
         cfg,
-        direction_threshold,
     )
