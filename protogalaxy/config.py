@@ -196,6 +196,10 @@ class DefenseSection(_Section):
     #: Fraction of Byzantine updates per galaxy the robust rule is tuned for (f).
     byzantine_fraction: float = Field(0.3, ge=0, lt=0.5)
     trust_weighted: bool = False
+    #: FLTrust's root dataset: this many training samples, drawn at random, that
+    #: the global aggregator holds and trains on each round (only read by a rule
+    #: that needs a server update, i.e. aggregator fltrust).
+    root_samples: int = Field(100, ge=1)
     statistics: StatisticsSection = StatisticsSection()
     reputation: ReputationSection = ReputationSection()
     galaxy: GalaxyScreenSection = GalaxyScreenSection()
@@ -331,6 +335,17 @@ class SimulationConfig(_Section):
         if a.galaxy is None:
             return None
         return GalaxyAttack(a.kind, a.from_round, a.fraction, self.seed)
+
+    def check_services(self) -> None:
+        """Raise a ValueError naming what the services cannot run: a rule that
+        needs the server's update on a root dataset (FLTrust) runs in
+        ``protogalaxy simulate`` only, since no service holds a root dataset."""
+        if resolve_aggregator(self.defense.aggregator).needs_server_update:
+            raise ValueError(
+                f"defense.aggregator {self.defense.aggregator} needs the global "
+                "aggregator's update on a root dataset, which the services do not "
+                "hold: it runs in `protogalaxy simulate` only"
+            )
 
     def sampling(self) -> Sampling:
         """Who takes part in each round (everyone unless clients.fraction_fit)."""

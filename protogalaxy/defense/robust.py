@@ -380,17 +380,20 @@ def fltrust(updates: torch.Tensor, *, server_update: torch.Tensor) -> Aggregatio
     ``TS_i = ReLU(cos(x_i, g_0))`` with that server update ``g_0``, and the
     aggregate is the trust-weighted mean of the updates' directions.
 
-    The rows with ``TS_i = 0`` are not selected. The others weigh ``TS_i / |x_i|``
-    (quantized like :func:`geometric_median`'s), so the aggregate is
-    ``sum_i TS_i x_i/|x_i| / sum_i (TS_i / |x_i|)``: FLTrust's direction, as an
-    exact weighted mean of the revealed rows that a replay reproduces bit for bit.
-    One departure: FLTrust rescales every update to ``|g_0|``, which makes the
-    aggregate's norm ``|g_0|`` times the norm of the mean direction; here it is the
-    trust-weighted harmonic mean of the selected rows' norms times that. A
-    large-norm update pulls the direction no more than a small one; it drops out
-    of the harmonic mean, so k such rows grow the norm by at most
-    ``sum(TS) / sum(TS of the others)``. With no positive score
-    nothing is selected and the aggregate is zero (FLTrust's empty update)."""
+    The rows with ``TS_i = 0`` are not selected. The others weigh
+    ``TS_i / max(|x_i|, m)`` with ``m`` the median norm of the galaxy's rows
+    (quantized like :func:`geometric_median`'s weights), and the aggregate is
+    their exact weighted mean, which a replay reproduces bit for bit. Rows above
+    the median count by their direction only, as in FLTrust. The departure:
+    FLTrust rescales every update to ``|g_0|``, so the aggregate's norm is
+    ``|g_0|``'s; here rows below the median count as they are, and the norm is
+    the rows' own. Without the median as a floor, weights ``TS_i / |x_i|`` made
+    the aggregate's norm a harmonic mean of the rows' norms, which one tiny
+    update took to zero (a review's finding); a row at ``eps`` now weighs as a
+    median row and shrinks the step by its share of the trust at most. With no
+    positive score nothing is selected and the aggregate is zero (FLTrust's
+    empty update).
+    """
     x = _check_updates(updates)
     n, d = x.shape
     g0 = server_update.detach().reshape(-1)
@@ -409,7 +412,8 @@ def fltrust(updates: torch.Tensor, *, server_update: torch.Tensor) -> Aggregatio
     norms = sq.sqrt().cpu()
     trust = (dots.cpu() / (norms.clamp(min=1e-30) * g0_norm)).clamp(min=0.0)
     trust[norms == 0] = 0.0
-    beta = torch.where(trust > 0, trust / norms.clamp(min=1e-30), 0.0)
+    floor = max(float(norms.median()), 1e-30)
+    beta = torch.where(trust > 0, trust / norms.clamp(min=floor), 0.0)
     if float(beta.max()) <= 0:
         return AggregationResult(
             torch.zeros(d, dtype=x.dtype, device=x.device),

@@ -44,19 +44,34 @@ def test_opposed_updates_get_no_trust_and_size_buys_nothing() -> None:
     assert r.selected is not None and r.weights is not None and r.trust is not None
     assert r.selected.tolist() == [True] * 7 + [False] * 2 + [True]
     assert r.weights[7:9] == (0, 0)
-    # the formula: sum TS_i x_i/|x_i| / sum TS_i/|x_i|
-    unit = x.double() / x.double().norm(dim=1, keepdim=True)
+    # the formula: weights TS_i / max(|x_i|, median norm)
+    norms = x.double().norm(dim=1)
+    unit = x.double() / norms.unsqueeze(1)
     ts = (unit @ server.double() / server.double().norm()).clamp(min=0)
-    want = (ts @ unit) / (ts / x.double().norm(dim=1)).sum()
+    w = ts / norms.clamp(min=float(norms.median()))
+    want = (w @ x.double()) / w.sum()
     assert torch.allclose(r.aggregate.double(), want, rtol=1e-4, atol=1e-6)
     # a 50x copy of an honest update pulls the direction no more than the update
-    # itself does; it drops out of the norm's harmonic mean, so the aggregate's
-    # norm grows by at most sum(TS) / sum(TS of the others): 8/7 here
+    # itself does, and grows the norm by at most sum(TS) / sum(TS of the others)
     alone = fltrust(torch.cat([honest, honest[2:3]]), server_update=server)
     cos = torch.nn.functional.cosine_similarity(alone.aggregate, r.aggregate, dim=0)
     assert float(cos) > 1 - 1e-6
     ratio = float(r.aggregate.norm() / alone.aggregate.norm())
-    assert 1.0 < ratio <= float(ts.sum() / (ts.sum() - ts[-1])) + 1e-4
+    assert ratio <= float(ts.sum() / (ts.sum() - ts[-1])) + 1e-4
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-8])
+def test_a_tiny_update_cannot_take_the_step_down(eps: float) -> None:
+    """The review's case: one client sends eps times an honest direction. With
+    weights TS/|x| the aggregate's norm was a harmonic mean of the norms (0.009 at
+    eps 1e-3, 1e-8 at eps 1e-8 with every honest client quantized to weight 0);
+    with the median norm as a floor the tiny row weighs as a median row."""
+    honest, server = _galaxy()
+    tiny = eps * honest[:1] / honest[:1].norm()
+    r = fltrust(torch.cat([honest, tiny]), server_update=server)
+    alone = fltrust(honest, server_update=server)
+    assert r.selected is not None and bool(r.selected[:7].all())
+    assert float(r.aggregate.norm()) > 0.8 * float(alone.aggregate.norm())
 
 
 def test_no_trust_at_all_gives_nothing() -> None:
