@@ -87,12 +87,16 @@ def quantize_weights(weights: torch.Tensor | Sequence[float]) -> list[int]:
 
 
 def _accumulate(
-    x: torch.Tensor, rows: Sequence[int], weights: Sequence[int], out: torch.Tensor
+    x: torch.Tensor,
+    rows: Sequence[int],
+    weights: Sequence[int],
+    out: torch.Tensor,
+    null_weight: int = 0,
 ) -> None:
-    """``out[j] = float32(sum_i w_i x[rows_i, j] / sum_i w_i)``, added in the given
-    row order in float64, block by block of columns."""
+    """``out[j] = float32(sum_i w_i x[rows_i, j] / (sum_i w_i + null_weight))``,
+    added in the given row order in float64, block by block of columns."""
     d = x.shape[1]
-    total = float(sum(weights))
+    total = float(sum(weights) + null_weight)
     acc = torch.empty(min(_BLOCK, d), dtype=torch.float64, device=x.device)
     for start in range(0, d, _BLOCK):
         stop = min(start + _BLOCK, d)
@@ -108,21 +112,26 @@ def _accumulate(
 
 
 def exact_weighted_mean(
-    updates: torch.Tensor, weights: Sequence[int] | None = None
+    updates: torch.Tensor,
+    weights: Sequence[int] | None = None,
+    *,
+    null_weight: int = 0,
 ) -> torch.Tensor:
-    """``sum_i w_i x_i / sum_i w_i`` over the rows of ``updates`` (float32), with
-    integer weights (default: all 1), added row after row in the given order in
-    float64: bit-identical on every machine and thread count for that order."""
+    """``sum_i w_i x_i / (sum_i w_i + null_weight)`` over the rows of ``updates``
+    (float32), with integer weights (default: all 1), added row after row in the
+    given order in float64: bit-identical on every machine and thread count for
+    that order. ``null_weight`` weighs a zero update (it only adds to the divisor):
+    how FLTrust's aggregate gets its norm."""
     x = _check(updates)
     n, d = x.shape
     w = [1] * n if weights is None else [int(v) for v in weights]
     if len(w) != n or any(v < 0 for v in w) or sum(w) <= 0:
         raise ValueError(f"need {n} non-negative integer weights with a positive sum")
-    if max(w) >= MAX_WEIGHT:
-        raise ValueError(f"integer weights must be below 2^29, got {max(w)}")
+    if max([*w, null_weight]) >= MAX_WEIGHT or null_weight < 0:
+        raise ValueError(f"integer weights must be in [0, 2^29), got {max(w)}")
     rows = [i for i, v in enumerate(w) if v > 0]
     out = torch.empty(d, dtype=torch.float32, device=x.device)
-    _accumulate(x, rows, [w[i] for i in rows], out)
+    _accumulate(x, rows, [w[i] for i in rows], out, null_weight)
     return out
 
 

@@ -77,6 +77,8 @@ class ReplayHints:
     flags: Mapping[int, frozenset[str]]
     selected: frozenset[int]
     weights: Mapping[int, int] | None = None
+    #: the weight a zero update got in the mean (FLTrust), if the rule gives one
+    null_weight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class GalaxyDefenseReport:
     f: int | None = None
     #: seconds in layers 2, 3 and 4 (``statistics``, ``robust``, ``reputation``)
     layer_seconds: dict[str, float] = field(default_factory=dict)
+    #: the weight of a zero update in the aggregate (FLTrust), published
+    null_weight: int | None = None
 
 
 @dataclass
@@ -211,6 +215,7 @@ class GalaxyDefense:
         weight = 0
         rule: str | None = None
         f: int | None = None
+        null_weight: int | None = None
         for c in clients:
             outcomes[c].active = self.active(c)
         timing: dict[str, float] = {}
@@ -226,7 +231,7 @@ class GalaxyDefense:
                 if not outcomes[c].flagged and outcomes[c].active
             ]
             t_layer = time.perf_counter()
-            aggregate, weight, rule, f = self._layer3(
+            aggregate, weight, rule, f, null_weight = self._layer3(
                 clients, updates, candidates, outcomes, hints, server_update
             )
             timing["robust"] = time.perf_counter() - t_layer
@@ -240,7 +245,7 @@ class GalaxyDefense:
                 "galaxy %d round %d: defense layer failed", self.galaxy, round
             )
             fallback = f"{type(exc).__name__}: {exc}"
-            rule, f = "median", None
+            rule, f, null_weight = "median", None, None
             rows = [i for i, c in enumerate(clients) if outcomes[c].active]
             for o in outcomes.values():
                 o.selected, o.weight = False, None
@@ -273,6 +278,7 @@ class GalaxyDefense:
             rule,
             f,
             timing,
+            null_weight,
         )
 
     def _layer2(
@@ -310,9 +316,9 @@ class GalaxyDefense:
         outcomes: dict[int, ClientOutcome],
         hints: ReplayHints | None = None,
         server_update: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, int, str | None, int | None]:
+    ) -> tuple[torch.Tensor | None, int, str | None, int | None, int | None]:
         if not candidates:
-            return None, 0, None, None
+            return None, 0, None, None, None
         x = updates[candidates] if len(candidates) < len(clients) else updates
         weights = None
         if self.config.trust_weighted and 4 in self.config.layers:
@@ -354,8 +360,8 @@ class GalaxyDefense:
             if i not in chosen:
                 outcomes[clients[i]].reasons.append("robust:not_selected")
         if not chosen:  # FLTrust trusted no one: the galaxy contributes nothing
-            return None, 0, aggregator.name, f
-        return result.aggregate, len(chosen), aggregator.name, f
+            return None, 0, aggregator.name, f, result.null_weight
+        return result.aggregate, len(chosen), aggregator.name, f, result.null_weight
 
     def _layer4(
         self,
@@ -479,21 +485,49 @@ def _replay_layer3(
         published = [int((hints.weights or {}).get(c, -1)) for c in members]
         if any(v < 0 for v in published) or sum(published) <= 0:
             raise ReplayMismatch(f"{rule}: published weights are missing")
-        if max(published) >= MAX_WEIGHT:
-            raise ReplayMismatch(
-                f"{rule}: a published weight is not below 2^29 ({max(published)})"
-            )
-        mine = result.weights or ()
-        total_p, total_m = sum(published), sum(mine)
-        if any(
-            abs(p / total_p - q / total_m) > TOLERANCE
-            for p, q in zip(published, mine, strict=True)
-        ):
-            raise ReplayMismatch(f"{rule}: published weights differ")
-        if list(mine) == published:
+        mine = list(result.weights or ())
+        _check_weights(rule, x, published, mine)
+        if mine == published:
             return result
         return AggregationResult(weighted_mean(x, published), weights=tuple(published))
     return result
+
+
+def _check_weights(
+    rule: str,
+    x: torch.Tensor,
+    published: list[int],
+    mine: list[int],
+    null: tuple[int, int] = (0, 0),
+) -> None:
+    """Published real-valued weights (quantized) stand when they move the
+    aggregate by at most :data:`TOLERANCE` times the median norm of the rows:
+    ``sum_i |p_i/P - q_i/Q| |x_i| <= TOLERANCE * median_i |x_i|``, with ``P`` and
+    ``Q`` including the zero update's weights ``null`` (published, recomputed).
+    Bounding each normalized weight alone (1e-4 absolute, as before a review)
+    let a galaxy give a row the rule weighs at zero 1e-4 of the total, and a row
+    of norm 1e6 then turned the aggregate around; float differences between
+    machines move the weights by about 1e-7 of themselves, far inside this
+    bound."""
+    if any(v < 0 or v >= MAX_WEIGHT for v in [*published, null[0]]):
+        raise ReplayMismatch(f"{rule}: a published weight is not in [0, 2^29)")
+    if len(published) != len(mine) or sum(published) <= 0 or sum(mine) <= 0:
+        raise ReplayMismatch(f"{rule}: published weights differ")
+    norms = torch.zeros(x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[1], 1 << 16):
+        b = x[:, s : s + (1 << 16)].double()
+        norms += (b * b).sum(dim=1).cpu()
+    norms = norms.sqrt()
+    total_p, total_m = sum(published) + null[0], sum(mine) + null[1]
+    moved = sum(
+        abs(p / total_p - q / total_m) * float(n)
+        for p, q, n in zip(published, mine, norms, strict=True)
+    )
+    if moved > TOLERANCE * float(norms.median()):
+        raise ReplayMismatch(
+            f"{rule}: published weights differ (they move the aggregate by "
+            f"{moved:.3g}, more than {TOLERANCE} of the median norm)"
+        )
 
 
 def _replay_fltrust(
@@ -504,9 +538,9 @@ def _replay_fltrust(
     hints: ReplayHints,
 ) -> AggregationResult:
     """FLTrust's weights are a float function of the rows (their norms and their
-    cosines with the server update): the published ones stand when every
-    normalized weight is within tolerance of the recomputed one, and a row is
-    selected exactly when its published weight is positive."""
+    cosines with the server update): the published ones stand within
+    :func:`_check_weights`' bound, no row the rule gives no weight gets any, and
+    a row is selected exactly when its published weight is positive."""
     published = [int((hints.weights or {}).get(c, 0) or 0) for c in members]
     if any(v < 0 or v >= MAX_WEIGHT for v in published):
         raise ReplayMismatch("fltrust: a published weight is not in [0, 2^29)")
@@ -515,21 +549,25 @@ def _replay_fltrust(
             "fltrust: the published selection is not the published positive weights"
         )
     mine = list(result.weights or (0,) * len(members))
-    total_p, total_m = sum(published), sum(mine)
-    if total_p == 0 or total_m == 0:
-        if total_p != total_m:
+    if sum(published) == 0 or sum(mine) == 0:
+        if sum(published) != sum(mine):
             raise ReplayMismatch("fltrust: published weights differ")
         return result
-    if any(
-        abs(p / total_p - q / total_m) > TOLERANCE
-        for p, q in zip(published, mine, strict=True)
-    ):
-        raise ReplayMismatch("fltrust: published weights differ")
-    if mine == published:
+    if any(p > 0 and q == 0 for p, q in zip(published, mine, strict=True)):
+        raise ReplayMismatch("fltrust: weight published for an update it trusts not")
+    null = hints.null_weight
+    if null is None or not isinstance(null, int):
+        raise ReplayMismatch("fltrust: the zero update's weight is not published")
+    _check_weights("fltrust", x, published, mine, (null, result.null_weight or 0))
+    if mine == published and null == result.null_weight:
         return result
     mask = torch.tensor(chosen, dtype=torch.bool, device=x.device)
     return AggregationResult(
-        weighted_mean(x, published), mask, weights=tuple(published), trust=result.trust
+        weighted_mean(x, published, null_weight=null),
+        mask,
+        weights=tuple(published),
+        trust=result.trust,
+        null_weight=null,
     )
 
 

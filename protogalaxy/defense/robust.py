@@ -151,20 +151,24 @@ class AggregationResult:
     iterations: int | None = None
     #: FLTrust's trust score of each row (cosine with the server update, >= 0)
     trust: torch.Tensor | None = None
+    #: the weight of a zero update in the mean (FLTrust: it sets the norm)
+    null_weight: int | None = None
 
 
 def _weighted_sum(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(updates.dtype).unsqueeze(0) @ updates).squeeze(0)
 
 
-def weighted_mean(updates: torch.Tensor, weights: list[int]) -> torch.Tensor:
-    """The mean of the rows with integer ``weights``: exact and reproducible for
-    float32 (added in row order in float64), a plain product for other float
-    dtypes."""
+def weighted_mean(
+    updates: torch.Tensor, weights: list[int], *, null_weight: int = 0
+) -> torch.Tensor:
+    """The mean of the rows with integer ``weights`` (and a zero row of weight
+    ``null_weight``): exact and reproducible for float32 (added in row order in
+    float64), a plain product for other float dtypes."""
     if updates.dtype == torch.float32:
-        return exact_weighted_mean(updates, weights)
+        return exact_weighted_mean(updates, weights, null_weight=null_weight)
     w = torch.tensor(weights, dtype=updates.dtype, device=updates.device)
-    return _weighted_sum(updates, w / w.sum())
+    return _weighted_sum(updates, w / (w.sum() + null_weight))
 
 
 def multi_krum(
@@ -380,19 +384,19 @@ def fltrust(updates: torch.Tensor, *, server_update: torch.Tensor) -> Aggregatio
     ``TS_i = ReLU(cos(x_i, g_0))`` with that server update ``g_0``, and the
     aggregate is the trust-weighted mean of the updates' directions.
 
-    The rows with ``TS_i = 0`` are not selected. The others weigh
-    ``TS_i / max(|x_i|, m)`` with ``m`` the median norm of the galaxy's rows
-    (quantized like :func:`geometric_median`'s weights), and the aggregate is
-    their exact weighted mean, which a replay reproduces bit for bit. Rows above
-    the median count by their direction only, as in FLTrust. The departure:
-    FLTrust rescales every update to ``|g_0|``, so the aggregate's norm is
-    ``|g_0|``'s; here rows below the median count as they are, and the norm is
-    the rows' own. Without the median as a floor, weights ``TS_i / |x_i|`` made
-    the aggregate's norm a harmonic mean of the rows' norms, which one tiny
-    update took to zero (a review's finding); a row at ``eps`` now weighs as a
-    median row and shrinks the step by its share of the trust at most. With no
-    positive score nothing is selected and the aggregate is zero (FLTrust's
-    empty update).
+    The rows with ``TS_i = 0`` are not selected. FLTrust rescales every update to
+    the server's norm: ``|g_0| sum_i TS_i x_i/|x_i| / sum_i TS_i``. Here a row
+    weighs ``TS_i / max(|x_i|, |g_0|)`` and a zero update weighs
+    ``sum_i TS_i/|g_0| - sum_i TS_i/max(|x_i|, |g_0|)`` (never negative), all
+    quantized like :func:`geometric_median`'s weights: the aggregate is their
+    exact weighted mean, which a replay reproduces bit for bit, and it is
+    ``|g_0| sum_i TS_i x_i/|x_i| min(1, |x_i|/|g_0|) / sum_i TS_i``. For every row
+    at least as long as the server's update that is FLTrust; a shorter row is not
+    stretched to ``|g_0|`` but counts as it is. So one tiny update cannot take
+    the galaxy's step down (weights ``TS_i/|x_i|`` without the zero update made
+    the norm a harmonic mean of the rows', which one update at ``eps`` took to
+    zero: a review's finding), nor can a huge one take it up. With no positive
+    score nothing is selected and the aggregate is zero (FLTrust's empty update).
     """
     x = _check_updates(updates)
     n, d = x.shape
@@ -412,18 +416,37 @@ def fltrust(updates: torch.Tensor, *, server_update: torch.Tensor) -> Aggregatio
     norms = sq.sqrt().cpu()
     trust = (dots.cpu() / (norms.clamp(min=1e-30) * g0_norm)).clamp(min=0.0)
     trust[norms == 0] = 0.0
-    floor = max(float(norms.median()), 1e-30)
-    beta = torch.where(trust > 0, trust / norms.clamp(min=floor), 0.0)
+    beta = torch.where(trust > 0, trust / norms.clamp(min=g0_norm), 0.0)
     if float(beta.max()) <= 0:
         return AggregationResult(
             torch.zeros(d, dtype=x.dtype, device=x.device),
             selected=torch.zeros(n, dtype=torch.bool, device=x.device),
             weights=(0,) * n,
             trust=trust,
+            null_weight=0,
         )
-    w = quantize_weights(beta * ((MAX_WEIGHT - 1) / WEIGHT_SCALE / float(beta.max())))
+    null = max(float(trust.sum()) / g0_norm - float(beta.sum()), 0.0)
+    scale = (MAX_WEIGHT - 1) / WEIGHT_SCALE / max(float(beta.max()), null)
+    w = quantize_weights(
+        torch.cat([beta, torch.tensor([null], dtype=beta.dtype)]) * scale
+    )
+    w, null_weight = w[:-1], w[-1]
     mask = torch.tensor([v > 0 for v in w], dtype=torch.bool, device=x.device)
-    return AggregationResult(weighted_mean(x, w), mask, weights=tuple(w), trust=trust)
+    if not any(w):  # every trust too small to weigh against the zero update
+        return AggregationResult(
+            torch.zeros(d, dtype=x.dtype, device=x.device),
+            selected=mask,
+            weights=tuple(w),
+            trust=trust,
+            null_weight=0,
+        )
+    return AggregationResult(
+        weighted_mean(x, w, null_weight=null_weight),
+        mask,
+        weights=tuple(w),
+        trust=trust,
+        null_weight=null_weight,
+    )
 
 
 def mean(

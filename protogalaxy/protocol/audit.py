@@ -534,6 +534,7 @@ def replay(
             for c in clients
             if entries[c].get("weight") is not None
         },
+        null_weight=body.get("null_weight"),
     )
     updates_t = (
         torch.stack([accepted[c] for c in clients])

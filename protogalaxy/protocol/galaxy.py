@@ -1050,6 +1050,11 @@ class GalaxyAggregator:
             "reputation_after": digest_hex(after),
             "rule": report.rule,
             "f": report.f,
+            **(
+                {}
+                if report.null_weight is None
+                else {"null_weight": report.null_weight}
+            ),
             "fallback": report.fallback,
             "aggregate": tensor_digest(values),
             "weight": report.weight if values is not None else 0,

@@ -44,12 +44,13 @@ def test_opposed_updates_get_no_trust_and_size_buys_nothing() -> None:
     assert r.selected is not None and r.weights is not None and r.trust is not None
     assert r.selected.tolist() == [True] * 7 + [False] * 2 + [True]
     assert r.weights[7:9] == (0, 0)
-    # the formula: weights TS_i / max(|x_i|, median norm)
+    # FLTrust for every row at least as long as the server's update:
+    # |g0| sum_i TS_i x_i/|x_i| min(1, |x_i|/|g0|) / sum_i TS_i
     norms = x.double().norm(dim=1)
     unit = x.double() / norms.unsqueeze(1)
-    ts = (unit @ server.double() / server.double().norm()).clamp(min=0)
-    w = ts / norms.clamp(min=float(norms.median()))
-    want = (w @ x.double()) / w.sum()
+    g0 = float(server.double().norm())
+    ts = (unit @ server.double() / g0).clamp(min=0)
+    want = g0 * (ts * (norms / g0).clamp(max=1)) @ unit / ts.sum()
     assert torch.allclose(r.aggregate.double(), want, rtol=1e-4, atol=1e-6)
     # a 50x copy of an honest update pulls the direction no more than the update
     # itself does, and grows the norm by at most sum(TS) / sum(TS of the others)
@@ -97,11 +98,14 @@ def test_the_rule_refuses_to_run_without_a_server_update() -> None:
         fltrust(honest, server_update=torch.zeros(D))
 
 
-def _published(report_weights: dict[int, int | None]) -> ReplayHints:
+def _published(
+    report_weights: dict[int, int | None], null: int | None = None
+) -> ReplayHints:
     return ReplayHints(
         flags={c: frozenset() for c in report_weights},
         selected=frozenset(c for c, w in report_weights.items() if w),
         weights={c: int(w or 0) for c, w in report_weights.items()},
+        null_weight=null,
     )
 
 
@@ -123,7 +127,7 @@ def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -
         clients=clients,
         updates=x,
         server_update=server,
-        hints=_published(weights),
+        hints=_published(weights, report.null_weight),
     )
     assert replay.aggregate is not None and report.aggregate is not None
     assert torch.equal(replay.aggregate, report.aggregate)
@@ -136,7 +140,7 @@ def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -
             clients=clients,
             updates=x,
             server_update=server,
-            hints=_published(lying),
+            hints=_published(lying, report.null_weight),
         )
     # or one honest client counts a third of what it should (the same selection)
     heavier = dict(weights)
@@ -147,8 +151,20 @@ def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -
             clients=clients,
             updates=x,
             server_update=server,
-            hints=_published(heavier),
+            hints=_published(heavier, report.null_weight),
         )
+    # or the zero update's weight (which sets the aggregate's norm) is changed,
+    # or not published
+    assert report.null_weight is not None
+    for null in (2 * report.null_weight + 1000, None):
+        with pytest.raises(ReplayMismatch, match="fltrust"):
+            GalaxyDefense(0, cfg).run(
+                round=0,
+                clients=clients,
+                updates=x,
+                server_update=server,
+                hints=_published(weights, null),
+            )
     # and against another server update, the honest publication does not replay
     other = torch.randn(D, generator=torch.Generator().manual_seed(5))
     with pytest.raises(ReplayMismatch, match="fltrust"):
@@ -157,7 +173,7 @@ def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -
             clients=clients,
             updates=x,
             server_update=other,
-            hints=_published(weights),
+            hints=_published(weights, report.null_weight),
         )
 
 
@@ -222,3 +238,58 @@ def test_the_services_refuse_fltrust_before_anything_starts(tmp_path: Path) -> N
     assert done.returncode == 2
     assert "runs in `protogalaxy simulate` only" in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rule", ["fltrust", "geometric_median", "centered_clipping"])
+def test_a_galaxy_cannot_slip_weight_to_a_huge_update(rule: str) -> None:
+    """A review's attack on every rule whose weights are replayed within a
+    tolerance: a colluding client sends -1e6 times the server's direction, and
+    the galaxy publishes 0.99e-4 of the total weight for it (within the old
+    per-weight bound of 1e-4). That turned the aggregate around (cosine -1.0
+    with the honest direction) and the replay accepted it. Published weights may
+    now move the aggregate by at most 1e-4 of the median norm."""
+    honest, server = _galaxy()
+    x = torch.cat([honest[:6], torch.randn(3, D) + server, (-1e6 * server)[None]])
+    clients = list(range(10))
+    cfg = DefenseConfig(layers=frozenset({1, 3}), aggregator=rule)
+    report = GalaxyDefense(0, cfg).run(
+        round=0, clients=clients, updates=x, server_update=server
+    )
+    assert report.aggregate is not None
+    weights = {c: int(report.outcomes[c].weight or 0) for c in clients}
+    replay = GalaxyDefense(0, cfg).run(
+        round=0,
+        clients=clients,
+        updates=x,
+        server_update=server,
+        hints=(
+            _published(weights, report.null_weight)
+            if rule == "fltrust"
+            else _all(weights)
+        ),
+    )
+    assert replay.aggregate is not None
+    assert torch.equal(replay.aggregate, report.aggregate)
+    lying = dict(weights)
+    lying[9] += int(sum(weights.values()) * 0.99e-4)
+    with pytest.raises(ReplayMismatch, match=rule):
+        GalaxyDefense(0, cfg).run(
+            round=0,
+            clients=clients,
+            updates=x,
+            server_update=server,
+            hints=(
+                _published(lying, report.null_weight)
+                if rule == "fltrust"
+                else _all(lying)
+            ),
+        )
+
+
+def _all(weights: dict[int, int]) -> ReplayHints:
+    """Published decisions of a rule under which every candidate takes part."""
+    return ReplayHints(
+        flags={c: frozenset() for c in weights},
+        selected=frozenset(weights),
+        weights=dict(weights),
+    )
