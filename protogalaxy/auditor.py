@@ -54,6 +54,7 @@ from protogalaxy.crypto.statements import (
     verify_inline,
 )
 from protogalaxy.crypto.trees import GalaxyLeaf, GlobalTree
+from protogalaxy.defense.robust import available_aggregators, resolve_aggregator
 from protogalaxy.plugins import untrusted
 from protogalaxy.protocol.assignment import Assignment
 from protogalaxy.protocol.audit import (
@@ -280,12 +281,32 @@ def _audit_round(
         fails.add(f"{where} global", f"reference.pgt1: {exc}")
         return "the reference direction is unreadable"
     server_update = None
+    rule = run.config.defense.aggregator
+    if (
+        body.get("server_update") is None
+        and rule in available_aggregators()  # a built-in: nothing is imported
+        and resolve_aggregator(rule).needs_server_update
+    ):
+        fails.add(
+            f"{where} global",
+            f"the round record names no server update, which {rule} needs",
+        )
+        return "the server update is missing"
     if body.get("server_update") is not None:  # FLTrust's, named by the record
         try:
             server_update = decode_update(
                 (d / "server_update.pgt1").read_bytes(),
                 max_bytes=run.config.max_update_bytes,
             )["update"]
+            if server_update.dtype != torch.float32 or tuple(server_update.shape) != (
+                run.spec.numel,
+            ):
+                # the digest is over float32 values: any other dtype could carry
+                # values the signature does not cover
+                raise ValueError(
+                    f"not {run.spec.numel} float32 values "
+                    f"({server_update.dtype}, {tuple(server_update.shape)})"
+                )
             if tensor_digest(server_update) != body["server_update"]:
                 raise ValueError("not the update the signed round record names")
         except (OSError, KeyError, ValueError) as exc:
@@ -314,6 +335,23 @@ def _audit_round(
         f"{len(body['galaxies'])} galaxies, {counts['checked']} transcripts checked, "
         f"{counts['replayed']} replayed" + "".join(f"; {n}" for n in notes)
     )
+
+
+def _handed_server_update(run: _Run, rnd: int, body: dict[str, Any]) -> str | None:
+    """The digest of the server update the global aggregator signed for this
+    round in the statement a transcript carries, or None when it carries no
+    valid one."""
+    try:
+        statement = SignedDocument.from_dict(
+            body["server_update_statement"], kind="server-update"
+        )
+        statement.verify(run.global_key, run=run.run)
+        if statement.body.get("run") != run.run or statement.body.get("round") != rnd:
+            return None
+        digest = statement.body["server_update"]
+        return digest if isinstance(digest, str) else None
+    except (KeyError, TypeError, ValueError, VerificationError):
+        return None
 
 
 def _audit_galaxy(
@@ -372,6 +410,20 @@ def _audit_galaxy(
         return ""
     if g["status"] == "absent" and transcript is None and aggregate is None:
         return ""
+    if transcript is not None and server_update is not None:
+        # FLTrust: the galaxy keeps the global aggregator's signed statement of
+        # the update it was given. Signed, and not the one the record names:
+        # the global aggregator equivocated, and the galaxy is not to blame.
+        handed = _handed_server_update(run, rnd, transcript.body)
+        recorded = str(tensor_digest(server_update))
+        if handed is not None and handed != recorded:
+            fails.add(
+                f"round {rnd} global",
+                f"the global aggregator signed two server updates: galaxy {gid} "
+                f"was given {handed[:16]}..., the round record names "
+                f"{recorded[:16]}...",
+            )
+            return f"galaxy {gid} not replayed: the global aggregator equivocated"
     gr = GalaxyRound(gid, rnd, leaf, transcript, before, after, aggregate, acks)
     ctx = AuditContext(
         run=run.run,

@@ -493,9 +493,9 @@ class Simulation:
         updates = self._train(round, clients) if clients else torch.zeros(0)
         if self.root is not None:
             server = self._server_update(round)
-            self.global_agg.set_server_update(round, server)
+            statement = self.global_agg.set_server_update(round, server)
             for g in active.values():
-                g.set_server_update(round, server)
+                g.set_server_update(round, server, statement)
         lap("train")
         step(round, "commitments")
         # Commit: only the hash travels.

@@ -69,6 +69,7 @@ _DOMAINS: Final = frozenset(
         "round-record",
         "assignment",
         "evidence",
+        "server-update",
     }
 )
 

@@ -70,7 +70,14 @@ _AGGREGATE: Final = struct.Struct("<4sQQQ32sQ32s32s")
 _MODEL: Final = struct.Struct("<4sQ32s")
 _ACK: Final = struct.Struct(f"<4sQQQ{COMMITMENT_SIZE}s32s")
 _DOCUMENT_KINDS: Final = frozenset(
-    {"transcript", "round-record", "assignment", "evidence", "log-head"}
+    {
+        "transcript",
+        "round-record",
+        "assignment",
+        "evidence",
+        "log-head",
+        "server-update",
+    }
 )
 
 

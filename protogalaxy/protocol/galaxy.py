@@ -293,11 +293,15 @@ class GalaxyAggregator:
             raise WrongPhase("another aggregator moved the round on")
         self._sync_reputation()
 
-    def set_server_update(self, round: int, update: torch.Tensor) -> None:
+    def set_server_update(
+        self, round: int, update: torch.Tensor, statement: SignedDocument
+    ) -> None:
         """The global aggregator's update on its root dataset for ``round``, for a
-        rule that needs one (FLTrust); stored with the round, so a replica that
-        resumes the aggregation uses the same one, and named by digest in the
-        transcript."""
+        rule that needs one (FLTrust), with the global aggregator's signed
+        statement of its digest: refused unless the statement is the global
+        aggregator's, for this run and round, over this update. Both are stored
+        with the round (a replica that resumes the aggregation uses the same
+        update), and the transcript carries the statement."""
         flat = update.detach().reshape(-1).to(torch.float32).contiguous().cpu()
         if flat.numel() != self.spec.numel:
             raise ValueError(
@@ -306,7 +310,16 @@ class GalaxyAggregator:
             )
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("the server update has non-finite values")
+        if statement.kind != "server-update":
+            raise ValueError(f"a {statement.kind} is not a server-update statement")
+        statement.verify(self.global_key, run=self.run)
+        want = {"run": self.run, "round": round, "server_update": tensor_digest(flat)}
+        if statement.body != want:
+            raise ValueError("the signed statement is not of this update and round")
         self.store.put_blob(round, "server_update", flat.numpy().tobytes())
+        self.store.put_blob(
+            round, "server_update_statement", canonical_json(statement.to_dict())
+        )
 
     def server_update(self, round: int) -> torch.Tensor | None:
         """The server update stored for ``round`` (None: none was given)."""
@@ -314,6 +327,10 @@ class GalaxyAggregator:
         if blob is None:
             return None
         return torch.frombuffer(bytearray(blob), dtype=torch.float32)
+
+    def _server_update_statement(self, round: int) -> dict[str, Any] | None:
+        blob = self.store.get_blob(round, "server_update_statement")
+        return None if blob is None else dict(json.loads(blob))
 
     def apply_assignment(self, document: SignedDocument) -> None:
         """Take the global aggregator's signed placement of the clients (after it
@@ -1044,7 +1061,10 @@ class GalaxyAggregator:
             **(
                 {}
                 if (server := self.server_update(round)) is None
-                else {"server_update": tensor_digest(server)}
+                else {
+                    "server_update": tensor_digest(server),
+                    "server_update_statement": self._server_update_statement(round),
+                }
             ),
             "reputation_before": digest_hex(before),
             "reputation_after": digest_hex(after),

@@ -265,16 +265,29 @@ class GlobalAggregator:
         """This round's signed head, once the leaves are closed."""
         return self._state.head
 
-    def set_server_update(self, round: int, update: torch.Tensor) -> None:
+    def set_server_update(self, round: int, update: torch.Tensor) -> SignedDocument:
         """This round's update on the global aggregator's own root dataset: what
-        FLTrust's trust scores are measured against. The galaxies get the same
-        tensor (:meth:`GalaxyAggregator.set_server_update`); their transcripts
-        name its digest, and the replay uses it."""
+        FLTrust's trust scores are measured against. Returns it signed (``run``,
+        ``round``, its digest) for the galaxies
+        (:meth:`GalaxyAggregator.set_server_update`): each keeps the statement in
+        its transcript, so a global aggregator that hands out one update and
+        records another is caught by its own signature."""
         if self._state.round != round:
             raise WrongPhase(
                 f"global aggregator is at round {self._state.round}, not {round}"
             )
-        self._state.server_update = update.detach().reshape(-1).to(torch.float32)
+        flat = update.detach().reshape(-1).to(torch.float32).cpu()
+        if flat.numel() != self.params.numel() or not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"the server update must be {self.params.numel()} finite values"
+            )
+        self._state.server_update = flat
+        return sign_document(
+            self.key,
+            "server-update",
+            {"run": self.run, "round": round, "server_update": tensor_digest(flat)},
+            run=self.run,
+        )
 
     @property
     def server_update(self) -> torch.Tensor | None:

@@ -15,6 +15,8 @@ from protogalaxy.artefacts import ArtefactWriter
 from protogalaxy.auditor import audit_run
 from protogalaxy.codec import decode_update, encode_update
 from protogalaxy.config import load_config
+from protogalaxy.crypto.errors import VerificationError
+from protogalaxy.crypto.statements import SignedDocument, sign_document
 from protogalaxy.defense.pipeline import (
     DefenseConfig,
     GalaxyDefense,
@@ -293,3 +295,83 @@ def _all(weights: dict[int, int]) -> ReplayHints:
         selected=frozenset(weights),
         weights=dict(weights),
     )
+
+
+@pytest.mark.parametrize("records", ["another", "none"])
+def test_a_global_aggregator_that_hands_out_one_update_and_records_another_is_named(
+    tmp_path: Path, records: str
+) -> None:
+    """Trust nobody, the global aggregator included: it signs the server update it
+    hands the galaxies, each transcript keeps that statement, so recording
+    another update in the round record is caught by its own signature, and the
+    audit names the global aggregator, not the galaxies it accused."""
+    config = load_config(
+        overrides={
+            "defense.aggregator": "fltrust",
+            "defense.layers": [1, 3],
+            "training.rounds": 2,
+            "clients.samples_per_client": 100,
+            "audit.keep_updates": 2,
+        }
+    )
+    sim = Simulation(
+        config, dataset=load_dataset("mnist"), artefacts=ArtefactWriter(tmp_path)
+    )
+    honest = sim.global_agg.set_server_update
+
+    def equivocating(round: int, update: torch.Tensor) -> SignedDocument:
+        statement = honest(round, update)
+        if round == 1:  # what it records (and publishes) is another update, or none
+            sim.global_agg._state.server_update = (
+                -update.reshape(-1).float() if records == "another" else None
+            )
+        return statement
+
+    sim.global_agg.set_server_update = equivocating  # type: ignore[method-assign]
+    sim.run()
+    code, out = _audit(tmp_path)
+    assert code != 0
+    assert "round 0: ok" in out
+    why = {
+        "another": "the global aggregator signed two server updates",
+        "none": "the round record names no server update, which fltrust needs",
+    }[records]
+    assert f"FAIL round 1 global: {why}" in out
+    assert "FAIL round 1 galaxy" not in out
+
+
+def test_a_galaxy_takes_only_the_global_aggregators_signed_server_update(
+    fltrust_run: Path,
+) -> None:
+    sim_config = load_config(
+        overrides={"defense.aggregator": "fltrust", "clients.samples_per_client": 50}
+    )
+    sim = Simulation(sim_config, dataset=load_dataset("mnist"))
+    update = torch.randn(sim.spec.numel)
+    statement = sim.global_agg.set_server_update(0, update)
+    galaxy = sim.galaxies[0]
+    galaxy.set_server_update(0, update, statement)  # the genuine one
+    with pytest.raises(ValueError, match="not of this update"):
+        galaxy.set_server_update(0, -update, statement)
+    with pytest.raises(ValueError, match="not of this update"):
+        galaxy.set_server_update(1, update, statement)
+    forged = sign_document(
+        galaxy.key, "server-update", dict(statement.body), run=sim.run_id
+    )
+    with pytest.raises(VerificationError):
+        galaxy.set_server_update(0, update, forged)
+
+
+def test_the_audit_reads_the_server_update_as_the_float32_values_signed(
+    fltrust_run: Path, tmp_path: Path
+) -> None:
+    """The digest is over float32 values; float64 values within half an ulp of
+    them hash the same, and could flip a borderline trust score (a review's
+    finding): any other dtype or shape is refused."""
+    copy = tmp_path / "run"
+    shutil.copytree(fltrust_run, copy)
+    target = copy / "audit" / "rounds" / "000001" / "server_update.pgt1"
+    update = decode_update(target.read_bytes())["update"]
+    target.write_bytes(encode_update({"update": update.double()}))
+    code, out = _audit(copy)
+    assert code != 0 and "float32" in out
