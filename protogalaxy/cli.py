@@ -815,9 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--defenses",
         help="comma-separated subset of the defenses: fedavg, krum, multikrum, "
-        "median, trimmed_mean, bulyan, centered_clipping (layer 1 and that rule), "
-        "lite (ProtoGalaxy-Lite) and full (ProtoGalaxy-Full); the tables' names "
-        "work too",
+        "median, trimmed_mean, bulyan, centered_clipping, fltrust (layer 1 and "
+        "that rule), lite (ProtoGalaxy-Lite), full (ProtoGalaxy-Full) and "
+        "full-fltrust (every layer, FLTrust as layer 3); the tables' names work "
+        "too",
     )
     r.add_argument(
         "--partitions",

@@ -72,6 +72,8 @@ DEFENSES: dict[str, tuple[list[int], str]] = {
     "FLTrust": ([1, 3], "fltrust"),
     "ProtoGalaxy-Lite": ([1, 3], "multikrum"),
     "ProtoGalaxy-Full": ([1, 2, 3, 4, 5], "multikrum"),
+    # every layer, FLTrust as layer 3: where the operator has a root dataset
+    "ProtoGalaxy-Full (FLTrust)": ([1, 2, 3, 4, 5], "fltrust"),
 }
 
 #: the short names ``bench robustness --defenses`` takes: the configuration's
@@ -87,6 +89,7 @@ DEFENSE_IDS: dict[str, str] = {
     "fltrust": "FLTrust",
     "lite": "ProtoGalaxy-Lite",
     "full": "ProtoGalaxy-Full",
+    "full-fltrust": "ProtoGalaxy-Full (FLTrust)",
 }
 
 
