@@ -2,13 +2,17 @@
 names (MNIST, 500 samples per client, seed 0 unless given).
 
     python -m bench.diagnose [--rounds 20] [--seed 0] [--scenario NAME ...]
-        [--set defense.reputation.lam_up=null ...]
+        [--set defense.reputation.lam_up=null ...] [--seeds N]
 
 For every round: accuracy, layer 2 and layer 3 flags, the Byzantine clients any
 layer flagged, the honest clients flagged, the mean (and extreme) reputation of
 each group, and the attack's success where it has one; then the round each
 attacker first fell below the quarantine threshold. docs/defense.md quotes it.
-This is a diagnosis tool, not a benchmark: no goal, no results file.
+With ``--seeds N`` it runs seeds ``seed .. seed+N-1`` of each scenario and prints,
+instead of the traces, each scenario's mean and standard deviation of accuracy,
+detection, false positives and attack success (issue 16's acceptance runs), with
+every run's figures as JSON lines to ``--jsonl`` when given.
+This is a diagnosis tool, not a benchmark: no goal.
 """
 
 from __future__ import annotations
@@ -40,12 +44,51 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         **DIRICHLET,
         "clients.dirichlet_alpha": 0.3,
     },
+    "backdoor-dir0.5": {
+        "byzantine.attack": "backdoor",
+        **DIRICHLET,
+        "clients.dirichlet_alpha": 0.5,
+    },
     "none-dir0.3": {
         "byzantine.attack": "none",
         **DIRICHLET,
         "clients.dirichlet_alpha": 0.3,
     },
 }
+
+FIGURES = ("final_accuracy", "detection_rate", "false_positive_rate",
+           "attack_success_rate")  # fmt: skip
+
+
+def summarize_seeds(
+    name: str, rounds: int, seeds: range, extra: dict[str, Any], jsonl: str | None
+) -> None:
+    """Mean and standard deviation of each figure over ``seeds``."""
+    import json
+    import statistics
+
+    runs = []
+    for seed in seeds:
+        over = {**SCENARIOS[name], **extra, "seed": seed, "training.rounds": rounds}
+        if name != "default":
+            over.setdefault("clients.samples_per_client", 500)
+        s = Simulation(load_config(overrides=over), dataset=load_dataset("mnist"))
+        summary = s.run().summary()
+        row = {"scenario": name, "seed": seed, "rounds": rounds, "set": extra}
+        row |= {k: summary.get(k) for k in FIGURES}
+        runs.append(row)
+        if jsonl:
+            with open(jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    cells = []
+    for k in FIGURES:
+        values = [r[k] for r in runs if r[k] is not None]
+        if not values:
+            continue
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells.append(f"{k} {statistics.fmean(values):.3f} ± {sd:.3f}")
+    print(f"== {name} ({len(runs)} seeds, {rounds} rounds): " + ", ".join(cells),
+          flush=True)  # fmt: skip
 
 
 def trace(name: str, rounds: int, seed: int, extra: dict[str, Any]) -> None:
@@ -94,6 +137,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS))
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="summaries over this many seeds instead of traces",
+    )
+    parser.add_argument(
+        "--jsonl", default=None, help="with --seeds: append every run's figures here"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=YAML",
         help="a config override, e.g. defense.reputation.lam_up=null",
     )  # fmt: skip
@@ -104,7 +156,11 @@ def main() -> None:
         extra[key] = yaml.safe_load(value)
     setup_logging("error")
     for name in args.scenario or list(SCENARIOS):
-        trace(name, args.rounds, args.seed, extra)
+        if args.seeds:
+            seeds = range(args.seed, args.seed + args.seeds)
+            summarize_seeds(name, args.rounds, seeds, extra, args.jsonl)
+        else:
+            trace(name, args.rounds, args.seed, extra)
 
 
 if __name__ == "__main__":

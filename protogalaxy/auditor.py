@@ -281,6 +281,10 @@ def _audit_round(
         fails.add(f"{where} global", f"reference.pgt1: {exc}")
         return "the reference direction is unreadable"
     server_update = None
+    # Without the server update a rule needs, the galaxies' rounds cannot be
+    # replayed; the global aggregator is named, and each galaxy is held to its
+    # own signed transcript only, so the next round does not blame it.
+    unreplayable = False
     rule = run.config.defense.aggregator
     if (
         body.get("server_update") is None
@@ -291,7 +295,7 @@ def _audit_round(
             f"{where} global",
             f"the round record names no server update, which {rule} needs",
         )
-        return "the server update is missing"
+        unreplayable = True
     if body.get("server_update") is not None:  # FLTrust's, named by the record
         try:
             server_update = decode_update(
@@ -311,7 +315,7 @@ def _audit_round(
                 raise ValueError("not the update the signed round record names")
         except (OSError, KeyError, ValueError) as exc:
             fails.add(f"{where} global", f"server_update.pgt1: {exc}")
-            return "the server update is missing or not the signed one"
+            server_update, unreplayable = None, True
     try:
         misbehaviour = {m["galaxy"]: m for m in _jsonl(d / "misbehaviour.jsonl")}
     except (KeyError, TypeError, ValueError) as exc:
@@ -328,6 +332,7 @@ def _audit_round(
         note = _audit_galaxy(
             run, rnd, gid, g, d, reference, misbehaviour, transcripts, expected,
             verified, fails, counts, frozenset(members), sampled, server_update,
+            unreplayable,
         )  # fmt: skip
         if note:
             notes.append(note)
@@ -354,6 +359,44 @@ def _handed_server_update(run: _Run, rnd: int, body: dict[str, Any]) -> str | No
         return None
 
 
+def _hold_to_transcript(
+    run: _Run,
+    rnd: int,
+    gid: int,
+    key: Any,
+    transcript: SignedDocument | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    expected: dict[int, dict[str, Any]],
+    transcripts: _Transcripts,
+    fails: _Failures,
+) -> str:
+    """A galaxy's round the global aggregator's fault makes impossible to replay
+    (its server update is missing, or it signed two): the galaxy is held to its
+    own signed transcript and reputation states, which then carry on, so the
+    next round does not blame it for the global aggregator's fault."""
+    where = f"round {rnd} galaxy {gid}"
+    try:
+        if transcript is None or before is None or after is None:
+            raise ValueError("its transcript or reputation states are missing")
+        transcript.verify(key, run=run.run)
+        handed = _handed_server_update(run, rnd, transcript.body)
+        if handed is not None and transcript.body.get("server_update") != handed:
+            raise ValueError("its transcript names another server update")
+        if digest_hex(before) != digest_hex(expected[gid]):
+            raise ValueError("it starts from another reputation state")
+        if digest_hex(before) != transcript.body.get("reputation_before") or (
+            digest_hex(after) != transcript.body.get("reputation_after")
+        ):
+            raise ValueError("its reputation states are not the ones it signed")
+    except (ValueError, VerificationError) as exc:
+        fails.add(where, str(exc))
+        return ""
+    expected[gid] = after
+    transcripts[(rnd, gid)] = (transcript, before, after)
+    return f"galaxy {gid} not replayed (the global aggregator's fault)"
+
+
 def _audit_galaxy(
     run: _Run,
     rnd: int,
@@ -370,6 +413,7 @@ def _audit_galaxy(
     members: frozenset[int] | None = None,
     sampled: frozenset[int] | None = None,
     server_update: torch.Tensor | None = None,
+    unreplayable: bool = False,
 ) -> str:
     where = f"round {rnd} galaxy {gid}"
     gd = d / f"galaxy-{gid}"
@@ -423,7 +467,12 @@ def _audit_galaxy(
                 f"was given {handed[:16]}..., the round record names "
                 f"{recorded[:16]}...",
             )
-            return f"galaxy {gid} not replayed: the global aggregator equivocated"
+            unreplayable = True
+    if unreplayable:
+        return _hold_to_transcript(
+            run, rnd, gid, key, transcript, before, after, expected, transcripts,
+            fails,
+        )  # fmt: skip
     gr = GalaxyRound(gid, rnd, leaf, transcript, before, after, aggregate, acks)
     ctx = AuditContext(
         run=run.run,

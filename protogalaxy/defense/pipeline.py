@@ -442,6 +442,10 @@ def _replay_layer3(
     chosen = [c in hints.selected for c in members]
     if rule == "fltrust":
         return _replay_fltrust(x, members, result, chosen, hints)
+    if hints.null_weight is not None and rule != "fltrust":
+        raise ReplayMismatch(
+            f"{rule}: a zero-update weight published for a rule without one"
+        )
     if result.scores is not None:  # Krum, Multi-Krum: a selection by score
         assert result.selected is not None
         m = int(result.selected.sum())
@@ -501,18 +505,24 @@ def _check_weights(
     null: tuple[int, int] = (0, 0),
 ) -> None:
     """Published real-valued weights (quantized) stand when they move the
-    aggregate by at most :data:`TOLERANCE` times the median norm of the rows:
-    ``sum_i |p_i/P - q_i/Q| |x_i| <= TOLERANCE * median_i |x_i|``, with ``P`` and
-    ``Q`` including the zero update's weights ``null`` (published, recomputed).
-    Bounding each normalized weight alone (1e-4 absolute, as before a review)
-    let a galaxy give a row the rule weighs at zero 1e-4 of the total, and a row
-    of norm 1e6 then turned the aggregate around; float differences between
-    machines move the weights by about 1e-7 of themselves, far inside this
-    bound."""
+    aggregate by at most :data:`TOLERANCE` of the rule's own weighted norm:
+    ``sum_i |p_i/P - q_i/Q| |x_i| <= TOLERANCE * sum_i (q_i/Q) |x_i|``, with ``P``
+    and ``Q`` including the zero update's weights ``null`` (published,
+    recomputed), and no weight where the rule gives none. Two bounds a review
+    broke: each normalized weight alone within 1e-4 (a galaxy gave a colluding
+    update of norm 1e6 1e-4 of the weight and turned the aggregate around), and
+    1e-4 of the median row norm (colluders that are most of a galaxy send huge
+    untrusted rows and the median is theirs). The rule's own weighted norm is
+    what the honest aggregate is made of; float differences between machines
+    move the weights by about 1e-7 of themselves, far inside it."""
     if any(v < 0 or v >= MAX_WEIGHT for v in [*published, null[0]]):
         raise ReplayMismatch(f"{rule}: a published weight is not in [0, 2^29)")
     if len(published) != len(mine) or sum(published) <= 0 or sum(mine) <= 0:
         raise ReplayMismatch(f"{rule}: published weights differ")
+    if any(p > 0 and q == 0 for p, q in zip(published, mine, strict=True)) or (
+        null[0] > 0 and null[1] == 0
+    ):
+        raise ReplayMismatch(f"{rule}: weight published where the rule gives none")
     norms = torch.zeros(x.shape[0], dtype=torch.float64)
     for s in range(0, x.shape[1], 1 << 16):
         b = x[:, s : s + (1 << 16)].double()
@@ -523,10 +533,11 @@ def _check_weights(
         abs(p / total_p - q / total_m) * float(n)
         for p, q, n in zip(published, mine, norms, strict=True)
     )
-    if moved > TOLERANCE * float(norms.median()):
+    scale = sum(q / total_m * float(n) for q, n in zip(mine, norms, strict=True))
+    if moved > TOLERANCE * scale:
         raise ReplayMismatch(
             f"{rule}: published weights differ (they move the aggregate by "
-            f"{moved:.3g}, more than {TOLERANCE} of the median norm)"
+            f"{moved:.3g}, more than {TOLERANCE} of its own {scale:.3g})"
         )
 
 

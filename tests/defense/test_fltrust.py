@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -297,18 +298,21 @@ def _all(weights: dict[int, int]) -> ReplayHints:
     )
 
 
-@pytest.mark.parametrize("records", ["another", "none"])
+@pytest.mark.parametrize(
+    ("records", "at"), [("another", 1), ("none", 1), ("another", 0), ("none", 0)]
+)
 def test_a_global_aggregator_that_hands_out_one_update_and_records_another_is_named(
-    tmp_path: Path, records: str
+    tmp_path: Path, records: str, at: int
 ) -> None:
     """Trust nobody, the global aggregator included: it signs the server update it
     hands the galaxies, each transcript keeps that statement, so recording
-    another update in the round record is caught by its own signature, and the
-    audit names the global aggregator, not the galaxies it accused."""
+    another update (or none) in the round record is caught by its own signature.
+    The audit names the global aggregator; each galaxy is held to its own signed
+    transcript, whose reputation state carries on, so the next round (every
+    layer on) does not blame the galaxies either."""
     config = load_config(
         overrides={
             "defense.aggregator": "fltrust",
-            "defense.layers": [1, 3],
             "training.rounds": 2,
             "clients.samples_per_client": 100,
             "audit.keep_updates": 2,
@@ -317,27 +321,29 @@ def test_a_global_aggregator_that_hands_out_one_update_and_records_another_is_na
     sim = Simulation(
         config, dataset=load_dataset("mnist"), artefacts=ArtefactWriter(tmp_path)
     )
-    honest = sim.global_agg.set_server_update
+    agg = sim.global_agg
+    record = agg._record
 
-    def equivocating(round: int, update: torch.Tensor) -> SignedDocument:
-        statement = honest(round, update)
-        if round == 1:  # what it records (and publishes) is another update, or none
-            sim.global_agg._state.server_update = (
-                -update.reshape(-1).float() if records == "another" else None
-            )
-        return statement
+    def equivocating(round: int, *args: Any) -> SignedDocument:
+        if round == at:  # what it records and publishes: another update, or none
+            given = agg._state.server_update
+            assert given is not None
+            agg._state.server_update = -given if records == "another" else None
+        return record(round, *args)
 
-    sim.global_agg.set_server_update = equivocating  # type: ignore[method-assign]
+    agg._record = equivocating  # type: ignore[method-assign]
     sim.run()
     code, out = _audit(tmp_path)
     assert code != 0
-    assert "round 0: ok" in out
     why = {
         "another": "the global aggregator signed two server updates",
         "none": "the round record names no server update, which fltrust needs",
     }[records]
-    assert f"FAIL round 1 global: {why}" in out
-    assert "FAIL round 1 galaxy" not in out
+    assert f"FAIL round {at} global: {why}" in out
+    assert "round 1: ok" in out or at == 1
+    assert "galaxy" not in "".join(
+        line.split(":")[0] for line in out.splitlines() if line.startswith("FAIL")
+    ), out
 
 
 def test_a_galaxy_takes_only_the_global_aggregators_signed_server_update(
@@ -375,3 +381,44 @@ def test_the_audit_reads_the_server_update_as_the_float32_values_signed(
     target.write_bytes(encode_update({"update": update.double()}))
     code, out = _audit(copy)
     assert code != 0 and "float32" in out
+
+
+def test_colluders_that_are_most_of_a_galaxy_cannot_loosen_the_replay() -> None:
+    """A second review's attack: four colluders send huge updates against the
+    server's (trust 0), a fifth a huge one almost orthogonal to it (trust 0.045),
+    beside four honest clients. Bounded by 1e-4 of the median row norm, the
+    replay took the galaxy's choice of null weight, or a thousandfold aggregate
+    along the fifth row; the bound is now 1e-4 of the rule's own weighted norm."""
+    g = torch.Generator().manual_seed(4)
+    server = torch.randn(D, generator=g)
+    honest = server + 0.8 * torch.randn(4, D, generator=g)
+    big = 1e7 * float(server.norm())
+    s_hat = server / server.norm()
+    u = torch.randn(D, generator=g)
+    u -= (u @ s_hat) * s_hat
+    u /= u.norm()
+    against = (-big * s_hat).repeat(4, 1) + torch.randn(4, D, generator=g)
+    sneaky = (big * (0.999 * u + 0.045 * s_hat))[None]
+    x = torch.cat([honest, against, sneaky])
+    clients = list(range(9))
+    cfg = DefenseConfig(layers=frozenset({1, 3}), aggregator="fltrust")
+    report = GalaxyDefense(0, cfg).run(
+        round=0, clients=clients, updates=x, server_update=server
+    )
+    assert report.null_weight is not None
+    w = {c: int(report.outcomes[c].weight or 0) for c in clients}
+    total = sum(w.values()) + report.null_weight
+    for weights, null in [
+        (w, 0),
+        (w, report.null_weight // 2),
+        ({**w, 8: w[8] + int(0.9e-4 * total)}, report.null_weight),
+        ({c: max(v // 1000, int(c == 8)) for c, v in w.items()}, 2**29 - 1),
+    ]:
+        with pytest.raises(ReplayMismatch, match="fltrust"):
+            GalaxyDefense(0, cfg).run(
+                round=0,
+                clients=clients,
+                updates=x,
+                server_update=server,
+                hints=_published(weights, null),
+            )
