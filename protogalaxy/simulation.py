@@ -451,11 +451,17 @@ class Simulation:
 
     def _server_update(self, round: int) -> torch.Tensor:
         """FLTrust's server update: the global model trained on the root dataset
-        exactly as a client trains (same optimizer, epochs and learning rate)."""
+        as a client trains (same optimizer, learning rate and number of steps)."""
         assert self.root is not None
+        # FLTrust's server takes as many local iterations as a client: its root
+        # samples, cycled to a client's sample count, make a client's batches
+        # (100 samples in batches of 32 took 4 steps where a client of 500 takes
+        # 16, and the aggregate, which has the server update's norm, crawled)
+        reps = -(-self.config.clients.samples_per_client // len(self.root))
+        cycled = self.root.repeat(reps)[: self.config.clients.samples_per_client]
         update: torch.Tensor = self.trainer.train(
             self.spec.unflatten(self.global_agg.params),
-            [ClientTask(self.root)],
+            [ClientTask(cycled)],
             self.data.x_train,
             self.data.y_train,
             generator=self.root_generator,
