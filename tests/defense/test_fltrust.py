@@ -21,6 +21,7 @@ from protogalaxy.crypto.statements import SignedDocument, sign_document
 from protogalaxy.defense.pipeline import (
     DefenseConfig,
     GalaxyDefense,
+    GalaxyDefenseReport,
     ReplayHints,
     ReplayMismatch,
 )
@@ -125,59 +126,29 @@ def test_a_galaxy_cannot_publish_weight_for_an_update_the_server_contradicts() -
     weights = {c: report.outcomes[c].weight for c in clients}
     assert [weights[c] for c in (7, 8, 9)] == [0, 0, 0]
     # the honest publication replays
-    replay = GalaxyDefense(0, cfg).run(
-        round=0,
-        clients=clients,
-        updates=x,
-        server_update=server,
-        hints=_published(weights, report.null_weight),
-    )
+    replay = _replay(cfg, clients, x, server, _published(weights, report.null_weight))
     assert replay.aggregate is not None and report.aggregate is not None
     assert torch.equal(replay.aggregate, report.aggregate)
     # the attacker's update gets the weight of an honest one
     lying = dict(weights)
     lying[8] = weights[0]
     with pytest.raises(ReplayMismatch, match="fltrust"):
-        GalaxyDefense(0, cfg).run(
-            round=0,
-            clients=clients,
-            updates=x,
-            server_update=server,
-            hints=_published(lying, report.null_weight),
-        )
+        _replay(cfg, clients, x, server, _published(lying, report.null_weight))
     # or one honest client counts a third of what it should (the same selection)
     heavier = dict(weights)
     heavier[0] = int(weights[0] or 0) // 3
     with pytest.raises(ReplayMismatch, match="fltrust: published weights differ"):
-        GalaxyDefense(0, cfg).run(
-            round=0,
-            clients=clients,
-            updates=x,
-            server_update=server,
-            hints=_published(heavier, report.null_weight),
-        )
+        _replay(cfg, clients, x, server, _published(heavier, report.null_weight))
     # or the zero update's weight (which sets the aggregate's norm) is changed,
     # or not published
     assert report.null_weight is not None
     for null in (2 * report.null_weight + 1000, None):
         with pytest.raises(ReplayMismatch, match="fltrust"):
-            GalaxyDefense(0, cfg).run(
-                round=0,
-                clients=clients,
-                updates=x,
-                server_update=server,
-                hints=_published(weights, null),
-            )
+            _replay(cfg, clients, x, server, _published(weights, null))
     # and against another server update, the honest publication does not replay
     other = torch.randn(D, generator=torch.Generator().manual_seed(5))
     with pytest.raises(ReplayMismatch, match="fltrust"):
-        GalaxyDefense(0, cfg).run(
-            round=0,
-            clients=clients,
-            updates=x,
-            server_update=other,
-            hints=_published(weights, report.null_weight),
-        )
+        _replay(cfg, clients, x, other, _published(weights, report.null_weight))
 
 
 @pytest.fixture(scope="module")
@@ -260,33 +231,38 @@ def test_a_galaxy_cannot_slip_weight_to_a_huge_update(rule: str) -> None:
     )
     assert report.aggregate is not None
     weights = {c: int(report.outcomes[c].weight or 0) for c in clients}
-    replay = GalaxyDefense(0, cfg).run(
-        round=0,
-        clients=clients,
-        updates=x,
-        server_update=server,
-        hints=(
-            _published(weights, report.null_weight)
-            if rule == "fltrust"
-            else _all(weights)
-        ),
+    replay = _replay(
+        cfg,
+        clients,
+        x,
+        server,
+        _published(weights, report.null_weight) if rule == "fltrust" else _all(weights),
     )
     assert replay.aggregate is not None
     assert torch.equal(replay.aggregate, report.aggregate)
     lying = dict(weights)
     lying[9] += int(sum(weights.values()) * 0.99e-4)
     with pytest.raises(ReplayMismatch, match=rule):
-        GalaxyDefense(0, cfg).run(
-            round=0,
-            clients=clients,
-            updates=x,
-            server_update=server,
-            hints=(
-                _published(lying, report.null_weight)
-                if rule == "fltrust"
-                else _all(lying)
-            ),
+        _replay(
+            cfg,
+            clients,
+            x,
+            server,
+            _published(lying, report.null_weight) if rule == "fltrust" else _all(lying),
         )
+
+
+def _replay(
+    cfg: DefenseConfig,
+    clients: list[int],
+    x: torch.Tensor,
+    server: torch.Tensor,
+    hints: ReplayHints,
+) -> GalaxyDefenseReport:
+    """Galaxy 0's round 0 replayed against published decisions ``hints``."""
+    return GalaxyDefense(0, cfg).run(
+        round=0, clients=clients, updates=x, server_update=server, hints=hints
+    )
 
 
 def _all(weights: dict[int, int]) -> ReplayHints:
@@ -415,10 +391,4 @@ def test_colluders_that_are_most_of_a_galaxy_cannot_loosen_the_replay() -> None:
         ({c: max(v // 1000, int(c == 8)) for c, v in w.items()}, 2**29 - 1),
     ]:
         with pytest.raises(ReplayMismatch, match="fltrust"):
-            GalaxyDefense(0, cfg).run(
-                round=0,
-                clients=clients,
-                updates=x,
-                server_update=server,
-                hints=_published(weights, null),
-            )
+            _replay(cfg, clients, x, server, _published(weights, null))
