@@ -28,7 +28,7 @@ from typing import Any, Final
 import torch
 
 from protogalaxy.defense.exact import MAX_WEIGHT, quantize_weights
-from protogalaxy.defense.galaxy import GalaxyScreen, GalaxyScreenConfig
+from protogalaxy.defense.galaxy import GalaxyScreen, GalaxyScreenConfig, _norms
 from protogalaxy.defense.reputation import (
     ReputationConfig,
     ReputationEvent,
@@ -523,11 +523,7 @@ def _check_weights(
         null[0] > 0 and null[1] == 0
     ):
         raise ReplayMismatch(f"{rule}: weight published where the rule gives none")
-    norms = torch.zeros(x.shape[0], dtype=torch.float64)
-    for s in range(0, x.shape[1], 1 << 16):
-        b = x[:, s : s + (1 << 16)].double()
-        norms += (b * b).sum(dim=1).cpu()
-    norms = norms.sqrt()
+    norms = _norms(x).cpu()
     total_p, total_m = sum(published) + null[0], sum(mine) + null[1]
     moved = sum(
         abs(p / total_p - q / total_m) * float(n)
