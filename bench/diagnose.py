@@ -49,6 +49,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         **DIRICHLET,
         "clients.dirichlet_alpha": 0.5,
     },
+    "adaptive-iid": {"byzantine.attack": "adaptive"},
+    "adaptive-dir0.5": {
+        "byzantine.attack": "adaptive",
+        **DIRICHLET,
+        "clients.dirichlet_alpha": 0.5,
+    },
     "none-dir0.3": {
         "byzantine.attack": "none",
         **DIRICHLET,

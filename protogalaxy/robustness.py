@@ -58,6 +58,7 @@ ATTACKS = [
     "ipm",
     "min_max",
     "min_sum",
+    "adaptive",
 ]
 
 #: name -> (layers, aggregator)

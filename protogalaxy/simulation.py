@@ -36,7 +36,7 @@ from protogalaxy.crypto.identity import (
 )
 from protogalaxy.crypto.keyring import client_key, parse_keyring, provision
 from protogalaxy.crypto.receipts import verify_receipt
-from protogalaxy.defense.pipeline import GalaxyDefense, GlobalDefense
+from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense, GlobalDefense
 from protogalaxy.defense.robust import resolve_aggregator
 from protogalaxy.learning.attacks import AttackConfig, add_trigger, train_clients
 from protogalaxy.learning.datasets import Dataset, load_dataset
@@ -73,7 +73,7 @@ __all__ = [
 
 #: a simulation's saved state in its run directory (``simulate --resume``)
 STATE_FILE = "state.pkl"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 #: files the artefacts only ever append to: cut back to the saved state's sizes
 _APPENDED = ("evidence.jsonl", "receipts.jsonl", "audit/log.bin")
 
@@ -230,6 +230,8 @@ class ClientSide:
     byzantine: list[int]
     attack: AttackConfig
     trainer: BatchedTrainer
+    #: the run's defense, public: what an adaptive attack tunes itself against
+    defense: DefenseConfig
 
     @classmethod
     def build(
@@ -290,6 +292,7 @@ class ClientSide:
             choose_byzantine(config),
             attack,
             trainer,
+            config.defense.build(),
         )
 
 
@@ -329,7 +332,7 @@ class Simulation:
         self._byzantine_set = frozenset(side.byzantine)
         self.trainer = side.trainer
         params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
-        defense = config.defense.build()
+        defense = self.defense_config = side.defense
         files = provision(galaxies=config.galaxies.count, clients=config.clients.count)
         self.global_key = SigningKey.from_bytes(files["global.key"])
         self.client_keys = {
@@ -447,6 +450,8 @@ class Simulation:
             seed=self.config.seed,
             generator=self.generator,
             lr=round_lr(self.config.training, round),
+            defense=self.defense_config,
+            reference=self.global_agg.reference_direction,
         )
 
     def _server_update(self, round: int) -> torch.Tensor:

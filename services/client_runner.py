@@ -204,6 +204,7 @@ class ClientRunner:
         self.spec = side.spec
         self.trainer = side.trainer
         self.attack = side.attack
+        self.defense = side.defense
         # Keep only this pod's clients' rows (a pod holds a few clients of many):
         # the whole training set stays loaded in no client pod.
         own = {c: side.parts[c] for c in settings.client_ids}
@@ -796,4 +797,8 @@ class ClientRunner:
             seed=self.config.seed,
             generator=self.generator,
             lr=round_lr(self.config.training, rnd),
+            # the run's public defense; the runner does not track layer 2's
+            # direction reference, so an adaptive attack here models no
+            # direction test
+            defense=self.defense,
         )

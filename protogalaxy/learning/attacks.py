@@ -22,8 +22,19 @@ Model poisoning (applied to the trained update before it is committed):
   ``mean - gamma * std`` of the benign updates, ``gamma`` as large as keeps the
   update's largest distance (min-max) or summed squared distance (min-sum) to the
   benign updates within theirs to each other.
+* ``adaptive``: knows the defense's configuration (public: its digest is in every
+  round record) and layer 2's direction reference (the running mean of the
+  published global updates). Every attacker sends ``mean - gamma * p`` of the
+  benign updates, rescaled to their median norm, with the largest ``gamma`` at
+  which a replica of its galaxy's layers 2 and 3 neither flags nor drops any
+  attacker row: it stays just inside the thresholds, so layer 4 sees a clean
+  client. ``p`` is ``byzantine.params.perturbation``: ``std`` (the benign
+  standard deviation, the default) or ``sign`` (the benign mean's signs), scaled
+  to the norm of the benign standard deviation; the row is rescaled to the benign
+  updates' median norm.
 
-ALIE and IPM are omniscient: they use the benign updates of the attacker's galaxy.
+ALIE, IPM, min-max, min-sum and the adaptive attack are omniscient: they use the
+benign updates of the attacker's galaxy.
 An attack may be intermittent: active in a seeded fraction of rounds.
 
 Your own attack is a function registered with :func:`data_attack` or
@@ -46,9 +57,11 @@ from protogalaxy.plugins import resolve
 
 __all__ = [
     "ATTACKS",
+    "PERTURBATIONS",
     "Attack",
     "AttackConfig",
     "ModelAttackContext",
+    "adaptive_gamma",
     "add_trigger",
     "alie_z",
     "attack_names",
@@ -70,6 +83,7 @@ MODEL_ATTACKS = (
     "ipm",
     "min_max",
     "min_sum",
+    "adaptive",
 )
 #: The built-in attacks (``none`` is no attack).
 ATTACKS = ("none", *DATA_ATTACKS, *MODEL_ATTACKS)
@@ -102,6 +116,13 @@ class AttackConfig:
             )
         if not 0.0 < self.backdoor_fraction <= 1.0:
             raise ValueError("backdoor_fraction must be in (0, 1]")
+        if self.name == "adaptive":
+            p = self.params.get("perturbation", "std")
+            if p not in PERTURBATIONS:
+                raise ValueError(
+                    "byzantine.params.perturbation must be one of "
+                    f"{', '.join(PERTURBATIONS)}, got {p!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,13 @@ class ModelAttackContext:
     byzantine: torch.Tensor
     config: AttackConfig
     generator: torch.Generator
+    #: the run's defense (a ``DefenseConfig``): public, since its digest is in
+    #: every signed round record. None where the caller has none.
+    defense: Any = None
+    #: layer 2's direction reference, the running mean of the accepted global
+    #: updates (public, as every global model is); None before the first round's
+    #: or where the caller does not track it.
+    reference: torch.Tensor | None = None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -364,14 +392,114 @@ def _min_sum(ctx: ModelAttackContext) -> torch.Tensor:
     return _optimised(ctx, min_sum=True)
 
 
+PERTURBATIONS = ("std", "sign")
+
+
+def _perturbation(benign: torch.Tensor, name: str) -> torch.Tensor:
+    """The adaptive attack's direction of harm, scaled to the norm of the benign
+    coordinate-wise standard deviation (so ``gamma`` reads like ALIE's ``z``)."""
+    mu = benign.mean(0)
+    std = benign.std(0) if len(benign) > 1 else torch.zeros_like(mu)
+    if name == "std":
+        return std
+    if name not in PERTURBATIONS:
+        raise ValueError(
+            f"adaptive: perturbation must be one of {', '.join(PERTURBATIONS)}, "
+            f"got {name!r}"
+        )
+    # (the benign mean's own direction, Shejwalkar's "unit" vector, is no
+    # perturbation here: the row is rescaled to a benign norm, which undoes it)
+    p = mu.sign()
+    norm = float(p.norm())
+    return p * (float(std.norm()) / norm) if norm > 0 else p
+
+
+def adaptive_gamma(
+    ctx: ModelAttackContext, perturbation: str = "std"
+) -> tuple[float, torch.Tensor]:
+    """The adaptive attack's ``gamma`` and rows: the benign mean minus ``gamma *
+    p``, rescaled to the benign updates' median norm (layer 2's norm test then
+    never fires: the mean of many updates alone is shorter than any of them), the
+    same row for every attacker (so they cluster, which Krum's scores reward),
+    with the largest ``gamma`` (doubling from 1, then 12 bisections) at which a
+    fresh replica of the galaxy's layers 2 and 3, under ``ctx.defense`` and with
+    ``ctx.reference``, flags none of the attacker rows and selects all of them.
+    A rule that needs the server's update (FLTrust) is replayed with the benign
+    mean in its place: the attacker does not see the server's root data.
+    ``gamma`` is 0 when no perturbation passes."""
+    from dataclasses import replace
+
+    from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense
+
+    cfg = ctx.defense if ctx.defense is not None else DefenseConfig()
+    # layer 4 only scores what layers 2 and 3 decided; layer 5 screens galaxies
+    replica_cfg = replace(cfg, layers=cfg.layers & frozenset({1, 2, 3}))
+    benign = ctx.benign.double()
+    mu = benign.mean(0)
+    target = float(torch.linalg.vector_norm(benign, dim=1).median())
+    p = _perturbation(benign, perturbation)
+    rows, n = ctx.rows, len(ctx.updates)
+    replica = GalaxyDefense(0, replica_cfg)
+    server = (
+        mu.to(ctx.updates.dtype) if replica.aggregator.needs_server_update else None
+    )
+
+    def poisoned(gamma: float) -> torch.Tensor:
+        row = mu - gamma * p
+        norm = float(row.norm())
+        if norm > 0:
+            row = row * (target / norm)
+        return row.to(ctx.updates.dtype).expand(len(rows), -1)
+
+    def passes(gamma: float) -> bool:
+        x = ctx.updates.clone()
+        x[rows] = poisoned(gamma)
+        report = replica.run(
+            round=0,
+            clients=list(range(n)),
+            updates=x,
+            reference_direction=ctx.reference,
+            server_update=server,
+        )
+        return report.fallback is None and all(
+            not report.outcomes[int(i)].flagged and report.outcomes[int(i)].selected
+            for i in rows
+        )
+
+    if float(p.norm()) == 0 or not passes(0.0):
+        return 0.0, poisoned(0.0)
+    lo, hi = 0.0, 1.0
+    while passes(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            return lo, poisoned(lo)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, poisoned(lo)
+
+
+@model_attack("adaptive")
+def _adaptive(ctx: ModelAttackContext) -> torch.Tensor:
+    perturbation = str(ctx.config.params.get("perturbation", "std"))
+    return adaptive_gamma(ctx, perturbation)[1]
+
+
 def poison_updates(
     config: AttackConfig,
     updates: torch.Tensor,
     byzantine: torch.Tensor,
     *,
     generator: torch.Generator,
+    defense: Any = None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Replace the rows ``byzantine`` (bool mask) of one galaxy's ``updates``."""
+    """Replace the rows ``byzantine`` (bool mask) of one galaxy's ``updates``;
+    ``defense`` and ``reference`` are what an adaptive attack may know (see
+    :class:`ModelAttackContext`)."""
     if config.name == "none" or not bool(byzantine.any()):
         return updates
     attack = resolve_attack(config.name)
@@ -379,7 +507,14 @@ def poison_updates(
         return updates
     # copies: an attack writing into what it was given (in place) changes only
     # its own rows, never the honest clients' updates
-    ctx = ModelAttackContext(updates.clone(), byzantine.clone(), config, generator)
+    ctx = ModelAttackContext(
+        updates.clone(),
+        byzantine.clone(),
+        config,
+        generator,
+        defense,
+        None if reference is None else reference.clone(),
+    )
     rows = attack.fn(ctx)
     want = (len(ctx.rows), updates.shape[1])
     if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != want:
@@ -408,9 +543,13 @@ def train_clients(
     seed: int,
     generator: torch.Generator,
     lr: float | None = None,
+    defense: Any = None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One round of local training for ``clients``, honest and Byzantine alike,
-    at learning rate ``lr`` (the trainer's own when None).
+    at learning rate ``lr`` (the trainer's own when None). ``defense`` and
+    ``reference`` are handed to model attacks (the run's public defense
+    configuration and layer 2's direction reference).
 
     Data poisoning runs inside training; model poisoning replaces the Byzantine rows
     afterwards, galaxy by galaxy (ALIE and IPM see their own galaxy's benign updates).
@@ -432,6 +571,11 @@ def train_clients(
             rows = [i for i, c in enumerate(clients) if galaxy_of(c) == g]
             mask = torch.tensor([clients[i] in byzantine for i in rows])
             updates[rows] = poison_updates(
-                attack, updates[rows], mask, generator=generator
+                attack,
+                updates[rows],
+                mask,
+                generator=generator,
+                defense=defense,
+                reference=reference,
             )
     return updates

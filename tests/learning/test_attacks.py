@@ -121,3 +121,95 @@ def test_a_data_attack_that_makes_impossible_labels_is_named() -> None:
     assert fn is not None
     with pytest.raises(ValueError, match="'labels_out_of_range_for_tests' made labels"):
         fn(torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]))
+
+
+def _galaxy(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ten updates around a shared direction, the last three Byzantine, and
+    layer 2's direction reference (that shared direction)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(400, generator=g)
+    x = base + 0.8 * torch.randn(10, 400, generator=g)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[7:] = True
+    return x, mask, base
+
+
+def _verdicts(
+    cfg: object, x: torch.Tensor, reference: torch.Tensor
+) -> list[tuple[bool, bool]]:
+    """(flagged, selected) per attacker row, from a real galaxy defense."""
+    from protogalaxy.defense.pipeline import GalaxyDefense
+
+    report = GalaxyDefense(0, cfg).run(  # type: ignore[arg-type]
+        round=0, clients=list(range(10)), updates=x, reference_direction=reference
+    )
+    return [
+        (report.outcomes[i].flagged, report.outcomes[i].selected) for i in (7, 8, 9)
+    ]
+
+
+@pytest.mark.parametrize("perturbation", ["std", "sign"])
+def test_adaptive_stays_just_inside_layers_2_and_3(perturbation: str) -> None:
+    from protogalaxy.defense.pipeline import DefenseConfig
+    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_gamma
+
+    x, mask, ref = _galaxy()
+    cfg = DefenseConfig()
+    attack = AttackConfig(name="adaptive", params={"perturbation": perturbation})
+    out = poison_updates(
+        attack, x, mask, generator=torch.Generator(), defense=cfg, reference=ref
+    )
+    assert torch.equal(out[:7], x[:7]) and torch.equal(out[7], out[9])
+    # the galaxy's own defense neither flags nor drops it ...
+    assert _verdicts(cfg, out, ref) == [(False, True)] * 3
+    ctx = ModelAttackContext(x, mask, attack, torch.Generator(), cfg, ref)
+    gamma, row = adaptive_gamma(ctx, perturbation)
+    assert gamma > 0.2 and torch.equal(row, out[7:])  # it does move
+    # ... and a little further out it would: it is at the edge, not merely inside
+    from protogalaxy.learning.attacks import _perturbation
+
+    benign = x[:7].double()
+    row = benign.mean(0) - 1.05 * gamma * _perturbation(benign, perturbation)
+    row *= float(benign.norm(dim=1).median()) / float(row.norm())
+    assert torch.allclose(  # the same construction, at gamma, gives its row
+        out[7].double(),
+        (lambda r: r * float(benign.norm(dim=1).median()) / float(r.norm()))(
+            benign.mean(0) - gamma * _perturbation(benign, perturbation)
+        ),
+        atol=1e-5,
+    )
+    further = x.clone()
+    further[7:] = row.float()
+    assert _verdicts(cfg, further, ref) != [(False, True)] * 3
+
+
+def test_adaptive_tunes_itself_to_the_defense_it_faces() -> None:
+    from protogalaxy.defense.pipeline import DefenseConfig
+    from protogalaxy.defense.statistical import StatisticsConfig
+    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_gamma
+
+    x, mask, ref = _galaxy()
+    attack = AttackConfig(name="adaptive")
+    loose = DefenseConfig()
+    tight = DefenseConfig(statistics=StatisticsConfig(norm_k=1.0, min_failures=1))
+    g_loose, _ = adaptive_gamma(
+        ModelAttackContext(x, mask, attack, torch.Generator(), loose, ref)
+    )
+    g_tight, row = adaptive_gamma(
+        ModelAttackContext(x, mask, attack, torch.Generator(), tight, ref)
+    )
+    assert g_tight < g_loose
+    out = x.clone()
+    out[7:] = row
+    assert _verdicts(tight, out, ref) == [(False, True)] * 3
+    # FLTrust: the attacker replays it with the benign mean for the server's update
+    fltrust = DefenseConfig(aggregator="fltrust")
+    g_fl, _ = adaptive_gamma(
+        ModelAttackContext(x, mask, attack, torch.Generator(), fltrust, ref)
+    )
+    assert g_fl > 0
+
+
+def test_adaptive_rejects_an_unknown_perturbation() -> None:
+    with pytest.raises(ValueError, match="perturbation must be one of"):
+        AttackConfig(name="adaptive", params={"perturbation": "sideways"})
