@@ -32,7 +32,7 @@ import torch
 
 from protogalaxy.artefacts import round_dir
 from protogalaxy.codec import decode_update
-from protogalaxy.config import SimulationConfig
+from protogalaxy.config import recorded_config
 from protogalaxy.crypto.audit import AuditLog, record_round
 from protogalaxy.crypto.commitment import Commitment
 from protogalaxy.crypto.errors import VerificationError
@@ -105,7 +105,7 @@ class _Run:
         meta = _json(root / "run.json")
         self.run: str = meta["run"]
         self.config_dict = meta["config"]
-        self.config = SimulationConfig.model_validate(meta["config"])
+        self.config = recorded_config(meta["config"])
         spec = meta["spec"]
         self.spec = UpdateSpec(
             tuple(spec["names"]), tuple(tuple(s) for s in spec["shapes"])

@@ -8,6 +8,7 @@ default is the seed MVP: MNIST, 30 clients in 3 galaxies (galaxy = client_id mod
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from protogalaxy.plugins import imports_allowed
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
 from protogalaxy.protocol.sampling import MAX_EXCEED, Sampling, exceed_probability
 
-__all__ = ["ConfigError", "SimulationConfig", "load_config"]
+__all__ = ["ConfigError", "SimulationConfig", "load_config", "recorded_config"]
 
 
 class ConfigError(ValueError):
@@ -158,6 +159,8 @@ class StatisticsSection(_Section):
     mad_k: float = Field(3.0, gt=0)
     bins: int = Field(64, ge=4)
     min_failures: int = Field(2, ge=1, le=4)
+    #: The norm test's spread is at least this share of the median norm (0: off).
+    norm_floor: float = Field(0.1, ge=0, lt=1)
 
 
 class ReputationSection(_Section):
@@ -468,6 +471,26 @@ def parse_config(data: dict[str, Any] | None) -> SimulationConfig:
         return SimulationConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(_format(exc)) from None
+
+
+#: Settings added after runs were already being recorded, with the value that
+#: reproduces what a run recorded before them did (its run.json lacks them).
+_BEFORE_THEY_EXISTED: dict[tuple[str, ...], Any] = {
+    ("defense", "statistics", "norm_floor"): 0.0,
+}
+
+
+def recorded_config(data: dict[str, Any]) -> SimulationConfig:
+    """The configuration a run recorded (``run.json``): a setting added after the
+    run was made takes the value that reproduces the run as it ran, not today's
+    default, so an audit replays it with the rules it used."""
+    data = copy.deepcopy(data)
+    for path, value in _BEFORE_THEY_EXISTED.items():
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node.setdefault(path[-1], value)
+    return parse_config(data)
 
 
 def load_config(

@@ -92,3 +92,25 @@ def test_every_key_is_documented_and_every_documented_key_exists() -> None:
     keys = set(_keys(load_config()))
     assert keys - documented == set(), "undocumented keys"
     assert documented - keys == set(), "documented keys that do not exist"
+
+
+def test_a_run_recorded_before_a_setting_existed_is_read_as_it_ran() -> None:
+    """run.json of a run made before ``defense.statistics.norm_floor`` lacks it;
+    the audit must replay that run without the floor (today's default is 0.1),
+    under the defense digest such runs recorded (pinned: the digest of the
+    default defense before the floor)."""
+    from protogalaxy.config import recorded_config
+    from protogalaxy.protocol.transcript import defense_digest
+
+    before = "fa6447e780ab8915d46afd0ed1b150a33ba027572de46c555a13d3378d92f8ca"
+    today = load_config()
+    old = today.model_dump()
+    del old["defense"]["statistics"]["norm_floor"]
+    read = recorded_config(old)
+    assert read.defense.statistics.norm_floor == 0.0
+    assert defense_digest(read.defense.build()) == before
+    assert "norm_floor" not in old["defense"]["statistics"]  # its input untouched
+    # a run recorded with the setting keeps its own value
+    assert recorded_config(today.model_dump()) == today
+    assert today.defense.statistics.norm_floor == 0.1
+    assert defense_digest(today.defense.build()) != before

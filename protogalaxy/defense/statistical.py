@@ -3,8 +3,10 @@
 Four tests per update; an update is *flagged* when at least ``min_failures`` (2) fail:
 
 1. Norm deviation: robust z-score of its L2 norm against the galaxy's norms,
-   ``|norm - median| / (1.4826 MAD)``; fails above ``norm_k`` (3). Catches scaling
-   and free-riding (near-zero updates).
+   ``|norm - median| / max(1.4826 MAD, norm_floor * median)``; fails above
+   ``norm_k`` (3). Catches scaling and free-riding (near-zero updates). The floor
+   (0.1) keeps a minority of rows at exactly the median norm from shrinking the
+   spread until honest clients fail (what the adaptive attack did).
 2. Direction: cosine similarity with the running mean of accepted aggregates; fails
    below ``cosine_threshold`` (0.5). Skipped while there is no history yet.
 3. Coordinate-wise MAD outliers: the fraction of its coordinates further than
@@ -45,10 +47,17 @@ class StatisticsConfig:
     mad_k: float = 3.0
     bins: int = 64
     min_failures: int = 2
+    #: The norm test's spread is at least this share of the median norm: a
+    #: minority sending rows of exactly the median norm (the adaptive attack)
+    #: shrinks the MAD until honest clients' ordinary norm differences fail the
+    #: test. 0 (off) reproduces the test as it was before the floor.
+    norm_floor: float = 0.1
 
     def __post_init__(self) -> None:
         if self.norm_k <= 0 or self.mad_k <= 0:
             raise ValueError("norm_k and mad_k must be > 0")
+        if not 0.0 <= self.norm_floor < 1.0:
+            raise ValueError(f"norm_floor must be in [0, 1), got {self.norm_floor}")
         if not -1.0 <= self.cosine_threshold <= 1.0:
             raise ValueError(
                 f"cosine_threshold must be in [-1, 1], got {self.cosine_threshold}"
@@ -192,7 +201,9 @@ def screen(
         )
     x = updates.float()
     norm = torch.linalg.vector_norm(x, dim=1)
-    norm_z = robust_z(norm)
+    med, scale = robust_center_scale(norm)
+    scale = max(scale, cfg.norm_floor * abs(med))
+    norm_z = ((norm.double() - med) / scale).to(norm.dtype)
     cosine = None
     if reference_direction is not None and float(reference_direction.norm()) > 0:
         ref = reference_direction.to(device=x.device, dtype=x.dtype)

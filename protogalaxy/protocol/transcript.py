@@ -89,6 +89,10 @@ def defense_digest(config: DefenseConfig) -> str:
     """Digest of a defense configuration: the rules a replay must use."""
     d = dataclasses.asdict(config)
     d["layers"] = sorted(config.layers)
+    # Settings added later are left out at the value that reproduces the
+    # defense as it was before them, so runs made before them still audit.
+    if d["statistics"]["norm_floor"] == 0.0:
+        del d["statistics"]["norm_floor"]
     return digest_hex(d)
 
 

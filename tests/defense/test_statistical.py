@@ -95,3 +95,30 @@ def test_robust_z_and_validation() -> None:
         StatisticsConfig(cosine_threshold=2.0)
     with pytest.raises(ValueError, match="min_failures"):
         StatisticsConfig(min_failures=0)
+
+
+def test_rows_at_the_median_norm_cannot_frame_honest_clients() -> None:
+    """What the adaptive attack did (issue 16): three identical rows of exactly
+    the median norm shrink the norm test's MAD until honest clients' ordinary
+    norm differences fail it (and with the direction test, which skewed honest
+    clients fail anyway, that flags them). With the floor on the spread the
+    attackers no longer decide the honest clients' verdict; a scaled update and
+    a free rider still fail the norm test."""
+    g = torch.Generator().manual_seed(7)
+    honest = torch.randn(7, D, generator=g)
+    honest *= torch.tensor([0.8, 0.95, 0.98, 1.0, 1.02, 1.05, 1.2]).unsqueeze(1)
+    median = float(honest.norm(dim=1).median())
+    evil = torch.randn(D, generator=g)
+    evil = (evil * median / evil.norm()).expand(3, -1)
+    x = torch.cat([honest, evil])
+    floorless = StatisticsConfig(norm_floor=0.0)
+    alone = screen(honest, config=floorless)
+    assert not bool(alone.failed["norm"].any())  # among themselves, all fine
+    off = screen(x, config=floorless)
+    assert off.failed["norm"][:7].tolist() == [True] + [False] * 5 + [True]
+    assert StatisticsConfig().norm_floor == 0.1
+    on = screen(x, config=StatisticsConfig())
+    assert not bool(on.failed["norm"][:7].any())
+    for bad in (10 * honest[:3], 1e-6 * honest[:3]):
+        out = screen(torch.cat([honest, bad]), config=StatisticsConfig())
+        assert bool(out.failed["norm"][7:].all())
