@@ -500,7 +500,6 @@ def _partition_names() -> list[str]:
 
 
 def _bench_robustness(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from protogalaxy.logs import setup_logging
@@ -511,6 +510,7 @@ def _bench_robustness(args: argparse.Namespace) -> int:
         GALAXY_ATTACKS,
         PARTITIONS,
         defense_named,
+        pending_runs,
         run_galaxy_table,
         run_grid,
         write_galaxy_tables,
@@ -564,21 +564,22 @@ def _bench_robustness(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out or f"runs/robustness-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = str(out)  # the galaxy tables go beside the client tables
-    cells = len(partitions) * len(defenses) * args.seeds
-    runs = cells * len(attacks) + cells * len(sweep) * len(
-        [f for f in fractions if f != 0.3 or not set(sweep) <= set(attacks)]
-    )
     started = time.monotonic()
     done = [0]
-    cached = out / "runs.jsonl"
-    if cached.exists():  # a resumed grid: what is there is not run again
-        runs -= sum(
-            1
-            for line in cached.read_text(encoding="utf-8").splitlines()
-            if (r := json.loads(line)).get("rounds") == args.rounds
-            and r.get("samples_per_client") == args.samples_per_client
-        )
-        runs = max(runs, 0)
+    grid_settings: dict[str, Any] = {
+        "samples_per_client": args.samples_per_client,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "seeds": args.seeds,
+        "defenses": defenses,
+        "partitions": partitions,
+        "cache": out / "runs.jsonl",
+    }
+    grids = [grid_settings | {"attacks": attacks, "fractions": None}]
+    if fractions:
+        grids.append(grid_settings | {"attacks": sweep, "fractions": fractions})
+    # what a resumed grid has left (rows there whose defense is today's stand)
+    runs = pending_runs(grids)
 
     if args.tables in ("all", "clients"):
         from protogalaxy.progress import RunProgress
@@ -609,16 +610,9 @@ def _bench_robustness(args: argparse.Namespace) -> int:
             else:
                 print(line[:300], flush=True)
 
-        common: dict[str, Any] = {
-            "samples_per_client": args.samples_per_client,
-            "rounds": args.rounds,
-            "seed": args.seed,
-            "seeds": args.seeds,
-            "defenses": defenses,
-            "partitions": partitions,
+        common: dict[str, Any] = grid_settings | {
             "target": args.target,
             "jobs": args.jobs,
-            "cache": out / "runs.jsonl",
             "progress": progress,
         }
 

@@ -35,6 +35,7 @@ __all__ = [
     "PARTITIONS",
     "cell",
     "defense_named",
+    "pending_runs",
     "run_galaxy_table",
     "run_grid",
     "run_one",
@@ -132,6 +133,66 @@ def _worker_init(threads: int) -> None:
 _DATA: dict[str, Any] = {}
 
 
+def _overrides(
+    partition: str,
+    attack: str,
+    defense: str,
+    fraction: float,
+    seed: int,
+    *,
+    samples_per_client: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """The configuration of one run of the grid, as overrides of the default."""
+    layers, agg = DEFENSES[defense]
+    overrides = {
+        **PARTITIONS[partition],
+        "seed": seed,
+        "byzantine.attack": attack,
+        "byzantine.fraction": fraction,
+        "clients.samples_per_client": samples_per_client,
+        "training.rounds": rounds,
+        "defense.layers": layers,
+        "defense.aggregator": agg,
+    }
+    if fraction != 0.3:  # the rule is told the fraction it faces
+        overrides["defense.byzantine_fraction"] = fraction
+    return overrides
+
+
+def defense_key(overrides: dict[str, Any], *, recorded: bool = False) -> str | None:
+    """Digest of the defense settings that decide a run (those of the layers it
+    runs): a cached row is reused only while it matches, so a changed default
+    (``defense.statistics.norm_floor``) reruns the runs it changes and no other.
+    ``recorded``: as a row written before rows carried the key ran (settings
+    added since at their earlier values). None where the run is infeasible."""
+    import dataclasses
+
+    from protogalaxy.config import ConfigError, recorded_config
+    from protogalaxy.protocol.transcript import digest_hex
+
+    try:
+        if recorded:
+            data: dict[str, Any] = {}
+            for key, value in overrides.items():
+                node = data
+                *parts, last = key.split(".")
+                for part in parts:
+                    node = node.setdefault(part, {})
+                node[last] = value
+            config = recorded_config(data)
+        else:
+            config = load_config(overrides=overrides)
+    except ConfigError:
+        return None
+    d = dataclasses.asdict(config.defense.build())
+    d["layers"] = sorted(d["layers"])
+    for layer, section in ((2, "statistics"), (4, "reputation"), (5, "galaxy")):
+        if layer not in d["layers"]:
+            del d[section]
+    return digest_hex(d)
+
+
 def run_one(
     partition: str,
     attack: str,
@@ -147,24 +208,17 @@ def run_one(
     the fraction; its figures are None then)."""
     from protogalaxy.config import ConfigError
 
-    layers, agg = DEFENSES[defense]
+    layers, _ = DEFENSES[defense]
     row: dict[str, Any] = {
         "partition": partition, "attack": attack, "defense": defense,
         "fraction": fraction, "seed": seed,
         "samples_per_client": samples_per_client, "rounds": rounds,
     }  # fmt: skip
-    overrides = {
-        **PARTITIONS[partition],
-        "seed": seed,
-        "byzantine.attack": attack,
-        "byzantine.fraction": fraction,
-        "clients.samples_per_client": samples_per_client,
-        "training.rounds": rounds,
-        "defense.layers": layers,
-        "defense.aggregator": agg,
-    }
-    if fraction != 0.3:  # the rule is told the fraction it faces
-        overrides["defense.byzantine_fraction"] = fraction
+    overrides = _overrides(
+        partition, attack, defense, fraction, seed,
+        samples_per_client=samples_per_client, rounds=rounds,
+    )  # fmt: skip
+    row["defense_key"] = defense_key(overrides)
     try:
         config = load_config(overrides=overrides)
     except ConfigError as exc:
@@ -190,6 +244,71 @@ def run_one(
     }
 
 
+_Key = tuple[str, str, str, float, int]
+
+
+def _plan(
+    *,
+    samples_per_client: int,
+    rounds: int,
+    seed: int,
+    seeds: int,
+    attacks: list[str] | None,
+    defenses: list[str] | None,
+    partitions: list[str] | None,
+    fractions: list[float] | None,
+    cache: Path | None,
+) -> tuple[list[_Key], dict[_Key, dict[str, Any]]]:
+    """The grid's runs, and the cached rows that still stand for them: same
+    settings, and the defense they ran is today's (:func:`defense_key`)."""
+    unknown = set(partitions or []) - set(PARTITIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown partitions {sorted(unknown)}; have {list(PARTITIONS)}"
+        )
+    plan = [
+        (p, a, d, fr, sd)
+        for p in partitions or list(PARTITIONS)
+        for a in attacks or ATTACKS
+        for d in defenses or list(DEFENSES)
+        for fr in fractions or [0.3]
+        for sd in range(seed, seed + seeds)
+    ]
+    params = {"samples_per_client": samples_per_client, "rounds": rounds}
+    cached: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in params.items()):
+                key = (row["partition"], row["attack"], row["defense"],
+                       row["fraction"], row["seed"])  # fmt: skip
+                cached[key] = row
+    done: dict[_Key, dict[str, Any]] = {}
+    for key in plan:
+        row = cached.get(key)
+        if row is None:
+            continue
+        over = _overrides(*key, samples_per_client=samples_per_client, rounds=rounds)
+        ran = (
+            row["defense_key"]
+            if "defense_key" in row
+            else defense_key(over, recorded=True)
+        )
+        if ran == defense_key(over):
+            done[key] = row
+    return plan, done
+
+
+def pending_runs(grids: list[dict[str, Any]]) -> int:
+    """How many runs the grids (:func:`run_grid`'s keyword arguments, without
+    ``jobs``, ``target`` and ``progress``) have left to run, together."""
+    todo: set[_Key] = set()
+    for kw in grids:
+        plan, done = _plan(**kw)
+        todo |= {k for k in plan if k not in done}
+    return len(todo)
+
+
 def run_grid(
     *,
     samples_per_client: int = 500,
@@ -213,31 +332,15 @@ def run_grid(
 
     ``jobs`` processes run at once (each with ``cores / jobs`` torch threads).
     ``cache``, a JSON-lines file, makes the grid resumable: every finished row is
-    appended as it ends, and rows already there (same settings) are not run
-    again."""
-    unknown = set(partitions or []) - set(PARTITIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown partitions {sorted(unknown)}; have {list(PARTITIONS)}"
-        )
-    plan = [
-        (p, a, d, fr, sd)
-        for p in partitions or list(PARTITIONS)
-        for a in attacks or ATTACKS
-        for d in defenses or list(DEFENSES)
-        for fr in fractions or [0.3]
-        for sd in range(seed, seed + seeds)
-    ]
-    params = {"samples_per_client": samples_per_client, "rounds": rounds}
-    done: dict[tuple[Any, ...], dict[str, Any]] = {}
-    if cache is not None and cache.exists():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if all(row.get(k) == v for k, v in params.items()):
-                key = (row["partition"], row["attack"], row["defense"],
-                       row["fraction"], row["seed"])  # fmt: skip
-                done[key] = row
+    appended as it ends, and rows already there (same settings, and the defense
+    they ran still today's: :func:`defense_key`) are not run again."""
+    plan, done = _plan(
+        samples_per_client=samples_per_client, rounds=rounds, seed=seed,
+        seeds=seeds, attacks=attacks, defenses=defenses, partitions=partitions,
+        fractions=fractions, cache=cache,
+    )  # fmt: skip
     todo = [k for k in plan if k not in done]
+    params = {"samples_per_client": samples_per_client, "rounds": rounds}
 
     def finish(row: dict[str, Any]) -> None:
         key = (row["partition"], row["attack"], row["defense"], row["fraction"],

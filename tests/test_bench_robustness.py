@@ -115,3 +115,17 @@ def test_seeds_fractions_significance_heatmaps_and_resume(tmp_path: Path) -> Non
     assert not [x for x in again.stdout.splitlines() if x.startswith("[")]
     assert len((out / "runs.jsonl").read_text().splitlines()) == 18
     assert (out / "robustness.md").read_text() == table
+    # Rows written before rows carried the defense's key ran without the norm
+    # floor: the feasible Full rows (layer 2; 30% and 10%, two seeds) run again,
+    # and the count says so; the baselines' rows and Full's infeasible 40% stand.
+    legacy = []
+    for r in runs:
+        r = dict(r)
+        del r["defense_key"]
+        legacy.append(json.dumps(r))
+    (out / "runs.jsonl").write_text("\n".join(legacy) + "\n")
+    stale = bench(*args, cwd=tmp_path)
+    assert stale.returncode == 0, stale.stderr[-3000:]
+    rerun = [x for x in stale.stdout.splitlines() if x.startswith("[")]
+    assert len(rerun) == 4 and all("ProtoGalaxy-Full" in x for x in rerun), rerun
+    assert all(x.startswith(f"[{i}/4,") for i, x in enumerate(rerun, 1)), rerun
