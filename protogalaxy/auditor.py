@@ -271,20 +271,21 @@ def _audit_round(
         fails.add(f"{where} global", f"round head: {exc}")
     d = round_dir(run.root, rnd)
     reference = None
+    # Without the reference direction, or the server update a rule needs, the
+    # galaxies' rounds cannot be replayed; the global aggregator (which
+    # publishes both) is named, and each galaxy is held to its own signed
+    # transcript only, so the next round does not blame it.
+    unreplayable = False
     try:
         if (d / "reference.pgt1").exists():
             reference = decode_update(
                 (d / "reference.pgt1").read_bytes(),
                 max_bytes=run.config.max_update_bytes,
             )["direction"]
-    except (KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError) as exc:
         fails.add(f"{where} global", f"reference.pgt1: {exc}")
-        return "the reference direction is unreadable"
+        unreplayable = True
     server_update = None
-    # Without the server update a rule needs, the galaxies' rounds cannot be
-    # replayed; the global aggregator is named, and each galaxy is held to its
-    # own signed transcript only, so the next round does not blame it.
-    unreplayable = False
     rule = run.config.defense.aggregator
     if (
         body.get("server_update") is None
@@ -372,7 +373,8 @@ def _hold_to_transcript(
     fails: _Failures,
 ) -> str:
     """A galaxy's round the global aggregator's fault makes impossible to replay
-    (its server update is missing, or it signed two): the galaxy is held to its
+    (its reference direction is unreadable, its server update is missing, or it
+    signed two): the galaxy is held to its
     own signed transcript and reputation states, which then carry on, so the
     next round does not blame it for the global aggregator's fault."""
     where = f"round {rnd} galaxy {gid}"

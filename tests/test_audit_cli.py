@@ -338,3 +338,22 @@ def test_a_users_aggregation_rule_is_imported_only_when_allowed(
         capture_output=True, text=True, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
+
+
+def test_an_unreadable_reference_blames_the_global_aggregator_alone(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """reference.pgt1 is the global aggregator's to publish: garbage there names
+    it, and each galaxy is held to its own signed transcript that round, so the
+    next round does not blame the galaxies for states the audit never carried."""
+    root = mutated(
+        run_dir,
+        tmp_path,
+        lambda r: (r / "audit/rounds/000001/reference.pgt1").write_bytes(
+            b"PGT1garbage"
+        ),
+    )
+    failures, text = audit(root)
+    fails = [line for line in text.splitlines() if line.startswith("FAIL")]
+    assert failures and fails, text
+    assert all("round 1 global" in line for line in fails), text
