@@ -20,7 +20,11 @@ from protogalaxy.defense.pipeline import DefenseConfig
 from protogalaxy.defense.reputation import ReputationConfig
 from protogalaxy.defense.robust import get_aggregator, resolve_aggregator, share_of
 from protogalaxy.defense.statistical import StatisticsConfig
-from protogalaxy.learning.attacks import AttackConfig, resolve_attack
+from protogalaxy.learning.attacks import (
+    AttackConfig,
+    check_adaptive_params,
+    resolve_attack,
+)
 from protogalaxy.plugins import imports_allowed
 from protogalaxy.protocol.compromised import GALAXY_ATTACKS, GalaxyAttack
 from protogalaxy.protocol.sampling import MAX_EXCEED, Sampling, exceed_probability
@@ -105,6 +109,8 @@ class ByzantineSection(_Section):
     def _attack_known(self) -> ByzantineSection:
         if self.attack != "none" and imports_allowed():  # an audit does not need it
             resolve_attack(self.attack)  # a clear ValueError for an unknown name
+        if self.attack == "adaptive":
+            check_adaptive_params(self.params)
         return self
 
 

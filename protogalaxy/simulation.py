@@ -73,7 +73,7 @@ __all__ = [
 
 #: a simulation's saved state in its run directory (``simulate --resume``)
 STATE_FILE = "state.pkl"
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 #: files the artefacts only ever append to: cut back to the saved state's sizes
 _APPENDED = ("evidence.jsonl", "receipts.jsonl", "audit/log.bin")
 
@@ -445,7 +445,8 @@ class Simulation:
             y=self.data.y_train,
             attack=self.attack,
             byzantine=set(self.byzantine),
-            galaxy_of=self.config.galaxy_of,
+            # the galaxies as they are now (an isolated galaxy's clients moved)
+            galaxy_of=self.global_agg.assignment.galaxy_of,
             round=round,
             seed=self.config.seed,
             generator=self.generator,

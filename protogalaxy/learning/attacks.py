@@ -24,14 +24,13 @@ Model poisoning (applied to the trained update before it is committed):
   benign updates within theirs to each other.
 * ``adaptive``: knows the defense's configuration (public: its digest is in every
   round record) and layer 2's direction reference (the running mean of the
-  published global updates). Every attacker sends ``mean - gamma * p`` of the
-  benign updates, rescaled to their median norm, with the largest ``gamma`` at
-  which a replica of its galaxy's layers 2 and 3 neither flags nor drops any
-  attacker row: it stays just inside the thresholds, so layer 4 sees a clean
-  client. ``p`` is ``byzantine.params.perturbation``: ``std`` (the benign
-  standard deviation, the default) or ``sign`` (the benign mean's signs), scaled
-  to the norm of the benign standard deviation; the row is rescaled to the benign
-  updates' median norm.
+  published global updates). Every attacker sends one row, turned from the benign
+  mean's direction towards ``-p`` and on towards the benign mean's opposite, then
+  lengthened, each as far as a replica of its galaxy's layers 2 and 3 neither
+  flags an attacker row nor drops them all: it stays just inside the
+  thresholds, so layer 4 sees a clean client (:func:`adaptive_rows`). ``p`` is
+  ``byzantine.params.perturbation``: ``std`` (the benign standard deviation, the
+  default) or ``sign`` (the benign mean's signs).
 
 ALIE, IPM, min-max, min-sum and the adaptive attack are omniscient: they use the
 benign updates of the attacker's galaxy.
@@ -61,10 +60,11 @@ __all__ = [
     "Attack",
     "AttackConfig",
     "ModelAttackContext",
-    "adaptive_gamma",
+    "adaptive_rows",
     "add_trigger",
     "alie_z",
     "attack_names",
+    "check_adaptive_params",
     "data_attack",
     "data_transform",
     "is_active",
@@ -117,12 +117,7 @@ class AttackConfig:
         if not 0.0 < self.backdoor_fraction <= 1.0:
             raise ValueError("backdoor_fraction must be in (0, 1]")
         if self.name == "adaptive":
-            p = self.params.get("perturbation", "std")
-            if p not in PERTURBATIONS:
-                raise ValueError(
-                    "byzantine.params.perturbation must be one of "
-                    f"{', '.join(PERTURBATIONS)}, got {p!r}"
-                )
+            check_adaptive_params(self.params)
 
 
 @dataclass(frozen=True)
@@ -233,6 +228,16 @@ def resolve_attack(name: str) -> Attack:
         "data_attack or model_attack",
     )
     return found
+
+
+def check_adaptive_params(params: Mapping[str, Any]) -> None:
+    """The adaptive attack's ``byzantine.params``: a ValueError naming the key."""
+    p = params.get("perturbation", "std")
+    if p not in PERTURBATIONS:
+        raise ValueError(
+            "byzantine.params.perturbation must be one of "
+            f"{', '.join(PERTURBATIONS)}, got {p!r}"
+        )
 
 
 def is_active(config: AttackConfig, round: int, seed: int) -> bool:
@@ -396,37 +401,40 @@ PERTURBATIONS = ("std", "sign")
 
 
 def _perturbation(benign: torch.Tensor, name: str) -> torch.Tensor:
-    """The adaptive attack's direction of harm, scaled to the norm of the benign
-    coordinate-wise standard deviation (so ``gamma`` reads like ALIE's ``z``)."""
-    mu = benign.mean(0)
-    std = benign.std(0) if len(benign) > 1 else torch.zeros_like(mu)
-    if name == "std":
-        return std
+    """The adaptive attack's ``p``: the benign coordinate-wise standard deviation
+    (``std``) or the benign mean's signs (``sign``); only its direction counts."""
     if name not in PERTURBATIONS:
         raise ValueError(
             f"adaptive: perturbation must be one of {', '.join(PERTURBATIONS)}, "
             f"got {name!r}"
         )
-    # (the benign mean's own direction, Shejwalkar's "unit" vector, is no
-    # perturbation here: the row is rescaled to a benign norm, which undoes it)
-    p = mu.sign()
-    norm = float(p.norm())
-    return p * (float(std.norm()) / norm) if norm > 0 else p
+    if name == "std":
+        return benign.std(0) if len(benign) > 1 else torch.zeros_like(benign[0])
+    return benign.mean(0).sign()
 
 
-def adaptive_gamma(
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    n = float(v.norm())
+    return v / n if n > 0 else v
+
+
+def adaptive_rows(
     ctx: ModelAttackContext, perturbation: str = "std"
-) -> tuple[float, torch.Tensor]:
-    """The adaptive attack's ``gamma`` and rows: the benign mean minus ``gamma *
-    p``, rescaled to the benign updates' median norm (layer 2's norm test then
-    never fires: the mean of many updates alone is shorter than any of them), the
-    same row for every attacker (so they cluster, which Krum's scores reward),
-    with the largest ``gamma`` (doubling from 1, then 12 bisections) at which a
-    fresh replica of the galaxy's layers 2 and 3, under ``ctx.defense`` and with
-    ``ctx.reference``, flags none of the attacker rows and selects all of them.
+) -> tuple[float, float, torch.Tensor]:
+    """The adaptive attack's ``(tau, scale, rows)``. One row for every attacker
+    (identical rows cluster, which Krum's scores reward), moved along a path of
+    growing harm and then lengthened, as far as a fresh replica of the galaxy's
+    layers 2 and 3 (``ctx.defense``, ``ctx.reference``) flags none of the
+    attacker rows and selects at least one (it is then in the aggregate).
+
+    The path runs from the benign mean's direction (``tau = 0``) to the
+    perturbation's opposite ``-p`` (``tau = 1``) to the opposite of the benign
+    mean (``tau = 2``); the row is ``scale * median norm`` long. First the
+    largest ``tau`` that passes at the benign median norm (bisection), then the
+    largest ``scale`` that passes there (doubling up to 64, then bisection).
     A rule that needs the server's update (FLTrust) is replayed with the benign
-    mean in its place: the attacker does not see the server's root data.
-    ``gamma`` is 0 when no perturbation passes."""
+    mean in its place: the attacker does not see the server's root data. When
+    even the benign mean's direction is caught, it sends that (``tau = 0``)."""
     from dataclasses import replace
 
     from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense
@@ -436,24 +444,25 @@ def adaptive_gamma(
     replica_cfg = replace(cfg, layers=cfg.layers & frozenset({1, 2, 3}))
     benign = ctx.benign.double()
     mu = benign.mean(0)
-    target = float(torch.linalg.vector_norm(benign, dim=1).median())
-    p = _perturbation(benign, perturbation)
+    median = float(torch.linalg.vector_norm(benign, dim=1).median())
+    toward_mu, away = _unit(mu), _unit(-_perturbation(benign, perturbation))
     rows, n = ctx.rows, len(ctx.updates)
     replica = GalaxyDefense(0, replica_cfg)
     server = (
         mu.to(ctx.updates.dtype) if replica.aggregator.needs_server_update else None
     )
 
-    def poisoned(gamma: float) -> torch.Tensor:
-        row = mu - gamma * p
-        norm = float(row.norm())
-        if norm > 0:
-            row = row * (target / norm)
+    def poisoned(tau: float, scale: float) -> torch.Tensor:
+        if tau <= 1:
+            v = (1 - tau) * toward_mu + tau * away
+        else:
+            v = (2 - tau) * away - (tau - 1) * toward_mu
+        row = (scale * median) * _unit(v)
         return row.to(ctx.updates.dtype).expand(len(rows), -1)
 
-    def passes(gamma: float) -> bool:
+    def passes(tau: float, scale: float) -> bool:
         x = ctx.updates.clone()
-        x[rows] = poisoned(gamma)
+        x[rows] = poisoned(tau, scale)
         report = replica.run(
             round=0,
             clients=list(range(n)),
@@ -461,31 +470,34 @@ def adaptive_gamma(
             reference_direction=ctx.reference,
             server_update=server,
         )
-        return report.fallback is None and all(
-            not report.outcomes[int(i)].flagged and report.outcomes[int(i)].selected
-            for i in rows
+        out = [report.outcomes[int(i)] for i in rows]
+        return (
+            report.fallback is None
+            and not any(o.flagged for o in out)
+            and any(o.selected for o in out)
         )
 
-    if float(p.norm()) == 0 or not passes(0.0):
-        return 0.0, poisoned(0.0)
-    lo, hi = 0.0, 1.0
-    while passes(hi):
-        lo, hi = hi, 2 * hi
-        if hi > 1e6:
-            return lo, poisoned(lo)
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, poisoned(lo)
+    def largest(ok: Callable[[float], bool], lo: float, hi: float) -> float:
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        return lo
+
+    if median == 0 or not passes(0.0, 1.0):
+        return 0.0, 1.0, poisoned(0.0, 1.0)
+    tau = 2.0 if passes(2.0, 1.0) else largest(lambda t: passes(t, 1.0), 0.0, 2.0)
+    scale = 1.0
+    while scale < 64 and passes(tau, 2 * scale):
+        scale *= 2
+    if scale < 64:
+        scale = largest(lambda s: passes(tau, s), scale, 2 * scale)
+    return tau, scale, poisoned(tau, scale)
 
 
 @model_attack("adaptive")
 def _adaptive(ctx: ModelAttackContext) -> torch.Tensor:
     perturbation = str(ctx.config.params.get("perturbation", "std"))
-    return adaptive_gamma(ctx, perturbation)[1]
+    return adaptive_rows(ctx, perturbation)[2]
 
 
 def poison_updates(

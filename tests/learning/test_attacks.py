@@ -148,10 +148,16 @@ def _verdicts(
     ]
 
 
+def _inside(cfg: object, x: torch.Tensor, reference: torch.Tensor) -> bool:
+    """No attacker row flagged, and at least one aggregated."""
+    verdicts = _verdicts(cfg, x, reference)
+    return not any(f for f, _ in verdicts) and any(s for _, s in verdicts)
+
+
 @pytest.mark.parametrize("perturbation", ["std", "sign"])
 def test_adaptive_stays_just_inside_layers_2_and_3(perturbation: str) -> None:
-    from protogalaxy.defense.pipeline import DefenseConfig
-    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_gamma
+    from protogalaxy.defense.pipeline import DefenseConfig, GalaxyDefense
+    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_rows
 
     x, mask, ref = _galaxy()
     cfg = DefenseConfig()
@@ -160,56 +166,66 @@ def test_adaptive_stays_just_inside_layers_2_and_3(perturbation: str) -> None:
         attack, x, mask, generator=torch.Generator(), defense=cfg, reference=ref
     )
     assert torch.equal(out[:7], x[:7]) and torch.equal(out[7], out[9])
-    # the galaxy's own defense neither flags nor drops it ...
-    assert _verdicts(cfg, out, ref) == [(False, True)] * 3
+    # the galaxy's own defense flags none of it and aggregates it ...
+    assert _inside(cfg, out, ref)
     ctx = ModelAttackContext(x, mask, attack, torch.Generator(), cfg, ref)
-    gamma, row = adaptive_gamma(ctx, perturbation)
-    assert gamma > 0.2 and torch.equal(row, out[7:])  # it does move
-    # ... and a little further out it would: it is at the edge, not merely inside
-    from protogalaxy.learning.attacks import _perturbation
+    tau, scale, rows = adaptive_rows(ctx, perturbation)
+    assert torch.equal(rows, out[7:]) and tau > 0.2 and scale < 64  # it turns away
+    # ... it pulls the galaxy's aggregate away from the honest direction ...
+    mu = x[:7].mean(0)
 
-    benign = x[:7].double()
-    row = benign.mean(0) - 1.05 * gamma * _perturbation(benign, perturbation)
-    row *= float(benign.norm(dim=1).median()) / float(row.norm())
-    assert torch.allclose(  # the same construction, at gamma, gives its row
-        out[7].double(),
-        (lambda r: r * float(benign.norm(dim=1).median()) / float(r.norm()))(
-            benign.mean(0) - gamma * _perturbation(benign, perturbation)
-        ),
-        atol=1e-5,
-    )
-    further = x.clone()
-    further[7:] = row.float()
-    assert _verdicts(cfg, further, ref) != [(False, True)] * 3
+    def pull(updates: torch.Tensor) -> float:
+        report = GalaxyDefense(0, cfg).run(
+            round=0, clients=list(range(10)), updates=updates,
+            reference_direction=ref,
+        )  # fmt: skip
+        assert report.aggregate is not None
+        return float(report.aggregate @ mu / mu.norm() ** 2)
+
+    assert pull(out) < pull(x)
+    # ... and a little longer the defense would catch it: at the edge, not inside
+    longer = x.clone()
+    longer[7:] = out[7:] * 1.05
+    assert not _inside(cfg, longer, ref)
 
 
 def test_adaptive_tunes_itself_to_the_defense_it_faces() -> None:
     from protogalaxy.defense.pipeline import DefenseConfig
     from protogalaxy.defense.statistical import StatisticsConfig
-    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_gamma
+    from protogalaxy.learning.attacks import ModelAttackContext, adaptive_rows
 
     x, mask, ref = _galaxy()
     attack = AttackConfig(name="adaptive")
+
+    def search(cfg: DefenseConfig) -> tuple[float, float, torch.Tensor]:
+        return adaptive_rows(
+            ModelAttackContext(x, mask, attack, torch.Generator(), cfg, ref)
+        )
+
     loose = DefenseConfig()
     tight = DefenseConfig(statistics=StatisticsConfig(norm_k=1.0, min_failures=1))
-    g_loose, _ = adaptive_gamma(
-        ModelAttackContext(x, mask, attack, torch.Generator(), loose, ref)
-    )
-    g_tight, row = adaptive_gamma(
-        ModelAttackContext(x, mask, attack, torch.Generator(), tight, ref)
-    )
-    assert g_tight < g_loose
+    tau_loose, _, _ = search(loose)
+    tau_tight, _, rows = search(tight)
+    assert tau_tight < tau_loose
     out = x.clone()
-    out[7:] = row
-    assert _verdicts(tight, out, ref) == [(False, True)] * 3
-    # FLTrust: the attacker replays it with the benign mean for the server's update
-    fltrust = DefenseConfig(aggregator="fltrust")
-    g_fl, _ = adaptive_gamma(
-        ModelAttackContext(x, mask, attack, torch.Generator(), fltrust, ref)
-    )
-    assert g_fl > 0
+    out[7:] = rows
+    assert _inside(tight, out, ref)
+    # FLTrust: replayed with the benign mean for the server's update; Krum
+    # selects one row, which is enough
+    for rule in ("fltrust", "krum"):
+        assert search(DefenseConfig(aggregator=rule))[0] > 0.2, rule
 
 
 def test_adaptive_rejects_an_unknown_perturbation() -> None:
+    from protogalaxy.config import ConfigError, load_config
+
     with pytest.raises(ValueError, match="perturbation must be one of"):
         AttackConfig(name="adaptive", params={"perturbation": "sideways"})
+    # refused when the configuration is read, before any run starts
+    with pytest.raises(ConfigError, match="perturbation must be one of std, sign"):
+        load_config(
+            overrides={
+                "byzantine.attack": "adaptive",
+                "byzantine.params": {"perturbation": "unit"},
+            }
+        )
