@@ -275,27 +275,30 @@ def _plan(
         for sd in range(seed, seed + seeds)
     ]
     params = {"samples_per_client": samples_per_client, "rounds": rounds}
-    cached: dict[tuple[Any, ...], dict[str, Any]] = {}
+    cached: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     if cache is not None and cache.exists():
         for line in cache.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             if all(row.get(k) == v for k, v in params.items()):
                 key = (row["partition"], row["attack"], row["defense"],
                        row["fraction"], row["seed"])  # fmt: skip
-                cached[key] = row
+                cached.setdefault(key, []).append(row)
     done: dict[_Key, dict[str, Any]] = {}
     for key in plan:
-        row = cached.get(key)
-        if row is None:
+        rows = cached.get(key)
+        if not rows:
             continue
         over = _overrides(*key, samples_per_client=samples_per_client, rounds=rounds)
-        ran = (
-            row["defense_key"]
-            if "defense_key" in row
-            else defense_key(over, recorded=True)
-        )
-        if ran == defense_key(over):
-            done[key] = row
+        today = defense_key(over)
+        for row in reversed(rows):  # the latest row that ran today's defense
+            ran = (
+                row["defense_key"]
+                if "defense_key" in row
+                else defense_key(over, recorded=True)
+            )
+            if ran == today:
+                done[key] = row
+                break
     return plan, done
 
 

@@ -129,3 +129,13 @@ def test_seeds_fractions_significance_heatmaps_and_resume(tmp_path: Path) -> Non
     rerun = [x for x in stale.stdout.splitlines() if x.startswith("[")]
     assert len(rerun) == 4 and all("ProtoGalaxy-Full" in x for x in rerun), rerun
     assert all(x.startswith(f"[{i}/4,") for i, x in enumerate(rerun, 1)), rerun
+    # A stale row appended after a valid one (another checkout's run, say) does
+    # not hide the valid one: nothing runs again.
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    stale_copy = json.loads(lines[-1])
+    stale_copy["defense_key"] = "0" * 64
+    with open(out / "runs.jsonl", "a") as f:
+        f.write(json.dumps(stale_copy) + "\n")
+    after = bench(*args, cwd=tmp_path)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert not [x for x in after.stdout.splitlines() if x.startswith("[")]
