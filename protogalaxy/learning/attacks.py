@@ -403,11 +403,7 @@ PERTURBATIONS = ("std", "sign")
 def _perturbation(benign: torch.Tensor, name: str) -> torch.Tensor:
     """The adaptive attack's ``p``: the benign coordinate-wise standard deviation
     (``std``) or the benign mean's signs (``sign``); only its direction counts."""
-    if name not in PERTURBATIONS:
-        raise ValueError(
-            f"adaptive: perturbation must be one of {', '.join(PERTURBATIONS)}, "
-            f"got {name!r}"
-        )
+    check_adaptive_params({"perturbation": name})
     if name == "std":
         return benign.std(0) if len(benign) > 1 else torch.zeros_like(benign[0])
     return benign.mean(0).sign()
