@@ -166,25 +166,27 @@ def defense_key(overrides: dict[str, Any], *, recorded: bool = False) -> str | N
     (``defense.statistics.norm_floor``) reruns the runs it changes and no other.
     ``recorded``: as a row written before rows carried the key ran (settings
     added since at their earlier values). None where the run is infeasible."""
-    import dataclasses
-
-    from protogalaxy.config import ConfigError, recorded_config
-    from protogalaxy.protocol.transcript import digest_hex
+    from protogalaxy.config import ConfigError, _set_dotted, recorded_config
 
     try:
         if recorded:
             data: dict[str, Any] = {}
             for key, value in overrides.items():
-                node = data
-                *parts, last = key.split(".")
-                for part in parts:
-                    node = node.setdefault(part, {})
-                node[last] = value
+                _set_dotted(data, key, value)
             config = recorded_config(data)
         else:
             config = load_config(overrides=overrides)
     except ConfigError:
         return None
+    return _defense_key_of(config)
+
+
+def _defense_key_of(config: SimulationConfig) -> str:
+    """:func:`defense_key` of a configuration already read."""
+    import dataclasses
+
+    from protogalaxy.protocol.transcript import digest_hex
+
     d = dataclasses.asdict(config.defense.build())
     d["layers"] = sorted(d["layers"])
     for layer, section in ((2, "statistics"), (4, "reputation"), (5, "galaxy")):
@@ -218,11 +220,14 @@ def run_one(
         partition, attack, defense, fraction, seed,
         samples_per_client=samples_per_client, rounds=rounds,
     )  # fmt: skip
-    row["defense_key"] = defense_key(overrides)
     try:
         config = load_config(overrides=overrides)
     except ConfigError as exc:
-        return row | {"infeasible": str(exc).split(": ", 1)[-1][:300]}
+        return row | {
+            "defense_key": None,
+            "infeasible": str(exc).split(": ", 1)[-1][:300],
+        }
+    row["defense_key"] = _defense_key_of(config)
     if "mnist" not in _DATA:
         _DATA["mnist"] = load_dataset("mnist")
     t0 = time.perf_counter()
